@@ -1,0 +1,16 @@
+"""manifold-nets: symmetry-invariant optimisation of deep networks on PyTorch and geoopt.
+
+The two geometries of Badrinarayanan, Mishra and Cipolla (2016) as geoopt manifolds:
+
+- :class:`ObliqueManifold`: unit-norm filters (the UN update, eq. (9));
+- :class:`DiagScaledEuclidean`: the scaled metric (the SM update, eqs. (7)-(8)).
+
+Declare a weight as ``geoopt.ManifoldParameter(w, manifold=...)`` and train it with
+``geoopt.optim.RiemannianSGD``.
+"""
+
+from .manifolds import DiagScaledEuclidean, ObliqueManifold
+
+__version__ = "0.1.0"
+
+__all__ = ["ObliqueManifold", "DiagScaledEuclidean", "__version__"]
