@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m manifold_nets.cli demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check manifold_nets tests examples benchmarks
+	$(PY) -m ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
