@@ -9,8 +9,19 @@ Declare a weight as ``geoopt.ManifoldParameter(w, manifold=...)`` and train it w
 ``geoopt.optim.RiemannianSGD``.
 """
 
+from .declare import Declaration, declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
+from .nets import Arch1, Arch2, NetConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["ObliqueManifold", "DiagScaledEuclidean", "__version__"]
+__all__ = [
+    "ObliqueManifold",
+    "DiagScaledEuclidean",
+    "Arch1",
+    "Arch2",
+    "NetConfig",
+    "declare",
+    "Declaration",
+    "__version__",
+]

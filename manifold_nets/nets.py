@@ -1,0 +1,247 @@
+r"""The paper's two networks, Arch1 and Arch2 (Section 2, Figures 1 and 2).
+
+Each hidden layer :math:`l = 1 .. L` maps its input :math:`m_{l-1}` (with
+:math:`m_0 = x`, the flattened image) to
+
+.. math::
+
+    h_l = W_l m_{l-1}, \quad
+    [\text{Arch2: } b_l = \mathrm{BN}(h_l)], \quad
+    r_l = \max(h_l, 0) \ [\text{or } \max(b_l, 0)], \quad
+    m_{l,k} = \max(r_{l,2k}, r_{l,2k+1}),
+
+with a bias-free :math:`W_l` whose ``width`` rows are the filters. The soft-max classifier
+:math:`\theta` (``num_classes x width/2``, bias-free) gives the logits
+:math:`\theta m_L`; the loss (summed cross-entropy) lives with the training code.
+
+Attributes are plain and stable, so that :mod:`manifold_nets.declare` and
+:mod:`manifold_nets.symmetry` can address them:
+
+- ``model.layers[l].linear``: the ``nn.Linear`` holding :math:`W_{l+1}` (0-based ``l``);
+- ``model.layers[l].bn``: Arch2's ``nn.BatchNorm1d(width, affine=True)`` (``None`` in
+  Arch1);
+- ``model.classifier``: the ``nn.Linear`` holding :math:`\theta`.
+
+Initialisation (the paper and its released code): standard Gaussian, then every filter
+(row of :math:`W_l`) and every class vector (row of :math:`\theta`) scaled to unit norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_pool"]
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Everything that defines an Arch1 / Arch2 network (saved with results).
+
+    Attributes
+    ----------
+    arch : int
+        ``1`` (no batch norm) or ``2`` (batch norm before every ReLU)
+    depth : int
+        number of hidden layers :math:`L \\ge 1`
+    width : int
+        filters per hidden layer (even: pooling takes consecutive pairs)
+    in_features : int
+        input dimension (784 for flattened MNIST)
+    num_classes : int
+        number of classes :math:`K`
+    bn_eps : float
+        batch-norm ``eps`` (Arch2 only)
+    bn_momentum : float
+        batch-norm running-statistics momentum (Arch2 only)
+    """
+
+    arch: int = 1
+    depth: int = 2
+    width: int = 64
+    in_features: int = 784
+    num_classes: int = 10
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if self.arch not in (1, 2):
+            raise ValueError(f"arch must be 1 or 2, got {self.arch!r}")
+        for name in ("depth", "width", "in_features", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.width % 2:
+            raise ValueError(
+                f"width must be even (max-pooling takes consecutive pairs of the {self.width} "
+                f"filters), got width={self.width}; use {self.width + 1} or {self.width - 1}"
+            )
+        if self.bn_eps < 0:
+            raise ValueError(f"bn_eps must be >= 0, got {self.bn_eps!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pair_max_pool(r: torch.Tensor) -> torch.Tensor:
+    r"""Max-pooling over consecutive pairs of the last dimension (2x1, stride 2).
+
+    .. math:: m_k = \max(r_{2k}, r_{2k+1})
+    """
+    return r.unflatten(-1, (r.shape[-1] // 2, 2)).amax(dim=-1)
+
+
+class PoolLayer(nn.Module):
+    r"""One hidden layer: :math:`m = \mathrm{pool}(\mathrm{ReLU}([\mathrm{BN}](W x)))`.
+
+    Parameters
+    ----------
+    in_features : int
+        input dimension
+    width : int
+        number of filters (rows of :math:`W`), even
+    batch_norm : bool
+        put ``nn.BatchNorm1d(width, affine=True)`` between :math:`W x` and the ReLU
+    bn_eps, bn_momentum : float
+        batch-norm settings
+    """
+
+    def __init__(self, in_features: int, width: int, batch_norm: bool = False,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        self.linear = nn.Linear(in_features, width, bias=False)
+        self.bn = (nn.BatchNorm1d(width, eps=bn_eps, momentum=bn_momentum, affine=True)
+                   if batch_norm else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        return pair_max_pool(torch.relu(h))
+
+
+class _PoolNet(nn.Module):
+    def __init__(self, config: NetConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        sizes = [c.in_features] + [c.width // 2] * c.depth
+        self.layers = nn.ModuleList(
+            PoolLayer(sizes[i], c.width, batch_norm=c.arch == 2, bn_eps=c.bn_eps,
+                      bn_momentum=c.bn_momentum)
+            for i in range(c.depth)
+        )
+        self.classifier = nn.Linear(c.width // 2, c.num_classes, bias=False)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The paper's initialisation: Gaussian, then every row of every matrix unit-norm.
+
+        Batch-norm scale and shift are reset to 1 and 0, running statistics to 0 and 1.
+        """
+        for w in self.filters() + [self.classifier.weight]:
+            g = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+            w.copy_(g / g.norm(dim=1, keepdim=True))
+        for layer in self.layers:
+            if layer.bn is not None:
+                layer.bn.reset_parameters()
+
+    def filters(self) -> list[nn.Parameter]:
+        r"""The filter weights :math:`W_1 .. W_L`, in order."""
+        return [layer.linear.weight for layer in self.layers]
+
+    def named_filters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every :math:`W_l`, names as in ``named_parameters``."""
+        return [(f"layers.{i}.linear.weight", layer.linear.weight)
+                for i, layer in enumerate(self.layers)]
+
+    @property
+    def theta(self) -> nn.Parameter:
+        r"""The classifier :math:`\theta` (``num_classes x width/2``)."""
+        return self.classifier.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch; images of any shape are flattened from dim 1 on."""
+        m = x.flatten(1)
+        for layer in self.layers:
+            m = layer(m)
+        return self.classifier(m)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"depth={c.depth}, width={c.width}, in_features={c.in_features}, " \
+               f"num_classes={c.num_classes}"
+
+
+class Arch1(_PoolNet):
+    r"""Arch1 (Figure 1): bias-free linear filters, ReLU, pair max-pooling; soft-max.
+
+    Parameters
+    ----------
+    depth : int
+        number of hidden layers (the paper uses 2 and 4)
+    width : int
+        filters per layer, even (the paper uses 64)
+    in_features, num_classes : int
+        784 and 10 for MNIST
+    generator : torch.Generator, optional
+        source of the Gaussian initialisation
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> net = Arch1(depth=2, width=8, in_features=12, num_classes=3)
+    >>> net(torch.rand(5, 12)).shape
+    torch.Size([5, 3])
+    >>> [tuple(w.shape) for w in net.filters()], tuple(net.theta.shape)
+    ([(8, 12), (8, 4)], (3, 4))
+    """
+
+    def __init__(self, depth: int = 2, width: int = 64, in_features: int = 784,
+                 num_classes: int = 10, *, generator: torch.Generator | None = None):
+        super().__init__(NetConfig(1, depth, width, in_features, num_classes), generator)
+
+
+class Arch2(_PoolNet):
+    r"""Arch2 (Figure 2): Arch1 with batch norm (trainable scale and shift) before the ReLU.
+
+    Parameters
+    ----------
+    depth, width, in_features, num_classes, generator
+        as for :class:`Arch1`
+    bn_eps : float
+        batch-norm ``eps`` (default ``1e-5``, PyTorch's). A positive ``eps`` breaks the
+        scale invariance of eq. (3) when the filters are small (see
+        :mod:`manifold_nets.symmetry`).
+    bn_momentum : float
+        batch-norm running-statistics momentum
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch2
+    >>> net = Arch2(depth=1, width=4, in_features=6, num_classes=2)
+    >>> net.layers[0].bn
+    BatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+    """
+
+    def __init__(self, depth: int = 2, width: int = 64, in_features: int = 784,
+                 num_classes: int = 10, *, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 generator: torch.Generator | None = None):
+        super().__init__(
+            NetConfig(2, depth, width, in_features, num_classes, bn_eps, bn_momentum),
+            generator,
+        )
+
+
+def build_net(config: NetConfig, generator: torch.Generator | None = None) -> _PoolNet:
+    """Build :class:`Arch1` or :class:`Arch2` from a :class:`NetConfig`."""
+    c = config
+    if c.arch == 1:
+        return Arch1(c.depth, c.width, c.in_features, c.num_classes, generator=generator)
+    return Arch2(c.depth, c.width, c.in_features, c.num_classes, bn_eps=c.bn_eps,
+                 bn_momentum=c.bn_momentum, generator=generator)
