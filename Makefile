@@ -26,11 +26,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) lint
+# The docs build (HTML with -W, then every doctest) runs before pytest.
+test: $(STAMP) lint docs
 	$(PY) -m pytest -q
 
 docs: $(STAMP)
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .ruff_cache
