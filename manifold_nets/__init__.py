@@ -12,6 +12,7 @@ Declare a weight as ``geoopt.ManifoldParameter(w, manifold=...)`` and train it w
 from .declare import Declaration, declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 from .nets import Arch1, Arch2, NetConfig
+from .optim import InvariantSGD
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "NetConfig",
     "declare",
     "Declaration",
+    "InvariantSGD",
     "__version__",
 ]

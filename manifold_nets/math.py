@@ -60,12 +60,12 @@ def column_dims(ndim: int) -> tuple[int, ...]:
 
 def filter_sqnorm(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     r"""Squared Euclidean norm of every filter, :math:`\|w_i\|^2`, with kept dims."""
-    return x.square().sum(dim=filter_dims(ndim), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True).square_()
 
 
 def column_sqnorm(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
     r"""Squared norm of every column, :math:`\|\theta_{:,j}\|^2`, with kept dims."""
-    return x.square().sum(dim=column_dims(ndim), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=column_dims(ndim), keepdim=True).square_()
 
 
 def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
@@ -88,7 +88,7 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
         a tensor whose every filter has unit norm. A zero filter stays zero (it has no
         direction); :meth:`manifold_nets.ObliqueManifold.projx` refuses such input.
     """
-    norm = filter_sqnorm(x, ndim).sqrt_()
+    norm = torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True)
     return x / norm.clamp_min_(EPS[x.dtype])
 
 
@@ -103,7 +103,7 @@ def oblique_proju(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tens
     Euclidean gradient it gives the Riemannian gradient of Table 1 (UN column).
     """
     inner = (x * u).sum(dim=filter_dims(ndim), keepdim=True)
-    return u - inner * x
+    return torch.addcmul(u, inner, x, value=-1)
 
 
 def oblique_retr(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:
@@ -116,7 +116,9 @@ def oblique_retr(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tenso
     For tangent ``u`` every filter of ``x + u`` has norm :math:`\sqrt{1 + \|u_i\|^2} \ge 1`,
     so the division is always well defined.
     """
-    return oblique_projx(x + u, ndim)
+    y = x + u  # a fresh temporary: normalise it in place
+    norm = torch.linalg.vector_norm(y, dim=filter_dims(ndim), keepdim=True)
+    return y.div_(norm.clamp_min_(EPS[y.dtype]))
 
 
 def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:
@@ -128,7 +130,7 @@ def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Ten
 
     Falls back to :func:`oblique_retr` for filters with a (near) zero step.
     """
-    norm_u = filter_sqnorm(u, ndim).sqrt()
+    norm_u = torch.linalg.vector_norm(u, dim=filter_dims(ndim), keepdim=True)
     eps = EPS[x.dtype]
     exp = x * torch.cos(norm_u) + u * (torch.sin(norm_u) / norm_u.clamp_min(eps))
     retr = oblique_retr(x, u, ndim)
@@ -212,7 +214,7 @@ def scaled_inner(
     scale = _scale(x, side, ndim)
     tiny = torch.finfo(scale.dtype).tiny
     inv = torch.where(scale > tiny, scale.reciprocal(), torch.zeros_like(scale))
-    return (u * v * inv).sum(dim=filter_dims(ndim), keepdim=keepdim)
+    return (u * v).mul_(inv).sum(dim=filter_dims(ndim), keepdim=keepdim)
 
 
 def scaled_sqnorm(x: torch.Tensor, u: torch.Tensor, side: str = "left", ndim: int = 1):
