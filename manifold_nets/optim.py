@@ -147,7 +147,8 @@ class InvariantSGD(torch.optim.Optimizer):
     --------
     >>> import torch, geoopt
     >>> from manifold_nets import InvariantSGD, ObliqueManifold
-    >>> w = geoopt.ManifoldParameter(ObliqueManifold().random(4, 3), manifold=ObliqueManifold())
+    >>> oblique = ObliqueManifold()
+    >>> w = geoopt.ManifoldParameter(oblique.random(4, 3), manifold=oblique)
     >>> b = torch.nn.Parameter(torch.zeros(4))
     >>> opt = InvariantSGD([w, b], lr=0.1, momentum=0.9)
     >>> (w.sum(1) + b).square().sum().backward()
