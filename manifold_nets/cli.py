@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "manifold_nets.symmetry",
     "manifold_nets.training",
     "manifold_nets.reproduce",
+    "manifold_nets.bench",
 )
 
 

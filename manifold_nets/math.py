@@ -89,7 +89,7 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
         direction); :meth:`manifold_nets.ObliqueManifold.projx` refuses such input.
     """
     norm = torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True)
-    return x / norm.clamp_min_(EPS[x.dtype])
+    return x * norm.clamp_min_(EPS[x.dtype]).reciprocal_()  # multiply: cheaper than divide
 
 
 def oblique_proju(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:
@@ -118,7 +118,7 @@ def oblique_retr(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tenso
     """
     y = x + u  # a fresh temporary: normalise it in place
     norm = torch.linalg.vector_norm(y, dim=filter_dims(ndim), keepdim=True)
-    return y.div_(norm.clamp_min_(EPS[y.dtype]))
+    return y.mul_(norm.clamp_min_(EPS[y.dtype]).reciprocal_())
 
 
 def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:

@@ -1,0 +1,385 @@
+r"""Benchmarks: what the UN and SM updates cost next to ``torch.optim.SGD`` and geoopt.
+
+``manifold-nets bench`` trains the same network with every optimiser below, one epoch
+each in turn (interleaved repeats in one process, so that a change in the machine's load
+hits every optimiser alike), and prints the median epoch time, the median of the per-round
+ratios to ``torch.optim.SGD`` (for-loop, the CPU default), the optimiser step alone, and the
+memory a step allocates.
+
+======================  ==================================================================
+name                    what runs
+======================  ==================================================================
+``sgd``                 ``torch.optim.SGD`` (for-loop), every parameter Euclidean (1.00)
+``sgd-foreach``         ``torch.optim.SGD(foreach=True)``, Euclidean
+``geoopt-euclid``       ``geoopt.optim.RiemannianSGD``, Euclidean (the floor of geoopt's loop)
+``geoopt-sphere``       ``RiemannianSGD``, filters on ``geoopt.Sphere`` (geoopt's own UN)
+``geoopt-un``           ``RiemannianSGD``, filters on :class:`~manifold_nets.ObliqueManifold`
+``geoopt-sm``           ``RiemannianSGD``, :class:`~manifold_nets.DiagScaledEuclidean`
+``ours-bsgd``           :class:`~manifold_nets.InvariantSGD`, Euclidean
+``ours-un``             ``InvariantSGD`` (multi-tensor), UN
+``ours-sm``             ``InvariantSGD`` (multi-tensor), SM
+``ours-un-loop``        ``InvariantSGD(foreach=False)``, UN
+======================  ==================================================================
+
+Two networks: ``mlp``, the paper's Arch2 (4 hidden layers of 64 filters, batch 100, the
+50,000 training images), and ``conv``, a small conv net (two 5x5 conv layers of 16 and 32
+filters with batch norm, 2x2 max-pooling, a linear classifier) on the first
+``--conv-images`` images. ``geoopt.Sphere`` acts on the *last* dim only, so on a conv
+weight it normalises kernel rows, not filters: for ``conv`` its row is a timing, not UN.
+
+These are measurements, not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import geoopt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .declare import declare
+from .manifolds import ObliqueManifold
+from .nets import Arch2
+from .optim import InvariantSGD
+
+__all__ = ["BenchConfig", "OPTIMISERS", "load_train_images", "run_bench", "register_cli"]
+
+
+# -- optimisers ------------------------------------------------------------------------------
+
+def _sgd(params, lr, foreach):
+    return torch.optim.SGD(params, lr=lr, foreach=foreach)
+
+
+#: name -> (update given to :func:`declare` or "sphere", optimiser factory(params, lr))
+OPTIMISERS: dict[str, tuple[str, Callable]] = {
+    "sgd": ("bsgd", lambda ps, lr: _sgd(ps, lr, False)),
+    "sgd-foreach": ("bsgd", lambda ps, lr: _sgd(ps, lr, True)),
+    "geoopt-euclid": ("bsgd", lambda ps, lr: geoopt.optim.RiemannianSGD(ps, lr=lr)),
+    "geoopt-sphere": ("sphere", lambda ps, lr: geoopt.optim.RiemannianSGD(ps, lr=lr)),
+    "geoopt-un": ("un", lambda ps, lr: geoopt.optim.RiemannianSGD(ps, lr=lr)),
+    "geoopt-sm": ("sm", lambda ps, lr: geoopt.optim.RiemannianSGD(ps, lr=lr)),
+    "ours-bsgd": ("bsgd", lambda ps, lr: InvariantSGD(ps, lr=lr)),
+    "ours-un": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr)),
+    "ours-sm": ("sm", lambda ps, lr: InvariantSGD(ps, lr=lr)),
+    "ours-un-loop": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr, foreach=False)),
+}
+
+
+# -- networks --------------------------------------------------------------------------------
+
+class SmallConvNet(nn.Module):
+    """Two 5x5 conv layers (16, 32 filters, no bias) with batch norm, ReLU and 2x2 pooling,
+    then a bias-free linear classifier: a small conv net for MNIST."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 5, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.classifier = nn.Linear(32 * 4 * 4, 10, bias=False)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 28, 28)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.classifier(x.flatten(1))
+
+
+def build_model(net: str, update: str, seed: int = 0) -> nn.Module:
+    """The network ``net`` ("mlp" or "conv") declared for ``update`` (or "sphere")."""
+    torch.manual_seed(seed)
+    model = Arch2(depth=4, width=64) if net == "mlp" else SmallConvNet()
+    if net == "conv":  # the paper's initialisation: unit-norm filters
+        with torch.no_grad():
+            for m in (model.conv1, model.conv2, model.classifier):
+                m.weight.div_(m.weight.flatten(1).norm(dim=1).view(-1, *[1] * (m.weight.dim()
+                                                                              - 1)))
+    decl = declare(model, "un" if update == "sphere" else update)
+    if update == "sphere":  # the same filters, on geoopt's own Sphere
+        for name, manifold in decl.items():
+            if isinstance(manifold, ObliqueManifold):
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+                module.weight = geoopt.ManifoldParameter(module.weight.detach().clone(),
+                                                         manifold=geoopt.Sphere())
+    return model
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_train_images(data_dir: str | os.PathLike | None, n: int = 50_000,
+                      ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first ``n`` MNIST training images (float32 in [0, 1], flattened) and labels.
+
+    Looks in ``data_dir`` (plain or ``.gz`` IDX files), else asks
+    :func:`manifold_nets.data.load_dataset` (no download). Returns ``(x, y, source)``.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir)
+        found = {}
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+            for cand in (folder / stem, folder / f"{stem}.gz", folder / "mnist" / stem,
+                         folder / "mnist" / f"{stem}.gz"):
+                if cand.exists():
+                    found[stem] = cand
+                    break
+            else:
+                raise FileNotFoundError(f"bench: no {stem}[.gz] in {folder} (or {folder}/mnist)")
+        images = _read_idx(found["train-images-idx3-ubyte"])[:n]
+        labels = _read_idx(found["train-labels-idx1-ubyte"])[:n]
+        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+        return x, torch.from_numpy(labels.astype(np.int64)), str(folder)
+    from .data import load_dataset
+
+    ds = load_dataset("mnist", download=False)
+    return ds.x_train[:n].contiguous(), ds.y_train[:n].contiguous(), "manifold_nets.data"
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+def _train_epoch(model, opt, x, y, batch, gen) -> float:
+    perm = torch.randperm(len(x), generator=gen)
+    total = 0.0
+    for i in range(0, len(x), batch):
+        idx = perm[i:i + batch]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / len(x)
+
+
+def _step_peak_bytes(fn) -> int:
+    """Peak of the bytes ``fn`` allocates on the CPU, from the profiler's memory events
+    (net allocation per op, in the order the ops end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.end)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class BenchConfig:
+    """What ``manifold-nets bench`` measures; saved with the results."""
+
+    nets: tuple[str, ...] = ("mlp", "conv")
+    optimisers: tuple[str, ...] = tuple(OPTIMISERS)
+    repeats: int = 5
+    mlp_images: int = 50_000
+    conv_images: int = 5_000
+    batch: int = 100
+    lr: float = 1e-4
+    step_calls: int = 200
+    step_lr: float = 1e-7
+    threads: int = 1
+    seed: int = 0
+    data_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _median_ratio(times: dict[str, list[float]], name: str, base: str) -> dict[str, float]:
+    ratios = [a / b for a, b in zip(times[name], times[base], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def bench_net(net: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
+              log=print) -> dict:
+    """Epoch and step timings of every optimiser on one network (interleaved repeats)."""
+    n_images = cfg.mlp_images if net == "mlp" else cfg.conv_images
+    x, y = x[:n_images], y[:n_images]
+    runs = {}
+    for name in cfg.optimisers:
+        update, factory = OPTIMISERS[name]
+        model = build_model(net, update, cfg.seed)
+        runs[name] = (model, factory(model.parameters(), cfg.lr))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # warm-up: one epoch on 10 batches each (first-call allocations, momentum-free here)
+    for model, opt in runs.values():
+        _train_epoch(model, opt, x[: 10 * cfg.batch], y[: 10 * cfg.batch], cfg.batch, gen)
+    epoch: dict[str, list[float]] = {k: [] for k in runs}
+    losses: dict[str, float] = {}
+    names = list(runs)
+    for r in range(cfg.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate the order
+        for name in order:
+            model, opt = runs[name]
+            t0 = time.perf_counter()
+            losses[name] = _train_epoch(model, opt, x, y, cfg.batch, gen)
+            epoch[name].append(time.perf_counter() - t0)
+        log(f"  {net} epoch round {r + 1}/{cfg.repeats}: "
+            + ", ".join(f"{k} {epoch[k][-1]:.3f}s" for k in names))
+    # the optimiser step alone: fixed gradients from one batch, a tiny lr, many calls
+    step: dict[str, list[float]] = {k: [] for k in runs}
+    for model, opt in runs.values():
+        for g in opt.param_groups:
+            g["lr"] = cfg.step_lr
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[: cfg.batch]), y[: cfg.batch], reduction="sum").backward()
+        for _ in range(20):
+            opt.step()
+    for r in range(max(cfg.repeats, 5)):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            opt = runs[name][1]
+            t0 = time.perf_counter()
+            for _ in range(cfg.step_calls):
+                opt.step()
+            step[name].append((time.perf_counter() - t0) / cfg.step_calls)
+    memory = {}
+    for name, (model, opt) in runs.items():
+        memory[name] = {
+            "step_peak_bytes": _step_peak_bytes(opt.step),
+            "state_bytes": _state_bytes(opt),
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        }
+    result = {"images": n_images, "steps_per_epoch": -(-n_images // cfg.batch),
+              "optimisers": {}}
+    for name in names:
+        row = {
+            "epoch_s": statistics.median(epoch[name]),
+            "epoch_s_all": epoch[name],
+            "epoch_vs_sgd": _median_ratio(epoch, name, "sgd") if "sgd" in epoch else None,
+            "epoch_vs_sphere": (_median_ratio(epoch, name, "geoopt-sphere")
+                                if "geoopt-sphere" in epoch else None),
+            "step_us": 1e6 * statistics.median(step[name]),
+            "step_vs_sgd": _median_ratio(step, name, "sgd") if "sgd" in step else None,
+            "step_vs_sgd_foreach": (_median_ratio(step, name, "sgd-foreach")
+                                    if "sgd-foreach" in step else None),
+            "mean_loss_last_epoch": losses[name],
+            **memory[name],
+        }
+        result["optimisers"][name] = row
+    return result
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    """Run every benchmark of ``cfg``; returns a JSON-ready dict (config, machine, results)."""
+    torch.set_num_threads(cfg.threads)
+    n = max(cfg.mlp_images if "mlp" in cfg.nets else 0,
+            cfg.conv_images if "conv" in cfg.nets else 0)
+    x, y, source = load_train_images(cfg.data_dir, n)
+    out = {
+        "config": asdict(cfg),
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "geoopt": geoopt.__version__,
+            "python": platform.python_version(),
+            "load_avg_before": os.getloadavg(),
+        },
+        "data": source,
+        "nets": {},
+    }
+    for net in cfg.nets:
+        out["nets"][net] = bench_net(net, x, y, cfg, log)
+    out["machine"]["load_avg_after"] = os.getloadavg()
+    out["machine"]["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _fmt_ratio(r) -> str:
+    return "-" if r is None else f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+
+
+def format_table(result: dict) -> str:
+    """The results as plain-text tables, one per network."""
+    lines = []
+    cfg = result["config"]
+    m = result["machine"]
+    lines.append(f"torch {m['torch']}, geoopt {m['geoopt']}, {m['threads']} thread(s), "
+                 f"{m['cpu_count']} CPUs, load average {m['load_avg_before'][0]:.1f} -> "
+                 f"{m['load_avg_after'][0]:.1f}; {cfg['repeats']} interleaved repeats; "
+                 "ratios: median [min-max] of per-round ratios")
+    head = ("optimiser", "epoch s", "epoch / sgd", "epoch / sphere", "step us",
+            "step / sgd", "step / sgd-foreach", "step peak KiB", "state KiB")
+    for net, res in result["nets"].items():
+        lines.append("")
+        lines.append(f"{net}: {res['images']} images, batch {cfg['batch']}, "
+                     f"{res['steps_per_epoch']} steps per epoch")
+        rows = [head]
+        for name, r in res["optimisers"].items():
+            rows.append((name, f"{r['epoch_s']:.3f}", _fmt_ratio(r["epoch_vs_sgd"]),
+                         _fmt_ratio(r["epoch_vs_sphere"]), f"{r['step_us']:.1f}",
+                         _fmt_ratio(r["step_vs_sgd"]), _fmt_ratio(r["step_vs_sgd_foreach"]),
+                         f"{r['step_peak_bytes'] / 1024:.0f}", f"{r['state_bytes'] / 1024:.0f}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    lines.append("")
+    lines.append(f"peak RSS of the process: {m['max_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    unknown = [o for o in args.optimisers if o not in OPTIMISERS]
+    if unknown:
+        raise SystemExit(f"bench: unknown optimiser(s) {unknown}; choose from {list(OPTIMISERS)}")
+    cfg = BenchConfig(nets=tuple(args.nets), optimisers=tuple(args.optimisers),
+                      repeats=args.repeats, mlp_images=args.mlp_images,
+                      conv_images=args.conv_images, threads=args.threads,
+                      data_dir=args.data_dir)
+    log = (lambda *a, **k: None) if args.json else print
+    result = run_bench(cfg, log=log)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``manifold-nets bench``."""
+    p = subparsers.add_parser(
+        "bench", help="time UN/SM training against torch.optim.SGD and geoopt",
+        description="Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD "
+                    "and torch.optim.SGD on Arch2 (4x64) and a small conv net, as ratios of "
+                    "interleaved repeats in one process.")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--output", help="also write the JSON results to this file")
+    p.add_argument("--nets", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
+    p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), metavar="NAME",
+                   help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--mlp-images", type=int, default=50_000)
+    p.add_argument("--conv-images", type=int, default=5_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=os.environ.get("MANIFOLD_NETS_DATA"),
+                   help="folder with the MNIST IDX files (default: $MANIFOLD_NETS_DATA, "
+                        "else manifold_nets.data)")
+    p.set_defaults(func=_cmd_bench)
