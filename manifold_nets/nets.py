@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_pool"]
+__all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_pool",
+           "SegNetConfig", "ConvBNReLU", "SegNet"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,10 @@ class NetConfig:
                 f"width must be even (max-pooling takes consecutive pairs of the {self.width} "
                 f"filters), got width={self.width}; use {self.width + 1} or {self.width - 1}"
             )
-        if self.bn_eps < 0:
-            raise ValueError(f"bn_eps must be >= 0, got {self.bn_eps!r}")
+        if not self.bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0 (torch refuses eps = 0 in training), got "
+                             f"{self.bn_eps!r}; use e.g. 1e-30 for an effectively exact "
+                             "scale invariance in float64")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,3 +248,204 @@ def build_net(config: NetConfig, generator: torch.Generator | None = None) -> _P
         return Arch1(c.depth, c.width, c.in_features, c.num_classes, generator=generator)
     return Arch2(c.depth, c.width, c.in_features, c.num_classes, bn_eps=c.bn_eps,
                  bn_momentum=c.bn_momentum, generator=generator)
+
+
+# --------------------------------------------------------------------------------------
+# SegNet (Section 6): the convolutional form of Arch2.
+
+
+@dataclass(frozen=True)
+class SegNetConfig:
+    r"""Everything that defines a :class:`SegNet` (saved with results).
+
+    Attributes
+    ----------
+    widths : tuple of int
+        filters of every conv in encoder block ``i`` (one block per pooling level)
+    convs_per_block : int
+        conv-BN-ReLU layers per encoder (and per decoder) block
+    in_channels : int
+        image channels (1 for MNIST canvases)
+    num_classes : int
+        per-pixel classes :math:`K` (11: ten digits and background)
+    kernel_size : int
+        odd square kernel of every conv but the classifier
+    bn_eps, bn_momentum : float
+        batch-norm settings
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64)
+    convs_per_block: int = 1
+    in_channels: int = 1
+    num_classes: int = 11
+    kernel_size: int = 3
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))
+        if not self.widths:
+            raise ValueError("widths must hold at least one block width, got ()")
+        for name, value in [("widths", w) for w in self.widths] + [
+            ("convs_per_block", self.convs_per_block), ("in_channels", self.in_channels),
+            ("num_classes", self.num_classes), ("kernel_size", self.kernel_size)
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must hold positive integers, got {value!r}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        if not self.bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0 (torch refuses eps = 0 in training), got "
+                             f"{self.bn_eps!r}; use e.g. 1e-30 for an effectively exact "
+                             "scale invariance in float64")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConvBNReLU(nn.Module):
+    r"""One conv layer of SegNet: :math:`r = \max(\mathrm{BN}(W * x), 0)`, bias-free ``W``.
+
+    ``conv.weight`` has shape ``(out, in, k, k)``; each of its ``out`` filters is a point
+    of the oblique manifold under UN (``ObliqueManifold(3)``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
+                              padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class SegNet(nn.Module):
+    r"""A compact SegNet (Badrinarayanan et al., 2015a; the paper's Section 6).
+
+    Encoder block ``i`` (``i = 0 .. B-1``): ``convs_per_block`` conv-BN-ReLU layers with
+    ``widths[i]`` filters, then 2x2 max-pooling that keeps its arg-max indices. Decoder
+    block ``i`` mirrors it: max-unpooling with encoder block ``i``'s indices (every value
+    goes back to the position it was pooled from, zeros elsewhere), then
+    ``convs_per_block`` conv-BN-ReLU layers, the last of which has the width of encoder
+    block ``i-1`` (``widths[0]`` for ``i = 0``). A bias-free 1x1 conv ``classifier``
+    (:math:`\theta`, ``num_classes x widths[0]``) gives per-pixel logits; the soft-max lives
+    in the loss.
+
+    Every conv but the classifier is followed by batch norm, so the loss is invariant
+    under ``W -> A W`` for any positive diagonal ``A`` acting on the output filters of any
+    such conv (the conv form of Arch2's eq. (3); :mod:`manifold_nets.segmentation` checks
+    it). Input height and width must be divisible by ``2 ** len(widths)``.
+
+    Attributes: ``encoder[i][j]`` and ``decoder[i][j]`` are :class:`ConvBNReLU` (with
+    ``.conv`` and ``.bn``); ``decoder[i]`` runs after the unpooling of encoder block ``i``;
+    ``classifier`` is the ``nn.Conv2d`` holding :math:`\theta`. Initialisation as in the
+    paper: Gaussian, then every filter (``weight[o]``) of every conv, the classifier
+    included, scaled to unit norm.
+
+    Parameters
+    ----------
+    widths, convs_per_block, in_channels, num_classes, kernel_size, bn_eps, bn_momentum
+        see :class:`SegNetConfig`
+    generator : torch.Generator, optional
+        source of the Gaussian initialisation
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.nets import SegNet
+    >>> net = SegNet(widths=(4, 8), convs_per_block=1)
+    >>> net(torch.rand(2, 1, 16, 16)).shape
+    torch.Size([2, 11, 16, 16])
+    >>> [tuple(w.shape) for w in net.filters()]
+    [(4, 1, 3, 3), (8, 4, 3, 3), (4, 8, 3, 3), (4, 4, 3, 3)]
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), convs_per_block: int = 1,
+                 in_channels: int = 1, num_classes: int = 11, kernel_size: int = 3, *,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        c = SegNetConfig(tuple(widths), convs_per_block, in_channels, num_classes,
+                         kernel_size, bn_eps, bn_momentum)
+        self.config = c
+
+        def layer(i: int, o: int) -> ConvBNReLU:
+            return ConvBNReLU(i, o, c.kernel_size, c.bn_eps, c.bn_momentum)
+
+        ins = (c.in_channels,) + c.widths[:-1]
+        self.encoder = nn.ModuleList(
+            nn.Sequential(*[layer(ins[b] if j == 0 else w, w) for j in range(c.convs_per_block)])
+            for b, w in enumerate(c.widths)
+        )
+        outs = (c.widths[0],) + c.widths[:-1]
+        self.decoder = nn.ModuleList(
+            nn.Sequential(*[layer(w, outs[b] if j == c.convs_per_block - 1 else w)
+                            for j in range(c.convs_per_block)])
+            for b, w in enumerate(c.widths)
+        )
+        self.pool = nn.MaxPool2d(2, stride=2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, stride=2)
+        self.classifier = nn.Conv2d(c.widths[0], c.num_classes, 1, bias=False)
+        self.reset_parameters(generator)
+
+    @classmethod
+    def from_config(cls, config: SegNetConfig,
+                    generator: torch.Generator | None = None) -> SegNet:
+        c = config
+        return cls(c.widths, c.convs_per_block, c.in_channels, c.num_classes, c.kernel_size,
+                   bn_eps=c.bn_eps, bn_momentum=c.bn_momentum, generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Gaussian, then every filter unit-norm; batch norm reset to scale 1, shift 0."""
+        for w in self.filters() + [self.classifier.weight]:
+            g = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+            w.copy_(g / g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1))))
+        for m in self.conv_layers():
+            m.bn.reset_parameters()
+
+    def conv_layers(self) -> list[ConvBNReLU]:
+        """Every conv-BN-ReLU layer: the encoder's in order, then the decoder's as run."""
+        enc = [m for block in self.encoder for m in block]
+        dec = [m for block in reversed(self.decoder) for m in block]
+        return enc + dec
+
+    def named_filters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, weight)`` of every conv followed by batch norm, as in ``named_parameters``."""
+        names = {id(m): n for n, m in self.named_modules()}
+        return [(f"{names[id(m)]}.conv.weight", m.conv.weight) for m in self.conv_layers()]
+
+    def filters(self) -> list[nn.Parameter]:
+        """The conv weights followed by batch norm (not the classifier), in run order."""
+        return [w for _, w in self.named_filters()]
+
+    @property
+    def theta(self) -> nn.Parameter:
+        r"""The 1x1 classifier :math:`\theta` (``num_classes x widths[0] x 1 x 1``)."""
+        return self.classifier.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel logits ``(N, num_classes, H, W)`` of images ``(N, in_channels, H, W)``."""
+        levels = 2 ** len(self.encoder)
+        if x.dim() != 4 or x.shape[-1] % levels or x.shape[-2] % levels:
+            raise ValueError(
+                f"SegNet needs images (N, C, H, W) with H and W divisible by {levels} "
+                f"({len(self.encoder)} pooling levels), got shape {tuple(x.shape)}"
+            )
+        indices, sizes = [], []
+        for block in self.encoder:
+            x = block(x)
+            sizes.append(x.shape)
+            x, idx = self.pool(x)
+            indices.append(idx)
+        for b in reversed(range(len(self.decoder))):
+            x = self.unpool(x, indices[b], output_size=sizes[b])
+            x = self.decoder[b](x)
+        return self.classifier(x)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"widths={c.widths}, convs_per_block={c.convs_per_block}, " \
+               f"num_classes={c.num_classes}"

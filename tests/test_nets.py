@@ -71,9 +71,9 @@ def test_to_dtype_and_device(device, dtype):
 
 
 def test_build_net_from_config():
-    cfg = NetConfig(arch=2, depth=1, width=4, in_features=3, num_classes=2, bn_eps=0.0)
+    cfg = NetConfig(arch=2, depth=1, width=4, in_features=3, num_classes=2, bn_eps=1e-30)
     net = build_net(cfg)
-    assert isinstance(net, Arch2) and net.layers[0].bn.eps == 0.0
+    assert isinstance(net, Arch2) and net.layers[0].bn.eps == 1e-30
     assert net.config == cfg and cfg.to_dict()["arch"] == 2
 
 
@@ -86,6 +86,11 @@ def test_bad_config(kwargs, match):
     for arch in (Arch1, Arch2):
         with pytest.raises(ValueError, match=match):
             arch(**kwargs)
+
+
+def test_bad_bn_eps():
+    with pytest.raises(ValueError, match=r"bn_eps must be > 0"):
+        Arch2(bn_eps=0.0)
 
 
 def test_bad_arch():
