@@ -1053,7 +1053,7 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     controls = []
     if arch == 1:
         untied = _untied_pair_group(net)
-        controls.append(("untied pair (control)", untied.from_coords([1.0]), False))
+        controls.append((untied.name, untied.from_coords([1.0]), False))
         orth = orbit_orthogonality(net, untied, x, y)
         rows.append(_row(label, untied.name, "<grad L, xi(w)>", float(orth.max()), False,
                          dtype, "one generator"))
