@@ -43,7 +43,7 @@ nitpicky = False
 # -- autodoc / numpydoc ---------------------------------------------------------------
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_default_options = {"show-inheritance": True}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
@@ -61,3 +61,4 @@ html_theme = "furo"
 html_title = f"manifold-nets {release}"
 html_static_path = ["_static"]
 html_show_sourcelink = False
+html_css_files = ["custom.css"]
