@@ -20,6 +20,8 @@ EXAMPLES = ROOT / "examples"
 #: Every example, its smoke-test arguments, and whether it reads MNIST.
 CASES = {
     "declare_custom_model.py": (["--quick"], False),
+    "check_invariance.py": (["--quick"], False),
+    "discover_symmetries.py": (["--quick"], False),
 }
 
 
