@@ -9,10 +9,12 @@ Declare a weight as ``geoopt.ManifoldParameter(w, manifold=...)`` and train it w
 ``geoopt.optim.RiemannianSGD``.
 """
 
+from .data import Dataset, load_dataset
 from .declare import Declaration, declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 from .nets import Arch1, Arch2, NetConfig
 from .optim import InvariantSGD
+from .training import BoldDriver, ExpDecay, StoppingRule, TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,12 @@ __all__ = [
     "declare",
     "Declaration",
     "InvariantSGD",
+    "load_dataset",
+    "Dataset",
+    "TrainConfig",
+    "train",
+    "BoldDriver",
+    "ExpDecay",
+    "StoppingRule",
     "__version__",
 ]

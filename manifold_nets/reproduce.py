@@ -1,0 +1,761 @@
+r"""``manifold-nets reproduce``: the grid of Table 2, a resumable results store, the report.
+
+The grid is 2 architectures x 2 depths (2, 4) x 2 protocols x 3 updates x ``runs`` (10)
+runs; each run is a full :func:`manifold_nets.training.train` (its own learning-rate
+selection included). Run ``r`` of every cell uses seed ``seed + r``, so the cells share
+their data splits and batch orders run by run (common random numbers).
+
+Results store
+    ``<out>/runs/<run id>.json``, one JSON record per finished run, written to a temporary
+    file, flushed and fsynced, then moved into place with :func:`os.replace`. A run killed
+    at any moment loses at most the runs in flight; rerunning the same command skips the
+    finished ones. Shards (``--shard i/n``) and separate machines can write into the same
+    folder (or folders merged by copying the files): a run id is one file, so there are
+    never duplicates. Records made with another configuration are refused, not mixed.
+
+Report (written to ``<out>``)
+    ``table2.md`` (Table 2 beside the paper's values, diverged runs counted, every cell over
+    all runs and over the runs that did not diverge, Welch comparisons with 95% intervals
+    for the paper's findings), ``table2.csv`` (one row per cell) and ``trajectories.png``
+    (mean test error per epoch with a one-standard-deviation band, depth 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .training import (
+    ARCHS,
+    PROTOCOLS,
+    UPDATES,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    train,
+)
+
+__all__ = [
+    "PAPER_TABLE2",
+    "ResultStore",
+    "RunSpec",
+    "cell_summaries",
+    "comparisons",
+    "grid",
+    "plot_trajectories",
+    "run_grid",
+    "shard",
+    "t_quantile",
+    "welch",
+    "write_report",
+]
+
+DEPTHS = (2, 4)
+
+#: Table 2 of the paper: (depth, protocol, arch, update) -> (mean, std) test error.
+PAPER_TABLE2: dict[tuple[int, str, str, str], tuple[float, float]] = {}
+_PAPER_ROWS = {
+    (2, "exp-decay"): "0.0263 0.0079 0.0283 0.0062 0.0220 0.0057 0.0216 0.0038 0.0228 0.0051 "
+    "0.0230 0.0036",
+    (2, "bold-driver"): "0.0240 0.0026 0.0271 0.0076 0.0228 0.0038 0.0206 0.0024 0.0186 0.0024 "
+    "0.0199 0.0046",
+    (4, "exp-decay"): "0.0277 0.0045 0.0256 0.0038 0.0215 0.0049 0.0218 0.0028 0.0204 0.0050 "
+    "0.0224 0.0065",
+    (4, "bold-driver"): "0.0253 0.0060 0.0264 0.0056 0.0244 0.0101 0.0204 0.0027 0.0188 0.0033 "
+    "0.0179 0.0025",
+}
+for (_d, _p), _row in _PAPER_ROWS.items():
+    _vals = [float(v) for v in _row.split()]
+    for _k, (_a, _u) in enumerate((a, u) for a in ARCHS for u in UPDATES):
+        PAPER_TABLE2[(_d, _p, _a, _u)] = (_vals[2 * _k], _vals[2 * _k + 1])
+
+_NAMES = {"arch1": "Arch1", "arch2": "Arch2", "bsgd": "B-SGD", "sm": "SM", "un": "UN",
+          "exp-decay": "exp. decay", "bold-driver": "bold driver"}
+
+
+# --------------------------------------------------------------------------------------
+# The grid.
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    arch: str
+    depth: int
+    protocol: str
+    update: str
+    run: int
+
+    @property
+    def cell(self) -> tuple[int, str, str, str]:
+        return (self.depth, self.protocol, self.arch, self.update)
+
+    def run_id(self, dataset: str) -> str:
+        return f"{dataset}-{self.arch}-d{self.depth}-{self.protocol}-{self.update}-r{self.run:03d}"
+
+    def config(self, base: TrainConfig, seed: int = 0) -> TrainConfig:
+        d = base.to_dict()
+        d.update(arch=self.arch, depth=self.depth, protocol=self.protocol, update=self.update,
+                 seed=seed + self.run)
+        return TrainConfig.from_dict(d)
+
+
+def grid(
+    archs: Sequence[str] = ARCHS,
+    depths: Sequence[int] = DEPTHS,
+    protocols: Sequence[str] = PROTOCOLS,
+    updates: Sequence[str] = UPDATES,
+    runs: int = 10,
+) -> list[RunSpec]:
+    """All runs, run index outermost (so a partial grid covers every cell evenly)."""
+    return [
+        RunSpec(a, d, p, u, r)
+        for r in range(runs)
+        for d in depths
+        for p in protocols
+        for a in archs
+        for u in updates
+    ]
+
+
+def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """Shard ``index`` (1-based) of ``count``: every ``count``-th run of the grid."""
+    if not 1 <= index <= count:
+        raise ValueError(f"Invalid shard {index}/{count}: need 1 <= i <= n")
+    return list(specs[index - 1 :: count])
+
+
+# --------------------------------------------------------------------------------------
+# The store.
+
+
+class ResultStore:
+    """One JSON file per finished run in ``<root>/runs/``, written atomically."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.runs = self.root / "runs"
+
+    def path(self, run_id: str) -> Path:
+        return self.runs / f"{run_id}.json"
+
+    def write(self, run_id: str, record: dict) -> Path:
+        self.runs.mkdir(parents=True, exist_ok=True)
+        final = self.path(run_id)
+        tmp = self.runs / f".{run_id}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(record, fh, indent=None, separators=(",", ":"))
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        try:
+            dir_fd = os.open(self.runs, os.O_RDONLY)
+        except OSError:
+            return final
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def read(self, run_id: str) -> dict | None:
+        """The record of ``run_id``, or ``None`` if it is missing or unreadable."""
+        try:
+            return json.loads(self.path(run_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def records(self) -> list[dict]:
+        """Every readable record in the store, sorted by run id."""
+        if not self.runs.is_dir():
+            return []
+        out = []
+        for p in sorted(self.runs.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return out
+
+
+class ConfigMismatch(RuntimeError):
+    pass
+
+
+def _check_same_config(run_id: str, stored: dict, expected: dict, store: ResultStore) -> None:
+    if stored == expected:
+        return
+    diffs = [f"{k}: stored {stored.get(k)!r}, now {expected.get(k)!r}"
+             for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+    raise ConfigMismatch(
+        f"{store.path(run_id)} was made with another configuration ({'; '.join(diffs)}). "
+        f"Fix: use another --out, or delete {store.runs} to start over."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Running.
+
+_WORKER_DATA = None
+
+
+def _init_worker(dataset: str, data_dir: str | None, threads: int) -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(threads)
+    from .data import load_dataset
+
+    _WORKER_DATA = load_dataset(dataset, data_dir)
+
+
+def _run_one(task: tuple[dict, str, str, bool]) -> dict:
+    config_dict, run_id, root, progress = task
+    record = train(TrainConfig.from_dict(config_dict), _WORKER_DATA, progress=progress)
+    record["run_id"] = run_id
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    ResultStore(root).write(run_id, record)
+    return {k: record[k] for k in ("run_id", "test_error", "diverged", "wall_time_s")}
+
+
+def run_grid(
+    specs: Sequence[RunSpec],
+    base: TrainConfig,
+    store: ResultStore,
+    *,
+    seed: int = 0,
+    jobs: int = 1,
+    data_dir: str | None = None,
+    threads: int = 1,
+    progress: bool | None = None,
+    data=None,
+) -> dict:
+    """Run every spec that the store does not hold yet; return counts and timings.
+
+    With ``jobs=1`` the runs happen in this process (on ``data`` if given); otherwise in
+    ``jobs`` spawned worker processes, each loading the data set once.
+
+    Raises
+    ------
+    ConfigMismatch
+        If the store holds a record of one of these runs made with another configuration.
+    """
+    pending = []
+    done = 0
+    for spec in specs:
+        config = spec.config(base, seed)
+        run_id = spec.run_id(base.dataset)
+        stored = store.read(run_id)
+        if stored is not None:
+            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
+            done += 1
+            continue
+        pending.append((config.to_dict(), run_id, str(store.root), False))
+    summary = {"skipped": done, "ran": 0, "wall_time_s": 0.0}
+    if not pending:
+        return summary
+    start = time.perf_counter()
+    bar = tqdm(total=len(pending), desc="grid", unit="run",
+               disable=None if progress is None else not progress, file=sys.stderr)
+    with bar:
+        if jobs == 1:
+            global _WORKER_DATA
+            if data is None:
+                _init_worker(base.dataset, data_dir, threads)
+            else:
+                torch.set_num_threads(threads)
+                _WORKER_DATA = data
+            show_run = bar.disable is False
+            for task in pending:
+                result = _run_one(task[:3] + (None if show_run else False,))
+                summary["ran"] += 1
+                bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+
+            # tqdm's default lock is a multiprocessing semaphore that the spawn
+            # resource tracker reports as leaked; the bar lives in this process only.
+            tqdm.set_lock(threading.RLock())
+            ctx = mp.get_context("spawn")
+            pool = ctx.Pool(jobs, _init_worker, (base.dataset, data_dir, threads))
+            try:
+                for result in pool.imap_unordered(_run_one, pending, chunksize=1):
+                    summary["ran"] += 1
+                    bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
+                    bar.update(1)
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+# --------------------------------------------------------------------------------------
+# Statistics.
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(c) > tiny else 1.0 + aa / tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(c) > tiny else 1.0 + aa / tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function :math:`I_x(a, b)`."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t distribution with ``df`` (real, > 0) degrees of freedom."""
+    x = df / (df + t * t)
+    tail = 0.5 * _betainc(df / 2, 0.5, x)
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t distribution (bisection on :func:`t_cdf`)."""
+    if not 0 < p < 1:
+        raise ValueError(f"Invalid probability: {p}")
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict | None:
+    r"""Welch's comparison of two means: :math:`\bar a - \bar b` with a ``level`` interval.
+
+    Returns ``None`` when either sample has fewer than two values.
+    """
+    n1, n2 = len(a), len(b)
+    if n1 < 2 or n2 < 2:
+        return None
+    m1, m2 = statistics.fmean(a), statistics.fmean(b)
+    v1, v2 = statistics.variance(a), statistics.variance(b)
+    se2 = v1 / n1 + v2 / n2
+    diff = m1 - m2
+    if se2 == 0:
+        return {"diff": diff, "low": diff, "high": diff, "df": float("inf"), "p": 0.0 if diff
+                else 1.0, "n1": n1, "n2": n2}
+    df = se2**2 / ((v1 / n1) ** 2 / (n1 - 1) + (v2 / n2) ** 2 / (n2 - 1))
+    q = t_quantile(0.5 + level / 2, df)
+    se = math.sqrt(se2)
+    p = 2 * (1 - t_cdf(abs(diff) / se, df))
+    return {"diff": diff, "low": diff - q * se, "high": diff + q * se, "df": df, "p": p,
+            "n1": n1, "n2": n2}
+
+
+# --------------------------------------------------------------------------------------
+# The report.
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return (float("nan"), float("nan"))
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell_key(record: dict) -> tuple[int, str, str, str]:
+    c = record["config"]
+    return (c["depth"], c["protocol"], c["arch"], c["update"])
+
+
+def cell_summaries(records: Iterable[dict]) -> dict[tuple, dict]:
+    """Per cell: test errors over all runs and over non-diverged runs, and counts."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault(_cell_key(r), []).append(r)
+    out = {}
+    for key in sorted(cells, key=_sort_key):
+        rs = cells[key]
+        all_err = [r["test_error"] for r in rs]
+        ok_err = [r["test_error"] for r in rs if not r["diverged"]]
+        out[key] = {
+            "n": len(rs),
+            "n_diverged": len(rs) - len(ok_err),
+            "all": _mean_std(all_err),
+            "ok": _mean_std(ok_err),
+            "epochs": statistics.fmean(r["epochs"] for r in rs),
+            "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+            "lrs": sorted({r["lr"] for r in rs}),
+            "paper": PAPER_TABLE2.get(key) if rs[0]["config"]["dataset"] == "mnist" else None,
+        }
+    return out
+
+
+def _sort_key(key: tuple) -> tuple:
+    d, p, a, u = key
+    return (d, PROTOCOLS.index(p), ARCHS.index(a), UPDATES.index(u))
+
+
+def _errors(records, *, ok_only: bool, **where) -> list[float]:
+    out = []
+    for r in records:
+        c = r["config"]
+        if all(c[k] == v for k, v in where.items()) and not (ok_only and r["diverged"]):
+            out.append(r["test_error"])
+    return out
+
+
+def comparisons(records: Sequence[dict]) -> list[dict]:
+    """Welch comparisons for the paper's findings (Section 5).
+
+    Each row: the finding, the two groups, and the difference ``mean(first) -
+    mean(second)`` of test error with a 95% interval, over non-diverged runs and over all
+    runs. A positive difference means the second group has the lower error.
+    """
+    rows = []
+    depths = sorted({r["config"]["depth"] for r in records})
+
+    def add(finding: str, first: dict, second: dict) -> None:
+        row = {"finding": finding, "first": first, "second": second}
+        for label, ok in (("ok", True), ("all", False)):
+            row[label] = welch(_errors(records, ok_only=ok, **first),
+                               _errors(records, ok_only=ok, **second))
+        rows.append(row)
+
+    add("Arch2 better than Arch1 (all cells pooled)", {"arch": "arch1"}, {"arch": "arch2"})
+    for d in depths:
+        for p in PROTOCOLS:
+            for u in UPDATES:
+                add("Arch2 better than Arch1", dict(depth=d, protocol=p, arch="arch1", update=u),
+                    dict(depth=d, protocol=p, arch="arch2", update=u))
+    for a in ARCHS:
+        for d in depths:
+            for p in PROTOCOLS:
+                for u in ("sm", "un"):
+                    add(f"{_NAMES[u]} better than B-SGD",
+                        dict(depth=d, protocol=p, arch=a, update="bsgd"),
+                        dict(depth=d, protocol=p, arch=a, update=u))
+    for d in depths:
+        for u in UPDATES:
+            add("bold driver better than exp. decay (Arch2)",
+                dict(depth=d, protocol="exp-decay", arch="arch2", update=u),
+                dict(depth=d, protocol="bold-driver", arch="arch2", update=u))
+    return [r for r in rows if r["ok"] is not None or r["all"] is not None]
+
+
+def _fmt(ms: tuple[float, float] | None, digits: int = 4) -> str:
+    if ms is None or math.isnan(ms[0]):
+        return "-"
+    return f"{ms[0]:.{digits}f} +- {ms[1]:.{digits}f}"
+
+
+def _group(g: dict) -> str:
+    parts = []
+    if "arch" in g:
+        parts.append(_NAMES[g["arch"]])
+    if "depth" in g:
+        parts.append(f"{g['depth']} layers")
+    if "protocol" in g:
+        parts.append(_NAMES[g["protocol"]])
+    if "update" in g:
+        parts.append(_NAMES[g["update"]])
+    return ", ".join(parts)
+
+
+def _verdict(w: dict | None) -> str:
+    if w is None:
+        return "-"
+    if w["low"] > 0:
+        return "holds"
+    if w["high"] < 0:
+        return "opposite"
+    return "not significant"
+
+
+def _ci(w: dict | None) -> str:
+    if w is None:
+        return "-"
+    return f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}]"
+
+
+def table_csv(cells: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["depth", "protocol", "arch", "update", "n", "n_diverged", "mean_all", "std_all",
+                "mean_ok", "std_ok", "paper_mean", "paper_std", "mean_epochs",
+                "mean_wall_time_s"])
+    for (d, p, a, u), c in cells.items():
+        paper = c["paper"] or ("", "")
+        w.writerow([d, p, a, u, c["n"], c["n_diverged"],
+                    *(f"{v:.6f}" if not math.isnan(v) else "" for v in (*c["all"], *c["ok"])),
+                    *paper, f"{c['epochs']:.2f}", f"{c['wall_time_s']:.1f}"])
+    return buf.getvalue()
+
+
+def table_markdown(cells: dict, records: Sequence[dict], dataset: str) -> str:
+    lines = [f"# Table 2 reproduced: {dataset}", ""]
+    n_runs = len(records)
+    n_div = sum(r["diverged"] for r in records)
+    test_images = ", ".join(sorted({f"{r['config']['test_size']:,}" for r in records})) or "-"
+    wall = [r["wall_time_s"] for r in records]
+    lines += [
+        f"{n_runs} runs in {len(cells)} cells; {n_div} diverged (NaN loss or a validation "
+        "error above the collapse threshold; they are counted, not dropped). Test error on the "
+        f"{test_images} test images, mean +- standard deviation over runs.",
+        "",
+    ]
+    if wall:
+        lines += [f"Wall time per run: mean {statistics.fmean(wall):.1f} s, median "
+                  f"{statistics.median(wall):.1f} s, total {sum(wall) / 3600:.2f} CPU-hours "
+                  "(one thread per run).", ""]
+    depths = sorted({k[0] for k in cells})
+    paper = dataset == "mnist"
+    for label, which in (("non-diverged runs", "ok"), ("all runs", "all")):
+        lines += [f"## Ours, paper layout ({label})", ""]
+        head = ["depth", "protocol"] + [f"{_NAMES[a]} {_NAMES[u]}" for a in ARCHS
+                                        for u in UPDATES]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for d in depths:
+            for p in PROTOCOLS:
+                row = [str(d), _NAMES[p]]
+                for a in ARCHS:
+                    for u in UPDATES:
+                        c = cells.get((d, p, a, u))
+                        row.append(_fmt(c[which]) if c else "-")
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Every cell beside the paper", ""]
+    head = ["depth", "protocol", "arch", "update"] + (["paper"] if paper else []) + [
+        "ours, non-diverged", "ours, all runs", "runs", "diverged", "mean epochs",
+        "selected rates"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (d, p, a, u), c in cells.items():
+        row = [str(d), _NAMES[p], _NAMES[a], _NAMES[u]]
+        if paper:
+            row.append(_fmt(c["paper"]))
+        row += [_fmt(c["ok"]), _fmt(c["all"]), str(c["n"]), str(c["n_diverged"]),
+                f"{c['epochs']:.1f}", ", ".join(f"{v:g}" for v in c["lrs"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## The paper's findings, tested",
+        "",
+        "Welch's t interval (95%) for the difference of mean test error, first group minus "
+        "second; a positive difference means the second group is better. 'holds': the "
+        "interval lies above 0; 'opposite': below 0; otherwise not significant. No "
+        "correction for multiple comparisons.",
+        "",
+        "| finding | first | second | difference, non-diverged [95% CI] | verdict | "
+        "difference, all runs [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in comparisons(records):
+        lines.append(
+            f"| {row['finding']} | {_group(row['first'])} | {_group(row['second'])} | "
+            f"{_ci(row['ok'])} | {_verdict(row['ok'])} | {_ci(row['all'])} | "
+            f"{_verdict(row['all'])} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _trajectory(records: Sequence[dict], length: int) -> list[list[float]]:
+    """Test error per epoch, each run carried forward at its final value after it stopped."""
+    out = []
+    for r in records:
+        errs = [h["test_error"] for h in r["history"]]
+        out.append(errs + [errs[-1]] * (length - len(errs)))
+    return out
+
+
+def plot_trajectories(records: Sequence[dict], path: str | os.PathLike, depth: int = 4) -> bool:
+    """Mean test error per epoch with a one-standard-deviation band (non-diverged runs).
+
+    One panel per architecture (columns) and protocol (rows), one line per update; a run
+    that stopped early keeps its final error. Returns ``False`` if there is nothing to plot.
+    """
+    from matplotlib.figure import Figure
+
+    chosen = [r for r in records if r["config"]["depth"] == depth and not r["diverged"]]
+    if not chosen:
+        return False
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(len(PROTOCOLS), len(ARCHS), sharex=True, sharey=True, squeeze=False)
+    length = max(len(r["history"]) for r in chosen)
+    for i, p in enumerate(PROTOCOLS):
+        for j, a in enumerate(ARCHS):
+            ax = axes[i][j]
+            for u in UPDATES:
+                rs = [r for r in chosen if (r["config"]["protocol"], r["config"]["arch"],
+                                            r["config"]["update"]) == (p, a, u)]
+                if not rs:
+                    continue
+                t = torch.tensor(_trajectory(rs, length), dtype=torch.float64)
+                mean = t.mean(0)
+                std = t.std(0) if len(rs) > 1 else torch.zeros_like(mean)
+                ep = range(1, length + 1)
+                line = ax.plot(ep, mean.tolist(), label=f"{_NAMES[u]} (n={len(rs)})")[0]
+                ax.fill_between(ep, (mean - std).tolist(), (mean + std).tolist(),
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_title(f"{_NAMES[a]}, {depth} layers, {_NAMES[p]}")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(PROTOCOLS) - 1:
+                ax.set_xlabel("epoch")
+            if j == 0:
+                ax.set_ylabel("test error")
+            if ax.has_data():
+                ax.legend()
+    fig.suptitle(f"{records[0]['config']['dataset']}: mean test error +- 1 std "
+                 "(non-diverged runs; stopped runs keep their final error)")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_report(store: ResultStore, out: str | os.PathLike, dataset: str) -> dict[str, Path]:
+    """Write ``table2.md``, ``table2.csv`` and ``trajectories.png`` from every record."""
+    records = [r for r in store.records() if r["config"]["dataset"] == dataset]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = cell_summaries(records)
+    paths = {"markdown": out / "table2.md", "csv": out / "table2.csv"}
+    _atomic_text(paths["markdown"], table_markdown(cells, records, dataset))
+    _atomic_text(paths["csv"], table_csv(cells))
+    png = out / "trajectories.png"
+    if records and plot_trajectories(records, png.with_suffix(".tmp.png")):
+        os.replace(png.with_suffix(".tmp.png"), png)
+        paths["figure"] = png
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Command line.
+
+
+def _shard_arg(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: use i/n, e.g. 1/4") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: need 1 <= i <= n")
+    return i, n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    try:
+        base = config_from_args(args, dataset=args.dataset)
+    except ValueError as err:
+        args.parser.error(str(err))
+    out = Path(args.out or Path("results") / args.dataset)
+    store = ResultStore(out)
+    specs = grid(args.archs, args.depths, args.protocols, args.updates, args.runs)
+    if args.shard:
+        specs = shard(specs, *args.shard)
+    if not args.report_only:
+        from .data import DataError
+
+        print(f"{len(specs)} runs; results in {store.runs}", file=sys.stderr)
+        try:
+            summary = run_grid(specs, base, store, seed=args.seed, jobs=args.jobs,
+                               data_dir=args.data_dir, threads=args.threads)
+        except (ConfigMismatch, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"ran {summary['ran']} runs in {summary['wall_time_s']} s; "
+              f"{summary['skipped']} already done", file=sys.stderr)
+    paths = write_report(store, out, args.dataset)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        allow_abbrev=False,
+        help="run the grid of Table 2 (resumable) and write the table and figure",
+        description=(
+            "Run the grid of Table 2: architectures x depths x protocols x updates x runs, "
+            "each run with its own learning-rate selection. Finished runs are kept in "
+            "OUT/runs/ and skipped when the command is run again."
+        ),
+    )
+    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    p.add_argument("--data-dir", default=None, help="folder holding the IDX files")
+    p.add_argument("--out", default=None, help="results folder (default: results/<dataset>)")
+    p.add_argument("--runs", type=_positive_int, default=10, help="runs per cell (default: 10)")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
+    p.add_argument("--depths", nargs="+", type=_positive_int, default=list(DEPTHS))
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    p.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
+    p.add_argument("--seed", type=int, default=0, help="run r uses seed SEED + r (default: 0)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads per worker (default: 1)")
+    p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
+                   help="run only shard I of N (1-based) of the grid; shards share OUT")
+    p.add_argument("--report-only", action="store_true",
+                   help="only write the table and figure from the runs already in OUT")
+    add_config_arguments(p, exclude=("arch", "depth", "protocol", "update", "seed", "dataset"))
+    p.set_defaults(func=_run_reproduce, parser=p)
