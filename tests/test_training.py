@@ -300,3 +300,16 @@ def test_train_cli_small_run(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["config"]["update"] == "sm" and record["config"]["lr_grid"] == [1e-2, 1e-3]
     assert "final: train" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def test_demo_mnist_comparison(small_mnist):
+    from manifold_nets.demo import format_comparison, mnist_comparison
+
+    rows = mnist_comparison(small_mnist, seeds=(0,), epochs=1, train_size=300, val_size=100)
+    assert [r["update"] for r in rows] == ["bsgd", "sm", "un"]
+    assert all(0 <= r["test_error"][0] <= 1 for r in rows)
+    lines = format_comparison(rows)
+    assert lines[0].startswith("| update |") and lines[-1].startswith("| UN |")
