@@ -55,10 +55,13 @@ def _filter_index(flat: int, batch_shape: torch.Size):
     return tuple(reversed(idx))
 
 
-def _raise_on_degenerate(norm2: torch.Tensor, ndim: int, what: str, cls: str) -> None:
-    """Raise a ValueError naming the first zero or non-finite filter (one device sync)."""
-    batch = norm2.shape[: norm2.dim() - ndim]
-    flat = norm2.reshape(-1)
+def _raise_on_degenerate(size: torch.Tensor, ndim: int, what: str, cls: str) -> None:
+    """Raise a ValueError naming the first zero or non-finite filter (one device sync).
+
+    ``size`` is any per-filter magnitude with kept dims (e.g. the largest absolute entry).
+    """
+    batch = size.shape[: size.dim() - ndim]
+    flat = size.reshape(-1)
     finite = torch.isfinite(flat)
     bad = ~finite | (flat <= 0)
     if bool(bad.any()):
@@ -159,9 +162,9 @@ class ObliqueManifold(Manifold):
         """Normalise every filter; raise ``ValueError`` on a zero or non-finite filter."""
         _check_dtype(x)
         self._assert_check_shape(x.shape, "x")
-        _raise_on_degenerate(math.filter_sqnorm(x, self.ndim), self.ndim, "filter",
-                             "oblique manifold")
-        return math.oblique_projx(x, self.ndim)
+        largest = x.abs().amax(dim=math.filter_dims(self.ndim), keepdim=True)
+        _raise_on_degenerate(largest, self.ndim, "filter", "oblique manifold")
+        return math.oblique_projx_safe(x, self.ndim)
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return math.oblique_proju(x, u, self.ndim)

@@ -26,6 +26,7 @@ __all__ = [
     "filter_sqnorm",
     "column_sqnorm",
     "oblique_projx",
+    "oblique_projx_safe",
     "oblique_proju",
     "oblique_retr",
     "oblique_expmap",
@@ -92,6 +93,23 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     return x * norm.clamp_min_(EPS[x.dtype]).reciprocal_()  # multiply: cheaper than divide
 
 
+def oblique_projx_safe(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
+    r""":func:`oblique_projx` that neither overflows nor underflows.
+
+    .. math::
+
+        \mathrm{Orth}(W)_i = \frac{w_i / m_i}{\|w_i / m_i\|}, \qquad m_i = \max_k |w_{ik}|
+
+    Dividing by the largest entry first keeps the squared norm representable for any
+    finite filter, so filters of norm ``1e30`` or ``1e-40`` in float32 are normalised
+    exactly. It costs two more passes over ``x`` than :func:`oblique_projx`, which the
+    UN step uses: there every filter of ``x + u`` has norm :math:`\ge 1`.
+    """
+    m = x.abs().amax(dim=filter_dims(ndim), keepdim=True)
+    y = x / torch.where(m > 0, m, torch.ones_like(m))
+    return oblique_projx(y, ndim)
+
+
 def oblique_proju(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     r"""Project ``u`` onto the tangent space at ``x``: the paper's :math:`\Pi_W`.
 
@@ -147,9 +165,10 @@ def oblique_dist(x: torch.Tensor, y: torch.Tensor, ndim: int = 1) -> torch.Tenso
 
 
 def _scale(x: torch.Tensor, side: str, ndim: int) -> torch.Tensor:
-    if side == "left":
-        return filter_sqnorm(x, ndim)
-    return column_sqnorm(x, ndim)
+    """:math:`\\|w_i\\|^2` (left) or :math:`\\|\\theta_{:,j}\\|^2` (right), saturated at the
+    dtype's largest finite value so that a zero gradient entry never becomes ``0 * inf``."""
+    scale = filter_sqnorm(x, ndim) if side == "left" else column_sqnorm(x, ndim)
+    return scale.clamp_max_(torch.finfo(x.dtype).max)
 
 
 def scaled_egrad2rgrad(
@@ -181,6 +200,9 @@ def scaled_egrad2rgrad(
     -----
     A zero filter (or column) has :math:`\|w_i\|^2 = 0`: its Riemannian gradient is zero
     and the SM update leaves it at zero. This is the limit of the formula, never NaN.
+    Where :math:`\|w_i\|^2` overflows the dtype (norms above about ``1.8e19`` in
+    float32) it saturates at the largest finite value: the result stays finite, and zero
+    gradient entries stay zero.
     """
     return g * _scale(x, side, ndim)
 

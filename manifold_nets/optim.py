@@ -286,7 +286,7 @@ def _single_tensor_invariant_sgd(
             grad = grad.add(param, alpha=weight_decay)
         if momentum == 0 and name == "sm":  # the SM step without an intermediate
             scale = torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
-            param.addcmul_(grad, scale, value=-lr)
+            param.addcmul_(grad, scale.clamp_max_(torch.finfo(param.dtype).max), value=-lr)
             continue
         if momentum == 0 and name == "oblique":  # x - lr (g - <x,g> x) = (1 + lr <x,g>) x - lr g
             inner = (param * grad).sum(dim=dims, keepdim=True)
@@ -297,7 +297,8 @@ def _single_tensor_invariant_sgd(
             inner = (param * grad).sum(dim=dims, keepdim=True)
             grad = torch.addcmul(grad, inner, param, value=-1)
         elif name == "sm":
-            grad = grad * torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
+            scale = torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
+            grad = grad * scale.clamp_max_(torch.finfo(param.dtype).max)
         buf = None
         if momentum != 0:
             buf = momentum_buffer_list[i]
@@ -361,6 +362,7 @@ def _multi_tensor_invariant_sgd(
         if momentum == 0 and name == "sm":
             scales = _filter_norm(ps, dims)
             torch._foreach_mul_(scales, scales)
+            torch._foreach_clamp_max_(scales, torch.finfo(dtype).max)
             torch._foreach_addcmul_(ps, gs, scales, value=-lr)
             continue
         if momentum == 0 and name == "oblique":  # (1 + lr <x,g>) x - lr g, then Orth
@@ -375,6 +377,7 @@ def _multi_tensor_invariant_sgd(
         elif name == "sm":
             scales = _filter_norm(ps, dims)
             torch._foreach_mul_(scales, scales)
+            torch._foreach_clamp_max_(scales, torch.finfo(dtype).max)
             gs = torch._foreach_mul(gs, scales)
             fresh = True
         bufs: list[Tensor] = []
