@@ -256,6 +256,7 @@ def run_grid(
     ConfigMismatch
         If the store holds a record of one of these runs made with another configuration.
     """
+    global _WORKER_DATA
     pending = []
     done = 0
     for spec in specs:
@@ -275,7 +276,6 @@ def run_grid(
                disable=None if progress is None else not progress, file=sys.stderr)
     with bar:
         if jobs == 1:
-            global _WORKER_DATA
             if data is None:
                 _init_worker(base.dataset, data_dir, threads)
             else:
@@ -540,17 +540,43 @@ def table_markdown(cells: dict, records: Sequence[dict], dataset: str) -> str:
     n_runs = len(records)
     n_div = sum(r["diverged"] for r in records)
     test_images = ", ".join(sorted({f"{r['config']['test_size']:,}" for r in records})) or "-"
-    wall = [r["wall_time_s"] for r in records]
     lines += [
-        f"{n_runs} runs in {len(cells)} cells; {n_div} diverged (NaN loss or a validation "
-        "error above the collapse threshold; they are counted, not dropped). Test error on the "
-        f"{test_images} test images, mean +- standard deviation over runs.",
+        f"{n_runs} runs in {len(cells)} cells; {n_div} diverged (they are counted, not "
+        f"dropped). Test error on the {test_images} test images at the last epoch, mean +- "
+        "standard deviation over runs.",
         "",
     ]
-    if wall:
-        lines += [f"Wall time per run: mean {statistics.fmean(wall):.1f} s, median "
-                  f"{statistics.median(wall):.1f} s, total {sum(wall) / 3600:.2f} CPU-hours "
-                  "(one thread per run).", ""]
+    if records:
+        c = records[0]["config"]
+        stopping = {"all": "with both protocols", "bold-driver": "with the bold driver only",
+                    "none": "never"}[c["stopping"]]
+        collapse = (f"or a validation error above {c['collapse_error']} at any epoch from "
+                    f"{c['collapse_epoch']} on (a network collapsed towards chance)"
+                    if c["collapse_error"] is not None else "(collapse check off)")
+        lines += [
+            f"Protocol: learning rate selected per run from {c['lr_grid']} after "
+            f"{c['select_epochs']} epochs on {c['select_train']:,} images, by the error on "
+            f"{c['select_val']:,} others; then {c['min_epochs']} to {c['max_epochs']} epochs "
+            f"on {c['train_size']:,} images with {c['val_size']:,} for validation, mini-batches "
+            f"of {c['batch_size']} (summed cross-entropy); exponential decay x{c['decay']}; bold "
+            f"driver x{c['bold_increase']} / x{c['bold_decrease']}"
+            f"{' with undo' if c['bold_undo'] else ', no undo'}; early stopping {stopping}. "
+            f"Diverged: a non-finite cost {collapse}.",
+            "",
+        ]
+        reasons: dict[str, int] = {}
+        for r in records:
+            reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+        lines += ["Stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+                  + ".", ""]
+        wall = [r["wall_time_s"] for r in records]
+        lines.append(f"Wall time per run (one torch thread each): mean "
+                     f"{statistics.fmean(wall):.1f} s, median {statistics.median(wall):.1f} s, "
+                     f"sum {sum(wall) / 3600:.2f} h.")
+        stamps = sorted(r["finished_at"] for r in records if r.get("finished_at"))
+        if stamps:
+            lines.append(f"Runs finished between {stamps[0]} and {stamps[-1]}.")
+        lines.append("")
     depths = sorted({k[0] for k in cells})
     paper = dataset == "mnist"
     for label, which in (("non-diverged runs", "ok"), ("all runs", "all")):
