@@ -585,7 +585,7 @@ def table_markdown(cells: dict, records: Sequence[dict], dataset: str) -> str:
                                         for u in UPDATES]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for d in depths:
-            for p in PROTOCOLS:
+            for p in [q for q in PROTOCOLS if any(k[:2] == (d, q) for k in cells)]:
                 row = [str(d), _NAMES[p]]
                 for a in ARCHS:
                     for u in UPDATES:
