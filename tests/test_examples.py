@@ -19,7 +19,8 @@ EXAMPLES = ROOT / "examples"
 
 #: Every example, its smoke-test arguments, and whether it reads MNIST.
 CASES = {
-    "declare_custom_model.py": (["--quick"], False),
+    "declare_custom_model.py": (["--quick"], True),
+    "train_arch2_un.py": (["--quick"], True),
     "check_invariance.py": (["--quick"], False),
     "discover_symmetries.py": (["--quick"], False),
 }
