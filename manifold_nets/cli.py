@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "manifold_nets.training",
     "manifold_nets.reproduce",
     "manifold_nets.bench",
+    "manifold_nets.segmentation",
 )
 
 
