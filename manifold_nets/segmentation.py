@@ -286,6 +286,7 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     Examples
     --------
     >>> import torch
+    >>> from manifold_nets.segmentation import segmentation_metrics
     >>> m = segmentation_metrics(torch.tensor([[3, 1], [0, 4]]))
     >>> {k: round(v, 4) for k, v in m.items()}
     {'global_acc': 0.875, 'class_avg_acc': 0.875, 'mean_iou': 0.775}
