@@ -691,6 +691,12 @@ def write_report(store: ResultStore, out: str | os.PathLike, dataset: str) -> di
     _atomic_text(paths["markdown"], table_markdown(cells, records, dataset))
     _atomic_text(paths["csv"], table_csv(cells))
     png = out / "trajectories.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed, so trajectories.png is not drawn; "
+              "pip install matplotlib, then rerun with --report-only", file=sys.stderr)
+        return paths
     if records and plot_trajectories(records, png.with_suffix(".tmp.png")):
         os.replace(png.with_suffix(".tmp.png"), png)
         paths["figure"] = png
