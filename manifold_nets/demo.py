@@ -2,7 +2,8 @@
 
 Shows the UN and SM geometries at work on one weight matrix: one
 :class:`geoopt.optim.RiemannianSGD` step each, with the quantities the paper cares about;
-then a short comparison of B-SGD, SM and UN on real MNIST (Arch2, 2 layers, a few epochs
+then the invariance audit of :mod:`manifold_nets.symmetry` on small Arch1 and Arch2
+networks (which update keeps which symmetry, with the negative controls); then a short comparison of B-SGD, SM and UN on real MNIST (Arch2, 2 layers, a few epochs
 on a few thousand images, one fixed rate; see :func:`mnist_comparison`).
 """
 
@@ -105,11 +106,20 @@ def run_demo(args: argparse.Namespace) -> int:
     print("One RiemannianSGD step with each manifold-nets geometry:")
     for line in one_step_report(args.seed):
         print("  " + line)
+    from .symmetry import audit_rows, format_audit
+
+    torch.set_num_threads(args.threads)
+    for arch in (1, 2):
+        print(f"\nInvariance audit, Arch{arch} with 2 layers of 16 filters, float64 "
+              "(`manifold-nets check` runs the full-width version):")
+        rows = audit_rows(arch, 2, width=16, seed=args.seed)
+        print(format_audit(rows))
+        if not all(r.ok for r in rows):
+            return 1
     if args.skip_mnist:
         return 0
     from .data import DataError, load_dataset
 
-    torch.set_num_threads(args.threads)
     try:
         data = load_dataset("mnist", args.data_dir)
     except DataError as err:
