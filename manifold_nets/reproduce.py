@@ -749,8 +749,12 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
         print(f"{len(specs)} runs; results in {store.runs}", file=sys.stderr)
         try:
-            summary = run_grid(specs, base, store, seed=args.seed, jobs=args.jobs,
-                               data_dir=args.data_dir, threads=args.threads)
+            if args.batched:
+                from .batched import run_grid_batched as runner
+            else:
+                runner = run_grid
+            summary = runner(specs, base, store, seed=args.seed, jobs=args.jobs,
+                             data_dir=args.data_dir, threads=args.threads)
         except (ConfigMismatch, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -787,6 +791,9 @@ def register_cli(sub) -> None:
                    help="torch threads per worker (default: 1)")
     p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
                    help="run only shard I of N (1-based) of the grid; shards share OUT")
+    p.add_argument("--batched", action="store_true",
+                   help="train the runs of one architecture and depth (5 seeds at a time) as one "
+                        "stacked model (manifold_nets.batched): same protocol and records")
     p.add_argument("--report-only", action="store_true",
                    help="only write the table and figure from the runs already in OUT")
     add_config_arguments(p, exclude=("arch", "depth", "protocol", "update", "seed", "dataset"))
