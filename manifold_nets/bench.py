@@ -41,6 +41,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -371,7 +372,14 @@ def format_table(result: dict) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     unknown = [o for o in args.optimisers if o not in OPTIMISERS]
     if unknown:
-        raise SystemExit(f"bench: unknown optimiser(s) {unknown}; choose from {list(OPTIMISERS)}")
+        args.parser.error(f"unknown optimiser(s) {unknown}; choose from {list(OPTIMISERS)}")
+    if args.output:
+        from .training import unwritable
+
+        problem = unwritable(args.output, "--output")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     cfg = BenchConfig(nets=tuple(args.nets), optimisers=tuple(args.optimisers),
                       repeats=args.repeats, mlp_images=args.mlp_images,
                       conv_images=args.conv_images, threads=args.threads,
@@ -396,11 +404,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--nets", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), metavar="NAME",
                    help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--mlp-images", type=int, default=50_000)
-    p.add_argument("--conv-images", type=int, default=5_000)
-    p.add_argument("--threads", type=int, default=1)
+    from .cli import positive_int
+
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="interleaved rounds (default 5)")
+    p.add_argument("--mlp-images", type=positive_int, default=50_000)
+    p.add_argument("--conv-images", type=positive_int, default=5_000)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("MANIFOLD_NETS_DATA"),
                    help="folder with the MNIST IDX files (default: $MANIFOLD_NETS_DATA, "
                         "else manifold_nets.data)")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_cmd_bench, parser=p)

@@ -22,6 +22,17 @@ COMMAND_MODULES = (
 )
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1 (invalid values exit 2 with the usage message)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="manifold-nets",

@@ -174,7 +174,8 @@ def declare(
     ValueError
         unknown ``update``; a classifier that is not at least 2-D or not in the model; an
         unknown name in ``manifolds``; a weight that does not fit its manifold, e.g. a zero
-        filter under ``"un"`` (the message names the parameter and the filter).
+        filter under ``"un"`` (the message names the parameter and the filter), or a NaN or
+        infinite entry in a weight that gets a manifold.
 
     Examples
     --------
@@ -208,6 +209,14 @@ def declare(
             manifold = None
         if manifold is not None:
             with torch.no_grad():
+                bad = ~torch.isfinite(p.detach())
+                if bool(bad.any()):
+                    first = tuple(int(i) for i in bad.nonzero()[0])
+                    raise ValueError(
+                        f"`{name}` has {int(bad.sum())} non-finite entries (the first at index "
+                        f"{first}) and cannot be declared on {manifold!r} for update "
+                        f"{update!r}; re-initialise it with finite values."
+                    )
                 try:
                     data = manifold.projx(p.detach().clone())
                     manifold.assert_check_point_on_manifold(data)

@@ -3,8 +3,9 @@
 Shows the UN and SM geometries at work on one weight matrix: one
 :class:`geoopt.optim.RiemannianSGD` step each, with the quantities the paper cares about;
 then the invariance audit of :mod:`manifold_nets.symmetry` on small Arch1 and Arch2
-networks (which update keeps which symmetry, with the negative controls); then a short comparison of B-SGD, SM and UN on real MNIST (Arch2, 2 layers, a few epochs
-on a few thousand images, one fixed rate; see :func:`mnist_comparison`).
+networks (which update keeps which symmetry, with the negative controls); then a short
+comparison of B-SGD, SM and UN on real MNIST (Arch2, 2 layers, a few epochs on a few
+thousand images, one fixed rate; see :func:`mnist_comparison`).
 """
 
 from __future__ import annotations
@@ -142,11 +143,14 @@ def run_demo(args: argparse.Namespace) -> int:
 def register_cli(sub) -> None:
     p = sub.add_parser("demo", help="a short tour: the updates, invariance and MNIST results")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--seeds", type=int, default=3, help="MNIST runs per update (default: 3)")
-    p.add_argument("--epochs", type=int, default=5, help="MNIST epochs (default: 5)")
-    p.add_argument("--train-size", type=int, default=5000,
+    from .cli import positive_int
+
+    p.add_argument("--seeds", type=positive_int, default=3,
+                   help="MNIST runs per update (default: 3)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="MNIST epochs (default: 5)")
+    p.add_argument("--train-size", type=positive_int, default=5000,
                    help="MNIST training images (default: 5000)")
     p.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     p.add_argument("--skip-mnist", action="store_true", help="skip the MNIST comparison")
     p.set_defaults(func=run_demo)

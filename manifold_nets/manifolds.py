@@ -44,6 +44,19 @@ def _check_ndim(ndim: int, minimum: int, cls: str) -> int:
     return ndim
 
 
+def _check_filter_shapes(x: torch.Tensor, u: torch.Tensor, ndim: int, cls: str) -> None:
+    """Refuse a vector whose filters do not have the point's filter shape (no device sync).
+
+    Leading (batch) dims may broadcast, as in geoopt; the trailing ``ndim`` may not: the
+    scaled metric would otherwise broadcast a norm over a vector of another size silently.
+    """
+    if x.shape[-ndim:] != u.shape[-ndim:] or u.dim() < ndim:
+        raise ValueError(
+            f"{cls}: `u` has shape {tuple(u.shape)}, `x` has shape {tuple(x.shape)}; their "
+            f"trailing {ndim} dim(s) (one filter) must be equal"
+        )
+
+
 def _filter_index(flat: int, batch_shape: torch.Size):
     """Turn a flat index over the batch dims into a readable filter index."""
     if len(batch_shape) <= 1:
@@ -167,6 +180,7 @@ class ObliqueManifold(Manifold):
         return math.oblique_projx_safe(x, self.ndim)
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        _check_filter_shapes(x, u, self.ndim, "ObliqueManifold")
         return math.oblique_proju(x, u, self.ndim)
 
     egrad2rgrad = proju
@@ -300,6 +314,7 @@ class DiagScaledEuclidean(Manifold):
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if x.dim() < self.ndim:
             self._assert_check_shape(x.shape, "x")
+        _check_filter_shapes(x, u, self.ndim, "DiagScaledEuclidean")
         return math.scaled_egrad2rgrad(x, u, self.side, self.ndim)
 
     def inner(self, x, u, v=None, *, keepdim=False) -> torch.Tensor:

@@ -9,7 +9,9 @@ Results store
     ``<out>/runs/<run id>.json``, one JSON record per finished run, written to a temporary
     file, flushed and fsynced, then moved into place with :func:`os.replace`. A run killed
     at any moment loses at most the runs in flight; rerunning the same command skips the
-    finished ones. Shards (``--shard i/n``) and separate machines can write into the same
+    finished ones; a run killed half-way restarts from scratch (the grid resumes run by
+    run, not epoch by epoch: ``manifold-nets train --checkpoint`` does the latter for one
+    run). Shards (``--shard i/n``) and separate machines can write into the same
     folder (or folders merged by copying the files): a run id is one file, so there are
     never duplicates. Records made with another configuration are refused, not mixed.
 
@@ -47,6 +49,7 @@ from .training import (
     add_config_arguments,
     config_from_args,
     train,
+    unwritable,
 )
 
 __all__ = [
@@ -158,11 +161,21 @@ class ResultStore:
         self.runs.mkdir(parents=True, exist_ok=True)
         final = self.path(run_id)
         tmp = self.runs / f".{run_id}.{os.getpid()}.tmp"
+        text = json.dumps(record, indent=None, separators=(",", ":")) + "\n"
+        # Fault-injection hook for tests/test_faults.py: pause mid-write and before the
+        # rename, so that a kill can land inside the write. Off unless the variable is set.
+        pause = float(os.environ.get("MANIFOLD_NETS_FAULT_WRITE_PAUSE") or 0)
         with open(tmp, "w") as fh:
-            json.dump(record, fh, indent=None, separators=(",", ":"))
-            fh.write("\n")
+            if pause:
+                fh.write(text[: len(text) // 2])
+                fh.flush()
+                time.sleep(pause)
+                text = text[len(text) // 2 :]
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        if pause:
+            time.sleep(pause)
         os.replace(tmp, final)
         try:
             dir_fd = os.open(self.runs, os.O_RDONLY)
@@ -740,6 +753,10 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     except ValueError as err:
         args.parser.error(str(err))
     out = Path(args.out or Path("results") / args.dataset)
+    problem = unwritable(out, "--out", folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     store = ResultStore(out)
     specs = grid(args.archs, args.depths, args.protocols, args.updates, args.runs)
     if args.shard:

@@ -613,12 +613,21 @@ def _fmt(m: dict | None) -> str:
 
 def _run_segnet(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    grid = _parse_floats(args.lr_grid) if args.lr_grid else [args.lr]
-    seeds = _parse_ints(args.seeds) if args.seeds else [args.seed]
     try:
+        grid = _parse_floats(args.lr_grid) if args.lr_grid else [args.lr]
+        seeds = _parse_ints(args.seeds) if args.seeds else [args.seed]
+        if not grid or not seeds:
+            raise ValueError("--lr-grid and --seeds need at least one value")
         configs = {lr: _config_from_args(args, args.update, lr, seeds[0]) for lr in grid}
     except ValueError as err:
         args.parser.error(str(err))
+    if args.out:
+        from .training import unwritable
+
+        problem = unwritable(args.out, "--out")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     start = time.perf_counter()
     splits = make_splits(configs[grid[0]].data)
     print(f"canvases: {len(splits['train'])} train, {len(splits['val'])} val, "

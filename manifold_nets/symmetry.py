@@ -1126,6 +1126,8 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("manifold-nets check: --device cuda but CUDA is not available")
         return 2
+    if not args.bn_eps > 0:
+        args.parser.error(f"argument --bn-eps: must be > 0, got {args.bn_eps!r}")
     rows = audit_rows(args.arch, args.depth, width=args.width, in_features=args.in_features,
                       batch=args.batch, steps=args.steps, dtype=dtype, device=args.device,
                       seed=args.seed, bn_eps=args.bn_eps)
@@ -1141,15 +1143,17 @@ def register_cli(sub) -> None:
     p = sub.add_parser("check", help="audit loss and update invariance under the rescaling "
                                      "groups (exit 0 iff every expectation holds)")
     p.add_argument("--arch", type=int, choices=(1, 2), default=1)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--in-features", type=int, default=784)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--steps", type=int, default=3)
+    from .cli import positive_int
+
+    p.add_argument("--depth", type=positive_int, default=2)
+    p.add_argument("--width", type=positive_int, default=64)
+    p.add_argument("--in-features", type=positive_int, default=784)
+    p.add_argument("--batch", type=positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=3)
     p.add_argument("--bn-eps", type=float, default=1e-30,
                    help="Arch2 batch-norm eps for the group checks (default 1e-30: "
                         "effectively exact; torch refuses 0)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_check)
+    p.set_defaults(func=_run_check, parser=p)

@@ -82,6 +82,7 @@ __all__ = [
     "select_lr",
     "split_indices",
     "train",
+    "unwritable",
 ]
 
 ARCHS = ("arch1", "arch2")
@@ -479,6 +480,8 @@ def fit(
     generator: torch.Generator | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     progress: tqdm | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_info: dict | None = None,
 ) -> FitResult:
     """Train ``model`` with :class:`geoopt.optim.RiemannianSGD` on summed cross-entropy.
 
@@ -505,6 +508,16 @@ def fit(
         and collapse checks; without it, only ``max_epochs`` and NaN stop the run).
     progress : tqdm, optional
         A bar to advance by one per epoch.
+    checkpoint : path, optional
+        A checkpoint file (:mod:`manifold_nets.checkpoint`). If it exists, the run resumes
+        from it (model, optimiser, schedule, history, ``generator`` and torch's global RNG),
+        after checking that it fits the model and ``checkpoint_info["config"]``; a run that
+        had already stopped returns at once. Otherwise it is written before the first
+        epoch. Either way it is rewritten after every epoch that did not diverge, so on CPU
+        a resumed run gives bit-identical iterates to an uninterrupted one.
+    checkpoint_info : dict, optional
+        ``"config"``: the configuration the checkpoint must match (any mapping); every
+        other key is saved as the checkpoint's ``extra``.
     """
     opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=lr)
     divergence = divergence or Divergence(collapse_error=None)
@@ -513,6 +526,38 @@ def fit(
     train_errors: list[float] = []
     val_errors: list[float] = []
     reference: float | None = None
+    base_lr = lr
+    info = dict(checkpoint_info or {})
+    ck_config = info.pop("config", None)
+
+    def save() -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(checkpoint, model=model, optimizer=opt, generator=generator,
+                        schedule_state={"lr": lr, "reference": reference, "base_lr": base_lr},
+                        history=result.history, config=ck_config, extra=info)
+
+    if checkpoint is not None and Path(checkpoint).exists():
+        from .checkpoint import CheckpointError, load_checkpoint
+
+        state = load_checkpoint(checkpoint, model=model, optimizer=opt, generator=generator,
+                                config=ck_config)
+        sched = state["schedule_state"]
+        if sched.get("base_lr") != base_lr:
+            raise CheckpointError(f"checkpoint {checkpoint} was made with base rate "
+                                  f"{sched.get('base_lr')!r}, now {base_lr!r}")
+        lr, reference = sched["lr"], sched["reference"]
+        result.history = list(state["history"])
+        train_errors = [h["train_error"] for h in result.history]
+        val_errors = [h["val_error"] for h in result.history if "val_error" in h]
+        if progress is not None:
+            progress.update(len(result.history))
+        reason = stopping.reason(train_errors, val_errors) if result.history else None
+        if reason is not None:
+            result.stop_reason = reason
+            return result
+    elif checkpoint is not None:
+        save()
     model.train()
     while True:
         epoch = len(result.history) + 1
@@ -566,6 +611,8 @@ def fit(
         if reason is not None:
             result.stop_reason, result.diverged = reason, True
             return result
+        if checkpoint is not None:
+            save()
         reason = stopping.reason(train_errors, val_errors)
         if reason is not None:
             result.stop_reason = reason
@@ -623,6 +670,7 @@ def train(
     data_dir: str | os.PathLike | None = None,
     save_path: str | os.PathLike | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """One full run: split, learning-rate selection (unless ``config.lr``), training, test.
 
@@ -638,6 +686,13 @@ def train(
         Where to save the trained ``state_dict``; not written if the run diverged.
     progress : bool or None
         Show a progress bar; ``None``: only when stderr is a terminal.
+    checkpoint : path, optional
+        Checkpoint the training after the learning-rate selection and after every epoch
+        (see :func:`fit`); if the file exists, resume from it: the selection is not redone
+        and the epochs continue where the checkpoint left them, with bit-identical results
+        on CPU. A checkpoint made with another configuration is refused
+        (:class:`manifold_nets.checkpoint.CheckpointError`). The file is kept when the run
+        ends, so running again returns the finished run's results at once.
 
     Returns
     -------
@@ -645,8 +700,17 @@ def train(
         A JSON-ready record: ``config`` (resolved), ``lr`` (the base rate used),
         ``selection`` (error per candidate rate), ``history`` (per-epoch rate, cost and
         train / validation / test error), ``test_error`` (final), ``epochs``,
-        ``stop_reason``, ``diverged``, ``saved``, and wall times in seconds.
+        ``stop_reason``, ``diverged``, ``saved``, and wall times in seconds (of this
+        process only). With a ``checkpoint``, also ``checkpoint`` (its path) and
+        ``resumed_at_epoch`` (epochs it held when the run started, ``None`` if new).
     """
+    resumed = None
+    if checkpoint is not None and Path(checkpoint).exists():
+        from .checkpoint import check_config, read_checkpoint
+
+        payload = read_checkpoint(checkpoint)
+        check_config(payload, config, checkpoint)
+        resumed = payload
     if data is None:
         from .data import load_dataset
 
@@ -664,7 +728,10 @@ def train(
         file=sys.stderr,
     )
     with bar:
-        if config.lr is None:
+        if resumed is not None:
+            lr, selection = resumed["extra"]["lr"], resumed["extra"]["selection"]
+            bar.update(n_select)
+        elif config.lr is None:
             lr, selection = select_lr(config, data, splits, progress=bar)
         else:
             lr, selection = config.lr, {}
@@ -690,13 +757,15 @@ def train(
             generator=torch.Generator().manual_seed(_subseed(config.seed, 3)),
             evaluate=evaluate,
             progress=bar,
+            checkpoint=checkpoint,
+            checkpoint_info={"config": config.to_dict(), "lr": lr, "selection": selection},
         )
     saved = None
     if save_path is not None and not result.diverged:
         torch.save(model.state_dict(), save_path)
         saved = str(save_path)
     last = result.history[-1]
-    return {
+    record = {
         "config": config.to_dict(),
         "lr": lr,
         "selection": {repr(k): v for k, v in selection.items()},
@@ -711,6 +780,10 @@ def train(
         "wall_time_s": round(time.perf_counter() - start, 3),
         "torch": torch.__version__,
     }
+    if checkpoint is not None:
+        record["checkpoint"] = str(checkpoint)
+        record["resumed_at_epoch"] = None if resumed is None else len(resumed["history"])
+    return record
 
 
 # --------------------------------------------------------------------------------------
@@ -765,17 +838,48 @@ def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def unwritable(path: str | os.PathLike, option: str, *, folder: bool = False) -> str | None:
+    """Why ``path`` (a file, or a folder with ``folder=True``) cannot be written, or ``None``.
+
+    Creates the folder if needed and writes and removes a probe file in it, so that a
+    command fails before any training rather than after it.
+    """
+    import tempfile
+
+    target = Path(path) if folder else Path(path).parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".probe-"):
+            pass
+    except OSError as err:
+        return (f"cannot write {option} {path}: {err.strerror or err} ({err.filename or target}). "
+                f"Fix: pass a {option} in a folder you can write to.")
+    if not folder and Path(path).is_dir():
+        return f"cannot write {option} {path}: it is a folder. Fix: pass a file name."
+    return None
+
+
 def _run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         config = config_from_args(args)
     except ValueError as err:
         args.parser.error(str(err))
+    from .checkpoint import CheckpointError
     from .data import DataError
 
+    for option, value in (("--out", args.out), ("--save", args.save),
+                          ("--checkpoint", args.checkpoint)):
+        problem = value and unwritable(value, option)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+    if args.checkpoint and Path(args.checkpoint).exists():
+        print(f"resuming from {args.checkpoint}", file=sys.stderr)
     try:
-        record = train(config, data_dir=args.data_dir, save_path=args.save)
-    except DataError as err:
+        record = train(config, data_dir=args.data_dir, save_path=args.save,
+                       checkpoint=args.checkpoint)
+    except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     h = record["history"]
@@ -807,6 +911,10 @@ def register_cli(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder holding the IDX files")
     p.add_argument("--out", default=None, help="write the run's JSON record here")
     p.add_argument("--save", default=None, help="save the trained weights (state_dict) here")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint after every epoch to PATH; resume from PATH if it exists")
+    from .cli import positive_int
+
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     add_config_arguments(p)
     p.set_defaults(func=_run_train, parser=p)

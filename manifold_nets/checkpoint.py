@@ -1,0 +1,380 @@
+r"""Checkpoints that resume a training run exactly, and refuse to load what does not fit.
+
+A checkpoint is one file written by :func:`save_checkpoint` with :func:`torch.save`: first
+to a temporary file beside it, flushed and fsynced, then moved into place with
+:func:`os.replace`, so a run killed at any moment leaves either the previous checkpoint or
+the new one, never a torn file. It holds
+
+- the model's ``state_dict`` (weights and batch-norm statistics) and a description of the
+  architecture: every entry's shape and dtype, and every parameter's manifold;
+- the optimiser's ``state_dict`` (geoopt's state and momentum buffers included);
+- the schedule's state (current rate, reference cost, base rate), the run's history;
+- the state of the batch-order :class:`torch.Generator` and of torch's global CPU RNG;
+- the resolved configuration (a :class:`~manifold_nets.training.TrainConfig` as a dict)
+  and anything else the caller wants back (``extra``, e.g. the selected learning rate).
+
+:func:`load_checkpoint` checks the file *before* it touches the model, and refuses with a
+:class:`CheckpointError` (a :class:`ValueError`) naming what is wrong:
+
+- the configuration differs from the one given (each differing field is named);
+- the architecture differs: a missing or unexpected entry, another shape or dtype, another
+  manifold for a parameter (e.g. a checkpoint of an SM run loaded into a UN model);
+- a parameter or optimiser buffer is not finite (batch-norm running statistics are not
+  checked: they can overflow in a run whose cost is still finite);
+- a parameter on an :class:`~manifold_nets.ObliqueManifold` is off the manifold: a filter
+  whose norm is not 1 within :data:`UNIT_NORM_TOL` of its dtype. geoopt itself loads such
+  state without a check, and UN would then silently train a different network.
+
+On CPU, resuming a run of :func:`manifold_nets.training.fit` from a checkpoint gives
+bit-identical iterates compared with the uninterrupted run (``tests/test_checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import geoopt
+import torch
+
+from . import math as mm
+from .manifolds import ObliqueManifold, _filter_index
+
+__all__ = [
+    "FORMAT",
+    "UNIT_NORM_TOL",
+    "CheckpointError",
+    "check_config",
+    "describe",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
+#: The marker and version stored in every checkpoint.
+FORMAT = ("manifold-nets-checkpoint", 1)
+
+#: How far from 1 a filter norm of an oblique-manifold parameter may be, per dtype.
+UNIT_NORM_TOL = {
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+    torch.float32: 1e-4,
+    torch.float64: 1e-10,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model, optimiser or
+    configuration it is loaded into (the message names the mismatch)."""
+
+
+def describe(model: torch.nn.Module) -> dict[str, dict]:
+    """The architecture as a checkpoint records it: per ``state_dict`` entry, its shape and
+    dtype, and for parameters their manifold (``"Euclidean"`` for plain ones)."""
+    manifolds = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        manifold = getattr(p, "manifold", None)
+        manifolds[name] = "Euclidean" if manifold is None or type(manifold) is \
+            geoopt.Euclidean else repr(manifold)
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if name in manifolds:
+            entry["manifold"] = manifolds[name]
+        out[name] = entry
+    return out
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (no geoopt subclass) holding ``t``'s values."""
+    t = t.detach()
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def _config_dict(config) -> dict | None:
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule_state: Mapping | None = None,
+    generator: torch.Generator | None = None,
+    history: list | None = None,
+    config=None,
+    extra: Mapping | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file, fsync, :func:`os.replace`).
+
+    Parameters
+    ----------
+    path : path
+        The checkpoint file; its folder must exist.
+    model : nn.Module
+        Its ``state_dict`` and architecture (:func:`describe`) are saved.
+    optimizer : torch.optim.Optimizer, optional
+        Its ``state_dict`` (geoopt's and :class:`~manifold_nets.InvariantSGD`'s included).
+    schedule_state : mapping, optional
+        Plain values (floats, ints, ``None``) that the schedule needs to go on.
+    generator : torch.Generator, optional
+        The batch-order generator; torch's global CPU RNG state is always saved too.
+    history : list, optional
+        Per-epoch records so far.
+    config : TrainConfig or mapping, optional
+        The resolved configuration; :func:`load_checkpoint` compares it.
+    extra : mapping, optional
+        Anything else to get back (plain values).
+
+    Returns
+    -------
+    pathlib.Path
+        The checkpoint file.
+    """
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "architecture": describe(model),
+        "model": {k: _plain(v) for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "schedule_state": dict(schedule_state or {}),
+        "generator": generator.get_state() if generator is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "history": list(history or []),
+        "config": _config_dict(config),
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint without applying it (only its format is checked).
+
+    Raises
+    ------
+    CheckpointError
+        If the file cannot be read or is not a manifold-nets checkpoint.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # torch.load raises many kinds on a torn or foreign file
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(err).__name__}: "
+            f"{str(err).split('. ')[0][:160]}); it is truncated or not a "
+            "manifold-nets checkpoint. Fix: delete it to start the run over."
+        ) from err
+    if not isinstance(payload, dict) or tuple(payload.get("format", ())) != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a manifold-nets checkpoint (no {FORMAT[0]!r} marker, version "
+            f"{FORMAT[1]}); write one with save_checkpoint()."
+        )
+    return payload
+
+
+def _config_diff(stored: dict | None, expected: dict) -> list[str]:
+    stored = stored or {}
+    return [f"{k}: checkpoint {stored.get(k)!r}, now {expected.get(k)!r}"
+            for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+
+
+def check_config(payload: dict, config, path: str | os.PathLike = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint was made with ``config``."""
+    expected = _config_dict(config)
+    if expected is None:
+        return
+    diffs = _config_diff(payload.get("config"), expected)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was made with another configuration ({'; '.join(diffs)}). "
+            "Fix: resume with the same configuration, or use another checkpoint path."
+        )
+
+
+def _check_architecture(payload: dict, model: torch.nn.Module, path) -> None:
+    stored, now = payload.get("architecture") or {}, describe(model)
+    missing = [k for k in now if k not in stored]
+    unexpected = [k for k in stored if k not in now]
+    problems = []
+    if missing:
+        problems.append(f"missing entries {missing}")
+    if unexpected:
+        problems.append(f"unexpected entries {unexpected}")
+    for name in now:
+        if name not in stored:
+            continue
+        for key in ("shape", "dtype", "manifold"):
+            if stored[name].get(key) != now[name].get(key):
+                problems.append(f"`{name}` has {key} {stored[name].get(key)} in the "
+                                f"checkpoint, {now[name].get(key)} in the model")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is from another architecture: {'; '.join(problems)}. "
+            "Fix: build the model with the checkpoint's configuration (arch, depth, width, "
+            "update), or use another checkpoint path."
+        )
+    state = payload.get("model") or {}
+    for name, t in state.items():
+        if name in now and list(t.shape) != now[name]["shape"]:
+            raise CheckpointError(f"checkpoint {path}: `{name}` holds a tensor of shape "
+                                  f"{tuple(t.shape)}, but its description says "
+                                  f"{tuple(now[name]['shape'])}; the file was edited.")
+
+
+def _tensors(obj, prefix: str):
+    """Every tensor in a nested dict/list, with a readable path."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def _check_finite(payload: dict, model: torch.nn.Module, path) -> None:
+    # Parameters and optimiser state only: batch-norm running statistics can overflow in a
+    # run that goes on training (train mode normalises with the batch statistics), and
+    # refusing them would break exact resumption of such a run.
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    weights = {k: v for k, v in (payload.get("model") or {}).items() if k in params}
+    for where, obj in (("model", weights), ("optimizer", payload.get("optimizer"))):
+        for name, t in _tensors(obj, where):
+            if t.is_floating_point() or t.is_complex():
+                bad = ~torch.isfinite(t)
+                if bool(bad.any()):
+                    raise CheckpointError(
+                        f"checkpoint {path}: {name} has {int(bad.sum())} non-finite values "
+                        f"(of {t.numel()}); refusing to resume a diverged run. Fix: delete "
+                        "the checkpoint to start over, or resume from an earlier one."
+                    )
+
+
+def _check_on_manifold(payload: dict, model: torch.nn.Module, path) -> None:
+    state = payload["model"]
+    for name, p in model.named_parameters():
+        manifold = getattr(p, "manifold", None)
+        if not isinstance(manifold, ObliqueManifold) or name not in state:
+            continue
+        w = state[name]
+        tol = UNIT_NORM_TOL.get(w.dtype, 1e-4)
+        norm = mm.filter_sqnorm(w.to(torch.float64), manifold.ndim).sqrt()
+        off = (norm - 1).abs() > tol
+        if bool(off.any()):
+            batch = norm.shape[: norm.dim() - manifold.ndim]
+            first = int(off.reshape(-1).nonzero()[0, 0])
+            raise CheckpointError(
+                f"checkpoint {path}: filter {_filter_index(first, batch)} of `{name}` has norm "
+                f"{float(norm.reshape(-1)[first]):.6g}, not 1 (tolerance {tol:g} for {w.dtype}; "
+                f"{int(off.sum())} of {off.numel()} filters are off): its weights are off the "
+                "oblique manifold, so this is not the state of a UN run of this model. "
+                "Fix: use the checkpoint of a UN run, or declare the model with the update "
+                "the checkpoint was made with."
+            )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    config=None,
+    restore_rng: bool = True,
+    map_location="cpu",
+) -> dict:
+    """Check a checkpoint against ``model`` (and ``config``), then load it in place.
+
+    Nothing is modified unless every check passes (see the module docstring).
+
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save_checkpoint`.
+    model : nn.Module
+        Receives the weights; it must have the checkpoint's architecture and manifolds.
+    optimizer : torch.optim.Optimizer, optional
+        Receives the optimiser state (create it over ``model.parameters()`` first).
+    generator : torch.Generator, optional
+        Receives the saved batch-order generator state.
+    config : TrainConfig or mapping, optional
+        The configuration the checkpoint must have been made with.
+    restore_rng : bool
+        Also restore torch's global CPU RNG state (default).
+
+    Returns
+    -------
+    dict
+        ``history``, ``schedule_state``, ``config``, ``extra`` and ``epoch`` (the number
+        of epochs in the history).
+
+    Raises
+    ------
+    CheckpointError
+        On an unreadable file or any mismatch; the message names it and how to fix it.
+    """
+    payload = read_checkpoint(path, map_location=map_location)
+    check_config(payload, config, path)
+    _check_architecture(payload, model, path)
+    _check_finite(payload, model, path)
+    _check_on_manifold(payload, model, path)
+    if optimizer is not None and payload.get("optimizer") is None:
+        raise CheckpointError(f"checkpoint {path} holds no optimiser state")
+    if generator is not None and payload.get("generator") is None:
+        raise CheckpointError(f"checkpoint {path} holds no generator state")
+    if optimizer is not None:
+        saved = [len(g["params"]) for g in payload["optimizer"].get("param_groups", [])]
+        now = [len(g["params"]) for g in optimizer.param_groups]
+        if saved != now:
+            raise CheckpointError(
+                f"checkpoint {path}: the optimiser state has parameter groups of sizes {saved}, "
+                f"this optimiser {now}; create the optimiser over model.parameters() as the "
+                "run that saved it did."
+            )
+    with torch.no_grad():
+        model.load_state_dict(payload["model"], strict=True)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path}: the optimiser state does not fit this "
+                                  f"optimiser ({err})") from err
+    if generator is not None:
+        generator.set_state(payload["generator"])
+    if restore_rng:
+        torch.set_rng_state(payload["torch_rng"])
+    history = payload.get("history") or []
+    return {
+        "history": history,
+        "schedule_state": payload.get("schedule_state") or {},
+        "config": payload.get("config"),
+        "extra": payload.get("extra") or {},
+        "epoch": len(history),
+    }
