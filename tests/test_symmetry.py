@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -139,7 +139,17 @@ def test_orbit_orthogonality_and_control():
 @given(arch=st.sampled_from([1, 2]), depth=st.integers(1, 3), half=st.integers(1, 3),
        log_scale=st.floats(0.1, 2.0), seed=st.integers(0, 100))
 def test_sm_equivariant_and_bsgd_not(arch, depth, half, log_scale, seed):
+    # With one pooled unit per layer (half=1), every filter after the first has a single
+    # entry, so at unit norm they are all +-1: equal rows give exactly tied features, and
+    # max-pooling splits the gradient of a tie, which a rescaling (rounding apart the two
+    # features) does not. A measure-zero degenerate case, excluded.
+    assume(depth == 1 or half >= 2)
     net, x, y, gen = _setup(arch, depth, half, seed=seed)
+    # A tiny net whose every unit is dead on x has a zero gradient: no update moves it, so
+    # the negative control below would have nothing to detect.
+    nn.functional.cross_entropy(net(x), y, reduction="sum").backward()
+    assume(all(p.grad is not None and p.grad.abs().max() > 0 for p in net.filters()))
+    net.zero_grad(set_to_none=True)
     group = arch1_paper_group(net) if arch == 1 else arch2_group(net)
     g = group.sample(log_scale, gen)
     sm = update_invariance(net, g, RULES["SM"].make, x, y, steps=2)
