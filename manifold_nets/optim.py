@@ -288,11 +288,6 @@ def _single_tensor_invariant_sgd(
             scale = torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
             param.addcmul_(grad, scale.clamp_max_(torch.finfo(param.dtype).max), value=-lr)
             continue
-        if momentum == 0 and name == "oblique":  # x - lr (g - <x,g> x) = (1 + lr <x,g>) x - lr g
-            inner = (param * grad).sum(dim=dims, keepdim=True)
-            param.addcmul_(param, inner, value=lr).add_(grad, alpha=-lr)
-            _normalise_(param, dims)
-            continue
         if name == "oblique":
             inner = (param * grad).sum(dim=dims, keepdim=True)
             grad = torch.addcmul(grad, inner, param, value=-1)
@@ -364,11 +359,6 @@ def _multi_tensor_invariant_sgd(
             torch._foreach_mul_(scales, scales)
             torch._foreach_clamp_max_(scales, torch.finfo(dtype).max)
             torch._foreach_addcmul_(ps, gs, scales, value=-lr)
-            continue
-        if momentum == 0 and name == "oblique":  # (1 + lr <x,g>) x - lr g, then Orth
-            torch._foreach_addcmul_(ps, ps, _filter_inner(ps, gs, dims), value=lr)
-            torch._foreach_add_(ps, gs, alpha=-lr)
-            _foreach_normalise_(ps, dims, dtype)
             continue
         if name == "oblique":
             inners = _filter_inner(ps, gs, dims)

@@ -52,7 +52,8 @@ def test_un_step_stays_finite_and_on_the_manifold(w, log_grad, dtype):
     """An UN step with gradients from 1e-12 to 1e12 keeps every filter unit-norm."""
     m = ObliqueManifold()
     p = geoopt.ManifoldParameter(m.projx(w).to(dtype), manifold=m)
-    p.grad = torch.randn_like(p) * 10.0**log_grad
+    gen = torch.Generator().manual_seed(int(abs(log_grad) * 1000))
+    p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * 10.0**log_grad
     for opt in (geoopt.optim.RiemannianSGD([p], lr=1.0), InvariantSGD([p], lr=1.0)):
         opt.step()
         assert torch.isfinite(p).all()
@@ -87,3 +88,18 @@ def test_sm_gradient_overflow_saturates_never_nan(dtype, factor):
     p.grad = g.clone()
     InvariantSGD([p], lr=1e-3).step()
     assert torch.isfinite(p).all() and p[0, 1] == x[0, 1]
+
+
+def test_un_step_with_a_huge_gradient_keeps_the_tangent_direction():
+    """Projecting before stepping: ``(1 + lr<x,g>) x - lr g`` would cancel ``x`` in float32."""
+    m = ObliqueManifold()
+    x = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[1e8, 1.0]])
+    want = torch.tensor([[1.0, -1.0]]) / 2**0.5  # Orth(x - lr (g - <x,g> x)), lr = 1
+    for make in (lambda p: geoopt.optim.RiemannianSGD([p], lr=1.0),
+                 lambda p: InvariantSGD([p], lr=1.0, foreach=False),
+                 lambda p: InvariantSGD([p], lr=1.0, foreach=True)):
+        p = geoopt.ManifoldParameter(x.clone(), manifold=m)
+        p.grad = g.clone()
+        make(p).step()
+        torch.testing.assert_close(p.detach(), want)
