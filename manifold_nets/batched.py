@@ -1,18 +1,21 @@
 r"""Many runs of the Table 2 protocol trained at once, as one stacked model.
 
-The runs of one grid row share a seed (``reproduce`` gives run ``r`` of every cell the seed
-``seed + r``), hence the same data split, the same initial weights (for one architecture
-and depth) and the same batch order. This module trains such a *group* of runs, same seed,
-architecture and depth but any update, protocol and learning rate, as one network whose
-every weight carries a leading run dimension ``R``:
+A *group* of runs, same architecture, depth and data sizes but any seed, update, protocol
+and learning rate, is trained as one network whose every tensor carries a leading run
+dimension ``R``:
 
 - :math:`W_l`: ``(R, width, in)``; :math:`\theta`: ``(R, K, width/2)``; batch-norm scale,
-  shift and running statistics: ``(R, width)``;
-- the first layer multiplies the mini-batch, common to all runs, by all ``R`` filter banks
-  in one matrix product; the later layers are batched products (:func:`torch.bmm`);
-- batch norm is computed per run over the mini-batch (the same statistics as
-  ``nn.BatchNorm1d``); the loss is the sum over runs of each run's summed cross-entropy,
-  so each run's gradient is its own;
+  shift and running statistics: ``(R, width)``; activations are laid out
+  ``(R, features, B)`` so that per-run batch statistics reduce over the innermost dim;
+- every run draws its own split, initial weights and batch order from its seed, exactly as
+  :func:`manifold_nets.training.train` does. Runs of one seed share them (``reproduce``
+  gives run ``r`` of every cell the seed ``seed + r``): their mini-batch is gathered once;
+  when the whole group has one seed, the first layer is one matrix product of the shared
+  mini-batch with all ``R`` filter banks, otherwise a batched product (:func:`torch.bmm`);
+- the forward and backward passes are written out (:meth:`StackedNet.loss_and_grad`):
+  batch norm per run over its mini-batch, ReLU, pair max-pooling, summed cross-entropy
+  per run, so each run's gradient is its own; the tests check them against autograd on
+  separate :class:`~manifold_nets.Arch1` / :class:`~manifold_nets.Arch2` models;
 - the update (:func:`stacked_sgd_step`) applies B-SGD, SM (eqs. (7)-(8)) or UN (eq. (9))
   to each run's slice with the per-filter functions of :mod:`manifold_nets.math` (a
   leading run dimension is just more batch), with a per-run learning rate;
@@ -21,17 +24,19 @@ every weight carries a leading run dimension ``R``:
   are compacted), so finished runs are frozen and cost nothing.
 
 Every step of :func:`fit_batched` is the step of :func:`manifold_nets.training.fit`, in the
-same order, for every run at once. With the same seed a run sees the same data, batch
-order and initial weights as on the sequential path; in float64 the iterates agree to
-rounding (``tests/test_batched.py``). In float32 the stacked matrix products sum in
-another order than one run's, the last bits differ, and over thousands of steps the runs
-drift apart: the results agree in distribution, not digit by digit.
+same order, for every run at once. In float64 a run's record equals the sequential one to
+rounding (``tests/test_batched.py``). In float32 the stacked products sum in another order
+than one run's, the last bits differ, and over thousands of steps runs drift apart (the
+learning-rate selection can flip where two rates are close): results agree in
+distribution, not digit by digit.
 
 :func:`train_group` is :func:`manifold_nets.training.train` for a group, including the
 learning-rate selection, which trains ``runs x len(lr_grid)`` networks on the
 ``select_train`` images at once. :func:`run_grid_batched` is
-:func:`manifold_nets.reproduce.run_grid` with one group per task; it writes the same
-records into the same :class:`~manifold_nets.reproduce.ResultStore`.
+:func:`manifold_nets.reproduce.run_grid` with one group per task (one architecture and
+depth, ``seeds_per_group`` seeds, every protocol and update: 30 runs by default); it writes
+the same records into the same :class:`~manifold_nets.reproduce.ResultStore`
+(``manifold-nets reproduce --batched``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import geoopt
 import pytest
 import torch
@@ -16,6 +19,7 @@ from manifold_nets.batched import (
     stacked_sgd_step,
     train_group,
 )
+from manifold_nets.cli import main
 from manifold_nets.data import Dataset
 from manifold_nets.reproduce import ResultStore, grid, write_report
 from manifold_nets.training import (
@@ -249,3 +253,23 @@ def test_batched_grid_writes_records_the_report_accepts(tmp_path):
     paths = write_report(store, tmp_path / "grid", "mnist")
     text = paths["markdown"].read_text()
     assert f"{len(specs)} runs in 12 cells" in text
+
+
+SHARED = Path(
+    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
+)
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}")
+def test_reproduce_batched_cli(tmp_path, capsys):
+    """``manifold-nets reproduce --batched`` on real MNIST, a tiny slice: records, report."""
+    tiny = ["--train-size", "1000", "--val-size", "200", "--test-size", "300",
+            "--select-train", "100", "--select-val", "100", "--select-epochs", "1",
+            "--min-epochs", "1", "--max-epochs", "2", "--lr-grid", "1e-2", "1e-3"]
+    out = tmp_path / "grid"
+    argv = ["reproduce", "--batched", "--data-dir", str(SHARED), "--out", str(out),
+            "--archs", "arch2", "--depths", "2", "--runs", "2", *tiny]
+    assert main(argv) == 0
+    records = ResultStore(out).records()
+    assert len(records) == 12 and {r["engine"] for r in records} == {"batched"}
+    assert (out / "table2.md").is_file()
