@@ -1,12 +1,15 @@
-"""Shared fixtures: devices, dtypes and the per-dtype tolerance table."""
+"""Shared fixtures: devices, dtypes, the per-dtype tolerance table and data isolation."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from manifold_nets import data
 
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
@@ -30,3 +33,19 @@ def device(request):
 @pytest.fixture(params=DTYPES, ids=["float32", "float64"])
 def dtype(request):
     return request.param
+
+
+#: The local MNIST / Fashion-MNIST mirror (the Makefile exports MANIFOLD_NETS_MIRROR).
+SHARED = Path(
+    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
+)
+needs_mnist = pytest.mark.skipif(
+    not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
+)
+
+
+@pytest.fixture(autouse=True)
+def no_public_mirrors(monkeypatch, tmp_path):
+    """No test may leave 127.0.0.1: no public mirrors, and an empty cache."""
+    monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
+    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))

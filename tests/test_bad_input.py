@@ -6,7 +6,6 @@ behaviours (a NaN gradient, a NaN-fed run) have their own tests below the table.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
@@ -29,9 +28,6 @@ from manifold_nets.data import DataError, Dataset, load_dataset
 from manifold_nets.symmetry import Rescaling, ScalingSpace
 from manifold_nets.training import TrainConfig, build_model, train
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
 W0 = "layers.0.linear.weight"
 
 

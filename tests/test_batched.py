@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import geoopt
 import pytest
 import torch
@@ -31,6 +28,8 @@ from manifold_nets.training import (
     fit,
     train,
 )
+
+from .conftest import SHARED
 
 TOL64 = dict(atol=1e-11, rtol=1e-11)
 
@@ -253,11 +252,6 @@ def test_batched_grid_writes_records_the_report_accepts(tmp_path):
     paths = write_report(store, tmp_path / "grid", "mnist")
     text = paths["markdown"].read_text()
     assert f"{len(specs)} runs in 12 cells" in text
-
-
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}")

@@ -7,14 +7,12 @@ table in tests/test_bad_input.py.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import geoopt
 import pytest
 import torch
 
-from manifold_nets import InvariantSGD, data, training
+from manifold_nets import InvariantSGD, training
 from manifold_nets.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from manifold_nets.cli import main
 from manifold_nets.data import Dataset, load_dataset
@@ -30,21 +28,10 @@ from manifold_nets.training import (
     train,
 )
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
-needs_mnist = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
-)
+from .conftest import SHARED, needs_mnist
+
 SMALL = dict(train_size=300, val_size=100, test_size=200, select_train=100, select_val=100,
              select_epochs=2, min_epochs=1, max_epochs=4, lr_grid=(1e-2, 1e-3))
-
-
-@pytest.fixture(autouse=True)
-def no_public_mirrors(monkeypatch, tmp_path):
-    """Nothing here may leave 127.0.0.1: no public mirrors, and an empty cache."""
-    monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
-    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import torch
 from manifold_nets import data
 from manifold_nets.data import DataError, download_file, find_dataset, load_dataset, read_idx
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
+from .conftest import SHARED
+
 pytestmark = pytest.mark.skipif(
     not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
 )

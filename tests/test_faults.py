@@ -24,14 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_nets import data
 from manifold_nets.data import load_dataset
 from manifold_nets.reproduce import ResultStore, grid, run_grid, write_report
 from manifold_nets.training import TrainConfig
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
+from .conftest import SHARED
+
 pytestmark = pytest.mark.skipif(
     not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
 )
@@ -41,13 +39,6 @@ TINY = dict(train_size=1000, val_size=100, test_size=200, select_train=100, sele
             select_epochs=1, min_epochs=1, max_epochs=2, lr_grid=(1e-2, 1e-3))
 AXES = ["--archs", "arch1", "--depths", "2", "--runs", "2"]
 TIMING = ("wall_time_s", "select_time_s", "finished_at")
-
-
-@pytest.fixture(autouse=True)
-def no_public_mirrors(monkeypatch, tmp_path):
-    """Nothing here may leave 127.0.0.1: no public mirrors, and an empty cache."""
-    monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
-    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
 
 
 def _args() -> list[str]:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_nets import data
 from manifold_nets.cli import main
 from manifold_nets.data import load_dataset
 from manifold_nets.reproduce import (
@@ -33,19 +32,7 @@ from manifold_nets.reproduce import (
 )
 from manifold_nets.training import TrainConfig
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
-needs_mnist = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
-)
-
-
-@pytest.fixture(autouse=True)
-def no_public_mirrors(monkeypatch, tmp_path):
-    """Nothing here may leave 127.0.0.1: no public mirrors, and an empty cache."""
-    monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
-    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
+from .conftest import SHARED, needs_mnist
 
 #: A grid of 6 cells x 2 runs on a few thousand images, each run well under a second.
 TINY = dict(train_size=2000, val_size=200, test_size=300, select_train=100, select_val=100,

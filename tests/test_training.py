@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from manifold_nets import data
 from manifold_nets.cli import main
 from manifold_nets.data import Dataset, load_dataset
 from manifold_nets.training import (
@@ -28,19 +25,7 @@ from manifold_nets.training import (
     train,
 )
 
-SHARED = Path(
-    os.environ.get("MANIFOLD_NETS_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data"
-)
-needs_mnist = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}"
-)
-
-
-@pytest.fixture(autouse=True)
-def no_public_mirrors(monkeypatch, tmp_path):
-    """Nothing here may leave 127.0.0.1: no public mirrors, and an empty cache."""
-    monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
-    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
+from .conftest import SHARED, needs_mnist
 
 #: A run on a few hundred images, for tests.
 SMALL = dict(
