@@ -736,16 +736,6 @@ def _shard_arg(value: str) -> tuple[int, int]:
     return i, n
 
 
-def _positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def _run_reproduce(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
@@ -784,6 +774,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
+    from .cli import positive_int
+
     p = sub.add_parser(
         "reproduce",
         allow_abbrev=False,
@@ -797,14 +789,14 @@ def register_cli(sub) -> None:
     p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     p.add_argument("--data-dir", default=None, help="folder holding the IDX files")
     p.add_argument("--out", default=None, help="results folder (default: results/<dataset>)")
-    p.add_argument("--runs", type=_positive_int, default=10, help="runs per cell (default: 10)")
+    p.add_argument("--runs", type=positive_int, default=10, help="runs per cell (default: 10)")
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
-    p.add_argument("--depths", nargs="+", type=_positive_int, default=list(DEPTHS))
+    p.add_argument("--depths", nargs="+", type=positive_int, default=list(DEPTHS))
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     p.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
     p.add_argument("--seed", type=int, default=0, help="run r uses seed SEED + r (default: 0)")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per worker (default: 1)")
     p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
                    help="run only shard I of N (1-based) of the grid; shards share OUT")
