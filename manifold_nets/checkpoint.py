@@ -160,15 +160,20 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import fsync_dir
 from .training import (
     ARCHS,
     PROTOCOLS,
@@ -177,14 +178,7 @@ class ResultStore:
         if pause:
             time.sleep(pause)
         os.replace(tmp, final)
-        try:
-            dir_fd = os.open(self.runs, os.O_RDONLY)
-        except OSError:
-            return final
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.runs)
         return final
 
     def read(self, run_id: str) -> dict | None:
