@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .math import oblique_proju, oblique_retr, scaled_egrad2rgrad
+from .math import EPS, column_sqnorm, filter_sqnorm
 from .nets import Arch1, Arch2
 from .training import (
     Divergence,
@@ -218,12 +218,9 @@ class StackedNet:
         return torch.addcmul(shift.unsqueeze(-1), h, scale.unsqueeze(-1))
 
     @staticmethod
-    def _pool(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ReLU and pair max-pooling over the filters of ``h`` ``(R, width, B)``; also
-        whether the even filter of each pair won."""
-        even, odd = h[:, 0::2], h[:, 1::2]
-        first = even >= odd
-        return torch.where(first, even, odd).relu_(), first
+    def _pool(h: torch.Tensor) -> torch.Tensor:
+        """ReLU and pair max-pooling over the filters of ``h`` ``(R, width, B)``."""
+        return torch.maximum(h[:, 0::2], h[:, 1::2]).relu_()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
@@ -234,7 +231,7 @@ class StackedNet:
         updated, as a model in ``train()`` mode. No gradients: see :meth:`loss_and_grad`.
         """
         if train:
-            return self._forward_train(x)[0].transpose(1, 2)
+            return self._forward_train(*self._groups(x, None))[0].transpose(1, 2)
         R = self.runs
         m = None
         for i, W in enumerate(self.W):
@@ -244,52 +241,94 @@ class StackedNet:
                 h = torch.bmm(W.detach(), m)
             if self.batch_norm:
                 h = self._bn_eval(h, i)
-            m = self._pool(h)[0]
-        return torch.bmm(self.theta.detach(), m).transpose(1, 2)
+            m = self._pool(h)
+        return torch.bmm(self.theta.detach(), m).transpose(1, 2).contiguous()
 
-    def _forward_train(self, x: torch.Tensor):
+    def _first_layer(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]]
+                     ) -> torch.Tensor:
+        """:math:`W_1 x` for every run, ``(R, width, B)``: one matrix product per group of
+        runs that share a mini-batch (``x[s]`` for the runs ``groups[s]``)."""
+        W = self.W[0].detach()
+        R, width, n_in = W.shape
+        h = W.new_empty(R, width, x.shape[-2])
+        for a, b, s in groups:
+            if b > a:
+                torch.mm(W[a:b].reshape(-1, n_in), x[s].T, out=h[a:b].view(-1, x.shape[-2]))
+        return h
+
+    def _first_layer_grad(self, dh: torch.Tensor, x: torch.Tensor,
+                          groups: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        r""":math:`\nabla_{W_1} L = \delta_1 x^T` for every run, group by group."""
+        W = self.W[0]
+        grad = torch.empty_like(W, requires_grad=False)
+        for a, b, s in groups:
+            if b > a:
+                torch.mm(dh[a:b].reshape(-1, dh.shape[-1]), x[s],
+                         out=grad[a:b].view(-1, W.shape[-1]))
+        return grad
+
+    def _groups(self, x: torch.Tensor, groups: Sequence[tuple[int, ...]] | None):
+        """``x`` as ``(S, B, in)``, and for each range of runs ``(start, stop, s)``: the
+        runs ``start:stop`` train on ``x[s]``."""
+        R = self.runs
+        if x.dim() == 2:
+            return x.unsqueeze(0), [(0, R, 0)]
+        if groups is None:
+            if x.shape[0] != R:
+                raise ValueError(f"x has {x.shape[0]} mini-batches for {R} runs; give groups")
+            return x, [(r, r + 1, r) for r in range(R)]
+        out = [(g[0], g[1], g[2] if len(g) > 2 else k) for k, g in enumerate(groups)]
+        starts, stops = [g[0] for g in out], [g[1] for g in out]
+        if starts[0] != 0 or stops[-1] != R or starts[1:] != stops[:-1] or not all(
+                0 <= g[2] < x.shape[0] for g in out):
+            raise ValueError(f"groups {list(groups)} must split the {R} runs in order into "
+                             f"ranges (start, stop[, batch]) of the {x.shape[0]} mini-batches")
+        return x, out
+
+    def _forward_train(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]]):
         """Training-mode forward in the layout ``(R, features, B)``; keeps what the
         backward pass needs and updates the running statistics."""
         R = self.runs
         m = None
         saved = []
         for i, W in enumerate(self.W):
-            W = W.detach()
-            if i == 0 and x.dim() == 2:
-                h = (W.reshape(R * W.shape[1], -1) @ x.T).view(R, W.shape[1], -1)
-            elif i == 0:
-                h = torch.bmm(W, x.transpose(1, 2))
-            else:
-                h = torch.bmm(W, m)
+            h = self._first_layer(x, groups) if i == 0 else torch.bmm(W.detach(), m)
             bn = None
-            if self.batch_norm:
-                n = h.shape[-1]
-                # two passes (mean, then centred squares): faster than var_mean here
-                mean = h.mean(-1, keepdim=True)
-                xhat = h - mean
-                var = xhat.square().mean(-1, keepdim=True)
-                invstd = torch.rsqrt(var + self.bn_eps)
-                xhat.mul_(invstd)
-                h = torch.addcmul(self.beta[i].detach().unsqueeze(-1), xhat,
-                                  self.gamma[i].detach().unsqueeze(-1))
-                mom = self.bn_momentum
-                self.running_mean[i].mul_(1 - mom).add_(mean.squeeze(-1), alpha=mom)
-                self.running_var[i].mul_(1 - mom).add_(
-                    var.squeeze(-1), alpha=mom * n / max(n - 1, 1))
-                bn = (xhat, invstd)
-            m_in = x if i == 0 else m
-            m, first = self._pool(h)
-            saved.append((m_in, h, first, bn))
+            if self.batch_norm:  # per run and filter over the batch: channels R * width
+                width, n = h.shape[1:]
+                flat = h.view(1, R * width, n)
+                out, mean, invstd = torch.native_batch_norm(
+                    flat, self.gamma[i].detach().view(-1), self.beta[i].detach().view(-1),
+                    self.running_mean[i].view(-1), self.running_var[i].view(-1), True,
+                    self.bn_momentum, self.bn_eps)
+                bn = (flat, mean, invstd)
+                h = out.view(R, width, n)
+            # odd minus even filter of every pair: positive where the odd one won the
+            # pooling (ties go to the even one), all the backward pass needs
+            m_in, m, odd_won = m, self._pool(h), h[:, 1::2] - h[:, 0::2]
+            saved.append((m_in, m, odd_won, bn))
         logits = torch.bmm(self.theta.detach(), m)
         return logits, m, saved
 
     @torch.no_grad()
-    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor,
+                      groups: Sequence[tuple[int, ...]] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One training-mode forward and backward pass of summed cross-entropy, per run.
 
-        ``x``: ``(B, in)`` images shared by all runs, or ``(R, B, in)`` one batch per run;
-        ``y``: ``(B,)`` or ``(R, B)`` labels.
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, in)`` images shared by all runs; or ``(S, B, in)``, ``S`` mini-batches,
+            where ``x[s]`` is the batch of the runs ``groups[s]``
+        y : torch.Tensor
+            labels, ``(B,)`` shared or ``(R, B)`` one row per run
+        groups : sequence of (int, int) or (int, int, int), optional
+            with a 3-D ``x``: consecutive ranges ``(start, stop, s)`` of runs, covering
+            all ``R`` in order, where runs ``start:stop`` train on ``x[s]`` (``s``
+            defaults to the range's position). Without it a 3-D ``x`` holds one
+            mini-batch per run (``S = R``). Each range's first layer is one matrix
+            product.
 
         Sets ``.grad`` of every parameter to the gradient of its own run's loss
         :math:`L_r = \sum_{b} \mathrm{CE}(f_r(x_b), y_b)` (back-propagation written out
@@ -301,39 +340,41 @@ class StackedNet:
         (torch.Tensor, torch.Tensor)
             ``(R,)`` losses and ``(R,)`` numbers of misclassified images of the batch.
         """
-        logits, m, saved = self._forward_train(x)  # logits (R, K, B)
+        x, groups = self._groups(x, groups)
+        logits, m, saved = self._forward_train(x, groups)  # logits (R, K, B)
         logp = torch.log_softmax(logits, dim=1)
         target = y.view(-1, 1, y.shape[-1]).expand(logits.shape[0], 1, -1)
         loss = -logp.gather(1, target).squeeze(1).sum(1)
-        wrong = (logits.argmax(1) != target.squeeze(1)).sum(1)
+        wrong = (logits.transpose(1, 2).contiguous().argmax(-1) != y.view(-1, y.shape[-1])
+                 ).sum(1)
         d = logp.exp_().scatter_add_(1, target, torch.full_like(logp[:, :1], -1.0))
         self.theta.grad = torch.bmm(d, m.transpose(1, 2))
         dm = torch.bmm(self.theta.detach().transpose(1, 2), d)
+        threshold_backward = torch.ops.aten.threshold_backward
         for i in reversed(range(len(self.W))):
-            m_in, h, first, bn = saved[i]
-            # through the pooling and the ReLU: the winner of each pair, if positive
-            dm = dm * (torch.where(first, h[:, 0::2], h[:, 1::2]) > 0)
-            keep = dm * first
-            dh = torch.stack((keep, dm - keep), dim=2).view_as(h)
+            m_in, m_out, odd_won, bn = saved[i]
+            # through the ReLU (where the pooled value is positive), then to the winner
+            # of each pair: the odd filter where it is strictly larger, else the even one
+            dm = threshold_backward(dm, m_out, 0)
+            d_odd = threshold_backward(dm, odd_won, 0)
+            dh = torch.stack((dm - d_odd, d_odd), dim=2).view(m_out.shape[0], -1,
+                                                               m_out.shape[-1])
             if bn is not None:
-                xhat, invstd = bn
-                n = h.shape[-1]
-                dbeta = dh.sum(-1)
-                dgamma = (dh * xhat).sum(-1)
-                self.beta[i].grad, self.gamma[i].grad = dbeta, dgamma
-                scale = self.gamma[i].detach().unsqueeze(-1) * invstd / n
-                dh = (dh * n - dbeta.unsqueeze(-1) - xhat * dgamma.unsqueeze(-1)).mul_(scale)
+                flat, mean, invstd = bn
+                gamma, beta = self.gamma[i], self.beta[i]
+                dflat, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                    dh.view_as(flat), flat, gamma.detach().view(-1),
+                    self.running_mean[i].view(-1), self.running_var[i].view(-1), mean,
+                    invstd, True, self.bn_eps, [True, True, True])
+                gamma.grad, beta.grad = dgamma.view_as(gamma), dbeta.view_as(beta)
+                dh = dflat.view_as(dh)
             W = self.W[i]
-            if i == 0 and m_in.dim() == 2:
-                R, width = W.shape[:2]
-                W.grad = (dh.reshape(R * width, -1) @ m_in).view_as(W)
-            elif i == 0:
-                W.grad = torch.bmm(dh, m_in)
+            if i == 0:
+                W.grad = self._first_layer_grad(dh, x, groups)
             else:
                 W.grad = torch.bmm(dh, m_in.transpose(1, 2))
                 dm = torch.bmm(W.detach().transpose(1, 2), dh)
         return loss, wrong
-
 
 
 # --------------------------------------------------------------------------------------
@@ -342,6 +383,9 @@ class StackedNet:
 
 def _segments(updates: Sequence[str]) -> list[tuple[str, int, int]]:
     """Maximal slices ``(update, start, stop)`` of runs with the same update."""
+    bad = sorted(set(updates) - {"bsgd", "sm", "un"})
+    if bad:
+        raise ValueError(f"unknown updates {bad}: use 'bsgd', 'sm' or 'un'")
     out: list[tuple[str, int, int]] = []
     for i, u in enumerate(updates):
         if out and out[-1][0] == u:
@@ -373,6 +417,12 @@ def stacked_sgd_step(net: StackedNet, lr: torch.Tensor, updates: Sequence[str]) 
 
     and batch-norm scale and shift get Euclidean SGD under every update.
 
+    Each maximal slice of runs with one update is updated at once, in place, with the
+    same floating-point operations as :func:`manifold_nets.math.oblique_proju`,
+    :func:`~manifold_nets.math.oblique_retr` and
+    :func:`~manifold_nets.math.scaled_egrad2rgrad`; keep the runs of one update side by
+    side (:func:`fit_batched` does) so that there are few slices.
+
     Parameters
     ----------
     net : StackedNet
@@ -382,25 +432,29 @@ def stacked_sgd_step(net: StackedNet, lr: torch.Tensor, updates: Sequence[str]) 
     updates : sequence of str
         ``R`` labels in ``{"bsgd", "sm", "un"}``
     """
-    rate = lr.to(net.theta.dtype).view(-1, 1, 1)
-    for update, s, e in _segments(updates):
-        a = rate[s:e]
+    dtype = net.theta.dtype
+    rate = lr.to(dtype).view(-1, 1, 1)
+    big = torch.finfo(dtype).max
+    for update, start, stop in _segments(updates):
+        a = rate[start:stop]
         for W in net.W:
-            x, g = W[s:e], W.grad[s:e]
-            if update == "un":
-                x.copy_(oblique_retr(x, oblique_proju(x, g).mul_(-a)))
-            elif update == "sm":
-                x.sub_(scaled_egrad2rgrad(x, g, "left", 1).mul_(a))
+            x, g = W.detach()[start:stop], W.grad[start:stop]
+            if update == "un":  # x <- Orth(x - a Pi_x(g)), eq. (9)
+                inner = torch.linalg.vecdot(x, g).unsqueeze_(-1)
+                x.addcmul_(torch.addcmul(g, inner, x, value=-1), a, value=-1)
+                norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+                x.mul_(norm.clamp_min_(EPS[dtype]).reciprocal_())
+            elif update == "sm":  # x <- x - a Diag(|w_i|^2) g, eqs. (7)-(8)
+                x.addcmul_(g * filter_sqnorm(x).clamp_max_(big), a, value=-1)
             else:
                 x.addcmul_(g, a, value=-1)
-        x, g = net.theta[s:e], net.theta.grad[s:e]
+        x, g = net.theta.detach()[start:stop], net.theta.grad[start:stop]
         if update == "sm":
-            x.sub_(scaled_egrad2rgrad(x, g, "right", 2).mul_(a))
-        else:
-            x.addcmul_(g, a, value=-1)
+            g = g * column_sqnorm(x).clamp_max_(big)
+        x.addcmul_(g, a, value=-1)
     rate2 = rate.view(-1, 1)
     for p in (*net.gamma, *net.beta):
-        p.addcmul_(p.grad, rate2, value=-1)
+        p.detach().addcmul_(p.grad, rate2, value=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -501,7 +555,11 @@ def fit_batched(
     train_errors: list[list[float]] = [[] for _ in range(R)]
     val_errors: list[list[float]] = [[] for _ in range(R)]
     reference: list[float | None] = [None] * R
-    active = list(range(R))
+    # runs of one update side by side (few slices to update), and within them the runs of
+    # one stream: each stream's mini-batch is then one matrix product per update
+    active = sorted(range(R), key=lambda i: (updates[i], stream_of_run[i]))
+    if active != list(range(R)):
+        net = net.select(active)
     epoch = 0
     while active:
         epoch += 1
@@ -514,19 +572,28 @@ def fit_batched(
         shared = len(streams) == 1
         if shared:  # one contiguous copy per epoch; every run sees the same mini-batch
             xe, ye = x[order[0]], y[order[0]]
-        else:
-            run_stream = torch.as_tensor([stream_of_run[i] for i in active])
+        else:  # ranges of consecutive runs of one stream, and the stream of each range
+            run_stream = [stream_of_run[i] for i in active]
+            used = sorted(set(run_stream))
+            groups: list[tuple[int, int, int]] = []
+            for j, s in enumerate(run_stream):
+                if groups and run_stream[j - 1] == s:
+                    groups[-1] = (groups[-1][0], j + 1, groups[-1][2])
+                else:
+                    groups.append((j, j + 1, used.index(s)))
+            order = order[used]
+            label_row = torch.as_tensor([used.index(s) for s in run_stream])
         total = torch.zeros(len(active), dtype=torch.float64)
         wrong = torch.zeros(len(active), dtype=torch.int64)
         batches = 0
         for start in range(0, n, batch_size):
             if shared:
                 xb, yb = xe[start : start + batch_size], ye[start : start + batch_size]
-            else:  # gather each stream's mini-batch once, then copy it to its runs
+                loss, bad = net.loss_and_grad(xb, yb)
+            else:  # one mini-batch per range of runs, its labels copied to its runs
                 idx = order[:, start : start + batch_size]
-                xb = x[idx].index_select(0, run_stream)
-                yb = y[idx].index_select(0, run_stream)
-            loss, bad = net.loss_and_grad(xb, yb)
+                loss, bad = net.loss_and_grad(x[idx], y[idx].index_select(0, label_row),
+                                              groups)
             stacked_sgd_step(net, rate, run_updates)
             total += loss
             wrong += bad
