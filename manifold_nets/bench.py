@@ -1,9 +1,11 @@
 r"""Benchmarks: what the UN and SM updates cost next to ``torch.optim.SGD`` and geoopt.
 
-``manifold-nets bench`` trains the same network with every optimiser below, one epoch
-each in turn (interleaved repeats in one process, so that a change in the machine's load
-hits every optimiser alike), and prints the median epoch time, the median of the per-round
-ratios to ``torch.optim.SGD`` (for-loop, the CPU default), the optimiser step alone, and the
+``manifold-nets bench`` trains the same network with every optimiser below in one process,
+one epoch each per round. Every epoch is cut into ``--blocks`` blocks of mini-batches and
+the blocks are interleaved (block 1 of every optimiser, then block 2, ...; the order
+rotates every round), so that a change in the machine's load hits every optimiser alike.
+It prints the median epoch time, the median of the per-round ratios to
+``torch.optim.SGD`` (for-loop, the CPU default), the optimiser step alone, and the
 memory a step allocates. Wall-clock and CPU-time (``time.thread_time``, this thread only)
 ratios are both reported: on a machine shared with other work the CPU-time ratios are the
 steadier ones.
@@ -29,6 +31,11 @@ filters with batch norm, 2x2 max-pooling, a linear classifier) on the first
 ``--conv-images`` images. ``geoopt.Sphere`` acts on the *last* dim only, so on a conv
 weight it normalises kernel rows, not filters: for ``conv`` its row is a timing, not UN.
 
+``grid`` times the Table 2 grid's two engines on ``--grid-images`` images: one epoch of
+30 runs (Arch2, 2 layers, 5 seeds x 3 updates x 2 protocols) trained as one stack by
+:mod:`manifold_nets.batched`, against runs of the sequential engine
+(:func:`manifold_nets.training.fit`), as seconds per run-epoch and their ratio.
+
 These are measurements, not tests: nothing here asserts a time.
 """
 
@@ -44,6 +51,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -165,15 +173,34 @@ def load_train_images(data_dir: str | os.PathLike | None, n: int = 50_000,
 
 def _train_epoch(model, opt, x, y, batch, gen) -> float:
     perm = torch.randperm(len(x), generator=gen)
+    return _train_batches(model, opt, x, y, perm, range(0, len(x), batch), batch) / len(x)
+
+
+def _train_batches(model, opt, x, y, perm, starts, batch) -> float:
+    """Train on the mini-batches ``perm[s:s + batch]`` for ``s`` in ``starts``; summed loss."""
     total = 0.0
-    for i in range(0, len(x), batch):
+    for i in starts:
         idx = perm[i:i + batch]
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
         loss.backward()
         opt.step()
         total += float(loss.detach())
-    return total / len(x)
+    return total
+
+
+@contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines) for a moment."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _step_peak_bytes(fn) -> int:
@@ -181,7 +208,8 @@ def _step_peak_bytes(fn) -> int:
     (net allocation per op, in the order the ops end)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                  profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.end)
     current = peak = 0
@@ -200,15 +228,20 @@ def _state_bytes(opt) -> int:
 class BenchConfig:
     """What ``manifold-nets bench`` measures; saved with the results."""
 
-    nets: tuple[str, ...] = ("mlp", "conv")
+    nets: tuple[str, ...] = ("mlp", "conv", "grid")
     optimisers: tuple[str, ...] = tuple(OPTIMISERS)
     repeats: int = 5
+    blocks: int = 10
     mlp_images: int = 50_000
     conv_images: int = 5_000
     batch: int = 100
     lr: float = 1e-4
     step_calls: int = 200
     step_lr: float = 1e-7
+    grid_images: int = 10_000
+    grid_arch: str = "arch2"
+    grid_depth: int = 2
+    grid_seeds: int = 5
     threads: int = 1
     seed: int = 0
     data_dir: str | None = None
@@ -238,14 +271,29 @@ def bench_net(net: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
     epoch_cpu: dict[str, list[float]] = {k: [] for k in runs}
     losses: dict[str, float] = {}
     names = list(runs)
+    # Each round trains one epoch per optimiser, cut into ``cfg.blocks`` blocks of
+    # mini-batches; the blocks are interleaved (block k of every optimiser, then block
+    # k + 1), so that optimisers compared in one round ran within seconds of each other.
+    starts = list(range(0, len(x), cfg.batch))
+    cuts = [starts[k * len(starts) // cfg.blocks:(k + 1) * len(starts) // cfg.blocks]
+            for k in range(cfg.blocks)]
     for r in range(cfg.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate the order
+        perms = {name: torch.randperm(len(x), generator=gen) for name in order}
+        wall = dict.fromkeys(order, 0.0)
+        cpu = dict.fromkeys(order, 0.0)
+        total = dict.fromkeys(order, 0.0)
+        for block in cuts:
+            for name in order:
+                model, opt = runs[name]
+                t0, c0 = time.perf_counter(), time.thread_time()
+                total[name] += _train_batches(model, opt, x, y, perms[name], block, cfg.batch)
+                cpu[name] += time.thread_time() - c0
+                wall[name] += time.perf_counter() - t0
         for name in order:
-            model, opt = runs[name]
-            t0, c0 = time.perf_counter(), time.thread_time()
-            losses[name] = _train_epoch(model, opt, x, y, cfg.batch, gen)
-            epoch_cpu[name].append(time.thread_time() - c0)
-            epoch[name].append(time.perf_counter() - t0)
+            epoch[name].append(wall[name])
+            epoch_cpu[name].append(cpu[name])
+            losses[name] = total[name] / len(x)
         log(f"  {net} epoch round {r + 1}/{cfg.repeats}: "
             + ", ".join(f"{k} {epoch[k][-1]:.3f}s" for k in names))
     # the optimiser step alone: fixed gradients from one batch, a tiny lr, many calls
@@ -305,11 +353,72 @@ def bench_net(net: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
     return result
 
 
+def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) -> dict:
+    """Training throughput of the Table 2 grid's two engines, in run-epochs per second.
+
+    ``cfg.grid_seeds`` seeds x 3 updates x 2 protocols of ``cfg.grid_arch`` with
+    ``cfg.grid_depth`` layers (30 runs by default, as ``reproduce --batched`` stacks them)
+    train one epoch on ``cfg.grid_images`` images, each seed with its own batch order:
+    once as one stack (:func:`manifold_nets.batched.fit_batched`) and, for one run of each
+    update, one after another with :func:`manifold_nets.training.fit` (geoopt's
+    ``RiemannianSGD``, the sequential engine); the rounds alternate the two.
+    """
+    from .batched import StackedNet, Stream, fit_batched
+    from .training import StoppingRule, TrainConfig, build_model, fit, make_schedule
+
+    x, y = x[: cfg.grid_images], y[: cfg.grid_images]
+    configs = [TrainConfig(arch=cfg.grid_arch, depth=cfg.grid_depth, update=u, protocol=p,
+                           seed=s)
+               for s in range(cfg.grid_seeds) for u in ("bsgd", "sm", "un")
+               for p in ("exp-decay", "bold-driver")]
+    sequential = [c for c in configs if c.seed == 0 and c.protocol == "exp-decay"]
+
+    def model(c):
+        return build_model(c, torch.Generator().manual_seed(c.seed))
+
+    def once() -> StoppingRule:
+        return StoppingRule(1, 1, enabled=False)
+
+    times: dict[str, list[float]] = {"batched": [], "sequential": []}
+    for r in range(cfg.repeats):
+        for engine in (("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")):
+            gens = [torch.Generator().manual_seed(1000 * r + s) for s in range(cfg.grid_seeds)]
+            if engine == "batched":
+                net = StackedNet.from_models([model(c) for c in configs])
+                t0 = time.perf_counter()
+                fit_batched(net, x, y, lr=[cfg.lr] * len(configs),
+                            updates=[c.update for c in configs],
+                            schedules=[make_schedule(c) for c in configs],
+                            stopping=[once() for _ in configs], batch_size=cfg.batch,
+                            streams=[Stream(torch.arange(len(x)), g) for g in gens],
+                            stream_of_run=[c.seed for c in configs])
+                times[engine].append((time.perf_counter() - t0) / len(configs))
+            else:
+                ms = [model(c) for c in sequential]
+                t0 = time.perf_counter()
+                for c, m in zip(sequential, ms, strict=True):
+                    fit(m, x, y, lr=cfg.lr, schedule=make_schedule(c), stopping=once(),
+                        batch_size=cfg.batch, generator=gens[0])
+                times[engine].append((time.perf_counter() - t0) / len(sequential))
+        log(f"  grid round {r + 1}/{cfg.repeats}: s per run-epoch: batched "
+            f"{times['batched'][-1]:.3f}, sequential {times['sequential'][-1]:.3f}")
+    speedup = [s / b for s, b in zip(times["sequential"], times["batched"], strict=True)]
+    return {
+        "images": len(x), "runs": len(configs), "arch": cfg.grid_arch,
+        "depth": cfg.grid_depth, "seeds": cfg.grid_seeds,
+        "run_epoch_s": {k: statistics.median(v) for k, v in times.items()},
+        "run_epoch_s_all": times,
+        "speedup": {"median": statistics.median(speedup), "min": min(speedup),
+                    "max": max(speedup)},
+    }
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run every benchmark of ``cfg``; returns a JSON-ready dict (config, machine, results)."""
     torch.set_num_threads(cfg.threads)
     n = max(cfg.mlp_images if "mlp" in cfg.nets else 0,
-            cfg.conv_images if "conv" in cfg.nets else 0)
+            cfg.conv_images if "conv" in cfg.nets else 0,
+            cfg.grid_images if "grid" in cfg.nets else 0)
     x, y, source = load_train_images(cfg.data_dir, n)
     out = {
         "config": asdict(cfg),
@@ -324,7 +433,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "nets": {},
     }
     for net in cfg.nets:
-        out["nets"][net] = bench_net(net, x, y, cfg, log)
+        if net == "grid":
+            out["grid"] = bench_grid(x, y, cfg, log)
+        else:
+            out["nets"][net] = bench_net(net, x, y, cfg, log)
     out["machine"]["load_avg_after"] = os.getloadavg()
     out["machine"]["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -341,7 +453,8 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines.append(f"torch {m['torch']}, geoopt {m['geoopt']}, {m['threads']} thread(s), "
                  f"{m['cpu_count']} CPUs, load average {m['load_avg_before'][0]:.1f} -> "
-                 f"{m['load_avg_after'][0]:.1f}; {cfg['repeats']} interleaved repeats; "
+                 f"{m['load_avg_after'][0]:.1f}; {cfg['repeats']} rounds of interleaved "
+                 f"epochs, each cut into {cfg.get('blocks', 1)} interleaved blocks; "
                  "ratios: median [min-max] of per-round ratios; 'cpu:' columns use this "
                  "thread's CPU time (time.thread_time), less sensitive to other processes")
     head = ("optimiser", "epoch s", "epoch / sgd", "epoch / sphere", "cpu: epoch / sgd",
@@ -362,6 +475,15 @@ def format_table(result: dict) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if "grid" in result:
+        g = result["grid"]
+        t, sp = g["run_epoch_s"], g["speedup"]
+        lines.append("")
+        lines.append(f"grid: {g['runs']} runs ({g['arch']}, {g['depth']} layers, "
+                     f"{g['seeds']} seeds x 3 updates x 2 protocols), one epoch of "
+                     f"{g['images']} images; s per run-epoch: batched {t['batched']:.3f}, "
+                     f"sequential {t['sequential']:.3f}; throughput batched / sequential "
+                     f"{_fmt_ratio(sp)}")
     lines.append("")
     lines.append(f"peak RSS of the process: {m['max_rss_mib']:.0f} MiB")
     return "\n".join(lines)
@@ -381,8 +503,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 1
     cfg = BenchConfig(nets=tuple(args.nets), optimisers=tuple(args.optimisers),
-                      repeats=args.repeats, mlp_images=args.mlp_images,
-                      conv_images=args.conv_images, threads=args.threads,
+                      repeats=args.repeats, blocks=args.blocks, mlp_images=args.mlp_images,
+                      conv_images=args.conv_images, grid_images=args.grid_images,
+                      threads=args.threads,
                       data_dir=args.data_dir)
     log = (lambda *a, **k: None) if args.json else print
     result = run_bench(cfg, log=log)
@@ -398,18 +521,25 @@ def register_cli(subparsers) -> None:
         "bench", help="time UN/SM training against torch.optim.SGD and geoopt",
         description="Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD "
                     "and torch.optim.SGD on Arch2 (4x64) and a small conv net, as ratios of "
-                    "interleaved repeats in one process.")
+                    "interleaved repeats in one process; and the Table 2 grid's batched "
+                    "engine against the sequential one.")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--output", help="also write the JSON results to this file")
-    p.add_argument("--nets", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
+    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid"],
+                   choices=["mlp", "conv", "grid"],
+                   help="what to time: the Arch2 MLP, the small conv net, and the Table 2 "
+                        "grid's batched against sequential engine (default: all three)")
     p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), metavar="NAME",
                    help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
     from .cli import positive_int
 
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="interleaved rounds (default 5)")
+    p.add_argument("--blocks", type=positive_int, default=10,
+                   help="blocks per epoch, interleaved across optimisers (default 10)")
     p.add_argument("--mlp-images", type=positive_int, default=50_000)
     p.add_argument("--conv-images", type=positive_int, default=5_000)
+    p.add_argument("--grid-images", type=positive_int, default=10_000)
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("MANIFOLD_NETS_DATA"),
                    help="folder with the MNIST IDX files (default: $MANIFOLD_NETS_DATA, "

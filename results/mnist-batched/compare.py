@@ -1,6 +1,10 @@
 """Compare the batched grid with the sequential one, cell by cell and run by run.
 
 Usage: python results/mnist-batched/compare.py [BATCHED_DIR] [SEQUENTIAL_DIR] > compare.md
+       python results/mnist-batched/compare.py DIR_A DIR_B LABEL_A LABEL_B > other.md
+
+The second form compares any two stores of the same grid under the given labels (the first
+is called "batched" and the second "sequential" otherwise).
 
 Cells: mean +- std of the test error over all runs of each engine and Welch's 95% interval
 for the difference (batched minus sequential), using only the seeds present in both
@@ -17,18 +21,19 @@ import sys
 from manifold_nets.reproduce import ResultStore, t_quantile, welch
 
 
-def main(batched: str = "results/mnist-batched", sequential: str = "results/mnist") -> None:
+def main(batched: str = "results/mnist-batched", sequential: str = "results/mnist",
+         name_b: str = "batched", name_s: str = "sequential") -> None:
     b = {r["run_id"]: r for r in ResultStore(batched).records()}
     s = {r["run_id"]: r for r in ResultStore(sequential).records()}
     common = sorted(set(b) & set(s))
-    print(f"# Batched vs sequential: {len(b)} batched runs, {len(s)} sequential runs, "
-          f"{len(common)} run ids in both\n")
+    print(f"# {name_b.capitalize()} vs {name_s}: {len(b)} {name_b} runs, {len(s)} {name_s} "
+          f"runs, {len(common)} run ids in both\n")
     cells: dict[tuple, list[str]] = {}
     for rid in common:
         c = s[rid]["config"]
         cells.setdefault((c["depth"], c["protocol"], c["arch"], c["update"]), []).append(rid)
     print("## Cells (only the run ids present in both)\n")
-    print("| depth | protocol | arch | update | n | sequential | batched | batched - sequential "
+    print(f"| depth | protocol | arch | update | n | {name_s} | {name_b} | {name_b} - {name_s} "
           "[95% CI] |")
     print("|---|---|---|---|---|---|---|---|")
     inside = tested = 0
@@ -66,18 +71,18 @@ def main(batched: str = "results/mnist-batched", sequential: str = "results/mnis
               f"{statistics.median(sel):.4f}, max {max(sel):.4f}, identical in "
               f"{sum(v == 0 for v in sel)} of {len(sel)}")
     for label, ids in (("all common runs", common),
-                       ("runs that diverged on neither engine",
+                       ("runs that diverged on neither side",
                         [i for i in common if not (b[i]["diverged"] or s[i]["diverged"])])):
         d = [b[i]["test_error"] - s[i]["test_error"] for i in ids]
         if len(d) > 1:
             m, sd = statistics.fmean(d), statistics.stdev(d)
             h = t_quantile(0.975, len(d) - 1) * sd / len(d) ** 0.5
-            print(f"- paired difference, batched - sequential, {label} (n={len(d)}): "
+            print(f"- paired difference, {name_b} - {name_s}, {label} (n={len(d)}): "
                   f"{m:+.4f} [{m - h:+.4f}, {m + h:+.4f}] (95% t interval)")
     total_b = sum(b[i]["diverged"] for i in b)
-    print(f"- diverged: batched {total_b} of {len(b)}; sequential "
+    print(f"- diverged: {name_b} {total_b} of {len(b)}; {name_s} "
           f"{sum(s[i]['diverged'] for i in s)} of {len(s)}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:5])

@@ -1,0 +1,54 @@
+"""``manifold-nets bench`` runs end to end on a few images (a smoke test: no timings are
+asserted, only that every optimiser trained and every ratio was computed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from manifold_nets.bench import OPTIMISERS, BenchConfig, format_table, run_bench
+from manifold_nets.cli import main
+
+from .conftest import SHARED, needs_mnist
+
+TINY = dict(repeats=2, blocks=3, mlp_images=400, conv_images=200, step_calls=3,
+            grid_images=300, grid_seeds=2)
+
+
+@needs_mnist
+def test_bench_measures_every_optimiser():
+    cfg = BenchConfig(data_dir=str(SHARED / "mnist"), **TINY)
+    result = run_bench(cfg, log=lambda *a: None)
+    for net in ("mlp", "conv"):
+        rows = result["nets"][net]["optimisers"]
+        assert set(rows) == set(OPTIMISERS)
+        assert rows["sgd"]["epoch_vs_sgd"]["median"] == 1.0
+        for name, row in rows.items():
+            assert len(row["epoch_s_all"]) == TINY["repeats"], name
+            assert all(t > 0 for t in row["epoch_s_all"]), name
+            assert math.isfinite(row["mean_loss_last_epoch"]), name
+            assert row["step_us"] > 0 and row["step_vs_sgd_foreach"]["median"] > 0, name
+    # the UN and SM steps allocate their temporaries; SGD steps in place
+    mlp = result["nets"]["mlp"]["optimisers"]
+    assert mlp["ours-un"]["step_peak_bytes"] > 0 == mlp["sgd"]["step_peak_bytes"]
+    grid = result["grid"]
+    assert grid["runs"] == 12 and grid["images"] == 300
+    for engine in ("batched", "sequential"):
+        assert len(grid["run_epoch_s_all"][engine]) == TINY["repeats"]
+        assert grid["run_epoch_s"][engine] > 0
+    table = format_table(result)
+    assert "ours-un" in table and "3 interleaved blocks" in table
+    assert "throughput batched / sequential" in table
+
+
+@needs_mnist
+def test_bench_cli_writes_json(tmp_path, capfd):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--nets", "mlp", "--optimisers", "sgd", "sgd-foreach", "ours-un",
+                 "--repeats", "1", "--blocks", "2", "--mlp-images", "300",
+                 "--data-dir", str(SHARED / "mnist"), "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["nets"]["mlp"]["optimisers"]) == {"sgd", "sgd-foreach", "ours-un"}
+    captured = capfd.readouterr()
+    assert "ours-un" in captured.out
+    assert "USDT" not in captured.err  # the profiler's start/stop lines are silenced
