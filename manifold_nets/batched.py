@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .math import EPS, column_sqnorm, filter_sqnorm
+from .math import oblique_projx_, scaled_egrad2rgrad
 from .nets import Arch1, Arch2
 from .training import (
     Divergence,
@@ -246,8 +246,8 @@ class StackedNet:
 
     def _first_layer(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]]
                      ) -> torch.Tensor:
-        """:math:`W_1 x` for every run, ``(R, width, B)``: one matrix product per group of
-        runs that share a mini-batch (``x[s]`` for the runs ``groups[s]``)."""
+        """:math:`W_1 x` for every run, ``(R, width, B)``: one matrix product per range
+        ``(start, stop, s)`` of runs that share the mini-batch ``x[s]``."""
         W = self.W[0].detach()
         R, width, n_in = W.shape
         h = W.new_empty(R, width, x.shape[-2])
@@ -418,10 +418,10 @@ def stacked_sgd_step(net: StackedNet, lr: torch.Tensor, updates: Sequence[str]) 
     and batch-norm scale and shift get Euclidean SGD under every update.
 
     Each maximal slice of runs with one update is updated at once, in place, with the
-    same floating-point operations as :func:`manifold_nets.math.oblique_proju`,
-    :func:`~manifold_nets.math.oblique_retr` and
-    :func:`~manifold_nets.math.scaled_egrad2rgrad`; keep the runs of one update side by
-    side (:func:`fit_batched` does) so that there are few slices.
+    projection of :func:`manifold_nets.math.oblique_proju`,
+    :func:`~manifold_nets.math.oblique_projx_` and
+    :func:`~manifold_nets.math.scaled_egrad2rgrad`; keep the runs of one update side
+    by side (:func:`fit_batched` does) so that there are few slices.
 
     Parameters
     ----------
@@ -432,25 +432,22 @@ def stacked_sgd_step(net: StackedNet, lr: torch.Tensor, updates: Sequence[str]) 
     updates : sequence of str
         ``R`` labels in ``{"bsgd", "sm", "un"}``
     """
-    dtype = net.theta.dtype
-    rate = lr.to(dtype).view(-1, 1, 1)
-    big = torch.finfo(dtype).max
+    rate = lr.to(net.theta.dtype).view(-1, 1, 1)
     for update, start, stop in _segments(updates):
         a = rate[start:stop]
         for W in net.W:
             x, g = W.detach()[start:stop], W.grad[start:stop]
-            if update == "un":  # x <- Orth(x - a Pi_x(g)), eq. (9)
+            if update == "un":  # x <- Orth(x - a Pi_x(g)), eq. (9); Pi_x(g) as in
+                # oblique_proju, with the inner products in one pass (vecdot)
                 inner = torch.linalg.vecdot(x, g).unsqueeze_(-1)
-                x.addcmul_(torch.addcmul(g, inner, x, value=-1), a, value=-1)
-                norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-                x.mul_(norm.clamp_min_(EPS[dtype]).reciprocal_())
+                oblique_projx_(x.addcmul_(torch.addcmul(g, inner, x, value=-1), a, value=-1))
             elif update == "sm":  # x <- x - a Diag(|w_i|^2) g, eqs. (7)-(8)
-                x.addcmul_(g * filter_sqnorm(x).clamp_max_(big), a, value=-1)
+                x.addcmul_(scaled_egrad2rgrad(x, g, "left", 1), a, value=-1)
             else:
                 x.addcmul_(g, a, value=-1)
         x, g = net.theta.detach()[start:stop], net.theta.grad[start:stop]
         if update == "sm":
-            g = g * column_sqnorm(x).clamp_max_(big)
+            g = scaled_egrad2rgrad(x, g, "right", 2)
         x.addcmul_(g, a, value=-1)
     rate2 = rate.view(-1, 1)
     for p in (*net.gamma, *net.beta):

@@ -26,6 +26,7 @@ __all__ = [
     "filter_sqnorm",
     "column_sqnorm",
     "oblique_projx",
+    "oblique_projx_",
     "oblique_projx_safe",
     "oblique_proju",
     "oblique_retr",
@@ -93,6 +94,13 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     return x * norm.clamp_min_(EPS[x.dtype]).reciprocal_()  # multiply: cheaper than divide
 
 
+def oblique_projx_(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
+    r""":func:`oblique_projx` in place: :math:`w_i \leftarrow w_i / \|w_i\|` for every
+    filter of ``x``, which is returned. A zero filter stays zero."""
+    norm = torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True)
+    return x.mul_(norm.clamp_min_(EPS[x.dtype]).reciprocal_())
+
+
 def oblique_projx_safe(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     r""":func:`oblique_projx` that neither overflows nor underflows.
 
@@ -134,9 +142,7 @@ def oblique_retr(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tenso
     For tangent ``u`` every filter of ``x + u`` has norm :math:`\sqrt{1 + \|u_i\|^2} \ge 1`,
     so the division is always well defined.
     """
-    y = x + u  # a fresh temporary: normalise it in place
-    norm = torch.linalg.vector_norm(y, dim=filter_dims(ndim), keepdim=True)
-    return y.mul_(norm.clamp_min_(EPS[y.dtype]).reciprocal_())
+    return oblique_projx_(x + u, ndim)  # a fresh temporary: normalise it in place
 
 
 def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
-from .math import EPS, column_dims, filter_dims
+from .math import EPS, column_dims, filter_dims, oblique_projx_
 
 __all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of"]
 
@@ -304,15 +304,9 @@ def _single_tensor_invariant_sgd(
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
         if name == "oblique":
-            _normalise_(param, dims)
+            oblique_projx_(param, len(dims))
             if buf is not None:  # transport: project the buffer onto the new tangent space
                 buf.addcmul_((param * buf).sum(dim=dims, keepdim=True), param, value=-1)
-
-
-def _normalise_(x: Tensor, dims: tuple[int, ...]) -> None:
-    """Scale every filter of ``x`` to unit norm, in place (a multiply: faster than divide)."""
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True)
-    x.mul_(norm.clamp_min_(EPS[x.dtype]).reciprocal_())
 
 
 def _filter_inner(xs: list[Tensor], ys: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
