@@ -32,24 +32,22 @@ def un_per_tensor(ps, gs, lr):
         p.mul_(p.norm(dim=-1, keepdim=True).clamp_min(1e-30).reciprocal())
 
 
-def un_foreach(ps, gs, lr):
-    inners = [t.sum(-1, keepdim=True) for t in torch._foreach_mul(ps, gs)]
+def _step_and_normalise(ps, gs, inners):
     step = torch._foreach_addcmul(gs, inners, ps, value=-1)
     torch._foreach_add_(ps, step, alpha=-LR)
     norms = [torch.linalg.vector_norm(p, dim=-1, keepdim=True) for p in ps]
     torch._foreach_clamp_min_(norms, 1e-30)
     torch._foreach_reciprocal_(norms)
     torch._foreach_mul_(ps, norms)
+
+
+def un_foreach(ps, gs, lr):
+    _step_and_normalise(ps, gs, [t.sum(-1, keepdim=True) for t in torch._foreach_mul(ps, gs)])
 
 
 def un_vecdot(ps, gs, lr):
-    inners = [torch.linalg.vecdot(p, g).unsqueeze_(-1) for p, g in zip(ps, gs, strict=True)]
-    step = torch._foreach_addcmul(gs, inners, ps, value=-1)
-    torch._foreach_add_(ps, step, alpha=-LR)
-    norms = [torch.linalg.vector_norm(p, dim=-1, keepdim=True) for p in ps]
-    torch._foreach_clamp_min_(norms, 1e-30)
-    torch._foreach_reciprocal_(norms)
-    torch._foreach_mul_(ps, norms)
+    _step_and_normalise(
+        ps, gs, [torch.linalg.vecdot(p, g).unsqueeze_(-1) for p, g in zip(ps, gs, strict=True)])
 
 
 def sgd_foreach(ps, gs, lr):
