@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -821,24 +820,14 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None) -> 
 # --------------------------------------------------------------------------------------
 # The grid.
 
-_WORKER_DATA = None
-
-
-def _init_worker(dataset: str, data_dir: str | None, threads: int) -> None:
-    global _WORKER_DATA
-    torch.set_num_threads(threads)
-    from .data import load_dataset
-
-    _WORKER_DATA = load_dataset(dataset, data_dir)
-
-
 def _run_group(task: tuple[list[dict], list[str], str]) -> dict:
-    from .reproduce import ResultStore
+    from . import reproduce
 
     config_dicts, run_ids, root = task
     start = time.perf_counter()
-    records = train_group([TrainConfig.from_dict(d) for d in config_dicts], _WORKER_DATA)
-    store = ResultStore(root)
+    records = train_group([TrainConfig.from_dict(d) for d in config_dicts],
+                          reproduce._WORKER_DATA)
+    store = reproduce.ResultStore(root)
     for run_id, record in zip(run_ids, records, strict=True):
         record["run_id"] = run_id
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -876,19 +865,11 @@ def run_grid_batched(
     Skips runs the store holds (refusing records made with another configuration) and
     writes the same records. Returns counts, the number of groups and the wall time.
     """
-    global _WORKER_DATA
-    from .reproduce import _check_same_config
+    from .reproduce import _map_in_workers, _pending_runs
 
+    pending_configs, done = _pending_runs(specs, base, store, seed)
     by_key: dict[tuple, list[tuple[TrainConfig, str]]] = {}
-    done = 0
-    for spec in specs:
-        config = spec.config(base, seed)
-        run_id = spec.run_id(base.dataset)
-        stored = store.read(run_id)
-        if stored is not None:
-            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
-            done += 1
-            continue
+    for config, run_id in pending_configs:
         by_key.setdefault(group_key(config), []).append((config, run_id))
     groups = []
     for members in by_key.values():
@@ -913,28 +894,8 @@ def run_grid_batched(
                   f"(at {time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     with bar:
-        if jobs == 1:
-            if data is None:
-                _init_worker(base.dataset, data_dir, threads)
-            else:
-                torch.set_num_threads(threads)
-                _WORKER_DATA = data
-            for task in pending:
-                report(_run_group(task))
-        else:
-            import multiprocessing as mp
-
-            tqdm.set_lock(threading.RLock())
-            ctx = mp.get_context("spawn")
-            pool = ctx.Pool(jobs, _init_worker, (base.dataset, data_dir, threads))
-            try:
-                for out in pool.imap_unordered(_run_group, pending, chunksize=1):
-                    report(out)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
+        for out in _map_in_workers(_run_group, pending, jobs=jobs, dataset=base.dataset,
+                                  data_dir=data_dir, threads=threads, data=data):
+            report(out)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     return summary

@@ -241,6 +241,60 @@ def _run_one(task: tuple[dict, str, str, bool]) -> dict:
     return {k: record[k] for k in ("run_id", "test_error", "diverged", "wall_time_s")}
 
 
+def _pending_runs(specs: Sequence[RunSpec], base: TrainConfig, store: ResultStore,
+                 seed: int = 0) -> tuple[list[tuple[TrainConfig, str]], int]:
+    """The ``(config, run id)`` of every spec the store does not hold yet, and the number
+    it holds.
+
+    Raises
+    ------
+    ConfigMismatch
+        If the store holds a record of one of these runs made with another configuration.
+    """
+    pending, done = [], 0
+    for spec in specs:
+        config = spec.config(base, seed)
+        run_id = spec.run_id(base.dataset)
+        stored = store.read(run_id)
+        if stored is not None:
+            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
+            done += 1
+        else:
+            pending.append((config, run_id))
+    return pending, done
+
+
+def _map_in_workers(func, tasks: Sequence, *, jobs: int, dataset: str,
+                   data_dir: str | None, threads: int, data=None):
+    """Yield ``func(task)`` for every task, in this process (``jobs=1``, on ``data`` if
+    given) or in ``jobs`` spawned worker processes, in the order they finish. Every
+    process loads the data set once; ``func`` reads it from ``_WORKER_DATA``."""
+    global _WORKER_DATA
+    if jobs == 1:
+        if data is None:
+            _init_worker(dataset, data_dir, threads)
+        else:
+            torch.set_num_threads(threads)
+            _WORKER_DATA = data
+        for task in tasks:
+            yield func(task)
+        return
+    import multiprocessing as mp
+
+    # tqdm's default lock is a multiprocessing semaphore that the spawn resource tracker
+    # reports as leaked; the bars live in this process only.
+    tqdm.set_lock(threading.RLock())
+    pool = mp.get_context("spawn").Pool(jobs, _init_worker, (dataset, data_dir, threads))
+    try:
+        yield from pool.imap_unordered(func, tasks, chunksize=1)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def run_grid(
     specs: Sequence[RunSpec],
     base: TrainConfig,
@@ -263,56 +317,22 @@ def run_grid(
     ConfigMismatch
         If the store holds a record of one of these runs made with another configuration.
     """
-    global _WORKER_DATA
-    pending = []
-    done = 0
-    for spec in specs:
-        config = spec.config(base, seed)
-        run_id = spec.run_id(base.dataset)
-        stored = store.read(run_id)
-        if stored is not None:
-            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
-            done += 1
-            continue
-        pending.append((config.to_dict(), run_id, str(store.root), False))
+    pending, done = _pending_runs(specs, base, store, seed)
     summary = {"skipped": done, "ran": 0, "wall_time_s": 0.0}
     if not pending:
         return summary
     start = time.perf_counter()
     bar = tqdm(total=len(pending), desc="grid", unit="run",
                disable=None if progress is None else not progress, file=sys.stderr)
+    # a run's own bar only when the runs happen here, under a visible grid bar
+    run_bar = None if jobs == 1 and bar.disable is False else False
+    tasks = [(c.to_dict(), run_id, str(store.root), run_bar) for c, run_id in pending]
     with bar:
-        if jobs == 1:
-            if data is None:
-                _init_worker(base.dataset, data_dir, threads)
-            else:
-                torch.set_num_threads(threads)
-                _WORKER_DATA = data
-            show_run = bar.disable is False
-            for task in pending:
-                result = _run_one(task[:3] + (None if show_run else False,))
-                summary["ran"] += 1
-                bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            # tqdm's default lock is a multiprocessing semaphore that the spawn
-            # resource tracker reports as leaked; the bar lives in this process only.
-            tqdm.set_lock(threading.RLock())
-            ctx = mp.get_context("spawn")
-            pool = ctx.Pool(jobs, _init_worker, (base.dataset, data_dir, threads))
-            try:
-                for result in pool.imap_unordered(_run_one, pending, chunksize=1):
-                    summary["ran"] += 1
-                    bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
-                    bar.update(1)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
+        for result in _map_in_workers(_run_one, tasks, jobs=jobs, dataset=base.dataset,
+                                     data_dir=data_dir, threads=threads, data=data):
+            summary["ran"] += 1
+            bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
+            bar.update(1)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     return summary
 
