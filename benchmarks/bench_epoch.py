@@ -1,6 +1,7 @@
 """Epoch and optimiser-step benchmark: InvariantSGD vs torch.optim.SGD and geoopt.
 
-A thin script around :mod:`manifold_nets.bench` (the same code as ``manifold-nets bench``)::
+A thin script around :mod:`manifold_nets.experiments.bench` (the same code as
+``manifold-nets bench``)::
 
     python benchmarks/bench_epoch.py --data-dir /path/to/mnist --repeats 5 --output bench.json
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from manifold_nets.bench import register_cli
+from manifold_nets.experiments.bench import register_cli
 
 
 def main(argv: list[str] | None = None) -> int:

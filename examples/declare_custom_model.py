@@ -12,8 +12,8 @@ manifold-nets but the two manifolds:
 
 The task is MNIST digit classification (real data, pixels scaled to [0, 1]), with the
 summed cross-entropy over mini-batches of 100 as in the paper. MNIST is found as
-:func:`manifold_nets.data.load_dataset` finds it (``--data-dir``, ``MANIFOLD_NETS_DATA``,
-the local mirror ``MANIFOLD_NETS_MIRROR``, the cache, then a download).
+:func:`manifold_nets.experiments.data.load_dataset` finds it (``--data-dir``,
+``MANIFOLD_NETS_DATA``, the local mirror ``MANIFOLD_NETS_MIRROR``, the cache, then a download).
 
 Run::
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from manifold_nets import DiagScaledEuclidean, ObliqueManifold
-from manifold_nets.data import load_dataset
+from manifold_nets.experiments.data import load_dataset
 
 
 def make_model(in_features: int, width: int, out_features: int) -> nn.Sequential:

@@ -5,10 +5,10 @@ filters with batch norm, pair max-pooling, soft-max), every filter on the obliqu
 manifold, summed cross-entropy over mini-batches of 100, the bold-driver schedule, and a
 learning-rate selection on a small subset first. The defaults are shrunk so that it runs
 in under a minute on one CPU thread; every field of
-:class:`manifold_nets.training.TrainConfig` can be changed here or with
+:class:`manifold_nets.experiments.config.TrainConfig` can be changed here or with
 ``manifold-nets train``.
 
-MNIST is found as :func:`manifold_nets.data.load_dataset` finds it (``--data-dir``,
+MNIST is found as :func:`manifold_nets.experiments.data.load_dataset` finds it (``--data-dir``,
 ``MANIFOLD_NETS_DATA``, the local mirror ``MANIFOLD_NETS_MIRROR``, the cache, then a
 download).
 
@@ -24,7 +24,8 @@ import argparse
 
 import torch
 
-from manifold_nets.training import TrainConfig, train
+from manifold_nets.experiments.config import TrainConfig
+from manifold_nets.experiments.engines import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,17 +57,6 @@ def _check_filter_shapes(x: torch.Tensor, u: torch.Tensor, ndim: int, cls: str) 
         )
 
 
-def _filter_index(flat: int, batch_shape: torch.Size):
-    """Turn a flat index over the batch dims into a readable filter index."""
-    if len(batch_shape) <= 1:
-        return flat
-    idx = []
-    for size in reversed(batch_shape):
-        idx.append(flat % size)
-        flat //= size
-    return tuple(reversed(idx))
-
-
 def _raise_on_degenerate(size: torch.Tensor, ndim: int, what: str, cls: str) -> None:
     """Raise a ValueError naming the first zero or non-finite filter (one device sync).
 
@@ -82,7 +71,7 @@ def _raise_on_degenerate(size: torch.Tensor, ndim: int, what: str, cls: str) -> 
         n_bad = int(bad.sum())
         kind = "zero" if bool(finite[first]) else "non-finite"
         raise ValueError(
-            f"{what} {_filter_index(first, batch)} has {kind} norm and cannot lie on the "
+            f"{what} {math.filter_index(first, batch)} has {kind} norm and cannot lie on the "
             f"{cls} ({n_bad} such {what}s among {flat.numel()}, batch shape {tuple(batch)}); "
             f"re-initialise it with a non-zero, finite {what}."
         )

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "filter_dims",
+    "filter_index",
     "column_dims",
     "filter_sqnorm",
     "column_sqnorm",
@@ -49,6 +50,26 @@ EPS = {
 def filter_dims(ndim: int) -> tuple[int, ...]:
     """Dimensions that form one filter: the trailing ``ndim`` ones."""
     return tuple(range(-ndim, 0))
+
+
+def filter_index(flat: int, batch_shape: torch.Size) -> int | tuple[int, ...]:
+    """The readable index of filter ``flat`` (counted over the batch dims, row-major): an
+    ``int`` for one batch dim, else a tuple, as error messages name a filter.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import filter_index
+    >>> filter_index(5, torch.Size([2, 3]))
+    (1, 2)
+    """
+    if len(batch_shape) <= 1:
+        return flat
+    idx = []
+    for size in reversed(batch_shape):
+        idx.append(flat % size)
+        flat //= size
+    return tuple(reversed(idx))
 
 
 def column_dims(ndim: int) -> tuple[int, ...]:

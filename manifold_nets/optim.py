@@ -23,17 +23,27 @@ import torch
 from torch import Tensor
 
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
-from .math import EPS, column_dims, filter_dims, oblique_projx_
+from .math import (
+    EPS,
+    column_dims,
+    filter_dims,
+    oblique_proju,
+    oblique_projx_,
+    scaled_egrad2rgrad,
+)
 
 __all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of"]
 
 
 class Kind(NamedTuple):
-    """How one parameter is updated: ``name`` in ``{"euclidean", "oblique", "sm"}`` and the
-    dims that one norm (a filter, or a column of :math:`\\theta`) reduces over."""
+    """How one parameter is updated: ``name`` in ``{"euclidean", "oblique", "sm"}``, the
+    dims that one norm (a filter, or a column of :math:`\\theta`) reduces over, and the
+    manifold's ``ndim`` and ``side`` (SM)."""
 
     name: str
     dims: tuple[int, ...] = ()
+    ndim: int = 1
+    side: str = "left"
 
 
 EUCLIDEAN = Kind("euclidean")
@@ -44,21 +54,44 @@ def kind_of(param: Tensor) -> Kind:
 
     Plain tensors and :class:`geoopt.Euclidean` parameters are Euclidean. Any other manifold
     raises :class:`ValueError`: use :class:`geoopt.optim.RiemannianSGD` for it.
+
+    Examples
+    --------
+    >>> import geoopt, torch
+    >>> from manifold_nets import ObliqueManifold
+    >>> from manifold_nets.optim import kind_of
+    >>> w = geoopt.ManifoldParameter(torch.eye(3), manifold=ObliqueManifold())
+    >>> kind_of(w)
+    Kind(name='oblique', dims=(-1,), ndim=1, side='left')
     """
     manifold = getattr(param, "manifold", None)
     if manifold is None or type(manifold) is geoopt.Euclidean:
         return EUCLIDEAN
     if isinstance(manifold, ObliqueManifold):
-        return Kind("oblique", filter_dims(manifold.ndim))
+        return Kind("oblique", filter_dims(manifold.ndim), manifold.ndim)
     if isinstance(manifold, DiagScaledEuclidean):
         dims = filter_dims(manifold.ndim) if manifold.side == "left" else column_dims(
             manifold.ndim)
-        return Kind("sm", dims)
+        return Kind("sm", dims, manifold.ndim, manifold.side)
     raise ValueError(
         f"InvariantSGD cannot update a parameter of shape {tuple(param.shape)} on {manifold!r}: "
         "it supports ObliqueManifold, DiagScaledEuclidean and Euclidean (plain) parameters. "
         "Use geoopt.optim.RiemannianSGD for other manifolds."
     )
+
+
+def _check_lr(lr) -> None:
+    """A learning rate is a float, a 0-dim Tensor, or a 1-D Tensor of one rate per run."""
+    if isinstance(lr, Tensor):
+        if lr.dim() > 1 or not lr.is_floating_point():
+            raise ValueError(
+                f"Invalid learning rate: a Tensor of shape {tuple(lr.shape)} and dtype "
+                f"{lr.dtype}; pass a float, a 0-dim floating Tensor, or a 1-D one with one "
+                "rate per run (the leading dim of every parameter).")
+        if not bool((lr >= 0).all()):
+            raise ValueError(f"Invalid learning rate: {lr}")
+    elif not lr >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 class InvariantSGD(torch.optim.Optimizer):
@@ -100,8 +133,10 @@ class InvariantSGD(torch.optim.Optimizer):
     ----------
     params : iterable
         parameters or parameter groups (dicts), as for :class:`torch.optim.SGD`
-    lr : float
-        learning rate :math:`\lambda` (default ``1e-3``)
+    lr : float or Tensor
+        learning rate :math:`\lambda` (default ``1e-3``). A 0-dim Tensor can be changed in
+        place between steps (e.g. by a compiled step); a 1-D Tensor gives one rate per
+        index of every parameter's leading dim (runs trained as one stacked model).
     momentum : float
         momentum factor :math:`\mu` (default 0)
     dampening : float
@@ -111,6 +146,9 @@ class InvariantSGD(torch.optim.Optimizer):
         turned into a Riemannian one (as geoopt does) (default 0)
     nesterov : bool
         Nesterov momentum (default False)
+    maximize : bool
+        maximise the objective instead of minimising it (default False), as
+        :class:`torch.optim.SGD`
     foreach : bool, optional
         use the multi-tensor (``torch._foreach_*``) implementation. ``None`` (default)
         picks it on CPU and CUDA, as it is faster there for every model we measured.
@@ -166,10 +204,11 @@ class InvariantSGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        maximize: bool = False,
         foreach: bool | None = None,
     ):
-        for name, value in (("learning rate", lr), ("momentum value", momentum),
-                            ("dampening value", dampening),
+        _check_lr(lr)
+        for name, value in (("momentum value", momentum), ("dampening value", dampening),
                             ("weight_decay value", weight_decay)):
             if isinstance(value, Tensor):
                 raise TypeError(f"Invalid {name}: a Tensor ({value!r}); pass a Python float.")
@@ -183,7 +222,8 @@ class InvariantSGD(torch.optim.Optimizer):
         if foreach not in (None, True, False):
             raise TypeError(f"Invalid foreach: {foreach!r}; pass True, False or None.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, foreach=foreach)
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach)
         self._kinds: list[list[Kind]] = []
         super().__init__(params, defaults)
 
@@ -233,7 +273,7 @@ class InvariantSGD(torch.optim.Optimizer):
                 params, grads, bufs, kinds,
                 lr=group["lr"], momentum=momentum, dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                foreach=group["foreach"],
+                maximize=group.get("maximize", False), foreach=group["foreach"],
             )
             if momentum != 0:
                 for p, buf in zip(params, bufs, strict=True):
@@ -247,24 +287,74 @@ def invariant_sgd(
     momentum_buffer_list: list[Tensor | None],
     kinds: list[Kind],
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
+    maximize: bool = False,
     foreach: bool | None = None,
 ) -> None:
     r"""Functional core of :class:`InvariantSGD`; see its docstring for the algorithm.
 
     Updates ``params`` in place. ``momentum_buffer_list`` is read and, where an entry is
     ``None`` and ``momentum != 0``, filled with the new buffer. ``kinds`` gives the
-    :class:`Kind` of every parameter (see :func:`kind_of`).
+    :class:`Kind` of every parameter (see :func:`kind_of`). ``lr`` is a float, a 0-dim
+    Tensor, or a 1-D Tensor of one rate per index of every parameter's leading dim (the
+    runs of a stacked model; rate 0 freezes a run).
+
+    The single-tensor path is the reference: it calls the functions of
+    :mod:`manifold_nets.math` (:func:`~manifold_nets.math.oblique_proju`,
+    :func:`~manifold_nets.math.scaled_egrad2rgrad`,
+    :func:`~manifold_nets.math.oblique_projx_`) one parameter at a time. The multi-tensor
+    path computes the same with ``torch._foreach_*`` kernels.
+
+    Examples
+    --------
+    Two runs of one filter bank, stacked, each with its own rate (the second frozen: only
+    the renormalisation touches it, at the level of rounding):
+
+    >>> import torch
+    >>> from manifold_nets.optim import Kind, invariant_sgd
+    >>> w = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    >>> before = w.clone()
+    >>> invariant_sgd([w], [torch.randn(2, 3, 4)], [], [Kind("oblique", (-1,))],
+    ...               lr=torch.tensor([0.1, 0.0]), momentum=0.0, dampening=0.0,
+    ...               weight_decay=0.0, nesterov=False)
+    >>> torch.allclose(w[1], before[1], atol=1e-6), torch.allclose(w[0], before[0], atol=1e-6)
+    (True, False)
     """
+    _check_lr(lr)
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
     func = _multi_tensor_invariant_sgd if foreach else _single_tensor_invariant_sgd
     func(params, grads, momentum_buffer_list, kinds, lr=lr, momentum=momentum,
-         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+         maximize=maximize)
+
+
+def _rate(lr: float | Tensor, param: Tensor) -> float | Tensor:
+    """``lr`` shaped to multiply ``param``: one rate per index of its leading dim."""
+    if isinstance(lr, Tensor) and lr.dim() == 1:
+        return lr.to(param.dtype).view(-1, *([1] * (param.dim() - 1)))
+    return lr
+
+
+def _step_(param: Tensor, direction: Tensor, lr: float | Tensor) -> None:
+    r""":math:`x \leftarrow x - \lambda\, d` in place."""
+    if isinstance(lr, Tensor):
+        param.addcmul_(direction, _rate(lr, param), value=-1)
+    else:
+        param.add_(direction, alpha=-lr)
+
+
+def _rgrad(param: Tensor, grad: Tensor, kind: Kind) -> Tensor:
+    """The Riemannian gradient of ``kind`` (Table 1): UN, SM or Euclidean."""
+    if kind.name == "oblique":
+        return oblique_proju(param, grad, kind.ndim)
+    if kind.name == "sm":
+        return scaled_egrad2rgrad(param, grad, kind.side, kind.ndim)
+    return grad
 
 
 def _single_tensor_invariant_sgd(
@@ -273,27 +363,19 @@ def _single_tensor_invariant_sgd(
     momentum_buffer_list: list[Tensor | None],
     kinds: list[Kind],
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
+    maximize: bool,
 ) -> None:
     for i, param in enumerate(params):
-        grad = grads[i]
-        name, dims = kinds[i]
+        kind = kinds[i]
+        grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
-        if momentum == 0 and name == "sm":  # the SM step without an intermediate
-            scale = torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
-            param.addcmul_(grad, scale.clamp_max_(torch.finfo(param.dtype).max), value=-lr)
-            continue
-        if name == "oblique":
-            inner = (param * grad).sum(dim=dims, keepdim=True)
-            grad = torch.addcmul(grad, inner, param, value=-1)
-        elif name == "sm":
-            scale = torch.linalg.vector_norm(param, dim=dims, keepdim=True).square_()
-            grad = grad * scale.clamp_max_(torch.finfo(param.dtype).max)
+        grad = _rgrad(param, grad, kind)
         buf = None
         if momentum != 0:
             buf = momentum_buffer_list[i]
@@ -302,11 +384,11 @@ def _single_tensor_invariant_sgd(
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(grad, alpha=-lr)
-        if name == "oblique":
-            oblique_projx_(param, len(dims))
+        _step_(param, grad, lr)
+        if kind.name == "oblique":
+            oblique_projx_(param, kind.ndim)
             if buf is not None:  # transport: project the buffer onto the new tangent space
-                buf.addcmul_((param * buf).sum(dim=dims, keepdim=True), param, value=-1)
+                buf.copy_(oblique_proju(param, buf, kind.ndim))
 
 
 def _filter_inner(xs: list[Tensor], ys: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
@@ -331,29 +413,31 @@ def _multi_tensor_invariant_sgd(
     momentum_buffer_list: list[Tensor | None],
     kinds: list[Kind],
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
+    maximize: bool,
 ) -> None:
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((kinds[i], p.device, p.dtype), []).append(i)
+    tensor_lr = isinstance(lr, Tensor)
     for (kind, _, dtype), idx in groups.items():
-        name, dims = kind
+        name, dims = kind.name, kind.dims
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
         fresh = False  # whether gs are temporaries of ours (safe to modify in place)
-        if weight_decay != 0:
-            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if maximize:
+            gs = torch._foreach_neg(gs)
             fresh = True
-        if momentum == 0 and name == "sm":
-            scales = _filter_norm(ps, dims)
-            torch._foreach_mul_(scales, scales)
-            torch._foreach_clamp_max_(scales, torch.finfo(dtype).max)
-            torch._foreach_addcmul_(ps, gs, scales, value=-lr)
-            continue
+        if weight_decay != 0:
+            if fresh:
+                torch._foreach_add_(gs, ps, alpha=weight_decay)
+            else:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+            fresh = True
         if name == "oblique":
             inners = _filter_inner(ps, gs, dims)
             gs = torch._foreach_addcmul(gs, inners, ps, value=-1)
@@ -385,7 +469,11 @@ def _multi_tensor_invariant_sgd(
                     gs = torch._foreach_add(gs, bufs, alpha=momentum)
             else:
                 gs = bufs
-        torch._foreach_add_(ps, gs, alpha=-lr)
+        if tensor_lr:
+            for p, g in zip(ps, gs, strict=True):
+                _step_(p, g, lr)
+        else:
+            torch._foreach_add_(ps, gs, alpha=-lr)
         if name == "oblique":
             _foreach_normalise_(ps, dims, dtype)
             if bufs:

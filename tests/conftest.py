@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from manifold_nets import data
+from manifold_nets.experiments import data
 
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)

@@ -19,14 +19,15 @@ from manifold_nets import (
     DiagScaledEuclidean,
     InvariantSGD,
     ObliqueManifold,
-    data,
     declare,
 )
-from manifold_nets.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from manifold_nets.cli import main
-from manifold_nets.data import DataError, Dataset, load_dataset
+from manifold_nets.experiments import data
+from manifold_nets.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.config import TrainConfig
+from manifold_nets.experiments.data import DataError, Dataset, load_dataset
+from manifold_nets.experiments.engines import build_model, train
 from manifold_nets.symmetry import Rescaling, ScalingSpace
-from manifold_nets.training import TrainConfig, build_model, train
 
 W0 = "layers.0.linear.weight"
 
@@ -283,12 +284,12 @@ def test_nan_fed_run_is_diverged_and_writes_no_weights(tmp_path):
 # ---------------------------------------------------------------------------- command line
 
 CLI_BAD = [
-    (["check", "--arch", "3"], r"argument --arch: invalid choice: 3"),
+    (["check", "--arch", "3"], r"argument --arch: invalid choice: '3'"),
     (["check", "--depth", "0"], r"argument --depth: must be at least 1, got 0"),
-    (["check", "--bn-eps", "0"], r"argument --bn-eps: must be > 0"),
+    (["check", "--bn-eps", "0"], r"argument --bn-eps: must be a finite number > 0"),
     (["check", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
     (["train", "--update", "adam"], r"argument --update: invalid choice: 'adam'"),
-    (["train", "--depth", "two"], r"argument --depth: invalid int value: 'two'"),
+    (["train", "--depth", "two"], r"argument --depth: invalid integer 'two'"),
     (["train", "--threads", "0"], r"argument --threads: must be at least 1"),
     (["train", "--min-epochs", "9", "--max-epochs", "2"], r"min_epochs=9 > max_epochs=2"),
     (["train", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
@@ -296,15 +297,19 @@ CLI_BAD = [
     (["reproduce", "--updates", "adam"], r"argument --updates: invalid choice: 'adam'"),
     (["reproduce", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
     (["segnet", "--update", "adam"], r"argument --update: invalid choice: 'adam'"),
-    (["segnet", "--epochs", "-1"], r"epochs and batch_size must be >= 1, got -1"),
-    (["segnet", "--lr-grid", "fast"], r"could not convert string to float: 'fast'"),
+    (["segnet", "--epochs", "-1"], r"argument --epochs: must be at least 1, got -1"),
+    (["segnet", "--lr-grid", "fast"], r"argument --lr-grid: invalid number 'fast'"),
+    (["segnet", "--lr-grid", "0.1,0.03"], r"argument --lr-grid: invalid number '0.1,0.03'"),
+    (["train", "--lr-grid", "0"], r"argument --lr-grid: must be a finite number > 0"),
+    (["check", "--arch", "2"],
+     r"argument --arch: invalid choice: '2' \(choose from 'arch1', 'arch2'\)"),
     (["segnet", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
     (["bench", "--nets", "resnet"], r"argument --nets: invalid choice: 'resnet'"),
     (["bench", "--repeats", "0"], r"argument --repeats: must be at least 1, got 0"),
-    (["bench", "--optimisers", "adam"], r"unknown optimiser\(s\) \['adam'\]"),
+    (["bench", "--optimisers", "adam"], r"argument --optimisers: invalid choice: 'adam'"),
     (["bench", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
     (["demo", "--epochs", "two"], r"argument --epochs: invalid integer 'two'"),
-    (["demo", "--seeds", "0"], r"argument --seeds: must be at least 1, got 0"),
+    (["demo", "--runs", "0"], r"argument --runs: must be at least 1, got 0"),
     (["demo", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
     ([], r"the following arguments are required: COMMAND"),
     (["fit"], r"argument COMMAND: invalid choice: 'fit'"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from manifold_nets.bench import OPTIMISERS, BenchConfig, format_table, run_bench
-from manifold_nets.cli import main
+from manifold_nets.experiments.bench import OPTIMISERS, BenchConfig, format_table, run_bench
+from manifold_nets.experiments.cli import main
 
 from .conftest import SHARED, needs_mnist
 
@@ -33,12 +33,12 @@ def test_bench_measures_every_optimiser():
     assert mlp["ours-un"]["step_peak_bytes"] > 0 == mlp["sgd"]["step_peak_bytes"]
     grid = result["grid"]
     assert grid["runs"] == 12 and grid["images"] == 300
-    for engine in ("batched", "sequential"):
+    for engine in ("stacked", "sequential"):
         assert len(grid["run_epoch_s_all"][engine]) == TINY["repeats"]
         assert grid["run_epoch_s"][engine] > 0
     table = format_table(result)
     assert "ours-un" in table and "3 interleaved blocks" in table
-    assert "throughput batched / sequential" in table
+    assert "throughput stacked / sequential" in table
 
 
 @needs_mnist

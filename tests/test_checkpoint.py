@@ -12,21 +12,19 @@ import geoopt
 import pytest
 import torch
 
-from manifold_nets import InvariantSGD, training
-from manifold_nets.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from manifold_nets.cli import main
-from manifold_nets.data import Dataset, load_dataset
-from manifold_nets.training import (
+from manifold_nets import InvariantSGD
+from manifold_nets.experiments import engines as training
+from manifold_nets.experiments.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.config import (
     BoldDriver,
     Divergence,
     ExpDecay,
     StoppingRule,
     TrainConfig,
-    build_model,
-    error_rate,
-    fit,
-    train,
 )
+from manifold_nets.experiments.data import Dataset, load_dataset
+from manifold_nets.experiments.engines import build_model, error_rate, fit, train
 
 from .conftest import SHARED, needs_mnist
 

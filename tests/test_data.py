@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_nets import data
-from manifold_nets.data import DataError, download_file, find_dataset, load_dataset, read_idx
+from manifold_nets.experiments import data
+from manifold_nets.experiments.data import (
+    DataError,
+    download_file,
+    find_dataset,
+    load_dataset,
+    read_idx,
+)
 
 from .conftest import SHARED
 

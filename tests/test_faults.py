@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_nets.data import load_dataset
-from manifold_nets.reproduce import ResultStore, grid, run_grid, write_report
-from manifold_nets.training import TrainConfig
+from manifold_nets.experiments.config import TrainConfig
+from manifold_nets.experiments.data import load_dataset
+from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+from manifold_nets.experiments.report import write_report
 
 from .conftest import SHARED
 
@@ -64,8 +65,8 @@ class Grid:
 
     def __init__(self, out: Path, tmp: Path):
         self.out = out
-        self.cmd = [sys.executable, "-m", "manifold_nets.cli", "reproduce", "--data-dir",
-                    str(SHARED), "--out", str(out), *_args()]
+        self.cmd = [sys.executable, "-m", "manifold_nets.experiments.cli", "reproduce",
+                    "--data-dir", str(SHARED), "--out", str(out), *_args()]
         # No public mirror can be reached from here: the data come from the local folder.
         self.env = {**os.environ, "MANIFOLD_NETS_MIRROR": str(SHARED),
                     "MANIFOLD_NETS_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}

@@ -326,8 +326,10 @@ def test_invalid_arguments(kwargs, match):
 
 def test_invalid_types():
     p = torch.nn.Parameter(torch.randn(3, 2))
-    with pytest.raises(TypeError, match=r"Invalid learning rate: a Tensor .*Python float"):
-        InvariantSGD([p], lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"Invalid learning rate: a Tensor of shape \(2, 2\)"):
+        InvariantSGD([p], lr=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"Invalid learning rate: tensor\(\[ 0.1000, -1.0000\]\)"):
+        InvariantSGD([p], lr=torch.tensor([0.1, -1.0]))
     with pytest.raises(TypeError, match=r"Invalid foreach: 'yes'"):
         InvariantSGD([p], lr=0.1, foreach="yes")
 
@@ -362,3 +364,72 @@ def test_grad_is_not_modified():
     opt.step()
     for k, p in params.items():
         torch.testing.assert_close(p.grad, grads[k], atol=0, rtol=0)
+
+
+# -- Tensor learning rates and maximize ---------------------------------------------------
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+@pytest.mark.parametrize("update", UPDATES)
+def test_tensor_lr_equals_float_lr(update, foreach):
+    """A 0-dim Tensor rate (as a compiled step or the stacked engine passes it) gives the
+    float rate's iterates, momentum included."""
+    a, b = _params(update), _params(update)
+    targets = _targets(a)
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=foreach)
+    _train(a, InvariantSGD(a.values(), lr=2e-3, **kw), targets, 10)
+    _train(b, InvariantSGD(b.values(), lr=torch.tensor(2e-3, dtype=F64), **kw), targets, 10)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TIGHT)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+@pytest.mark.parametrize("update", UPDATES)
+def test_per_run_lr_equals_separate_runs(update, foreach):
+    """A 1-D Tensor rate on stacked parameters: run r steps with rate r, as if alone; a
+    run with rate 0 stays where it is (to rounding: UN renormalises it)."""
+    rates = [2e-3, 5e-4, 0.0]
+    runs = [_params(update, seed=s) for s in range(3)]
+    targets = _targets(runs[0])
+    for r, params in enumerate(runs):
+        _train(params, InvariantSGD(params.values(), lr=rates[r], foreach=foreach), targets, 5)
+    start = [_params(update, seed=s) for s in range(3)]
+    stacked = {}
+    for k, p in start[0].items():
+        x = torch.stack([s[k].detach() for s in start])
+        m = getattr(p, "manifold", None)
+        stacked[k] = (geoopt.ManifoldParameter(x, manifold=m) if m is not None
+                      else torch.nn.Parameter(x))
+    opt = InvariantSGD(stacked.values(), lr=torch.tensor(rates, dtype=F64), foreach=foreach)
+    for _ in range(5):
+        opt.zero_grad()
+        sum(_loss({k: v[r] for k, v in stacked.items()}, targets) for r in range(3)).backward()
+        opt.step()
+    for r in range(3):
+        for k in stacked:
+            torch.testing.assert_close(stacked[k][r], runs[r][k], **TIGHT, msg=f"{r} {k}")
+    for k in stacked:
+        torch.testing.assert_close(stacked[k][2], start[2][k].detach(), **TIGHT)
+    assert not torch.allclose(stacked["w1"][0], start[0]["w1"].detach())
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+@pytest.mark.parametrize("update", UPDATES)
+def test_maximize_is_minimizing_the_negated_loss(update, foreach):
+    a, b = _params(update), _params(update)
+    targets = _targets(a)
+    kw = dict(lr=1e-3, momentum=0.9, foreach=foreach)
+    opt_a = InvariantSGD(a.values(), maximize=True, **kw)
+    opt_b = InvariantSGD(b.values(), **kw)
+    for _ in range(5):
+        opt_a.zero_grad()
+        (-_loss(a, targets)).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        _loss(b, targets).backward()
+        opt_b.step()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TIGHT)
+    moved = _params(update)  # control: maximizing the loss itself goes the other way
+    opt = InvariantSGD(moved.values(), maximize=True, **kw)
+    _train(moved, opt, targets, 5)
+    assert not torch.allclose(moved["w1"], b["w1"], atol=1e-6)

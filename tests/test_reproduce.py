@@ -15,22 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_nets.cli import main
-from manifold_nets.data import load_dataset
-from manifold_nets.reproduce import (
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.config import TrainConfig
+from manifold_nets.experiments.data import load_dataset
+from manifold_nets.experiments.grid import ConfigMismatch, ResultStore, grid, run_grid, shard
+from manifold_nets.experiments.report import (
     PAPER_TABLE2,
-    ConfigMismatch,
-    ResultStore,
     cell_summaries,
     comparisons,
-    grid,
-    run_grid,
-    shard,
     t_quantile,
     welch,
     write_report,
 )
-from manifold_nets.training import TrainConfig
 
 from .conftest import SHARED, needs_mnist
 
@@ -210,8 +206,8 @@ def test_killed_grid_resumes_to_the_same_table(mnist, tmp_path):
     write_report(reference, reference.root, "mnist")
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "manifold_nets.cli", "reproduce", "--data-dir", str(SHARED),
-           "--out", str(out), "--jobs", "2", *TINY_ARGS]
+    cmd = [sys.executable, "-m", "manifold_nets.experiments.cli", "reproduce", "--data-dir",
+           str(SHARED), "--out", str(out), "--jobs", "2", *TINY_ARGS]
     env = {**os.environ, "MANIFOLD_NETS_MIRROR": str(SHARED),
            "MANIFOLD_NETS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from manifold_nets import declare
-from manifold_nets.nets import SegNet, SegNetConfig
-from manifold_nets.segmentation import (
+from manifold_nets.experiments.segmentation import (
     BACKGROUND,
     CanvasConfig,
     SegConfig,
@@ -22,6 +21,7 @@ from manifold_nets.segmentation import (
     symmetry_report,
     train,
 )
+from manifold_nets.nets import SegNet, SegNetConfig
 
 SMALL = dict(widths=(4, 8), convs_per_block=1)
 

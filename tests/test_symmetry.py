@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from manifold_nets import Arch1, Arch2
-from manifold_nets.cli import main
+from manifold_nets.experiments.cli import main
 from manifold_nets.nets import pair_max_pool
 from manifold_nets.symmetry import (
     UPDATE_RULES,
@@ -283,7 +283,7 @@ def test_audit_rows_small():
 
 
 def test_cli_check(capsys):
-    status = main(["check", "--arch", "1", "--depth", "2", "--width", "4",
+    status = main(["check", "--arch", "arch1", "--depth", "2", "--width", "4",
                    "--in-features", "5", "--batch", "24"])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -293,7 +293,7 @@ def test_cli_check(capsys):
 
 def test_cli_check_fails_when_an_expectation_fails(capsys):
     # PyTorch's default eps breaks the exact invariance the audit expects for Arch2
-    status = main(["check", "--arch", "2", "--depth", "1", "--width", "4",
+    status = main(["check", "--arch", "arch2", "--depth", "1", "--width", "4",
                    "--in-features", "5", "--batch", "24", "--bn-eps", "1e-1"])
     assert status == 1
     assert "do NOT" in capsys.readouterr().out

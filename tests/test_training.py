@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from manifold_nets.cli import main
-from manifold_nets.data import Dataset, load_dataset
-from manifold_nets.training import (
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.config import (
     BoldDriver,
     Decision,
     Divergence,
@@ -17,13 +16,11 @@ from manifold_nets.training import (
     StoppingRule,
     TrainConfig,
     bold_driver,
-    build_model,
     exp_decay,
-    fit,
-    select_lr,
     split_indices,
-    train,
 )
+from manifold_nets.experiments.data import Dataset, load_dataset
+from manifold_nets.experiments.engines import build_model, fit, select_lr, train
 
 from .conftest import SHARED, needs_mnist
 
@@ -149,7 +146,7 @@ def test_divergence_rule():
 
 
 def test_stopping_applies_to_both_protocols_by_default():
-    from manifold_nets.training import stopping_rule
+    from manifold_nets.experiments.config import stopping_rule
 
     assert stopping_rule(TrainConfig(protocol="exp-decay")).enabled
     assert not stopping_rule(TrainConfig(protocol="exp-decay", stopping="bold-driver")).enabled
@@ -291,7 +288,7 @@ def test_train_cli_small_run(tmp_path, capsys):
 
 
 def test_demo_mnist_comparison(small_mnist):
-    from manifold_nets.demo import format_comparison, mnist_comparison
+    from manifold_nets.experiments.demo import format_comparison, mnist_comparison
 
     rows = mnist_comparison(small_mnist, seeds=(0,), epochs=1, train_size=300, val_size=100)
     assert [r["update"] for r in rows] == ["bsgd", "sm", "un"]

@@ -11,7 +11,7 @@ Run from the repository root (single thread, about a minute)::
 
     .venv/bin/python docs/figures/make_thesis_figure.py
 
-MNIST is read as :func:`manifold_nets.data.load_dataset` finds it (``--data-dir``, then
+MNIST is read as :func:`manifold_nets.experiments.data.load_dataset` finds it (``--data-dir``, then
 ``MANIFOLD_NETS_DATA``, the local mirror ``MANIFOLD_NETS_MIRROR``, the cache).
 """
 
@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from manifold_nets import Arch2, declare  # noqa: E402
-from manifold_nets.data import load_dataset  # noqa: E402
+from manifold_nets.experiments.data import load_dataset  # noqa: E402
 from manifold_nets.symmetry import arch2_group  # noqa: E402
 
 UPDATES = (("bsgd", "B-SGD"), ("sm", "SM"), ("un", "UN"))

@@ -6,8 +6,8 @@ set -euo pipefail
 export MANIFOLD_NETS_MIRROR=${MANIFOLD_NETS_MIRROR:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}
 PY=${PY:-.venv/bin/python}
 for update in un sm bsgd; do
-  /usr/bin/time -f "$update: %e s wall" $PY -m manifold_nets.cli segnet --update "$update" \
-    --lr-grid 0.1,0.03,0.01 --seeds 0,1,2 --threads 1 --out "results/segnet/$update.json"
+  /usr/bin/time -f "$update: %e s wall" $PY -m manifold_nets.experiments.cli segnet --update "$update" \
+    --lr-grid 0.1 0.03 0.01 --seeds 0 1 2 --threads 1 --out "results/segnet/$update.json"
 done
-$PY -m manifold_nets.cli segnet-report results/segnet/un.json results/segnet/sm.json \
+$PY -m manifold_nets.experiments.cli segnet-report results/segnet/un.json results/segnet/sm.json \
   results/segnet/bsgd.json --figure results/segnet/examples.png > results/segnet/metrics.md

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from manifold_nets.batched import train_group
-from manifold_nets.data import Dataset, load_dataset
-from manifold_nets.training import TrainConfig, train
+from manifold_nets.experiments.config import TrainConfig
+from manifold_nets.experiments.data import Dataset, load_dataset
+from manifold_nets.experiments.engines import train, train_group
 
 torch.set_num_threads(1)
 dtype = {"32": torch.float32, "64": torch.float64}[sys.argv[1]]

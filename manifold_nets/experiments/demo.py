@@ -17,7 +17,7 @@ import sys
 import geoopt
 import torch
 
-from .manifolds import DiagScaledEuclidean, ObliqueManifold
+from ..manifolds import DiagScaledEuclidean, ObliqueManifold
 
 
 def one_step_report(seed: int = 0) -> list[str]:
@@ -64,7 +64,8 @@ def mnist_comparison(
         Per update: ``update``, and lists ``train_error``, ``val_error``, ``test_error``,
         ``seconds`` over the seeds.
     """
-    from .training import TrainConfig, train
+    from .config import TrainConfig
+    from .engines import train
 
     rows = []
     for update in ("bsgd", "sm", "un"):
@@ -104,10 +105,11 @@ def format_comparison(rows: list[dict]) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``manifold-nets demo``."""
     print("One RiemannianSGD step with each manifold-nets geometry:")
     for line in one_step_report(args.seed):
         print("  " + line)
-    from .symmetry import audit_rows, format_audit
+    from ..symmetry import audit_rows, format_audit
 
     torch.set_num_threads(args.threads)
     for arch in (1, 2):
@@ -126,7 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except DataError as err:
         print(f"\nMNIST is not available, so the comparison is skipped:\n{err}", file=sys.stderr)
         return 1
-    seeds = tuple(range(args.seed, args.seed + args.seeds))
+    seeds = tuple(range(args.seed, args.seed + args.runs))
     print(
         f"\nB-SGD, SM and UN on MNIST: Arch2, 2 layers, {args.epochs} epochs on "
         f"{args.train_size} training images, fixed rate 1e-2 with exponential decay, "
@@ -138,19 +140,3 @@ def run_demo(args: argparse.Namespace) -> int:
     print("  (The paper's full protocol, with learning-rate selection and up to 60 epochs on "
           "50,000 images, is `manifold-nets reproduce`.)")
     return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("demo", help="a short tour: the updates, invariance and MNIST results")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    from .cli import positive_int
-
-    p.add_argument("--seeds", type=positive_int, default=3,
-                   help="MNIST runs per update (default: 3)")
-    p.add_argument("--epochs", type=positive_int, default=5, help="MNIST epochs (default: 5)")
-    p.add_argument("--train-size", type=positive_int, default=5000,
-                   help="MNIST training images (default: 5000)")
-    p.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
-    p.add_argument("--skip-mnist", action="store_true", help="skip the MNIST comparison")
-    p.set_defaults(func=run_demo)

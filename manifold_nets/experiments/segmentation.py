@@ -70,8 +70,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .declare import UPDATES, declare
-from .nets import SegNet, SegNetConfig
+from ..declare import UPDATES, declare
+from ..nets import SegNet, SegNetConfig
+from ..symmetry import Rescaling, ScalingSpace
+from .io import atomic_write
+from .report import mean_std
 
 __all__ = [
     "BACKGROUND",
@@ -88,7 +91,7 @@ __all__ = [
     "make_canvases",
     "make_splits",
     "median_frequency_weights",
-    "scale_filters",
+    "segment",
     "segmentation_metrics",
     "symmetry_report",
     "train",
@@ -286,7 +289,7 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     Examples
     --------
     >>> import torch
-    >>> from manifold_nets.segmentation import segmentation_metrics
+    >>> from manifold_nets.experiments.segmentation import segmentation_metrics
     >>> m = segmentation_metrics(torch.tensor([[3, 1], [0, 4]]))
     >>> {k: round(v, 4) for k, v in m.items()}
     {'global_acc': 0.875, 'class_avg_acc': 0.875, 'mean_iou': 0.775}
@@ -303,7 +306,7 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, chunk: int = 100) -> torch.Tensor:
+def segment(model: torch.nn.Module, images: torch.Tensor, chunk: int = 100) -> torch.Tensor:
     """Per-pixel arg-max class ``(N, H, W)`` in eval mode (running batch-norm statistics)."""
     was = model.training
     model.eval()
@@ -316,7 +319,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, chunk: int = 100) -> t
 
 def evaluate(model: torch.nn.Module, data: CanvasSet) -> dict[str, float]:
     """:func:`segmentation_metrics` of ``model`` on ``data``."""
-    return segmentation_metrics(confusion_matrix(predict(model, data.images), data.labels))
+    return segmentation_metrics(confusion_matrix(segment(model, data.images), data.labels))
 
 
 # --------------------------------------------------------------------------------------
@@ -465,7 +468,7 @@ def train(config: SegConfig, splits: dict | None = None, log=None,
         "test": evaluate(model, splits["test"]) if not diverged else None,
         "wall_time_s": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
-        "examples": predict(model, splits["test"].images[:examples]).tolist(),
+        "examples": segment(model, splits["test"].images[:examples]).tolist(),
     }
     return record, model
 
@@ -475,25 +478,18 @@ def train(config: SegConfig, splits: dict | None = None, log=None,
 
 
 def filter_scaling(model: SegNet, generator: torch.Generator, low: float = 0.2,
-                   high: float = 5.0, sign: float = 1.0) -> dict[str, torch.Tensor]:
+                   high: float = 5.0, sign: float = 1.0) -> Rescaling:
     r"""Random per-filter factors :math:`\alpha_{l,o}` (log-uniform in ``[low, high]``,
-    times ``sign``) for every conv followed by batch norm, by parameter name."""
-    out = {}
+    times ``sign``) for every conv followed by batch norm: a :class:`Rescaling` of
+    :mod:`manifold_nets.symmetry` (``sign=-1`` gives the negative control, which is no
+    symmetry)."""
+    scales = {}
     for name, w in model.named_filters():
         u = torch.rand(w.shape[0], generator=generator, dtype=torch.float64)
         a = np.log(low) + u * (np.log(high) - np.log(low))
-        out[name] = (sign * a.exp()).to(w.dtype)
-    return out
-
-
-@torch.no_grad()
-def scale_filters(model: torch.nn.Module, alphas: dict[str, torch.Tensor]) -> None:
-    """``W_l -> A_l W_l`` in place: multiply filter ``o`` of parameter ``name`` by
-    ``alphas[name][o]`` (bypasses the manifold: a declared point may leave its manifold)."""
-    params = dict(model.named_parameters())
-    for name, a in alphas.items():
-        w = params[name]
-        w.data.mul_(a.view(-1, *([1] * (w.dim() - 1))))
+        scales[name] = (sign * a.exp(), None)
+    return Rescaling(ScalingSpace(model), scales, allow_negative=sign < 0,
+                     label="per-filter scaling" + (" (negative)" if sign < 0 else ""))
 
 
 @dataclass
@@ -545,21 +541,17 @@ def symmetry_report(model: SegNet, images: torch.Tensor, labels: torch.Tensor, *
     base = copy.deepcopy(model).double().train()
     x, y = images.double(), labels
     gen = torch.Generator().manual_seed(seed)
-    alphas = filter_scaling(base, gen)
-    negative = {n: -a.double() for n, a in alphas.items()}
+    element = filter_scaling(base, gen)
+    negative = Rescaling(element.space, {n: (-a, c) for n, (a, c) in element.scales.items()},
+                         allow_negative=True)
 
     def loss_of(m):
         with torch.no_grad():
             return float(seg_loss(m(x), y))
 
-    def transformed(a):
-        m = copy.deepcopy(base)
-        scale_filters(m, a)
-        return m
-
     l0 = loss_of(base)
-    gap = abs(loss_of(transformed(alphas)) - l0)
-    neg = abs(loss_of(transformed(negative)) - l0)
+    gap = abs(loss_of(element.apply(base)) - l0)
+    neg = abs(loss_of(negative.apply(base)) - l0)
 
     probe = copy.deepcopy(base)
     seg_loss(probe(x), y).backward()
@@ -576,21 +568,13 @@ def symmetry_report(model: SegNet, images: torch.Tensor, labels: torch.Tensor, *
         opt.step()
         return loss_of(m)
 
-    steps = {u: abs(one_step(transformed(alphas), u) - one_step(copy.deepcopy(base), u))
+    steps = {u: abs(one_step(element.apply(base), u) - one_step(copy.deepcopy(base), u))
              for u in updates}
     return SymmetryReport(l0, gap, neg, align, steps)
 
 
 # --------------------------------------------------------------------------------------
 # Command line.
-
-
-def _parse_floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _parse_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def _config_from_args(args: argparse.Namespace, update: str, lr: float, seed: int) -> SegConfig:
@@ -611,18 +595,17 @@ def _fmt(m: dict | None) -> str:
             f"mIoU {m['mean_iou']:.4f}")
 
 
-def _run_segnet(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``manifold-nets segnet``."""
     torch.set_num_threads(args.threads)
     try:
-        grid = _parse_floats(args.lr_grid) if args.lr_grid else [args.lr]
-        seeds = _parse_ints(args.seeds) if args.seeds else [args.seed]
-        if not grid or not seeds:
-            raise ValueError("--lr-grid and --seeds need at least one value")
+        grid = list(args.lr_grid) if args.lr_grid else [args.lr]
+        seeds = list(args.seeds)
         configs = {lr: _config_from_args(args, args.update, lr, seeds[0]) for lr in grid}
     except ValueError as err:
         args.parser.error(str(err))
     if args.out:
-        from .training import unwritable
+        from .io import unwritable
 
         problem = unwritable(args.out, "--out")
         if problem:
@@ -659,16 +642,14 @@ def _run_segnet(args: argparse.Namespace) -> int:
         "command": "manifold-nets " + " ".join(sys.argv[1:]) if args.record_argv else None,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n")
         print(f"record written to {args.out}")
     return 0
 
 
-def _mean_std(values: list[float]) -> str:
-    a = np.asarray(values, dtype=float)
-    std = a.std(ddof=1) if len(a) > 1 else 0.0
-    return f"{a.mean():.4f} +- {std:.4f}"
+def _fmt_mean_std(values: list[float]) -> str:
+    m, sd = mean_std(values)
+    return f"{m:.4f} +- {sd:.4f}"
 
 
 def report_table(results: list[dict]) -> str:
@@ -681,7 +662,7 @@ def report_table(results: list[dict]) -> str:
         if not ok:
             lines.append(f"| {res['update'].upper()} | {res['lr']:g} | {n} | - | - | - |")
             continue
-        cells = [_mean_std([m[k] for m in ok]) for k in ("global_acc", "class_avg_acc",
+        cells = [_fmt_mean_std([m[k] for m in ok]) for k in ("global_acc", "class_avg_acc",
                                                           "mean_iou")]
         name = {"bsgd": "B-SGD"}.get(res["update"], res["update"].upper())
         lines.append(f"| {name} | {res['lr']:g} | {n} | " + " | ".join(cells) + " |")
@@ -736,71 +717,19 @@ def plot_examples(results: list[dict], path: str | os.PathLike, n: int = 4) -> N
     fig.legend(handles=handles, loc="lower center", ncol=NUM_CLASSES, fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
 
 
-def _run_report(args: argparse.Namespace) -> int:
+def run_report_cli(args: argparse.Namespace) -> int:
+    """``manifold-nets segnet-report``."""
     results = [json.loads(Path(p).read_text()) for p in args.records]
     print("## Test metrics (mean +- std over seeds)\n")
     print(report_table(results))
     print("\n## Learning-rate selection: validation mean IoU (first seed)\n")
     print(selection_table(results))
     if args.figure:
-        chosen = [r for r in results if r["update"] in args.figure_updates.split(",")]
+        chosen = [r for r in results if r["update"] in args.figure_updates]
         plot_examples(chosen, args.figure)
         print(f"\nfigure written to {args.figure}")
     return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "segnet",
-        help="SegNet on MNIST canvases (Section 6): train, evaluate, report the metrics",
-        description="Train SegNet with one update of Table 1 on MNIST-digit canvases and "
-                    "report global accuracy, class-average accuracy and mean IoU. With "
-                    "--lr-grid, the rate is selected on the validation canvases (first "
-                    "seed) and the other --seeds are trained with it.",
-    )
-    d, n, c = SegConfig(), SegNetConfig(), CanvasConfig()
-    p.add_argument("--update", choices=UPDATES, default=d.update, help="(default: un)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"base rate (default: {d.lr})")
-    p.add_argument("--lr-grid", default=None, help="comma-separated rates to select from")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default: {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"canvases per step (default: {d.batch_size})")
-    p.add_argument("--decay", type=float, default=d.decay,
-                   help=f"rate factor per epoch (default: {d.decay})")
-    p.add_argument("--momentum", type=float, default=d.momentum,
-                   help=f"heavy-ball momentum (default: {d.momentum})")
-    p.add_argument("--class-balance", action=argparse.BooleanOptionalAction,
-                   default=d.class_balance,
-                   help="median frequency balancing of the loss (default: on)")
-    p.add_argument("--seed", type=int, default=d.seed, help="weights and batch order")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed)")
-    p.add_argument("--widths", type=int, nargs="+", default=list(n.widths),
-                   help=f"filters per encoder block (default: {' '.join(map(str, n.widths))})")
-    p.add_argument("--convs-per-block", type=int, default=n.convs_per_block,
-                   help=f"(default: {n.convs_per_block})")
-    p.add_argument("--bn-eps", type=float, default=n.bn_eps, help=f"(default: {n.bn_eps})")
-    p.add_argument("--size", type=int, default=c.size, help=f"canvas side (default: {c.size})")
-    p.add_argument("--digits", type=int, default=c.digits_per_canvas,
-                   help=f"digits per canvas (default: {c.digits_per_canvas})")
-    p.add_argument("--max-overlap", type=float, default=c.max_overlap,
-                   help=f"shared fraction of ink boxes allowed (default: {c.max_overlap})")
-    p.add_argument("--train", type=int, default=c.train, help=f"(default: {c.train})")
-    p.add_argument("--val", type=int, default=c.val, help=f"(default: {c.val})")
-    p.add_argument("--test", type=int, default=c.test, help=f"(default: {c.test})")
-    p.add_argument("--data-seed", type=int, default=c.data_seed, help="(default: 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    p.add_argument("--out", default=None, help="write the JSON record here")
-    p.add_argument("--verbose", action="store_true", help="print every epoch")
-    p.set_defaults(func=_run_segnet, parser=p, record_argv=True)
-
-    r = sub.add_parser("segnet-report",
-                       help="markdown tables and a figure from `segnet --out` records")
-    r.add_argument("records", nargs="+", help="JSON records written by `segnet --out`")
-    r.add_argument("--figure", default=None, help="write the example figure (PNG) here")
-    r.add_argument("--figure-updates", default="un,bsgd",
-                   help="updates shown side by side in the figure (default: un,bsgd)")
-    r.set_defaults(func=_run_report)

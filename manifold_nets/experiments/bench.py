@@ -33,8 +33,8 @@ weight it normalises kernel rows, not filters: for ``conv`` its row is a timing,
 
 ``grid`` times the Table 2 grid's two engines on ``--grid-images`` images: one epoch of
 30 runs (Arch2, 2 layers, 5 seeds x 3 updates x 2 protocols) trained as one stack by
-:mod:`manifold_nets.batched`, against runs of the sequential engine
-(:func:`manifold_nets.training.fit`), as seconds per run-epoch and their ratio.
+the stacked engine (:func:`~.engines.fit_stacked`), against runs of the sequential
+engine (:func:`~.engines.fit`), as seconds per run-epoch and their ratio.
 
 These are measurements, not tests: nothing here asserts a time.
 """
@@ -42,7 +42,6 @@ These are measurements, not tests: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -53,20 +52,19 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import geoopt
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .declare import declare
-from .manifolds import ObliqueManifold
-from .nets import Arch2
-from .optim import InvariantSGD
+from ..declare import declare
+from ..manifolds import ObliqueManifold
+from ..nets import Arch2
+from ..optim import InvariantSGD
+from .io import atomic_write, unwritable
 
-__all__ = ["BenchConfig", "OPTIMISERS", "load_train_images", "run_bench", "register_cli"]
+__all__ = ["BenchConfig", "OPTIMISERS", "bench_model", "load_train_images", "run_bench", "run_cli"]
 
 
 # -- optimisers ------------------------------------------------------------------------------
@@ -111,7 +109,7 @@ class SmallConvNet(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-def build_model(net: str, update: str, seed: int = 0) -> nn.Module:
+def bench_model(net: str, update: str, seed: int = 0) -> nn.Module:
     """The network ``net`` ("mlp" or "conv") declared for ``update`` (or "sphere")."""
     torch.manual_seed(seed)
     model = Arch2(depth=4, width=64) if net == "mlp" else SmallConvNet()
@@ -132,41 +130,15 @@ def build_model(net: str, update: str, seed: int = 0) -> nn.Module:
 
 # -- data ------------------------------------------------------------------------------------
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_train_images(data_dir: str | os.PathLike | None, n: int = 50_000,
                       ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first ``n`` MNIST training images (float32 in [0, 1], flattened) and labels.
-
-    Looks in ``data_dir`` (plain or ``.gz`` IDX files), else asks
-    :func:`manifold_nets.data.load_dataset` (no download). Returns ``(x, y, source)``.
-    """
-    if data_dir is not None:
-        folder = Path(data_dir)
-        found = {}
-        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-            for cand in (folder / stem, folder / f"{stem}.gz", folder / "mnist" / stem,
-                         folder / "mnist" / f"{stem}.gz"):
-                if cand.exists():
-                    found[stem] = cand
-                    break
-            else:
-                raise FileNotFoundError(f"bench: no {stem}[.gz] in {folder} (or {folder}/mnist)")
-        images = _read_idx(found["train-images-idx3-ubyte"])[:n]
-        labels = _read_idx(found["train-labels-idx1-ubyte"])[:n]
-        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-        return x, torch.from_numpy(labels.astype(np.int64)), str(folder)
+    """The first ``n`` MNIST training images (float32 in [0, 1], flattened) and labels,
+    read by :func:`~.data.load_dataset` from ``data_dir`` (or where it looks; no download),
+    checksums verified. Returns ``(x, y, source)``."""
     from .data import load_dataset
 
-    ds = load_dataset("mnist", download=False)
-    return ds.x_train[:n].contiguous(), ds.y_train[:n].contiguous(), "manifold_nets.data"
+    ds = load_dataset("mnist", data_dir, download=False)
+    return ds.x_train[:n].contiguous(), ds.y_train[:n].contiguous(), ds.source
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -261,7 +233,7 @@ def bench_net(net: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig,
     runs = {}
     for name in cfg.optimisers:
         update, factory = OPTIMISERS[name]
-        model = build_model(net, update, cfg.seed)
+        model = bench_model(net, update, cfg.seed)
         runs[name] = (model, factory(model.parameters(), cfg.lr))
     gen = torch.Generator().manual_seed(cfg.seed)
     # warm-up: one epoch on 10 batches each (first-call allocations, momentum-free here)
@@ -357,14 +329,16 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     """Training throughput of the Table 2 grid's two engines, in run-epochs per second.
 
     ``cfg.grid_seeds`` seeds x 3 updates x 2 protocols of ``cfg.grid_arch`` with
-    ``cfg.grid_depth`` layers (30 runs by default, as ``reproduce --batched`` stacks them)
+    ``cfg.grid_depth`` layers (30 runs by default, as ``reproduce --engine stacked`` stacks them)
     train one epoch on ``cfg.grid_images`` images, each seed with its own batch order:
-    once as one stack (:func:`manifold_nets.batched.fit_batched`) and, for one run of each
-    update, one after another with :func:`manifold_nets.training.fit` (geoopt's
-    ``RiemannianSGD``, the sequential engine); the rounds alternate the two.
+    once as one stack (:func:`~.engines.fit_stacked`) and, for one run of each update, one
+    after another with :func:`~.engines.fit` (the sequential engine); the rounds alternate
+    the two.
     """
-    from .batched import StackedNet, Stream, fit_batched
-    from .training import StoppingRule, TrainConfig, build_model, fit, make_schedule
+    from .config import StoppingRule, TrainConfig, make_schedule
+    from .engines import build_model, fit, fit_stacked
+    from .loop import Stream
+    from .stacked import StackedNet
 
     x, y = x[: cfg.grid_images], y[: cfg.grid_images]
     configs = [TrainConfig(arch=cfg.grid_arch, depth=cfg.grid_depth, update=u, protocol=p,
@@ -379,15 +353,14 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     def once() -> StoppingRule:
         return StoppingRule(1, 1, enabled=False)
 
-    times: dict[str, list[float]] = {"batched": [], "sequential": []}
+    times: dict[str, list[float]] = {"stacked": [], "sequential": []}
     for r in range(cfg.repeats):
-        for engine in (("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")):
+        for engine in (("stacked", "sequential") if r % 2 == 0 else ("sequential", "stacked")):
             gens = [torch.Generator().manual_seed(1000 * r + s) for s in range(cfg.grid_seeds)]
-            if engine == "batched":
+            if engine == "stacked":
                 net = StackedNet.from_models([model(c) for c in configs])
                 t0 = time.perf_counter()
-                fit_batched(net, x, y, lr=[cfg.lr] * len(configs),
-                            updates=[c.update for c in configs],
+                fit_stacked(net, x, y, lr=[cfg.lr] * len(configs),
                             schedules=[make_schedule(c) for c in configs],
                             stopping=[once() for _ in configs], batch_size=cfg.batch,
                             streams=[Stream(torch.arange(len(x)), g) for g in gens],
@@ -400,9 +373,9 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
                     fit(m, x, y, lr=cfg.lr, schedule=make_schedule(c), stopping=once(),
                         batch_size=cfg.batch, generator=gens[0])
                 times[engine].append((time.perf_counter() - t0) / len(sequential))
-        log(f"  grid round {r + 1}/{cfg.repeats}: s per run-epoch: batched "
-            f"{times['batched'][-1]:.3f}, sequential {times['sequential'][-1]:.3f}")
-    speedup = [s / b for s, b in zip(times["sequential"], times["batched"], strict=True)]
+        log(f"  grid round {r + 1}/{cfg.repeats}: s per run-epoch: stacked "
+            f"{times['stacked'][-1]:.3f}, sequential {times['sequential'][-1]:.3f}")
+    speedup = [s / b for s, b in zip(times["sequential"], times["stacked"], strict=True)]
     return {
         "images": len(x), "runs": len(configs), "arch": cfg.grid_arch,
         "depth": cfg.grid_depth, "seeds": cfg.grid_seeds,
@@ -481,8 +454,8 @@ def format_table(result: dict) -> str:
         lines.append("")
         lines.append(f"grid: {g['runs']} runs ({g['arch']}, {g['depth']} layers, "
                      f"{g['seeds']} seeds x 3 updates x 2 protocols), one epoch of "
-                     f"{g['images']} images; s per run-epoch: batched {t['batched']:.3f}, "
-                     f"sequential {t['sequential']:.3f}; throughput batched / sequential "
+                     f"{g['images']} images; s per run-epoch: stacked {t['stacked']:.3f}, "
+                     f"sequential {t['sequential']:.3f}; throughput stacked / sequential "
                      f"{_fmt_ratio(sp)}")
     lines.append("")
     lines.append(f"peak RSS of the process: {m['max_rss_mib']:.0f} MiB")
@@ -491,13 +464,9 @@ def format_table(result: dict) -> str:
 
 # -- command line ---------------------------------------------------------------------------
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    unknown = [o for o in args.optimisers if o not in OPTIMISERS]
-    if unknown:
-        args.parser.error(f"unknown optimiser(s) {unknown}; choose from {list(OPTIMISERS)}")
+def run_cli(args: argparse.Namespace) -> int:
+    """``manifold-nets bench``."""
     if args.output:
-        from .training import unwritable
-
         problem = unwritable(args.output, "--output")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -510,38 +479,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     log = (lambda *a, **k: None) if args.json else print
     result = run_bench(cfg, log=log)
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        atomic_write(args.output, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``manifold-nets bench``."""
-    p = subparsers.add_parser(
-        "bench", help="time UN/SM training against torch.optim.SGD and geoopt",
-        description="Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD "
-                    "and torch.optim.SGD on Arch2 (4x64) and a small conv net, as ratios of "
-                    "interleaved repeats in one process; and the Table 2 grid's batched "
-                    "engine against the sequential one.")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--output", help="also write the JSON results to this file")
-    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid"],
-                   choices=["mlp", "conv", "grid"],
-                   help="what to time: the Arch2 MLP, the small conv net, and the Table 2 "
-                        "grid's batched against sequential engine (default: all three)")
-    p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), metavar="NAME",
-                   help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
-    from .cli import positive_int
-
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="interleaved rounds (default 5)")
-    p.add_argument("--blocks", type=positive_int, default=10,
-                   help="blocks per epoch, interleaved across optimisers (default 10)")
-    p.add_argument("--mlp-images", type=positive_int, default=50_000)
-    p.add_argument("--conv-images", type=positive_int, default=5_000)
-    p.add_argument("--grid-images", type=positive_int, default=10_000)
-    p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--data-dir", default=os.environ.get("MANIFOLD_NETS_DATA"),
-                   help="folder with the MNIST IDX files (default: $MANIFOLD_NETS_DATA, "
-                        "else manifold_nets.data)")
-    p.set_defaults(func=_cmd_bench, parser=p)

@@ -1,4 +1,4 @@
-"""The batched engine: R stacked runs equal R separate runs (float64, tight)."""
+"""The stacked engine: R stacked runs equal R separate runs (float64, tight)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from manifold_nets import Arch1, Arch2, InvariantSGD, declare
-from manifold_nets.batched import (
-    StackedNet,
-    error_rates,
-    fit_batched,
-    run_grid_batched,
-    stacked_sgd_step,
-    train_group,
-)
-from manifold_nets.cli import main
-from manifold_nets.data import Dataset
-from manifold_nets.reproduce import ResultStore, grid, write_report
-from manifold_nets.training import (
-    BoldDriver,
-    ExpDecay,
-    StoppingRule,
-    TrainConfig,
-    error_rate,
-    fit,
-    train,
-)
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.config import BoldDriver, ExpDecay, StoppingRule, TrainConfig
+from manifold_nets.experiments.data import Dataset
+from manifold_nets.experiments.engines import error_rate, fit, fit_stacked, train, train_group
+from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+from manifold_nets.experiments.report import write_report
+from manifold_nets.experiments.stacked import StackedNet, error_rates
 
 from .conftest import SHARED
 
@@ -128,7 +115,7 @@ def test_steps_equal_separate_optimisers(float64, optimizer, arch):
     for _ in range(5):
         x, y = torch.rand(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
         net.loss_and_grad(x, y)
-        stacked_sgd_step(net, torch.tensor(lrs), updates)
+        net.step(torch.tensor(lrs))
         for m, opt in zip(ms, opts, strict=True):
             opt.zero_grad()
             F.cross_entropy(m.train()(x), y, reduction="sum").backward()
@@ -144,11 +131,13 @@ def test_euclidean_step_is_not_invariant_control(float64):
     """Negative control: the stacked B-SGD step differs from the SM step (the test above
     could not pass with the updates mixed up)."""
     ms = models(2, 1, runs=2, in_features=20)
+    declare(ms[1], "sm")
     net = StackedNet.from_models(ms)
+    assert net.updates == ["bsgd", "sm"]
     x, y = torch.rand(8, 20), torch.randint(0, 10, (8,))
     net.loss_and_grad(x, y)
     before = net.W[0].detach().clone()
-    stacked_sgd_step(net, torch.tensor([1e-2, 1e-2]), ["bsgd", "sm"])
+    net.step(torch.tensor([1e-2, 1e-2]))
     step = net.W[0].detach() - before
     assert not torch.allclose(step[0], step[1])
 
@@ -179,8 +168,8 @@ def test_finished_runs_leave_the_stack_frozen(float64):
         for k, i in enumerate(ids):
             final[i] = done.select([k])
 
-    results = fit_batched(
-        net, x, y, lr=lrs, updates=updates, schedules=schedules, stopping=stops,
+    results = fit_stacked(
+        net, x, y, lr=lrs, schedules=schedules, stopping=stops,
         generator=torch.Generator().manual_seed(5), finish=finish,
         evaluate=lambda n, ids: {"val_error": error_rates(n, xv, yv)},
     )
@@ -236,18 +225,19 @@ def test_group_must_share_network_and_sizes():
         train_group([a, b], synthetic(n_train=1000, dtype=torch.float32))
 
 
-def test_batched_grid_writes_records_the_report_accepts(tmp_path):
+def test_stacked_grid_writes_records_the_report_accepts(tmp_path):
     data = synthetic(n_train=1000, dtype=torch.float32)
     base = TrainConfig(**{**TINY, "select_epochs": 1, "max_epochs": 2, "min_epochs": 1})
     store = ResultStore(tmp_path / "grid")
     specs = grid(archs=("arch1", "arch2"), depths=(2,), runs=2)
-    summary = run_grid_batched(specs, base, store, data=data, progress=False,
-                               seeds_per_group=1)
-    assert (summary["ran"], summary["groups"]) == (len(specs), 4)
+    summary = run_grid(specs, base, store, engine="stacked", data=data, progress=False,
+                       seeds_per_group=1)
+    assert (summary["ran"], summary["tasks"]) == (len(specs), 4)
     records = store.records()
     assert len(records) == len(specs)
-    assert {r["engine"] for r in records} == {"batched"}
-    again = run_grid_batched(specs, base, store, data=data, progress=False)
+    assert {r["engine"] for r in records} == {"stacked"}
+    assert not list(store.inflight.iterdir())  # finished groups leave no checkpoint
+    again = run_grid(specs, base, store, engine="stacked", data=data, progress=False)
     assert (again["ran"], again["skipped"]) == (0, len(specs))
     paths = write_report(store, tmp_path / "grid", "mnist")
     text = paths["markdown"].read_text()
@@ -255,15 +245,15 @@ def test_batched_grid_writes_records_the_report_accepts(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"no local MNIST mirror at {SHARED}")
-def test_reproduce_batched_cli(tmp_path, capsys):
-    """``manifold-nets reproduce --batched`` on real MNIST, a tiny slice: records, report."""
+def test_reproduce_stacked_cli(tmp_path, capsys):
+    """``manifold-nets reproduce --engine stacked`` on real MNIST, a tiny slice: records, report."""
     tiny = ["--train-size", "1000", "--val-size", "200", "--test-size", "300",
             "--select-train", "100", "--select-val", "100", "--select-epochs", "1",
             "--min-epochs", "1", "--max-epochs", "2", "--lr-grid", "1e-2", "1e-3"]
     out = tmp_path / "grid"
-    argv = ["reproduce", "--batched", "--data-dir", str(SHARED), "--out", str(out),
+    argv = ["reproduce", "--engine", "stacked", "--data-dir", str(SHARED), "--out", str(out),
             "--archs", "arch2", "--depths", "2", "--runs", "2", *tiny]
     assert main(argv) == 0
     records = ResultStore(out).records()
-    assert len(records) == 12 and {r["engine"] for r in records} == {"batched"}
+    assert len(records) == 12 and {r["engine"] for r in records} == {"stacked"}
     assert (out / "table2.md").is_file()

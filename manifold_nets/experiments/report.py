@@ -1,74 +1,39 @@
-r"""``manifold-nets reproduce``: the grid of Table 2, a resumable results store, the report.
+r"""The Table 2 report: cell statistics, Welch comparisons of the paper's findings, the
+table beside the paper's values, and the trajectories figure.
 
-The grid is 2 architectures x 2 depths (2, 4) x 2 protocols x 3 updates x ``runs`` (10)
-runs; each run is a full :func:`manifold_nets.training.train` (its own learning-rate
-selection included). Run ``r`` of every cell uses seed ``seed + r``, so the cells share
-their data splits and batch orders run by run (common random numbers).
-
-Results store
-    ``<out>/runs/<run id>.json``, one JSON record per finished run, written to a temporary
-    file, flushed and fsynced, then moved into place with :func:`os.replace`. A run killed
-    at any moment loses at most the runs in flight; rerunning the same command skips the
-    finished ones; a run killed half-way restarts from scratch (the grid resumes run by
-    run, not epoch by epoch: ``manifold-nets train --checkpoint`` does the latter for one
-    run). Shards (``--shard i/n``) and separate machines can write into the same
-    folder (or folders merged by copying the files): a run id is one file, so there are
-    never duplicates. Records made with another configuration are refused, not mixed.
-
-Report (written to ``<out>``)
-    ``table2.md`` (Table 2 beside the paper's values, diverged runs counted, every cell over
-    all runs and over the runs that did not diverge, Welch comparisons with 95% intervals
-    for the paper's findings), ``table2.csv`` (one row per cell) and ``trajectories.png``
-    (mean test error per epoch with a one-standard-deviation band, depth 4).
+:func:`write_report` reads every record of a :class:`~.grid.ResultStore` and writes
+``table2.md`` (Table 2 beside the paper's values, diverged runs counted, every cell over
+all runs and over the runs that did not diverge, Welch comparisons with 95% intervals for
+the paper's findings), ``table2.csv`` (one row per cell) and ``trajectories.png`` (mean
+test error per epoch with a one-standard-deviation band, depth 4).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import math
 import os
 import statistics
 import sys
-import threading
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import fsync_dir
-from .training import (
-    ARCHS,
-    PROTOCOLS,
-    UPDATES,
-    TrainConfig,
-    add_config_arguments,
-    config_from_args,
-    train,
-    unwritable,
-)
+from .config import ARCHS, PROTOCOLS, UPDATES
+from .io import atomic_write
 
 __all__ = [
     "PAPER_TABLE2",
-    "ResultStore",
-    "RunSpec",
     "cell_summaries",
     "comparisons",
-    "grid",
+    "mean_std",
     "plot_trajectories",
-    "run_grid",
-    "shard",
     "t_quantile",
     "welch",
     "write_report",
 ]
-
-DEPTHS = (2, 4)
 
 #: Table 2 of the paper: (depth, protocol, arch, update) -> (mean, std) test error.
 PAPER_TABLE2: dict[tuple[int, str, str, str], tuple[float, float]] = {}
@@ -90,251 +55,6 @@ for (_d, _p), _row in _PAPER_ROWS.items():
 _NAMES = {"arch1": "Arch1", "arch2": "Arch2", "bsgd": "B-SGD", "sm": "SM", "un": "UN",
           "exp-decay": "exp. decay", "bold-driver": "bold driver"}
 
-
-# --------------------------------------------------------------------------------------
-# The grid.
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of the grid."""
-
-    arch: str
-    depth: int
-    protocol: str
-    update: str
-    run: int
-
-    @property
-    def cell(self) -> tuple[int, str, str, str]:
-        return (self.depth, self.protocol, self.arch, self.update)
-
-    def run_id(self, dataset: str) -> str:
-        return f"{dataset}-{self.arch}-d{self.depth}-{self.protocol}-{self.update}-r{self.run:03d}"
-
-    def config(self, base: TrainConfig, seed: int = 0) -> TrainConfig:
-        d = base.to_dict()
-        d.update(arch=self.arch, depth=self.depth, protocol=self.protocol, update=self.update,
-                 seed=seed + self.run)
-        return TrainConfig.from_dict(d)
-
-
-def grid(
-    archs: Sequence[str] = ARCHS,
-    depths: Sequence[int] = DEPTHS,
-    protocols: Sequence[str] = PROTOCOLS,
-    updates: Sequence[str] = UPDATES,
-    runs: int = 10,
-) -> list[RunSpec]:
-    """All runs, run index outermost (so a partial grid covers every cell evenly)."""
-    return [
-        RunSpec(a, d, p, u, r)
-        for r in range(runs)
-        for d in depths
-        for p in protocols
-        for a in archs
-        for u in updates
-    ]
-
-
-def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
-    """Shard ``index`` (1-based) of ``count``: every ``count``-th run of the grid."""
-    if not 1 <= index <= count:
-        raise ValueError(f"Invalid shard {index}/{count}: need 1 <= i <= n")
-    return list(specs[index - 1 :: count])
-
-
-# --------------------------------------------------------------------------------------
-# The store.
-
-
-class ResultStore:
-    """One JSON file per finished run in ``<root>/runs/``, written atomically."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.runs = self.root / "runs"
-
-    def path(self, run_id: str) -> Path:
-        return self.runs / f"{run_id}.json"
-
-    def write(self, run_id: str, record: dict) -> Path:
-        self.runs.mkdir(parents=True, exist_ok=True)
-        final = self.path(run_id)
-        tmp = self.runs / f".{run_id}.{os.getpid()}.tmp"
-        text = json.dumps(record, indent=None, separators=(",", ":")) + "\n"
-        # Fault-injection hook for tests/test_faults.py: pause mid-write and before the
-        # rename, so that a kill can land inside the write. Off unless the variable is set.
-        pause = float(os.environ.get("MANIFOLD_NETS_FAULT_WRITE_PAUSE") or 0)
-        with open(tmp, "w") as fh:
-            if pause:
-                fh.write(text[: len(text) // 2])
-                fh.flush()
-                time.sleep(pause)
-                text = text[len(text) // 2 :]
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if pause:
-            time.sleep(pause)
-        os.replace(tmp, final)
-        fsync_dir(self.runs)
-        return final
-
-    def read(self, run_id: str) -> dict | None:
-        """The record of ``run_id``, or ``None`` if it is missing or unreadable."""
-        try:
-            return json.loads(self.path(run_id).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def records(self) -> list[dict]:
-        """Every readable record in the store, sorted by run id."""
-        if not self.runs.is_dir():
-            return []
-        out = []
-        for p in sorted(self.runs.glob("*.json")):
-            if p.name.startswith("."):
-                continue
-            try:
-                out.append(json.loads(p.read_text()))
-            except ValueError:
-                continue
-        return out
-
-
-class ConfigMismatch(RuntimeError):
-    pass
-
-
-def _check_same_config(run_id: str, stored: dict, expected: dict, store: ResultStore) -> None:
-    if stored == expected:
-        return
-    diffs = [f"{k}: stored {stored.get(k)!r}, now {expected.get(k)!r}"
-             for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
-    raise ConfigMismatch(
-        f"{store.path(run_id)} was made with another configuration ({'; '.join(diffs)}). "
-        f"Fix: use another --out, or delete {store.runs} to start over."
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Running.
-
-_WORKER_DATA = None
-
-
-def _init_worker(dataset: str, data_dir: str | None, threads: int) -> None:
-    global _WORKER_DATA
-    torch.set_num_threads(threads)
-    from .data import load_dataset
-
-    _WORKER_DATA = load_dataset(dataset, data_dir)
-
-
-def _run_one(task: tuple[dict, str, str, bool]) -> dict:
-    config_dict, run_id, root, progress = task
-    record = train(TrainConfig.from_dict(config_dict), _WORKER_DATA, progress=progress)
-    record["run_id"] = run_id
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    ResultStore(root).write(run_id, record)
-    return {k: record[k] for k in ("run_id", "test_error", "diverged", "wall_time_s")}
-
-
-def _pending_runs(specs: Sequence[RunSpec], base: TrainConfig, store: ResultStore,
-                 seed: int = 0) -> tuple[list[tuple[TrainConfig, str]], int]:
-    """The ``(config, run id)`` of every spec the store does not hold yet, and the number
-    it holds.
-
-    Raises
-    ------
-    ConfigMismatch
-        If the store holds a record of one of these runs made with another configuration.
-    """
-    pending, done = [], 0
-    for spec in specs:
-        config = spec.config(base, seed)
-        run_id = spec.run_id(base.dataset)
-        stored = store.read(run_id)
-        if stored is not None:
-            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
-            done += 1
-        else:
-            pending.append((config, run_id))
-    return pending, done
-
-
-def _map_in_workers(func, tasks: Sequence, *, jobs: int, dataset: str,
-                   data_dir: str | None, threads: int, data=None):
-    """Yield ``func(task)`` for every task, in this process (``jobs=1``, on ``data`` if
-    given) or in ``jobs`` spawned worker processes, in the order they finish. Every
-    process loads the data set once; ``func`` reads it from ``_WORKER_DATA``."""
-    global _WORKER_DATA
-    if jobs == 1:
-        if data is None:
-            _init_worker(dataset, data_dir, threads)
-        else:
-            torch.set_num_threads(threads)
-            _WORKER_DATA = data
-        for task in tasks:
-            yield func(task)
-        return
-    import multiprocessing as mp
-
-    # tqdm's default lock is a multiprocessing semaphore that the spawn resource tracker
-    # reports as leaked; the bars live in this process only.
-    tqdm.set_lock(threading.RLock())
-    pool = mp.get_context("spawn").Pool(jobs, _init_worker, (dataset, data_dir, threads))
-    try:
-        yield from pool.imap_unordered(func, tasks, chunksize=1)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-
-
-def run_grid(
-    specs: Sequence[RunSpec],
-    base: TrainConfig,
-    store: ResultStore,
-    *,
-    seed: int = 0,
-    jobs: int = 1,
-    data_dir: str | None = None,
-    threads: int = 1,
-    progress: bool | None = None,
-    data=None,
-) -> dict:
-    """Run every spec that the store does not hold yet; return counts and timings.
-
-    With ``jobs=1`` the runs happen in this process (on ``data`` if given); otherwise in
-    ``jobs`` spawned worker processes, each loading the data set once.
-
-    Raises
-    ------
-    ConfigMismatch
-        If the store holds a record of one of these runs made with another configuration.
-    """
-    pending, done = _pending_runs(specs, base, store, seed)
-    summary = {"skipped": done, "ran": 0, "wall_time_s": 0.0}
-    if not pending:
-        return summary
-    start = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="grid", unit="run",
-               disable=None if progress is None else not progress, file=sys.stderr)
-    # a run's own bar only when the runs happen here, under a visible grid bar
-    run_bar = None if jobs == 1 and bar.disable is False else False
-    tasks = [(c.to_dict(), run_id, str(store.root), run_bar) for c, run_id in pending]
-    with bar:
-        for result in _map_in_workers(_run_one, tasks, jobs=jobs, dataset=base.dataset,
-                                     data_dir=data_dir, threads=threads, data=data):
-            summary["ran"] += 1
-            bar.set_postfix_str(f"last test {result['test_error']:.4f}", refresh=False)
-            bar.update(1)
-    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
-    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +147,15 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict |
 # The report.
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.report import mean_std
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 1.0)
+    """
     if not values:
         return (float("nan"), float("nan"))
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -451,8 +179,8 @@ def cell_summaries(records: Iterable[dict]) -> dict[tuple, dict]:
         out[key] = {
             "n": len(rs),
             "n_diverged": len(rs) - len(ok_err),
-            "all": _mean_std(all_err),
-            "ok": _mean_std(ok_err),
+            "all": mean_std(all_err),
+            "ok": mean_std(ok_err),
             "epochs": statistics.fmean(r["epochs"] for r in rs),
             "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
             "lrs": sorted({r["lr"] for r in rs}),
@@ -704,19 +432,19 @@ def plot_trajectories(records: Sequence[dict], path: str | os.PathLike, depth: i
                 ax.legend()
     fig.suptitle(f"{records[0]['config']['dataset']}: mean test error +- 1 std "
                  "(non-diverged runs; stopped runs keep their final error)")
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True
 
 
-def write_report(store: ResultStore, out: str | os.PathLike, dataset: str) -> dict[str, Path]:
+def write_report(store, out: str | os.PathLike, dataset: str) -> dict[str, Path]:
     """Write ``table2.md``, ``table2.csv`` and ``trajectories.png`` from every record."""
     records = [r for r in store.records() if r["config"]["dataset"] == dataset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = cell_summaries(records)
     paths = {"markdown": out / "table2.md", "csv": out / "table2.csv"}
-    _atomic_text(paths["markdown"], table_markdown(cells, records, dataset))
-    _atomic_text(paths["csv"], table_csv(cells))
+    atomic_write(paths["markdown"], table_markdown(cells, records, dataset))
+    atomic_write(paths["csv"], table_csv(cells))
     png = out / "trajectories.png"
     try:
         import matplotlib  # noqa: F401
@@ -724,100 +452,8 @@ def write_report(store: ResultStore, out: str | os.PathLike, dataset: str) -> di
         print("matplotlib is not installed, so trajectories.png is not drawn; "
               "pip install matplotlib, then rerun with --report-only", file=sys.stderr)
         return paths
-    if records and plot_trajectories(records, png.with_suffix(".tmp.png")):
-        os.replace(png.with_suffix(".tmp.png"), png)
+    if records and plot_trajectories(records, png):
         paths["figure"] = png
     return paths
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------
-# Command line.
-
-
-def _shard_arg(value: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: use i/n, e.g. 1/4") from None
-    if not (n >= 1 and 1 <= i <= n):
-        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: need 1 <= i <= n")
-    return i, n
-
-
-def _run_reproduce(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    try:
-        base = config_from_args(args, dataset=args.dataset)
-    except ValueError as err:
-        args.parser.error(str(err))
-    out = Path(args.out or Path("results") / args.dataset)
-    problem = unwritable(out, "--out", folder=True)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    store = ResultStore(out)
-    specs = grid(args.archs, args.depths, args.protocols, args.updates, args.runs)
-    if args.shard:
-        specs = shard(specs, *args.shard)
-    if not args.report_only:
-        from .data import DataError
-
-        print(f"{len(specs)} runs; results in {store.runs}", file=sys.stderr)
-        try:
-            if args.batched:
-                from .batched import run_grid_batched as runner
-            else:
-                runner = run_grid
-            summary = runner(specs, base, store, seed=args.seed, jobs=args.jobs,
-                             data_dir=args.data_dir, threads=args.threads)
-        except (ConfigMismatch, DataError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"ran {summary['ran']} runs in {summary['wall_time_s']} s; "
-              f"{summary['skipped']} already done", file=sys.stderr)
-    paths = write_report(store, out, args.dataset)
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import positive_int
-
-    p = sub.add_parser(
-        "reproduce",
-        allow_abbrev=False,
-        help="run the grid of Table 2 (resumable) and write the table and figure",
-        description=(
-            "Run the grid of Table 2: architectures x depths x protocols x updates x runs, "
-            "each run with its own learning-rate selection. Finished runs are kept in "
-            "OUT/runs/ and skipped when the command is run again."
-        ),
-    )
-    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
-    p.add_argument("--data-dir", default=None, help="folder holding the IDX files")
-    p.add_argument("--out", default=None, help="results folder (default: results/<dataset>)")
-    p.add_argument("--runs", type=positive_int, default=10, help="runs per cell (default: 10)")
-    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
-    p.add_argument("--depths", nargs="+", type=positive_int, default=list(DEPTHS))
-    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
-    p.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
-    p.add_argument("--seed", type=int, default=0, help="run r uses seed SEED + r (default: 0)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch threads per worker (default: 1)")
-    p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
-                   help="run only shard I of N (1-based) of the grid; shards share OUT")
-    p.add_argument("--batched", action="store_true",
-                   help="train the runs of one architecture and depth (5 seeds at a time) as one "
-                        "stacked model (manifold_nets.batched): same protocol and records")
-    p.add_argument("--report-only", action="store_true",
-                   help="only write the table and figure from the runs already in OUT")
-    add_config_arguments(p, exclude=("arch", "depth", "protocol", "update", "seed", "dataset"))
-    p.set_defaults(func=_run_reproduce, parser=p)

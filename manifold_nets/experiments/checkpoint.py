@@ -38,14 +38,18 @@ from pathlib import Path
 import geoopt
 import torch
 
-from . import math as mm
-from .manifolds import ObliqueManifold, _filter_index
+from .. import math as mm
+from ..manifolds import ObliqueManifold
+from ..math import filter_index
+from .config import config_diff
+from .io import atomic_write
 
 __all__ = [
     "FORMAT",
     "UNIT_NORM_TOL",
     "CheckpointError",
     "check_config",
+    "check_unit_norm",
     "describe",
     "load_checkpoint",
     "read_checkpoint",
@@ -53,7 +57,7 @@ __all__ = [
 ]
 
 #: The marker and version stored in every checkpoint.
-FORMAT = ("manifold-nets-checkpoint", 1)
+FORMAT = ("manifold-nets-checkpoint", 2)
 
 #: How far from 1 a filter norm of an oblique-manifold parameter may be, per dtype.
 UNIT_NORM_TOL = {
@@ -150,30 +154,7 @@ def save_checkpoint(
         "config": _config_dict(config),
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -203,18 +184,12 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return payload
 
 
-def _config_diff(stored: dict | None, expected: dict) -> list[str]:
-    stored = stored or {}
-    return [f"{k}: checkpoint {stored.get(k)!r}, now {expected.get(k)!r}"
-            for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
-
-
 def check_config(payload: dict, config, path: str | os.PathLike = "checkpoint") -> None:
     """Raise :class:`CheckpointError` unless the checkpoint was made with ``config``."""
     expected = _config_dict(config)
     if expected is None:
         return
-    diffs = _config_diff(payload.get("config"), expected)
+    diffs = config_diff(payload.get("config"), expected, ("checkpoint", "now"))
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was made with another configuration ({'; '.join(diffs)}). "
@@ -282,27 +257,32 @@ def _check_finite(payload: dict, model: torch.nn.Module, path) -> None:
                     )
 
 
+def check_unit_norm(w: torch.Tensor, ndim: int, name: str, path) -> None:
+    """Raise :class:`CheckpointError` unless every filter of ``w`` (the trailing ``ndim``
+    dims) has norm 1 within :data:`UNIT_NORM_TOL` of its dtype; the message names the first
+    filter that is off."""
+    tol = UNIT_NORM_TOL.get(w.dtype, 1e-4)
+    norm = mm.filter_sqnorm(w.to(torch.float64), ndim).sqrt()
+    off = (norm - 1).abs() > tol
+    if bool(off.any()):
+        batch = norm.shape[: norm.dim() - ndim]
+        first = int(off.reshape(-1).nonzero()[0, 0])
+        raise CheckpointError(
+            f"checkpoint {path}: filter {filter_index(first, batch)} of `{name}` has norm "
+            f"{float(norm.reshape(-1)[first]):.6g}, not 1 (tolerance {tol:g} for {w.dtype}; "
+            f"{int(off.sum())} of {off.numel()} filters are off): its weights are off the "
+            "oblique manifold, so this is not the state of a UN run of this model. "
+            "Fix: use the checkpoint of a UN run, or declare the model with the update "
+            "the checkpoint was made with."
+        )
+
+
 def _check_on_manifold(payload: dict, model: torch.nn.Module, path) -> None:
     state = payload["model"]
     for name, p in model.named_parameters():
         manifold = getattr(p, "manifold", None)
-        if not isinstance(manifold, ObliqueManifold) or name not in state:
-            continue
-        w = state[name]
-        tol = UNIT_NORM_TOL.get(w.dtype, 1e-4)
-        norm = mm.filter_sqnorm(w.to(torch.float64), manifold.ndim).sqrt()
-        off = (norm - 1).abs() > tol
-        if bool(off.any()):
-            batch = norm.shape[: norm.dim() - manifold.ndim]
-            first = int(off.reshape(-1).nonzero()[0, 0])
-            raise CheckpointError(
-                f"checkpoint {path}: filter {_filter_index(first, batch)} of `{name}` has norm "
-                f"{float(norm.reshape(-1)[first]):.6g}, not 1 (tolerance {tol:g} for {w.dtype}; "
-                f"{int(off.sum())} of {off.numel()} filters are off): its weights are off the "
-                "oblique manifold, so this is not the state of a UN run of this model. "
-                "Fix: use the checkpoint of a UN run, or declare the model with the update "
-                "the checkpoint was made with."
-            )
+        if isinstance(manifold, ObliqueManifold) and name in state:
+            check_unit_norm(state[name], manifold.ndim, name, path)
 
 
 def load_checkpoint(

@@ -1,0 +1,507 @@
+"""The ``manifold-nets`` command line: every command, its options and their help.
+
+One language across commands: architectures are ``arch1``/``arch2`` everywhere, lists are
+space-separated values (``--lr-grid 0.01 0.001``), counts are positive integers, and every
+option has a help text with its default. Invalid arguments exit with status 2 and a usage
+message (argparse's convention); a command that fails on its input (missing data, an
+unwritable output, a foreign checkpoint) prints ``error: ...`` and exits 1.
+
+Nothing imports this module: it imports the experiments, which never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..declare import UPDATES
+from .config import ARCHS, PROTOCOLS, STOPPING, BoldDriver, TrainConfig
+from .io import atomic_write, unwritable
+
+__all__ = ["build_parser", "main", "positive_int"]
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1 (invalid values exit 2 with the usage message)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return v
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True, threads: bool = True) -> None:
+    if data:
+        p.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="folder holding the IDX files (default: $MANIFOLD_NETS_DATA, "
+                            "then the cache folder, then a verified download)")
+    if threads:
+        p.add_argument("--threads", type=positive_int, default=1,
+                       help="torch threads (default: 1)")
+
+
+# --------------------------------------------------------------------------------------
+# Every TrainConfig field is an option.
+
+_CONFIG_HELP = {
+    "arch": "network: arch1 (ReLU + pair max-pooling) or arch2 (with batch norm)",
+    "depth": "hidden layers",
+    "width": "filters per hidden layer",
+    "update": "update of Table 1: bsgd, sm or un",
+    "protocol": "learning-rate protocol: exp-decay or bold-driver",
+    "dataset": "mnist or fashion-mnist",
+    "seed": "seeds the split, the selection subsets, the initial weights and the batch order",
+    "batch_size": "images per mini-batch (the loss is summed over it)",
+    "lr": "fixed base rate; unset: selected over --lr-grid on the selection images",
+    "lr_grid": "candidate base rates for the selection, space-separated",
+    "select_train": "images the selection trains on",
+    "select_val": "images the selection is judged on",
+    "select_epochs": "epochs per candidate rate in the selection",
+    "train_size": "training images",
+    "val_size": "validation images",
+    "test_size": "test images (the first of the test file)",
+    "min_epochs": "epochs before the stopping criteria apply",
+    "max_epochs": "epochs at most",
+    "decay": "exponential-decay factor per epoch",
+    "bold_increase": "bold driver: rate factor when the cost did not rise",
+    "bold_decrease": "bold driver: rate factor when the cost rose",
+    "bold_undo": "bold driver: undo an epoch whose cost rose",
+    "stopping": "where the stopping criteria apply: all, bold-driver or none",
+    "stop_train_error": "stop when the training error is below this",
+    "stop_val_change": "stop when two successive validation errors differ by less",
+    "stop_lookback": "stop when the validation error is higher than this many epochs ago",
+    "collapse_error": "a validation error above this (from --collapse-epoch on) is divergence",
+    "collapse_epoch": "first epoch of the collapse check",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Add one option per :class:`~.config.TrainConfig` field (defaults: ``None`` = the
+    config's own)."""
+    group = parser.add_argument_group("run configuration (defaults: the paper's protocol)")
+    defaults = TrainConfig()
+    choices = {"arch": ARCHS, "update": UPDATES, "protocol": PROTOCOLS, "stopping": STOPPING,
+               "dataset": ("mnist", "fashion-mnist")}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        default = getattr(defaults, f.name)
+        kw: dict = {"default": None, "dest": f.name}
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
+        if f.name == "lr_grid":
+            kw.update(type=positive_float, nargs="+", metavar="LR")
+        elif f.name == "bold_undo":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.name in ("lr", "collapse_error"):
+            kw["type"] = float
+        elif isinstance(default, int) and not isinstance(default, bool):
+            kw["type"] = positive_int if f.name != "seed" else int
+        else:
+            kw["type"] = type(default)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "selected" if f.name == "lr" else shown
+        kw["help"] = f"{_CONFIG_HELP[f.name]} (default: {shown})"
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    group.add_argument(
+        "--textbook-bold-driver", action="store_true",
+        help="bold driver x1.05 / x0.5 with undo (instead of the released code's x1.1 / x0.5)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
+    """A :class:`~.config.TrainConfig` from parsed options (unset ones keep their
+    defaults)."""
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = tuple(value) if f.name == "lr_grid" else value
+    if getattr(args, "textbook_bold_driver", False):
+        tb = BoldDriver.textbook()
+        values.update(bold_increase=tb.increase, bold_decrease=tb.decrease, bold_undo=tb.undo)
+    values.update(fixed)
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------------------
+# Commands.
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .engines import train
+
+    torch.set_num_threads(args.threads)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        args.parser.error(str(err))
+    for option, value in (("--out", args.out), ("--save", args.save),
+                          ("--checkpoint", args.checkpoint)):
+        problem = value and unwritable(value, option)
+        if problem:
+            return _error(problem)
+    if args.checkpoint and Path(args.checkpoint).exists():
+        print(f"resuming from {args.checkpoint}", file=sys.stderr)
+    try:
+        record = train(config, data_dir=args.data_dir, save_path=args.save,
+                       checkpoint=args.checkpoint)
+    except (DataError, CheckpointError) as err:
+        return _error(str(err))
+    h = record["history"]
+    print(f"config: {json.dumps(record['config'])}")
+    if record["selection"]:
+        sel = ", ".join(f"{k}: {v:.4f}" for k, v in record["selection"].items())
+        print(f"learning-rate selection (error on {config.select_val} images): {sel}")
+    print(f"base rate {record['lr']:g}; {record['epochs']} epochs; stop: {record['stop_reason']}")
+    print(
+        f"final: train {h[-1]['train_error']:.4f}  val {record['val_error']:.4f}  "
+        f"test {record['test_error']:.4f}{'  (DIVERGED)' if record['diverged'] else ''}"
+    )
+    print(f"wall time {record['wall_time_s']:.1f} s (selection {record['select_time_s']:.1f} s)")
+    if args.save and not record["saved"]:
+        print(f"not saved to {args.save}: the run diverged", file=sys.stderr)
+    if args.out:
+        atomic_write(args.out, json.dumps(record, indent=1) + "\n")
+        print(f"record written to {args.out}")
+    return 0
+
+
+def _shard_arg(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: use i/n, e.g. 1/4") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise argparse.ArgumentTypeError(f"invalid shard {value!r}: need 1 <= i <= n")
+    return i, n
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .grid import ConfigMismatch, ResultStore, grid, run_grid, shard
+    from .report import write_report
+
+    torch.set_num_threads(args.threads)
+    try:
+        base = config_from_args(args, dataset=args.dataset)
+    except ValueError as err:
+        args.parser.error(str(err))
+    out = Path(args.out or Path("results") / args.dataset)
+    problem = unwritable(out, "--out", folder=True)
+    if problem:
+        return _error(problem)
+    store = ResultStore(out)
+    specs = grid(args.archs, args.depths, args.protocols, args.updates, args.runs)
+    if args.shard:
+        specs = shard(specs, *args.shard)
+    if not args.report_only:
+        print(f"{len(specs)} runs; results in {store.runs}", file=sys.stderr)
+        try:
+            summary = run_grid(specs, base, store, engine=args.engine, seed=args.seed,
+                               jobs=args.jobs, data_dir=args.data_dir, threads=args.threads,
+                               seeds_per_group=args.seeds_per_group)
+        except (ConfigMismatch, DataError) as err:
+            return _error(str(err))
+        print(f"ran {summary['ran']} runs in {summary['wall_time_s']} s; "
+              f"{summary['skipped']} already done", file=sys.stderr)
+    paths = write_report(store, out, args.dataset)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from ..symmetry import TOLERANCES, audit_rows, format_audit
+
+    torch.manual_seed(args.seed)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda, but CUDA is not available on this machine")
+    arch = ARCHS.index(args.arch) + 1
+    rows = audit_rows(arch, args.depth, width=args.width, in_features=args.in_features,
+                      batch=args.batch, steps=args.steps, dtype=dtype, device=args.device,
+                      seed=args.seed, bn_eps=args.bn_eps)
+    print(f"Invariance audit: Arch{arch}, depth {args.depth}, width {args.width}, "
+          f"{args.dtype} on {args.device}, seed {args.seed}, {args.steps} steps, "
+          f"tolerances invariant <= {TOLERANCES[dtype][0]:g}, broken >= "
+          f"{TOLERANCES[dtype][1]:g}")
+    print(format_audit(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_cli
+
+    return run_cli(args)
+
+
+def _run_segnet(args: argparse.Namespace) -> int:
+    from .segmentation import run_cli
+
+    return run_cli(args)
+
+
+def _run_segnet_report(args: argparse.Namespace) -> int:
+    from .segmentation import run_report_cli
+
+    return run_report_cli(args)
+
+
+def _add(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, allow_abbrev=False)
+    p.set_defaults(func=func, parser=p)
+    return p
+
+
+def _demo_parser(sub) -> None:
+    p = _add(sub, "demo", "a short tour: the updates, invariance and MNIST results",
+             "One UN and one SM step on a random weight, the invariance audit of small "
+             "Arch1 and Arch2 networks, and B-SGD, SM and UN on a few thousand MNIST images.",
+             _run_demo)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--runs", type=positive_int, default=3,
+                   help="MNIST runs per update (default: 3)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="MNIST epochs (default: 5)")
+    p.add_argument("--train-size", type=positive_int, default=5000,
+                   help="MNIST training images (default: 5000)")
+    p.add_argument("--skip-mnist", action="store_true", help="skip the MNIST comparison")
+    _common(p)
+
+
+def _check_parser(sub) -> None:
+    p = _add(sub, "check", "audit loss and update invariance under the rescaling groups "
+             "(exit 0 iff every expectation holds)",
+             "For the paper's groups, the discovered group and negative controls, measure "
+             "loss invariance and the invariance of every update rule, beside what the "
+             "theory predicts. Exit 0 iff every expectation holds.", _run_check)
+    p.add_argument("--arch", choices=ARCHS, default="arch1", help="network (default: arch1)")
+    p.add_argument("--depth", type=positive_int, default=2, help="hidden layers (default: 2)")
+    p.add_argument("--width", type=positive_int, default=64,
+                   help="filters per layer (default: 64)")
+    p.add_argument("--in-features", type=positive_int, default=784,
+                   help="input features (default: 784)")
+    p.add_argument("--batch", type=positive_int, default=100,
+                   help="random inputs per check (default: 100)")
+    p.add_argument("--steps", type=positive_int, default=3,
+                   help="optimiser steps per update check (default: 3)")
+    p.add_argument("--bn-eps", type=positive_float, default=1e-30,
+                   help="Arch2 batch-norm eps for the group checks (default 1e-30: "
+                        "effectively exact; torch refuses 0)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="(default: float64)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _train_parser(sub) -> None:
+    p = _add(sub, "train", "one run: learning-rate selection, training and test error",
+             "One run of the paper's protocol (Section 4) for one configuration, on the "
+             "sequential engine.", _run_train)
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write the run's JSON record here")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="save the trained weights (state_dict) here")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint after every epoch to PATH; resume from PATH if it exists")
+    _common(p)
+    add_config_arguments(p)
+
+
+def _reproduce_parser(sub) -> None:
+    from .grid import DEPTHS, ENGINES
+
+    p = _add(sub, "reproduce", "run the grid of Table 2 (resumable) and write the table "
+             "and figure",
+             "Run the grid of Table 2: architectures x depths x protocols x updates x runs, "
+             "each run with its own learning-rate selection. Finished runs are kept in "
+             "OUT/runs/ and skipped when the command is run again; a stacked group in "
+             "flight resumes from its last finished epoch.", _run_reproduce)
+    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist",
+                   help="(default: mnist)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="results folder (default: results/<dataset>)")
+    p.add_argument("--runs", type=positive_int, default=10, help="runs per cell (default: 10)")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS),
+                   help="architectures (default: all)")
+    p.add_argument("--depths", nargs="+", type=positive_int, default=list(DEPTHS),
+                   help="depths (default: 2 4)")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
+                   help="protocols (default: all)")
+    p.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES),
+                   help="updates (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="run r uses seed SEED + r (default: 0)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
+                   help="run only shard I of N (1-based) of the grid; shards share OUT")
+    p.add_argument("--engine", choices=ENGINES, default="sequential",
+                   help="one model per run, or the runs of one architecture and depth "
+                        "(--seeds-per-group seeds at a time) as one stacked model: same "
+                        "protocol and records (default: sequential)")
+    p.add_argument("--batched", dest="engine", action="store_const", const="stacked",
+                   help="the same as --engine stacked")
+    p.add_argument("--seeds-per-group", type=positive_int, default=5,
+                   help="seeds per stacked group (default: 5)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only write the table and figure from the runs already in OUT")
+    _common(p)
+    add_config_arguments(p, exclude=("arch", "depth", "protocol", "update", "seed", "dataset"))
+
+
+def _bench_parser(sub) -> None:
+    from .bench import OPTIMISERS
+
+    p = _add(sub, "bench", "time UN/SM training against torch.optim.SGD and geoopt",
+             "Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD and "
+             "torch.optim.SGD on Arch2 (4x64) and a small conv net, as ratios of interleaved "
+             "repeats in one process; and the Table 2 grid's stacked engine against the "
+             "sequential one.", _run_bench)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="also write the JSON results to this file")
+    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid"],
+                   choices=["mlp", "conv", "grid"],
+                   help="what to time: the Arch2 MLP, the small conv net, and the Table 2 "
+                        "grid's stacked against sequential engine (default: all three)")
+    p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), choices=OPTIMISERS,
+                   metavar="NAME",
+                   help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="interleaved rounds (default: 5)")
+    p.add_argument("--blocks", type=positive_int, default=10,
+                   help="blocks per epoch, interleaved across optimisers (default: 10)")
+    p.add_argument("--mlp-images", type=positive_int, default=50_000,
+                   help="images per MLP epoch (default: 50000)")
+    p.add_argument("--conv-images", type=positive_int, default=5_000,
+                   help="images per conv epoch (default: 5000)")
+    p.add_argument("--grid-images", type=positive_int, default=10_000,
+                   help="images per grid epoch (default: 10000)")
+    _common(p)
+
+
+def _segnet_parsers(sub) -> None:
+    from ..nets import SegNetConfig
+    from .segmentation import CanvasConfig, SegConfig
+
+    d, n, c = SegConfig(), SegNetConfig(), CanvasConfig()
+    p = _add(sub, "segnet",
+             "SegNet on MNIST canvases (Section 6): train, evaluate, report the metrics",
+             "Train SegNet with one update of Table 1 on MNIST-digit canvases and report "
+             "global accuracy, class-average accuracy and mean IoU. With --lr-grid, the rate "
+             "is selected on the validation canvases (first seed) and the other --seeds are "
+             "trained with it.", _run_segnet)
+    p.add_argument("--update", choices=UPDATES, default=d.update,
+                   help=f"update of Table 1 (default: {d.update})")
+    p.add_argument("--lr", type=positive_float, default=d.lr,
+                   help=f"base rate when --lr-grid is not given (default: {d.lr})")
+    p.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
+                   help="rates to select from on the validation canvases, space-separated")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help=f"canvases per step (default: {d.batch_size})")
+    p.add_argument("--decay", type=positive_float, default=d.decay,
+                   help=f"rate factor per epoch (default: {d.decay})")
+    p.add_argument("--momentum", type=float, default=d.momentum,
+                   help=f"heavy-ball momentum (default: {d.momentum})")
+    p.add_argument("--class-balance", action=argparse.BooleanOptionalAction,
+                   default=d.class_balance,
+                   help="median frequency balancing of the loss (default: on)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
+                   help="seeds of the weights and batch order, space-separated; the first "
+                        "selects the rate (default: 0)")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=list(n.widths),
+                   help=f"filters per encoder block (default: {' '.join(map(str, n.widths))})")
+    p.add_argument("--convs-per-block", type=positive_int, default=n.convs_per_block,
+                   help=f"convolutions per encoder block (default: {n.convs_per_block})")
+    p.add_argument("--bn-eps", type=positive_float, default=n.bn_eps,
+                   help=f"batch-norm eps (default: {n.bn_eps})")
+    p.add_argument("--size", type=positive_int, default=c.size,
+                   help=f"canvas side (default: {c.size})")
+    p.add_argument("--digits", type=positive_int, default=c.digits_per_canvas,
+                   help=f"digits per canvas (default: {c.digits_per_canvas})")
+    p.add_argument("--max-overlap", type=float, default=c.max_overlap,
+                   help=f"shared fraction of ink boxes allowed (default: {c.max_overlap})")
+    p.add_argument("--train", type=positive_int, default=c.train,
+                   help=f"training canvases (default: {c.train})")
+    p.add_argument("--val", type=positive_int, default=c.val,
+                   help=f"validation canvases (default: {c.val})")
+    p.add_argument("--test", type=positive_int, default=c.test,
+                   help=f"test canvases (default: {c.test})")
+    p.add_argument("--data-seed", type=int, default=c.data_seed,
+                   help=f"seed of the canvases (default: {c.data_seed})")
+    p.add_argument("--out", default=None, metavar="PATH", help="write the JSON record here")
+    p.add_argument("--verbose", action="store_true", help="print every epoch")
+    _common(p)
+    p.set_defaults(record_argv=True)
+
+    r = _add(sub, "segnet-report", "markdown tables and a figure from `segnet --out` records",
+             "Test metrics (mean +- std over seeds) and the learning-rate selection as "
+             "Markdown tables, and a figure of predictions, from `segnet --out` records.",
+             _run_segnet_report)
+    r.add_argument("records", nargs="+", help="JSON records written by `segnet --out`")
+    r.add_argument("--figure", default=None, metavar="PATH",
+                   help="write the example figure (PNG) here")
+    r.add_argument("--figure-updates", nargs="+", choices=UPDATES, default=["un", "bsgd"],
+                   help="updates shown side by side in the figure (default: un bsgd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="manifold-nets",
+        description="Symmetry-invariant optimisation of deep networks (SM and UN updates): "
+                    "the paper's experiments, audits and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_demo_parser, _check_parser, _train_parser, _reproduce_parser, _bench_parser,
+                _segnet_parsers):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``manifold-nets`` with ``argv`` (default: the process's arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    status = args.func(args)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,713 @@
+r"""The paper's protocol (Section 4) on the two engines of :func:`~.loop.fit_runs`.
+
+A run (:func:`train`) is
+
+1. **split** the 60,000 training images at random into ``train_size`` (50,000) for
+   training and ``val_size`` (10,000) for validation; draw ``select_train`` (1,000) and
+   ``select_val`` (500) other images from the training part for the learning-rate
+   selection;
+2. **select the learning rate** (:func:`select_lr`): from the same initial weights, train
+   for ``select_epochs`` (50) epochs with every rate of ``lr_grid``
+   (:math:`10^{-2} .. 10^{-5}`) under the run's protocol, and keep the rate with the
+   lowest final error on the ``select_val`` images (ties go to the smaller rate);
+3. **train** from those initial weights with the selected rate (:func:`fit`) for
+   ``min_epochs`` (25) to ``max_epochs`` (60) epochs, with the stopping criteria of
+   :class:`~.config.StoppingRule`, and report the error on the 10,000 test images.
+
+Divergence (:class:`~.config.Divergence`): a non-finite epoch cost that the schedule does
+not undo, or a network that has collapsed towards chance (validation error above
+``collapse_error`` = 0.5 at any epoch from ``collapse_epoch`` = 10 on; a dead ReLU network
+predicting one class sits near 0.9). A diverged run stops at once, is marked ``diverged``
+in its record and is never saved as weights. Non-finite logits count as errors.
+
+Two engines run the same loop (:func:`~.loop.fit_runs`):
+
+- **sequential** (:func:`train`, :func:`fit`): one :class:`~manifold_nets.Arch1` /
+  :class:`~manifold_nets.Arch2` module per run, autograd and
+  :class:`~manifold_nets.InvariantSGD` (:class:`~.loop.ModuleRuns`);
+- **stacked** (:func:`train_group`, :func:`fit_stacked`): a group of runs of one
+  architecture and depth (any seed, update, protocol and rate) as one
+  :class:`~.stacked.StackedNet`; the learning-rate selection trains
+  ``runs x len(lr_grid)`` networks at once. A group can checkpoint after every epoch and
+  resume from it.
+
+Everything is seeded from ``TrainConfig.seed``: the split, the selection subsets, the
+initial weights and the batch order. On CPU the same seed gives the same numbers; in
+float64 the two engines give the same records to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..declare import declare
+from ..nets import Arch1, Arch2
+from .config import (
+    Divergence,
+    StoppingRule,
+    TrainConfig,
+    config_diff,
+    make_schedule,
+    split_indices,
+    stopping_rule,
+    subseed,
+)
+from .loop import FitResult, LoopState, ModuleRuns, Stream, fit_runs
+from .stacked import StackedNet, error_rates
+
+__all__ = [
+    "build_model",
+    "error_rate",
+    "fit",
+    "fit_stacked",
+    "group_key",
+    "select_lr",
+    "select_lr_stacked",
+    "train",
+    "train_group",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Model and evaluation.
+
+
+def build_model(config: TrainConfig, generator: torch.Generator | None = None):
+    """The network of ``config``, initialised from ``generator`` and declared for its update.
+
+    Returns the model; create the optimiser afterwards (``declare`` replaces parameters).
+    """
+    cls = Arch1 if config.arch == "arch1" else Arch2
+    model = cls(config.depth, config.width, 784, 10, generator=generator)
+    declare(model, config.update)
+    return model
+
+
+def _init_generator(config: TrainConfig) -> torch.Generator:
+    return torch.Generator().manual_seed(subseed(config.seed, 2))
+
+
+def _order_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(subseed(seed, 3))
+
+
+@torch.no_grad()
+def error_rate(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> float:
+    """Fraction of misclassified images (eval mode); non-finite logits count as errors."""
+    was_training = model.training
+    model.eval()
+    wrong = 0
+    for i in range(0, x.shape[0], chunk):
+        logits = model(x[i : i + chunk])
+        bad = (logits.argmax(1) != y[i : i + chunk]) | ~torch.isfinite(logits).all(1)
+        wrong += int(bad.sum())
+    model.train(was_training)
+    return wrong / max(1, x.shape[0])
+
+
+def _record(config: TrainConfig, lr: float, selection: dict, result: FitResult,
+            select_time: float, wall: float) -> dict:
+    """The JSON-ready record of one run, the same for both engines."""
+    last = result.history[-1]
+    return {
+        "config": config.to_dict(),
+        "lr": lr,
+        "selection": {repr(k): v for k, v in selection.items()},
+        "history": result.history,
+        "epochs": len(result.history),
+        "test_error": last["test_error"],
+        "val_error": last["val_error"],
+        "stop_reason": result.stop_reason,
+        "diverged": result.diverged,
+        "saved": None,
+        "select_time_s": round(select_time, 3),
+        "wall_time_s": round(wall, 3),
+        "torch": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The sequential engine.
+
+
+def fit(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    schedule,
+    stopping: StoppingRule,
+    divergence: Divergence | None = None,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+    stream: torch.Tensor | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    progress: tqdm | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_info: dict | None = None,
+) -> FitResult:
+    """Train ``model`` with :class:`~manifold_nets.InvariantSGD` on summed cross-entropy:
+    :func:`~.loop.fit_runs` with one run.
+
+    Parameters
+    ----------
+    model
+        A model whose parameters were declared with :func:`manifold_nets.declare`.
+    x, y : torch.Tensor
+        Images and labels, in memory.
+    lr : float
+        The base rate.
+    schedule
+        :class:`~.config.ExpDecay` or :class:`~.config.BoldDriver`, applied after every
+        epoch.
+    stopping : StoppingRule
+        When to stop (``stopping.max_epochs`` bounds the epochs).
+    divergence : Divergence, optional
+        When the run has diverged; a non-finite cost always ends the run.
+    batch_size : int
+        Images per mini-batch (the last one may be smaller).
+    generator : torch.Generator, optional
+        Source of the per-epoch permutations (default: torch's global generator).
+    stream : torch.Tensor, optional
+        The indices of ``x`` to train on (default: all).
+    evaluate : callable, optional
+        Called after every epoch; returns errors to log (``"val_error"`` feeds the stopping
+        and collapse checks; without it, only ``max_epochs`` and NaN stop the run).
+    progress : tqdm, optional
+        A bar to advance by one per epoch.
+    checkpoint : path, optional
+        A checkpoint file (:mod:`~.checkpoint`). If it exists, the run resumes from it
+        (model, optimiser, schedule, history, ``generator`` and torch's global RNG), after
+        checking that it fits the model and ``checkpoint_info["config"]``; a run that had
+        already stopped returns at once. Otherwise it is written before the first epoch.
+        Either way it is rewritten after every epoch that did not diverge, so on CPU a
+        resumed run gives bit-identical iterates to an uninterrupted one.
+    checkpoint_info : dict, optional
+        ``"config"``: the configuration the checkpoint must match (any mapping); every
+        other key is saved as the checkpoint's ``extra``.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    engine = ModuleRuns(model)
+    generator = generator if generator is not None else torch.default_generator
+    stream = torch.arange(x.shape[0]) if stream is None else stream
+    info = dict(checkpoint_info or {})
+    ck_config = info.pop("config", None)
+    start = None
+
+    def save(state: LoopState) -> None:
+        save_checkpoint(checkpoint, model=model, optimizer=engine.optimizer,
+                        generator=generator,
+                        schedule_state={"lr": state.lr[0], "reference": state.reference[0],
+                                        "base_lr": lr},
+                        history=state.results[0].history, config=ck_config, extra=info)
+
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, model=model, optimizer=engine.optimizer,
+                                generator=generator, config=ck_config)
+        sched = state["schedule_state"]
+        if sched.get("base_lr") != lr:
+            raise CheckpointError(f"checkpoint {checkpoint} was made with base rate "
+                                  f"{sched.get('base_lr')!r}, now {lr!r}")
+        result = FitResult(history=list(state["history"]))
+        train_errors = [h["train_error"] for h in result.history]
+        val_errors = [h["val_error"] for h in result.history if "val_error" in h]
+        reason = stopping.reason(train_errors, val_errors) if result.history else None
+        if reason is not None:
+            if progress is not None:
+                progress.update(len(result.history))
+            result.stop_reason = reason
+            return result
+        start = LoopState(len(result.history), [0], [sched["lr"]], [sched["reference"]],
+                          [result])
+    elif checkpoint is not None:
+        save(LoopState(0, [0], [lr], [None], [FitResult()]))
+
+    def on_epoch(_, state: LoopState) -> None:
+        if not state.results[0].diverged:
+            save(state)
+
+    return fit_runs(
+        engine, x, y, lr=[lr], schedules=[schedule], stopping=[stopping],
+        divergence=[divergence], batch_size=batch_size,
+        streams=[Stream(stream, generator)], stream_of_run=[0],
+        evaluate=None if evaluate is None else lambda _, ids: {
+            k: [v] for k, v in evaluate().items()},
+        progress=progress, start=start,
+        on_epoch=on_epoch if checkpoint is not None else None,
+    )[0]
+
+
+def select_lr(
+    config: TrainConfig,
+    data,
+    splits: dict[str, torch.Tensor] | None = None,
+    progress: tqdm | None = None,
+) -> tuple[float, dict[float, float]]:
+    """The paper's learning-rate selection, one candidate rate after the other.
+
+    For every rate of ``config.lr_grid``, train a fresh network (the run's initial weights)
+    on the ``select_train`` images for ``select_epochs`` epochs under the run's protocol,
+    without early stopping, and measure the error on the ``select_val`` images.
+
+    Returns
+    -------
+    (float, dict)
+        The rate with the lowest error (ties: the smaller rate), and the error of every
+        rate.
+    """
+    splits = splits or split_indices(config, data.x_train.shape[0])
+    xv, yv = data.x_train[splits["select_val"]], data.y_train[splits["select_val"]]
+    errors: dict[float, float] = {}
+    for lr in config.lr_grid:
+        model = build_model(config, _init_generator(config))
+        fit(model, data.x_train, data.y_train, lr=lr, schedule=make_schedule(config),
+            stopping=_selection_stopping(config), batch_size=config.batch_size,
+            generator=_order_generator(config.seed), stream=splits["select_train"],
+            progress=progress)
+        errors[lr] = error_rate(model, xv, yv)
+    return _best(errors), errors
+
+
+def _selection_stopping(config: TrainConfig) -> StoppingRule:
+    return StoppingRule(config.select_epochs, config.select_epochs, enabled=False)
+
+
+def _best(errors: dict[float, float]) -> float:
+    """The rate with the lowest error; ties go to the smaller rate."""
+    return min(errors, key=lambda r: (errors[r], r))
+
+
+def train(
+    config: TrainConfig,
+    data=None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    save_path: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+) -> dict:
+    """One full run on the sequential engine: split, learning-rate selection (unless
+    ``config.lr``), training, test.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run.
+    data : manifold_nets.experiments.data.Dataset, optional
+        The data set in memory; loaded from ``config.dataset`` if not given.
+    data_dir : path, optional
+        Where to find the data set (see :func:`~.data.load_dataset`).
+    save_path : path, optional
+        Where to save the trained ``state_dict``; not written if the run diverged.
+    progress : bool or None
+        Show a progress bar; ``None``: only when stderr is a terminal.
+    checkpoint : path, optional
+        Checkpoint the training after the learning-rate selection and after every epoch
+        (see :func:`fit`); if the file exists, resume from it: the selection is not redone
+        and the epochs continue where the checkpoint left them, with bit-identical results
+        on CPU. A checkpoint made with another configuration is refused
+        (:class:`~.checkpoint.CheckpointError`). The file is kept when the run ends, so
+        running again returns the finished run's results at once.
+
+    Returns
+    -------
+    dict
+        A JSON-ready record: ``config`` (resolved), ``lr`` (the base rate used),
+        ``selection`` (error per candidate rate), ``history`` (per-epoch rate, cost and
+        train / validation / test error), ``test_error`` (final), ``epochs``,
+        ``stop_reason``, ``diverged``, ``saved``, and wall times in seconds (of this
+        process only). With a ``checkpoint``, also ``checkpoint`` (its path) and
+        ``resumed_at_epoch`` (epochs it held when the run started, ``None`` if new).
+    """
+    from .checkpoint import check_config, read_checkpoint
+    from .io import atomic_write
+
+    resumed = None
+    if checkpoint is not None and Path(checkpoint).exists():
+        payload = read_checkpoint(checkpoint)
+        check_config(payload, config, checkpoint)
+        resumed = payload
+    if data is None:
+        from .data import load_dataset
+
+        data = load_dataset(config.dataset, data_dir)
+    start = time.perf_counter()
+    splits = split_indices(config, data.x_train.shape[0])
+    n_select = 0 if config.lr is not None else len(config.lr_grid) * config.select_epochs
+    label = f"{config.arch} d{config.depth} {config.protocol} {config.update} s{config.seed}"
+    bar = tqdm(total=n_select + config.max_epochs, desc=label, unit="ep", leave=False,
+               disable=None if progress is None else not progress, file=sys.stderr)
+    with bar:
+        if resumed is not None:
+            lr, selection = resumed["extra"]["lr"], resumed["extra"]["selection"]
+            bar.update(n_select)
+        elif config.lr is None:
+            lr, selection = select_lr(config, data, splits, progress=bar)
+        else:
+            lr, selection = config.lr, {}
+        select_time = time.perf_counter() - start
+
+        xv, yv = data.x_train[splits["val"]], data.y_train[splits["val"]]
+        xt, yt = data.x_test[: config.test_size], data.y_test[: config.test_size]
+        model = build_model(config, _init_generator(config))
+
+        def evaluate() -> dict[str, float]:
+            return {"val_error": error_rate(model, xv, yv), "test_error": error_rate(model, xt, yt)}
+
+        result = fit(
+            model, data.x_train, data.y_train, lr=lr, schedule=make_schedule(config),
+            stopping=stopping_rule(config),
+            divergence=Divergence(config.collapse_error, config.collapse_epoch),
+            batch_size=config.batch_size, generator=_order_generator(config.seed),
+            stream=splits["train"], evaluate=evaluate, progress=bar, checkpoint=checkpoint,
+            checkpoint_info={"config": config.to_dict(), "lr": lr, "selection": selection},
+        )
+    record = _record(config, lr, selection, result, select_time, time.perf_counter() - start)
+    if save_path is not None and not result.diverged:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        atomic_write(save_path, lambda fh: torch.save(state, fh))
+        record["saved"] = str(save_path)
+    if checkpoint is not None:
+        record["checkpoint"] = str(checkpoint)
+        record["resumed_at_epoch"] = None if resumed is None else len(resumed["history"])
+    return record
+
+
+# --------------------------------------------------------------------------------------
+# The stacked engine.
+
+
+def fit_stacked(
+    net: StackedNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: Sequence[float],
+    schedules: Sequence,
+    stopping: Sequence[StoppingRule],
+    divergence: Sequence[Divergence | None] | None = None,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+    streams: Sequence[Stream] | None = None,
+    stream_of_run: Sequence[int] | None = None,
+    evaluate: Callable[[StackedNet, list[int]], dict[str, list[float]]] | None = None,
+    finish: Callable[[StackedNet, list[int]], list[dict] | None] | None = None,
+    start: LoopState | None = None,
+    on_epoch: Callable[[StackedNet, LoopState], None] | None = None,
+) -> list[FitResult]:
+    """:func:`fit` for the ``R`` runs of ``net`` at once: :func:`~.loop.fit_runs` on the
+    stacked engine.
+
+    The runs are trained with the runs of one update side by side (few slices to update)
+    and, within them, the runs of one stream (each stream's mini-batch is then one matrix
+    product per update); results come back in the order of ``net``.
+
+    Parameters
+    ----------
+    net : StackedNet
+        the runs, each with its update (``net.updates``); not modified while runs are
+        reordered or leave (the loop works on copies then)
+    x, y : torch.Tensor
+        the image store
+    lr, schedules, stopping, divergence
+        one entry per run, as the arguments of :func:`fit`
+    batch_size : int
+        images per mini-batch
+    generator : torch.Generator, optional
+        without ``streams``: every run trains on all of ``x`` in the order of this
+        generator's permutations (one mini-batch shared by all runs)
+    streams, stream_of_run : optional
+        the data streams and the stream of each run (see :func:`~.loop.fit_runs`)
+    evaluate, finish, start, on_epoch
+        as for :func:`~.loop.fit_runs`, with run ids in the order of ``net``
+
+    Returns
+    -------
+    list of FitResult
+        One per run, in the order of ``net``.
+    """
+    R = net.runs if start is None else len(start.results)
+    if streams is None:
+        streams = [Stream(torch.arange(x.shape[0]), generator or torch.Generator())]
+        stream_of_run = [0] * R
+    if stream_of_run is None or len(stream_of_run) != R:
+        raise ValueError("fit_stacked: give stream_of_run, one stream index per run")
+    updates = net.updates if start is None else None
+    order = list(range(R))
+    if updates is not None:
+        order = sorted(range(R), key=lambda i: (updates[i], stream_of_run[i]))
+        if order != list(range(R)):
+            net = net.select(order)
+
+    def perm(seq):
+        return None if seq is None else [seq[i] for i in order]
+
+    def wrap(fn):
+        if fn is None:
+            return None
+        return lambda engine, ids: fn(engine, [order[i] for i in ids])
+
+    results = fit_runs(
+        net, x, y, lr=perm(lr), schedules=perm(schedules), stopping=perm(stopping),
+        divergence=perm(divergence), batch_size=batch_size, streams=streams,
+        stream_of_run=perm(stream_of_run), evaluate=wrap(evaluate), finish=wrap(finish),
+        start=start, on_epoch=on_epoch)
+    out: list[FitResult] = [FitResult()] * R
+    for k, i in enumerate(order):
+        out[i] = results[k]
+    return out
+
+
+#: Fields that runs trained as one stack must share (the network and the data sizes).
+#: Runs of different seeds can share a stack: each keeps its own split and batch order.
+_SHARED = ("arch", "depth", "width", "dataset", "batch_size", "lr_grid", "select_train",
+           "select_val", "select_epochs", "train_size", "val_size", "test_size")
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """Runs with equal keys can be trained as one stack by :func:`train_group`."""
+    return tuple(getattr(config, k) for k in _SHARED)
+
+
+def _check_group(configs: Sequence[TrainConfig]) -> None:
+    if not configs:
+        raise ValueError("a group needs at least one run")
+    keys = {group_key(c) for c in configs}
+    if len(keys) != 1:
+        diff = [k for i, k in enumerate(_SHARED) if len({key[i] for key in keys}) > 1]
+        raise ValueError(
+            f"runs trained as one stack must share {', '.join(_SHARED)}; these differ in "
+            f"{', '.join(diff)}. Group them with engines.group_key first."
+        )
+
+
+def _stack(configs: Sequence[TrainConfig], repeat: int = 1) -> StackedNet:
+    models, cache = [], {}
+    for c in configs:
+        if (c.seed, c.update) not in cache:
+            cache[(c.seed, c.update)] = build_model(c, _init_generator(c))
+        models += [cache[(c.seed, c.update)]] * repeat
+    return StackedNet.from_models(models)
+
+
+def _by_seed(configs: Sequence[TrainConfig], ids: Sequence[int]) -> dict[int, list[int]]:
+    """Positions in ``ids`` grouped by the seed of the run ``configs[ids[k]]``."""
+    out: dict[int, list[int]] = {}
+    for k, i in enumerate(ids):
+        out.setdefault(configs[i].seed, []).append(k)
+    return out
+
+
+def _splits(configs: Sequence[TrainConfig], data) -> dict[int, dict[str, torch.Tensor]]:
+    seeds = sorted({c.seed for c in configs})
+    first = {c.seed: c for c in reversed(configs)}
+    return {s: split_indices(first[s], data.x_train.shape[0]) for s in seeds}
+
+
+def _streams(configs, splits, part: str) -> tuple[list[Stream], list[int]]:
+    seeds = sorted(splits)
+    streams = [Stream(splits[s][part], _order_generator(s)) for s in seeds]
+    return streams, [seeds.index(c.seed) for c in configs]
+
+
+class _GroupCheckpoint:
+    """The checkpoint of a group trained by :func:`train_group`: after every epoch, the
+    phase (selection or training), the loop's state, the stacked tensors of the runs in
+    flight, the streams' generators and torch's RNG, written atomically."""
+
+    def __init__(self, path: str | os.PathLike | None, configs: Sequence[TrainConfig]):
+        self.path = None if path is None else Path(path)
+        self.configs = [c.to_dict() for c in configs]
+        self.payload: dict | None = None
+        if self.path is not None and self.path.exists():
+            self.payload = self._read()
+        self._started = time.perf_counter()
+        self._prior = (self.payload or {}).get("elapsed", 0.0)
+
+    def elapsed(self) -> float:
+        """Seconds spent on the group, in this process and in those that saved before."""
+        return self._prior + time.perf_counter() - self._started
+
+    def _read(self) -> dict:
+        from .checkpoint import CheckpointError, check_unit_norm, read_checkpoint
+
+        payload = read_checkpoint(self.path)
+        stored = payload.get("configs")
+        if stored != self.configs:
+            diffs = [d for a, b in zip(stored or [], self.configs, strict=False)
+                     for d in config_diff(a, b, ("checkpoint", "now"))]
+            raise CheckpointError(
+                f"checkpoint {self.path} holds another group of runs "
+                f"({'; '.join(diffs) or 'other runs'}). Fix: delete it to start the "
+                "group over.")
+        net = payload.get("net")
+        if net is not None:
+            stack = StackedNet.from_state_dict(net)
+            for r, update in enumerate(stack.updates):
+                if update == "un":
+                    for i, W in enumerate(stack.W):
+                        check_unit_norm(W[r].detach(), 1, f"W[{i}] of stacked run {r}",
+                                        self.path)
+        return payload
+
+    def phase(self, name: str) -> dict | None:
+        """The saved state of phase ``name`` (``"select"`` or ``"train"``), if any."""
+        if self.payload is None or self.payload["phase"] != name:
+            return None
+        return self.payload
+
+    def resume(self, state: dict, streams: Sequence[Stream]
+               ) -> tuple[StackedNet, LoopState]:
+        for s, g in zip(streams, state["generators"], strict=True):
+            s.generator.set_state(g)
+        torch.set_rng_state(state["torch_rng"])
+        return (StackedNet.from_state_dict(state["net"]),
+                LoopState.from_dict(state["loop"]))
+
+    def saver(self, phase: str, streams: Sequence[Stream], **extra):
+        if self.path is None:
+            return None
+        from .checkpoint import FORMAT
+        from .io import atomic_write
+
+        def save(net: StackedNet, state: LoopState) -> None:
+            payload = {"format": FORMAT, "phase": phase, "configs": self.configs,
+                       "loop": state.to_dict(), "net": net.state_dict(),
+                       "generators": [s.generator.get_state() for s in streams],
+                       "torch_rng": torch.get_rng_state(), "elapsed": self.elapsed(),
+                       **extra}
+            atomic_write(self.path, lambda fh: torch.save(payload, fh))
+
+        return save
+
+
+def select_lr_stacked(
+    configs: Sequence[TrainConfig], data, splits: dict[int, dict] | None = None, *,
+    checkpoint: _GroupCheckpoint | None = None,
+) -> list[tuple[float, dict[float, float]]]:
+    """:func:`select_lr` for every run of a group, all candidate rates of all runs in one
+    stack (``len(configs) x len(lr_grid)`` networks).
+
+    ``splits``: the :func:`~.config.split_indices` of every seed.
+    """
+    _check_group(configs)
+    splits = splits or _splits(configs, data)
+    checkpoint = checkpoint or _GroupCheckpoint(None, configs)
+    grid = configs[0].lr_grid
+    L = len(grid)
+    runs = [c for c in configs for _ in grid]
+
+    def finish(done: StackedNet, ids: list[int]) -> list[dict]:
+        out = [{} for _ in ids]
+        for seed, pos in _by_seed(runs, ids).items():
+            idx = splits[seed]["select_val"]
+            errs = error_rates(done.select(pos), data.x_train[idx], data.y_train[idx])
+            for k, e in zip(pos, errs, strict=True):
+                out[k] = {"select_val_error": e}
+        return out
+
+    streams, stream_of_run = _streams(runs, splits, "select_train")
+    saved = checkpoint.phase("select")
+    net, start = (checkpoint.resume(saved, streams) if saved is not None
+                  else (_stack(configs, repeat=L), None))
+    results = fit_stacked(
+        net, data.x_train, data.y_train,
+        lr=[r for _ in configs for r in grid],
+        schedules=[make_schedule(c) for c in runs],
+        stopping=[_selection_stopping(c) for c in runs],
+        batch_size=configs[0].batch_size, streams=streams, stream_of_run=stream_of_run,
+        finish=finish, start=start, on_epoch=checkpoint.saver("select", streams),
+    )
+    out = []
+    for k in range(len(configs)):
+        errs = {r: results[k * L + j].final.get("select_val_error", math.nan)
+                for j, r in enumerate(grid)}
+        out.append((_best(errs), errs))
+    return out
+
+
+def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
+                checkpoint: str | os.PathLike | None = None) -> list[dict]:
+    """:func:`train` for a group of runs on the stacked engine.
+
+    The configurations must share :func:`group_key` (architecture, depth, data sizes);
+    seed, update, protocol, schedule, stopping and rate may differ. Returns one record per
+    configuration, in order, in the format of :func:`train`, with ``engine: "stacked"``.
+    Timings are the group's, divided evenly among its runs (``wall_time_s``,
+    ``select_time_s``); ``group_wall_time_s`` and ``group_runs`` give the whole. Trained
+    weights are not saved (``saved`` is ``None``).
+
+    With ``checkpoint`` (a file path), the group's state is saved after every epoch of
+    the selection and of the training; if the file exists the group resumes from it, at
+    the last finished epoch, with the same results on CPU as an uninterrupted group. A
+    checkpoint of other runs is refused; the file is left for the caller to delete.
+    """
+    configs = list(configs)
+    _check_group(configs)
+    if data is None:
+        from .data import load_dataset
+
+        data = load_dataset(configs[0].dataset, data_dir)
+    c0 = configs[0]
+    splits = _splits(configs, data)
+    order = sorted(range(len(configs)), key=lambda k: (configs[k].update, configs[k].seed))
+    ordered = [configs[k] for k in order]
+    ck = _GroupCheckpoint(checkpoint, ordered)
+    saved = ck.phase("train")
+    if saved is not None:
+        lrs, select_time = saved["lrs"], saved["select_time"]
+        selection = [{float(k): v for k, v in s.items()} for s in saved["selection"]]
+    else:
+        lrs = [c.lr for c in ordered]
+        selection: list[dict] = [{} for _ in ordered]
+        need = [k for k, c in enumerate(ordered) if c.lr is None]
+        if need:
+            chosen = select_lr_stacked([ordered[k] for k in need], data, splits,
+                                       checkpoint=ck)
+            for k, (best, errs) in zip(need, chosen, strict=True):
+                lrs[k], selection[k] = best, errs
+        select_time = ck.elapsed()
+    xt, yt = data.x_test[: c0.test_size], data.y_test[: c0.test_size]
+
+    def evaluate(net: StackedNet, ids: list[int]) -> dict[str, list[float]]:
+        out = {"val_error": [math.nan] * len(ids), "test_error": [math.nan] * len(ids)}
+        for seed, pos in _by_seed(ordered, ids).items():
+            sub = net.select(pos) if len(pos) < net.runs else net
+            idx = splits[seed]["val"]
+            val = error_rates(sub, data.x_train[idx], data.y_train[idx])
+            test = error_rates(sub, xt, yt)
+            for k, v, t in zip(pos, val, test, strict=True):
+                out["val_error"][k], out["test_error"][k] = v, t
+        return out
+
+    streams, stream_of_run = _streams(ordered, splits, "train")
+    save = ck.saver("train", streams, lrs=lrs, select_time=select_time,
+                    selection=[{repr(k): v for k, v in s.items()} for s in selection])
+    net, loop_start = (ck.resume(saved, streams) if saved is not None and "loop" in saved
+                       else (_stack(ordered), None))
+    results = fit_stacked(
+        net, data.x_train, data.y_train,
+        lr=lrs,
+        schedules=[make_schedule(c) for c in ordered],
+        stopping=[stopping_rule(c) for c in ordered],
+        divergence=[Divergence(c.collapse_error, c.collapse_epoch) for c in ordered],
+        batch_size=c0.batch_size, streams=streams, stream_of_run=stream_of_run,
+        evaluate=evaluate, start=loop_start, on_epoch=save,
+    )
+    wall = ck.elapsed()
+    n = len(configs)
+    records: list[dict] = [{}] * n
+    for k, c, lr, sel, res in zip(order, ordered, lrs, selection, results, strict=True):
+        records[k] = _record(c, lr, sel, res, select_time / n, wall / n) | {
+            "engine": "stacked", "group_runs": n, "group_wall_time_s": round(wall, 3)}
+    return records

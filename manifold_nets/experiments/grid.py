@@ -1,0 +1,367 @@
+r"""The grid of Table 2 on either engine, with a resumable results store.
+
+The grid is 2 architectures x 2 depths (2, 4) x 2 protocols x 3 updates x ``runs`` (10)
+runs; each run is a full run of the protocol (its own learning-rate selection included).
+Run ``r`` of every cell uses seed ``seed + r``, so the cells share their data splits and
+batch orders run by run (common random numbers).
+
+Engines (:func:`run_grid`)
+    ``"sequential"``: one task per run (:func:`~.engines.train`). ``"stacked"``: one task
+    per group of runs of one architecture and depth and up to ``seeds_per_group`` seeds,
+    every protocol and update (30 runs by default), trained as one stacked model
+    (:func:`~.engines.train_group`). Both write the same records.
+
+Results store
+    ``<out>/runs/<run id>.json``, one JSON record per finished run, written atomically
+    (:func:`~.io.atomic_write`). A killed grid loses at most the work in flight, and
+    rerunning the same command skips the finished runs. A stacked group in flight
+    checkpoints after every epoch into ``<out>/inflight/`` and resumes from its last
+    finished epoch; a sequential run in flight restarts (``manifold-nets train
+    --checkpoint`` resumes one run epoch by epoch). Shards (``--shard i/n``) and separate
+    machines can write into the same folder (or folders merged by copying the files): a
+    run id is one file, so there are never duplicates. Records made with another
+    configuration are refused, not mixed.
+
+The report is :mod:`~.report`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ARCHS, PROTOCOLS, UPDATES, TrainConfig, config_diff
+from .engines import group_key, train, train_group
+from .io import atomic_write
+
+__all__ = [
+    "DEPTHS",
+    "ENGINES",
+    "ConfigMismatch",
+    "ResultStore",
+    "RunSpec",
+    "grid",
+    "run_grid",
+    "shard",
+]
+
+DEPTHS = (2, 4)
+ENGINES = ("sequential", "stacked")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    arch: str
+    depth: int
+    protocol: str
+    update: str
+    run: int
+
+    @property
+    def cell(self) -> tuple[int, str, str, str]:
+        return (self.depth, self.protocol, self.arch, self.update)
+
+    def run_id(self, dataset: str) -> str:
+        return f"{dataset}-{self.arch}-d{self.depth}-{self.protocol}-{self.update}-r{self.run:03d}"
+
+    def config(self, base: TrainConfig, seed: int = 0) -> TrainConfig:
+        d = base.to_dict()
+        d.update(arch=self.arch, depth=self.depth, protocol=self.protocol, update=self.update,
+                 seed=seed + self.run)
+        return TrainConfig.from_dict(d)
+
+
+def grid(
+    archs: Sequence[str] = ARCHS,
+    depths: Sequence[int] = DEPTHS,
+    protocols: Sequence[str] = PROTOCOLS,
+    updates: Sequence[str] = UPDATES,
+    runs: int = 10,
+) -> list[RunSpec]:
+    """All runs, run index outermost (so a partial grid covers every cell evenly)."""
+    return [
+        RunSpec(a, d, p, u, r)
+        for r in range(runs)
+        for d in depths
+        for p in protocols
+        for a in archs
+        for u in updates
+    ]
+
+
+def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """Shard ``index`` (1-based) of ``count``: every ``count``-th run of the grid."""
+    if not 1 <= index <= count:
+        raise ValueError(f"Invalid shard {index}/{count}: need 1 <= i <= n")
+    return list(specs[index - 1 :: count])
+
+
+# --------------------------------------------------------------------------------------
+# The store.
+
+
+class ResultStore:
+    """One JSON file per finished run in ``<root>/runs/``, written atomically."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.runs = self.root / "runs"
+        self.inflight = self.root / "inflight"
+
+    def path(self, run_id: str) -> Path:
+        return self.runs / f"{run_id}.json"
+
+    def write(self, run_id: str, record: dict) -> Path:
+        self.runs.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=None, separators=(",", ":")) + "\n"
+        return atomic_write(self.path(run_id), text)
+
+    def read(self, run_id: str) -> dict | None:
+        """The record of ``run_id``, or ``None`` if it is missing or unreadable."""
+        try:
+            return json.loads(self.path(run_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def records(self) -> list[dict]:
+        """Every readable record in the store, sorted by run id."""
+        if not self.runs.is_dir():
+            return []
+        out = []
+        for p in sorted(self.runs.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return out
+
+    def group_checkpoint(self, run_ids: Sequence[str]) -> Path:
+        """The checkpoint file of a stacked group of these runs (in ``inflight/``)."""
+        self.inflight.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256("\n".join(sorted(run_ids)).encode()).hexdigest()[:16]
+        return self.inflight / f"group-{key}.pt"
+
+
+class ConfigMismatch(ValueError):
+    """The store holds a record of a run made with another configuration."""
+
+
+def _check_same_config(run_id: str, stored: dict, expected: dict, store: ResultStore) -> None:
+    diffs = config_diff(stored, expected)
+    if diffs:
+        raise ConfigMismatch(
+            f"{store.path(run_id)} was made with another configuration ({'; '.join(diffs)}). "
+            f"Fix: use another --out, or delete {store.runs} to start over."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Running.
+
+_WORKER_DATA = None
+
+
+def _init_worker(dataset: str, data_dir: str | None, threads: int) -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(threads)
+    from .data import load_dataset
+
+    _WORKER_DATA = load_dataset(dataset, data_dir)
+
+
+def _finished(store: ResultStore, run_id: str, record: dict) -> None:
+    record["run_id"] = run_id
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    store.write(run_id, record)
+
+
+def _run_one(task: tuple[dict, str, str, bool]) -> dict:
+    config_dict, run_id, root, progress = task
+    record = train(TrainConfig.from_dict(config_dict), _WORKER_DATA, progress=progress)
+    _finished(ResultStore(root), run_id, record)
+    return {"runs": 1, "label": run_id, "test_error": record["test_error"],
+            "wall_time_s": record["wall_time_s"]}
+
+
+def _run_group(task: tuple[list[dict], list[str], str, bool]) -> dict:
+    config_dicts, run_ids, root, _ = task
+    start = time.perf_counter()
+    store = ResultStore(root)
+    checkpoint = store.group_checkpoint(run_ids)
+    records = train_group([TrainConfig.from_dict(d) for d in config_dicts], _WORKER_DATA,
+                          checkpoint=checkpoint)
+    for run_id, record in zip(run_ids, records, strict=True):
+        _finished(store, run_id, record)
+    checkpoint.unlink(missing_ok=True)
+    c = config_dicts[0]
+    seeds = sorted({d["seed"] for d in config_dicts})
+    return {"runs": len(records), "wall_time_s": round(time.perf_counter() - start, 1),
+            "label": f"{c['arch']} d{c['depth']} seeds {seeds[0]}-{seeds[-1]}"}
+
+
+def _pending_runs(specs: Sequence[RunSpec], base: TrainConfig, store: ResultStore,
+                  seed: int = 0) -> tuple[list[tuple[TrainConfig, str]], int]:
+    """The ``(config, run id)`` of every spec the store does not hold yet, and the number
+    it holds.
+
+    Raises
+    ------
+    ConfigMismatch
+        If the store holds a record of one of these runs made with another configuration.
+    """
+    pending, done = [], 0
+    for spec in specs:
+        config = spec.config(base, seed)
+        run_id = spec.run_id(base.dataset)
+        stored = store.read(run_id)
+        if stored is not None:
+            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
+            done += 1
+        else:
+            pending.append((config, run_id))
+    return pending, done
+
+
+def _groups(pending: list[tuple[TrainConfig, str]], seeds_per_group: int
+            ) -> list[list[tuple[TrainConfig, str]]]:
+    """The pending runs as stacked groups: one architecture and depth (one
+    :func:`~.engines.group_key`), up to ``seeds_per_group`` seeds; the costliest first."""
+    by_key: dict[tuple, list[tuple[TrainConfig, str]]] = {}
+    for config, run_id in pending:
+        by_key.setdefault(group_key(config), []).append((config, run_id))
+    groups = []
+    for members in by_key.values():
+        seeds = sorted({c.seed for c, _ in members})
+        for k in range(0, len(seeds), seeds_per_group):
+            chunk = set(seeds[k : k + seeds_per_group])
+            groups.append([(c, r) for c, r in members if c.seed in chunk])
+
+    def cost(g) -> float:
+        c = g[0][0]
+        return len(g) * (c.width * 784 + c.depth * c.width**2 * (8 if c.arch == "arch2" else 4))
+
+    return sorted(groups, key=lambda g: -cost(g))
+
+
+def _map_in_workers(func, tasks: Sequence, *, jobs: int, dataset: str,
+                    data_dir: str | None, threads: int, data=None):
+    """Yield ``func(task)`` for every task, in this process (``jobs=1``, on ``data`` if
+    given) or in ``jobs`` spawned worker processes, in the order they finish. Every
+    process loads the data set once; ``func`` reads it from ``_WORKER_DATA``."""
+    global _WORKER_DATA
+    if jobs == 1:
+        if data is None:
+            _init_worker(dataset, data_dir, threads)
+        else:
+            torch.set_num_threads(threads)
+            _WORKER_DATA = data
+        for task in tasks:
+            yield func(task)
+        return
+    import multiprocessing as mp
+
+    # tqdm's default lock is a multiprocessing semaphore that the spawn resource tracker
+    # reports as leaked; the bars live in this process only.
+    tqdm.set_lock(threading.RLock())
+    pool = mp.get_context("spawn").Pool(jobs, _init_worker, (dataset, data_dir, threads))
+    try:
+        yield from pool.imap_unordered(func, tasks, chunksize=1)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def run_grid(
+    specs: Sequence[RunSpec],
+    base: TrainConfig,
+    store: ResultStore,
+    *,
+    engine: str = "sequential",
+    seed: int = 0,
+    jobs: int = 1,
+    data_dir: str | None = None,
+    threads: int = 1,
+    progress: bool | None = None,
+    data=None,
+    seeds_per_group: int = 5,
+) -> dict:
+    """Run every spec that the store does not hold yet; return counts and timings.
+
+    Parameters
+    ----------
+    specs : sequence of RunSpec
+        the runs (see :func:`grid` and :func:`shard`)
+    base : TrainConfig
+        every run's configuration but architecture, depth, protocol, update and seed
+    store : ResultStore
+        where the records go (and where finished runs are found)
+    engine : {"sequential", "stacked"}
+        one task per run, or one task per group of runs trained as one stacked model
+        (one architecture and depth, up to ``seeds_per_group`` seeds)
+    seed : int
+        run ``r`` of every cell uses seed ``seed + r``
+    jobs, threads : int
+        worker processes (``jobs=1``: this process, on ``data`` if given), and torch
+        threads in each
+    data_dir : str, optional
+        where the workers find the data set
+    progress : bool or None
+        a progress bar (``None``: when stderr is a terminal)
+
+    Returns
+    -------
+    dict
+        ``skipped`` (runs the store held), ``ran``, ``tasks``, ``wall_time_s``.
+
+    Raises
+    ------
+    ConfigMismatch
+        If the store holds a record of one of these runs made with another configuration.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    pending, done = _pending_runs(specs, base, store, seed)
+    summary = {"skipped": done, "ran": 0, "tasks": 0, "wall_time_s": 0.0}
+    if not pending:
+        return summary
+    start = time.perf_counter()
+    bar = tqdm(total=len(pending), desc=f"grid ({engine})", unit="run",
+               disable=None if progress is None else not progress, file=sys.stderr)
+    root = str(store.root)
+    if engine == "sequential":
+        # a run's own bar only when the runs happen here, under a visible grid bar
+        run_bar = None if jobs == 1 and bar.disable is False else False
+        func, tasks = _run_one, [(c.to_dict(), r, root, run_bar) for c, r in pending]
+    else:
+        func, tasks = _run_group, [([c.to_dict() for c, _ in g], [r for _, r in g], root,
+                                    False) for g in _groups(pending, seeds_per_group)]
+    summary["tasks"] = len(tasks)
+    with bar:
+        for out in _map_in_workers(func, tasks, jobs=jobs, dataset=base.dataset,
+                                   data_dir=data_dir, threads=threads, data=data):
+            summary["ran"] += out["runs"]
+            bar.update(out["runs"])
+            if engine == "sequential":
+                bar.set_postfix_str(f"last test {out['test_error']:.4f}", refresh=False)
+            else:
+                bar.write(f"{out['label']}: {out['runs']} runs in {out['wall_time_s']} s "
+                          f"(at {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return summary

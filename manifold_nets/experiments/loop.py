@@ -1,0 +1,351 @@
+r"""The one epoch loop of the experiments, for ``R`` runs at once.
+
+:func:`fit_runs` trains ``R`` runs of the paper's protocol side by side: ``R = 1`` is the
+sequential engine (one :class:`torch.nn.Module`, :class:`ModuleRuns`), ``R > 1`` the
+stacked one (:class:`~manifold_nets.experiments.stacked.StackedNet`). Every epoch, in
+order:
+
+.. math::
+
+    \begin{aligned}
+    &\pi_r \leftarrow \text{a random permutation of run } r\text{'s images
+        (its stream's generator)} \\
+    &\textbf{for each } \text{slice } B \text{ of } 100 \text{ indices} \textbf{ do} \\
+    &\quad L_{B,r} \leftarrow \textstyle\sum_{i \in B} \mathrm{CE}(f_r(x_i), y_i)
+        \quad \text{(summed, not averaged; every run its own gradient)} \\
+    &\quad \text{one } \texttt{invariant\_sgd} \text{ step of every run with its rate }
+        \eta_{e,r} \\
+    &c_{e,r} \leftarrow \text{mean of } L_{B,r};\;
+        \text{train error} \leftarrow \text{error of the epoch's mini-batches} \\
+    &\eta_{e+1,r} \leftarrow \text{schedule}_r(\eta_{e,r}, c_{e,r}, c_{e-1,r})
+        \quad \text{(possibly undoing run } r\text{'s epoch)} \\
+    &\text{validation and test error}; \text{divergence, then stopping, run by run}
+    \end{aligned}
+
+A run that stops leaves the stack: its final state goes to ``finish`` and it costs
+nothing from then on.
+
+The engines hold the networks; the loop holds everything else (rates, schedules'
+references, histories). An engine offers:
+
+- ``runs``: the number of runs ``R`` it holds;
+- ``loss_and_grad(x, y, groups)``: one training-mode pass of summed cross-entropy per run,
+  setting every parameter's ``.grad`` to its own run's gradient; returns ``(R,)`` losses
+  and ``(R,)`` numbers of misclassified images;
+- ``step(rate)``: one update of every run through
+  :func:`manifold_nets.optim.invariant_sgd` with the ``(R,)`` Tensor of rates;
+- ``snapshot()``, ``restore(snapshot, runs)`` (the bold driver's undo) and
+  ``select(index)`` (a new engine holding the runs ``index``).
+
+The loop's own state after an epoch (:class:`LoopState`) is plain data, so an engine's
+caller can checkpoint it with the engine's tensors and resume with ``start=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..optim import InvariantSGD
+from .config import Divergence, StoppingRule
+
+__all__ = ["FitResult", "LoopState", "ModuleRuns", "Stream", "fit_runs"]
+
+
+@dataclass
+class FitResult:
+    """One run's outcome: per-epoch history, why it stopped, whether it diverged, and what
+    ``finish`` returned for it (``final``)."""
+
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str = ""
+    diverged: bool = False
+    final: dict = field(default_factory=dict)
+
+
+class Stream(NamedTuple):
+    """The images one run trains on: indices into the image store, and the generator
+    of its per-epoch permutations."""
+
+    index: torch.Tensor
+    generator: torch.Generator
+
+
+@dataclass
+class LoopState:
+    """The loop's state after a finished epoch: enough, with the engine's tensors and the
+    streams' generators, to go on exactly where it was.
+
+    Attributes
+    ----------
+    epoch : int
+        epochs finished
+    active : list of int
+        the runs still training, in the order the engine holds them
+    lr : list of float
+        every run's rate for its next epoch
+    reference : list of float or None
+        every run's reference cost for its schedule
+    results : list of FitResult
+        every run's results so far
+    """
+
+    epoch: int
+    active: list[int]
+    lr: list[float]
+    reference: list[float | None]
+    results: list[FitResult]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoopState:
+        return cls(d["epoch"], list(d["active"]), list(d["lr"]), list(d["reference"]),
+                   [FitResult(**r) for r in d["results"]])
+
+
+def _groups_of(run_stream: list[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """Ranges ``(start, stop, s)`` of consecutive runs of one stream, ``s`` the position of
+    the stream among the streams used, and those streams."""
+    used = sorted(set(run_stream))
+    groups: list[tuple[int, int, int]] = []
+    for j, s in enumerate(run_stream):
+        if groups and run_stream[j - 1] == s:
+            groups[-1] = (groups[-1][0], j + 1, groups[-1][2])
+        else:
+            groups.append((j, j + 1, used.index(s)))
+    return groups, used
+
+
+def fit_runs(
+    engine,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: Sequence[float],
+    schedules: Sequence,
+    stopping: Sequence[StoppingRule],
+    streams: Sequence[Stream],
+    stream_of_run: Sequence[int],
+    divergence: Sequence[Divergence | None] | None = None,
+    batch_size: int = 100,
+    evaluate: Callable[[object, list[int]], dict[str, list[float]]] | None = None,
+    finish: Callable[[object, list[int]], list[dict] | None] | None = None,
+    progress: tqdm | None = None,
+    start: LoopState | None = None,
+    on_epoch: Callable[[object, LoopState], None] | None = None,
+) -> list[FitResult]:
+    """Train the ``R`` runs of ``engine`` under the paper's protocol, epoch by epoch.
+
+    Parameters
+    ----------
+    engine
+        :class:`ModuleRuns` (``R = 1``) or a
+        :class:`~manifold_nets.experiments.stacked.StackedNet`; it is trained in place
+        while all its runs are active (a new one replaces it as runs leave).
+    x, y : torch.Tensor
+        the image store and its labels
+    lr, schedules, stopping, divergence
+        one entry per run: base rate, :class:`~manifold_nets.experiments.config.ExpDecay`
+        or :class:`~manifold_nets.experiments.config.BoldDriver`,
+        :class:`~manifold_nets.experiments.config.StoppingRule` and
+        :class:`~manifold_nets.experiments.config.Divergence` (``None``: only a
+        non-finite cost ends the run)
+    streams, stream_of_run
+        the data streams (:class:`Stream`, all of one length) and the stream of each run:
+        run ``r`` sees ``x[streams[s].index[perm]]`` in the order its stream's generator
+        draws. Runs of one stream share their mini-batches.
+    batch_size : int
+        images per mini-batch (the last one may be smaller)
+    evaluate : callable, optional
+        ``evaluate(engine, ids)`` after every epoch, with the active runs and their indices
+        among the ``R``; returns, per key, one value per active run (``"val_error"`` feeds
+        the stopping and collapse checks)
+    finish : callable, optional
+        ``finish(engine, ids)`` with the runs that stop after an epoch, before they leave;
+        may return one dict per run, kept as :attr:`FitResult.final`
+    progress : tqdm, optional
+        a bar to advance by one per epoch
+    start : LoopState, optional
+        resume from this state (the engine, the streams' generators and torch's RNG must
+        hold the state of the same moment)
+    on_epoch : callable, optional
+        ``on_epoch(engine, state)`` after every epoch, once the runs that stopped have
+        left: the moment to checkpoint
+
+    Returns
+    -------
+    list of FitResult
+        One per run.
+    """
+    R = engine.runs if start is None else len(start.results)
+    n = len(streams[0].index)
+    if any(len(s.index) != n for s in streams):
+        raise ValueError("fit_runs: every stream must hold the same number of images")
+    divergence = [d or Divergence(collapse_error=None) for d in (divergence or [None] * R)]
+    for name, seq in (("lr", lr), ("schedules", schedules), ("stopping", stopping),
+                      ("divergence", divergence), ("stream_of_run", stream_of_run)):
+        if len(seq) != R:
+            raise ValueError(f"fit_runs: {name} has {len(seq)} entries for {R} runs")
+    if start is None:
+        state = LoopState(0, list(range(R)), [float(v) for v in lr], [None] * R,
+                          [FitResult() for _ in range(R)])
+    else:
+        state = start
+    if engine.runs != len(state.active):
+        raise ValueError(f"fit_runs: the engine holds {engine.runs} runs, the state "
+                         f"{len(state.active)} active ones")
+    results = state.results
+    train_errors = [[h["train_error"] for h in r.history] for r in results]
+    val_errors = [[h["val_error"] for h in r.history if "val_error" in h] for r in results]
+    if progress is not None and state.epoch:
+        progress.update(state.epoch)
+    while state.active:
+        active, lr_now = state.active, state.lr
+        state.epoch += 1
+        undo = [getattr(schedules[i], "undo", False) for i in active]
+        snapshot = engine.snapshot() if any(undo) else None
+        rate = torch.tensor([lr_now[i] for i in active], dtype=engine.dtype)
+        order = torch.stack([s.index[torch.randperm(n, generator=s.generator)]
+                             for s in streams])
+        run_stream = [stream_of_run[i] for i in active]
+        shared = len(set(run_stream)) == 1
+        if shared:  # one contiguous copy per epoch; every run sees the same mini-batch
+            xe, ye = x[order[run_stream[0]]], y[order[run_stream[0]]]
+        else:  # ranges of consecutive runs of one stream, and the stream of each range
+            groups, used = _groups_of(run_stream)
+            order = order[used]
+            label_row = torch.as_tensor([used.index(s) for s in run_stream])
+        total = torch.zeros(len(active), dtype=torch.float64)
+        wrong = torch.zeros(len(active), dtype=torch.int64)
+        batches = 0
+        for b in range(0, n, batch_size):
+            if shared:
+                loss, bad = engine.loss_and_grad(xe[b : b + batch_size],
+                                                 ye[b : b + batch_size])
+            else:  # one mini-batch per range of runs, its labels copied to its runs
+                idx = order[:, b : b + batch_size]
+                loss, bad = engine.loss_and_grad(x[idx], y[idx].index_select(0, label_row),
+                                                 groups)
+            engine.step(rate)
+            total += loss
+            wrong += bad
+            batches += 1
+        costs = (total / batches).tolist()
+        wrongs = wrong.tolist()
+
+        decisions, restore = [], []
+        for j, i in enumerate(active):
+            decision = schedules[i].step(lr_now[i], costs[j], state.reference[i])
+            if decision.undo and snapshot is not None:
+                restore.append(j)
+            else:
+                state.reference[i] = costs[j]
+            decisions.append(decision)
+        if restore:
+            engine.restore(snapshot, restore)
+        evals = evaluate(engine, list(active)) if evaluate is not None else {}
+
+        stopped, keep = [], []
+        for j, i in enumerate(active):
+            cost, decision = costs[j], decisions[j]
+            train_error = wrongs[j] / n if math.isfinite(cost) else 1.0
+            record = {"epoch": state.epoch, "lr": lr_now[i], "cost": cost,
+                      "train_error": train_error}
+            lr_now[i] = decision.lr
+            record.update({k: v[j] for k, v in evals.items()})
+            results[i].history.append(record)
+            train_errors[i].append(train_error)
+            if "val_error" in record:
+                val_errors[i].append(record["val_error"])
+            undone_nan = decision.undo and not math.isfinite(cost)
+            reason = None if undone_nan else divergence[i].reason(cost, val_errors[i])
+            if reason is not None:
+                results[i].stop_reason, results[i].diverged = reason, True
+            else:
+                reason = stopping[i].reason(train_errors[i], val_errors[i])
+                if reason is not None:
+                    results[i].stop_reason = reason
+            (stopped if reason is not None else keep).append(j)
+        if progress is not None:
+            progress.update(1)
+            if len(active) == 1:
+                last = results[active[0]].history[-1]
+                progress.set_postfix_str(
+                    f"lr={last['lr']:.2e} val={last.get('val_error', float('nan')):.4f}",
+                    refresh=False)
+        if stopped:
+            if finish is not None:
+                done = [active[j] for j in stopped]
+                finals = finish(engine.select(stopped), done)
+                for i, final in zip(done, finals or [{}] * len(done), strict=True):
+                    results[i].final.update(final)
+            engine = engine.select(keep) if keep else engine
+            state.active = [active[j] for j in keep]
+        if on_epoch is not None:
+            on_epoch(engine, state)
+    return results
+
+
+class ModuleRuns:
+    """One :class:`torch.nn.Module` as an engine of :func:`fit_runs` (``R = 1``).
+
+    The model is trained in place with autograd and :class:`~manifold_nets.InvariantSGD`
+    (plain SGD steps of the parameters' manifolds: UN, SM or Euclidean, as
+    :func:`manifold_nets.declare` set them; ``foreach=False``, the single-tensor path),
+    whose rate :func:`fit_runs` sets every step.
+
+    Parameters
+    ----------
+    model : nn.Module
+        declared with :func:`manifold_nets.declare` (or plain: Euclidean SGD)
+    loss : callable
+        ``loss(logits, targets)``, summed over the mini-batch (default: cross-entropy)
+    optimizer : InvariantSGD, optional
+        built over ``model.parameters()`` if not given (momentum 0: the paper's SGD)
+    """
+
+    runs = 1
+
+    def __init__(self, model: torch.nn.Module, loss: Callable | None = None,
+                 optimizer: InvariantSGD | None = None):
+        self.model = model
+        self.loss = loss or (lambda z, t: F.cross_entropy(z, t, reduction="sum"))
+        self.optimizer = optimizer or InvariantSGD(model.parameters(), lr=0.0,
+                                                   foreach=False)
+        self.dtype = next(model.parameters()).dtype
+
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, groups=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = self.loss(logits, y)
+        loss.backward()
+        with torch.no_grad():
+            wrong = (logits.argmax(1) != y).sum()
+        return loss.detach().view(1), wrong.view(1)
+
+    def step(self, rate: torch.Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate.reshape(())
+        self.optimizer.step()
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict, runs: Sequence[int]) -> None:
+        if list(runs):
+            self.model.load_state_dict(snapshot)
+
+    def select(self, index: Sequence[int]) -> ModuleRuns:
+        if list(index) != [0]:
+            raise ValueError(f"ModuleRuns holds one run; cannot select {list(index)}")
+        return self

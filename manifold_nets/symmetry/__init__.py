@@ -1,0 +1,64 @@
+r"""Rescaling symmetries of a network, and whether an update respects them (Sections 2-3).
+
+One module per concept:
+
+- :mod:`~manifold_nets.symmetry.groups`: rescalings and their groups, the paper's
+  reparameterisations (eqs. (1)-(3)) as :class:`RescalingGroup` objects;
+- :mod:`~manifold_nets.symmetry.invariance`: loss and update invariance, measured
+  (:func:`loss_invariance`, :func:`update_invariance`, :func:`orbit_orthogonality`) and
+  predicted from theory (:func:`predict`);
+- :mod:`~manifold_nets.symmetry.discover`: the rescaling symmetries of any model, found
+  numerically (:func:`discover`);
+- :mod:`~manifold_nets.symmetry.audit`: every update rule against every group, prediction
+  beside measurement (:func:`audit`).
+
+Every public name is available from this package.
+"""
+
+from .audit import AuditRow, audit, audit_rows, format_audit
+from .discover import Discovery, discover
+from .groups import (
+    Rescaling,
+    RescalingGroup,
+    ScalingSpace,
+    arch1_full_group,
+    arch1_paper_group,
+    arch2_group,
+    rescale_weight,
+    scaling_tangent,
+)
+from .invariance import (
+    TOLERANCES,
+    UPDATE_RULES,
+    UpdateRule,
+    loss_invariance,
+    orbit_orthogonality,
+    predict,
+    summed_cross_entropy,
+    update_invariance,
+)
+
+__all__ = [
+    "ScalingSpace",
+    "Rescaling",
+    "RescalingGroup",
+    "arch1_paper_group",
+    "arch1_full_group",
+    "arch2_group",
+    "rescale_weight",
+    "scaling_tangent",
+    "TOLERANCES",
+    "summed_cross_entropy",
+    "loss_invariance",
+    "update_invariance",
+    "orbit_orthogonality",
+    "predict",
+    "UpdateRule",
+    "UPDATE_RULES",
+    "Discovery",
+    "discover",
+    "AuditRow",
+    "audit",
+    "audit_rows",
+    "format_audit",
+]

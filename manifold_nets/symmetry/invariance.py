@@ -1,0 +1,264 @@
+r"""Whether a loss and an update respect a rescaling: measured, and predicted by theory.
+
+Measurements (numbers, not pass/fail): :func:`loss_invariance`,
+:func:`update_invariance` (``k`` optimiser steps from :math:`w` and from :math:`g.w`) and
+:func:`orbit_orthogonality` (:math:`\langle \nabla L, \xi(w)\rangle`). :func:`predict`
+derives from a group's generators whether an update *should* be equivariant.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import geoopt
+import torch
+from torch import nn
+
+from ..declare import declare
+from .groups import Rescaling, RescalingGroup
+
+__all__ = [
+    "TOLERANCES",
+    "summed_cross_entropy",
+    "loss_invariance",
+    "update_invariance",
+    "orbit_orthogonality",
+    "predict",
+    "UpdateRule",
+    "UPDATE_RULES",
+]
+
+
+#: ``(invariant below, broken above)``: relative gaps; in between the verdict is "unclear".
+TOLERANCES = {torch.float64: (1e-9, 1e-5), torch.float32: (1e-4, 1e-2)}
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: cross-entropy *summed* over the mini-batch."""
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative gap ``||a - b|| / ||b||`` (``inf`` if anything is not finite)."""
+    gap = (a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
+    gap = float(gap)
+    return gap if math.isfinite(gap) else math.inf
+
+
+# -- measurements -----------------------------------------------------------------------
+def _outputs(model: nn.Module, inputs: torch.Tensor, train: bool) -> torch.Tensor:
+    m = copy.deepcopy(model).train(train)
+    with torch.no_grad():
+        return m(inputs)
+
+
+def loss_invariance(model: nn.Module, element: Rescaling, inputs: torch.Tensor,
+                    targets: torch.Tensor, loss: Callable = summed_cross_entropy) -> dict:
+    r"""How much :math:`g` changes the loss and the outputs.
+
+    Returns
+    -------
+    dict
+        ``loss``, ``loss_g``: :math:`L(w)`, :math:`L(g.w)` (train mode, batch statistics);
+        ``loss_gap``: :math:`|L(g.w) - L(w)| / |L(w)|`; ``output_gap``: relative gap of the
+        logits in eval mode (running statistics) and ``output_gap_train`` in train mode.
+        ``model`` is not modified.
+    """
+    g_model = element.apply(model)
+    out, out_g = _outputs(model, inputs, True), _outputs(g_model, inputs, True)
+    l0, l1 = float(loss(out, targets)), float(loss(out_g, targets))
+    gap = abs(l1 - l0) / max(abs(l0), 1e-300)
+    return dict(loss=l0, loss_g=l1, loss_gap=gap if math.isfinite(gap) else math.inf,
+                output_gap_train=_rel(out_g, out),
+                output_gap=_rel(_outputs(g_model, inputs, False),
+                                _outputs(model, inputs, False)))
+
+
+def _train(model, optimizer, inputs, targets, steps, loss):
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def _flat_params(model, project: bool) -> torch.Tensor:
+    parts = []
+    for p in model.parameters():
+        x = p.detach()
+        if project and isinstance(p, geoopt.ManifoldParameter):
+            x = p.manifold.projx(x)
+        parts.append(x.reshape(-1))
+    return torch.cat(parts)
+
+
+def update_invariance(model: nn.Module, element: Rescaling,
+                      make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                      inputs: torch.Tensor, targets: torch.Tensor, steps: int = 3,
+                      loss: Callable = summed_cross_entropy) -> dict:
+    r"""Run ``steps`` optimiser steps from :math:`w` and from :math:`g.w` and compare.
+
+    ``make_optimizer(net)`` builds the optimiser for a copy of the model; it may call
+    :func:`manifold_nets.declare` first, and a UN declaration projects :math:`g.w` onto the
+    oblique manifold (this is the UN trajectory "from :math:`g.w`").
+
+    An update is *equivariant* when :math:`\mathrm{steps}(g.w) = g.\mathrm{steps}(w)`. With
+    :math:`x_k` the iterates from :math:`w` and :math:`y_k` from :math:`g.w`:
+
+    .. math::
+
+        \text{param\_gap} = \frac{\|P(g.x_k) - y_k\|}{\|y_k\|}, \qquad
+        \text{output\_gap} = \frac{\|f_{x_k}(X) - f_{y_k}(X)\|}{\|f_{y_k}(X)\|}
+
+    where :math:`P` projects every ``ManifoldParameter`` of :math:`y_k` onto its manifold
+    (the identity for SM, renormalisation for UN), and the outputs are in train mode (batch
+    statistics, the function being trained: UN renormalises the filters of :math:`g.w` but
+    not the batch-norm running statistics). Both are zero for an equivariant update; the
+    output gap is the basis-free one.
+
+    Returns
+    -------
+    dict
+        ``param_gap``, ``output_gap`` after ``steps``; ``start_output_gap`` (before any step,
+        non-zero when the declaration itself breaks the symmetry); ``gap``: the larger of
+        ``param_gap`` and ``output_gap``.
+    """
+    a = copy.deepcopy(model)
+    b = element.apply(model)
+    opt_a, opt_b = make_optimizer(a), make_optimizer(b)
+    start = _rel(_outputs(a, inputs, True), _outputs(b, inputs, True))
+    _train(a, opt_a, inputs, targets, steps, loss)
+    _train(b, opt_b, inputs, targets, steps, loss)
+    ga = element.apply_(a)  # a is ours: transform in place
+    for p_ga, p_b in zip(ga.parameters(), b.parameters(), strict=True):
+        if isinstance(p_b, geoopt.ManifoldParameter):
+            with torch.no_grad():
+                p_ga.copy_(p_b.manifold.projx(p_ga.detach()))
+    pgap = _rel(_flat_params(ga, False), _flat_params(b, False))
+    ogap = _rel(_outputs(ga, inputs, True), _outputs(b, inputs, True))
+    return dict(param_gap=pgap, output_gap=ogap, start_output_gap=start,
+                gap=max(pgap, ogap))
+
+
+def orbit_orthogonality(model: nn.Module, group: RescalingGroup, inputs: torch.Tensor,
+                        targets: torch.Tensor, loss: Callable = summed_cross_entropy
+                        ) -> torch.Tensor:
+    r"""For every generator :math:`\xi_k`, the cosine between :math:`\nabla L` and the orbit.
+
+    .. math:: c_k = \frac{|\langle \nabla_w L, \xi_k(w) \rangle|}
+        {\|\nabla_w L\|\, \|\xi_k(w)\|}
+
+    Zero for a true symmetry (the loss is constant along the orbit); train mode, on a copy.
+    """
+    net = copy.deepcopy(model).train()
+    params = dict(net.named_parameters())
+    net.zero_grad()
+    loss(net(inputs), targets).backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    gnorm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+    out = []
+    with torch.no_grad():
+        for xi in group.generators():
+            t = group.space.tangent(xi.to(next(net.parameters()).device), params)
+            dot = sum((grads[n] * v).sum() for n, v in t.items())
+            tnorm = torch.sqrt(sum(v.square().sum() for v in t.values()))
+            out.append(dot.abs() / (gnorm * tnorm).clamp_min(torch.finfo(gnorm.dtype).tiny))
+    return torch.stack(out)
+
+
+# -- predictions from theory -----------------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateRule:
+    r"""An update rule for the audit: a Table 1 declaration and a geoopt optimiser.
+
+    ``make(model)`` declares the model and returns the optimiser.
+
+    ``zero_buffer``: start the momentum buffers at zero. geoopt 0.5's ``RiemannianSGD``
+    initialises its buffer with the *Euclidean* gradient and then adds the Riemannian one,
+    so its first momentum step is :math:`\mu \nabla L + \tilde\nabla L`; a zero buffer
+    gives the textbook :math:`\tilde\nabla L`.
+    """
+
+    name: str
+    update: str
+    optimizer: str = "sgd"  # "sgd" (RiemannianSGD) or "adam" (RiemannianAdam)
+    lr: float = 1e-2
+    options: dict = field(default_factory=dict)
+    zero_buffer: bool = False
+
+    def make(self, model: nn.Module) -> torch.optim.Optimizer:
+        declare(model, self.update)
+        cls = geoopt.optim.RiemannianAdam if self.optimizer == "adam" else \
+            geoopt.optim.RiemannianSGD
+        opt = cls(model.parameters(), lr=self.lr, **self.options)
+        if self.zero_buffer:
+            for p in model.parameters():
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+
+
+#: The update rules the audit runs.
+UPDATE_RULES = (
+    UpdateRule("B-SGD", "bsgd"),
+    UpdateRule("SM", "sm"),
+    UpdateRule("UN", "un"),
+    UpdateRule("SM+momentum(geoopt)", "sm", options=dict(momentum=0.9)),
+    UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True),
+    UpdateRule("SM+nesterov0", "sm", options=dict(momentum=0.9, nesterov=True),
+               zero_buffer=True),
+    UpdateRule("SM+wd", "sm", options=dict(weight_decay=1e-2)),
+    UpdateRule("UN+nesterov", "un", options=dict(momentum=0.9, nesterov=True)),
+    UpdateRule("B-Adam", "bsgd", "adam", lr=1e-3),
+    UpdateRule("SM+Adam", "sm", "adam", lr=1e-3),
+)
+
+
+def _constant(x: torch.Tensor, tol: float) -> bool:
+    return x.numel() == 0 or float(x.max() - x.min()) <= tol
+
+
+def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: float = 1e-6
+            ) -> bool:
+    r"""Does the theory say that ``rule`` is equivariant under ``group``?
+
+    With each generator acting on a weight as :math:`(r_i + c_j) W_{ij}`:
+
+    - **SM** (eqs. (7)-(8)): the row metric :math:`\mathrm{Diag}(\|w_i\|^2)^{-1}` is
+      invariant iff the columns of every filter weight are scaled by one common factor
+      (:math:`c` constant); the column metric of :math:`\theta` iff its rows are
+      (:math:`r` constant); every Euclidean parameter must be left alone. Momentum and
+      Nesterov keep this (the buffer transforms like the gradient); RiemannianAdam too
+      (its second moment is the per-filter norm :math:`\|w_i\|^2 \|\nabla_{w_i}\|^2`).
+    - **UN**: the projection removes row scalings of the oblique weights, so the start
+      :math:`P(g.w) = w` iff every oblique weight has :math:`c` constant and every
+      Euclidean parameter (:math:`\theta`) is left alone; then every optimiser follows the
+      same trajectory.
+    - **B-SGD**, **B-Adam** and any weight decay: only the trivial group. So is SM with
+      geoopt's momentum buffer (its first step adds :math:`\mu \nabla L`, see
+      :class:`UpdateRule`), unless ``zero_buffer``.
+    """
+    dec = declare(copy.deepcopy(model), rule.update)
+    euclidean_mixed = rule.options.get("weight_decay", 0) > 0 or (
+        rule.options.get("momentum", 0) > 0 and not rule.zero_buffer)
+    trivial_only = rule.update == "bsgd" or (rule.update == "sm" and euclidean_mixed)
+    for xi in group.generators():
+        for name, (r, c) in group.space.split(xi).items():
+            site, manifold = group.space.site(name), dec[name]
+            if site.bias is not None and float(r.abs().max()) > tol:
+                return False  # biases are Euclidean: their rows must not be scaled
+            moves = not (_constant(r, tol) and _constant(c, tol)
+                         and abs(float(r[0] + c[0])) <= tol)
+            if trivial_only or isinstance(manifold, geoopt.Euclidean):
+                if moves:
+                    return False
+            elif getattr(manifold, "side", "left") == "right":
+                if not _constant(r, tol):
+                    return False
+            elif not _constant(c, tol):
+                return False
+    return True
+
+

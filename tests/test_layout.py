@@ -1,0 +1,161 @@
+"""The architecture holds: the library never imports the experiments, the package's import
+graph has no cycle, and the command line speaks one language."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import manifold_nets
+from manifold_nets.experiments.cli import build_parser, main
+
+PACKAGE = Path(manifold_nets.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every module of the package that ``name`` imports, at any depth of its code."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                       for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in modules and t != name}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_the_graph_sees_imports():
+    """The checks below read the real imports (a control: an empty graph passes them)."""
+    graph = _graph()
+    assert "manifold_nets.math" in graph["manifold_nets.optim"]
+    assert "manifold_nets.declare" in graph["manifold_nets.symmetry.invariance"]
+    assert "manifold_nets.experiments.loop" in graph["manifold_nets.experiments.engines"]
+    assert "manifold_nets.optim" in graph["manifold_nets.experiments.stacked"]
+
+
+def test_library_never_imports_the_experiments():
+    bad = {(m, t) for m, targets in _graph().items() if not m.startswith(
+        "manifold_nets.experiments") for t in targets if t.startswith("manifold_nets.experiments")}
+    assert not bad, f"library modules import experiments: {sorted(bad)}"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state:
+                cycle = visit(t)
+                if cycle:
+                    return cycle
+        state[m] = 2
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m)
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_importing_the_library_loads_no_experiment():
+    code = ("import sys, manifold_nets; "
+            "print(sorted(m for m in sys.modules if m.startswith('manifold_nets.experiments')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+    code = "import manifold_nets; manifold_nets.TrainConfig; import sys; print('manifold_nets.experiments.config' in sys.modules)"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "True"  # the control: the forwarded names load the experiments on use
+
+
+def test_public_api_stays():
+    from manifold_nets import (  # noqa: F401
+        Arch1,
+        Arch2,
+        Declaration,
+        DiagScaledEuclidean,
+        InvariantSGD,
+        ObliqueManifold,
+        declare,
+    )
+
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        manifold_nets.no_such_name  # noqa: B018
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_command_and_option_is_described():
+    commands = _subcommands()
+    assert {"demo", "check", "train", "reproduce", "bench", "segnet", "segnet-report"} <= set(
+        commands)
+    missing = []
+    for name, p in commands.items():
+        if not p.description:
+            missing.append(f"{name}: no description")
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            if not a.help:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}: no help")
+    assert not missing, missing
+
+
+def test_one_language_across_commands():
+    """``--arch`` takes the same values everywhere; lists are space-separated values."""
+    arch_choices, list_options = set(), []
+    for name, p in _subcommands().items():
+        for a in p._actions:
+            if a.dest in ("arch", "archs"):
+                arch_choices.add(tuple(a.choices))
+            if a.dest in ("lr_grid", "seeds", "updates", "depths", "figure_updates"):
+                list_options.append((name, a.dest, a.nargs))
+    assert arch_choices == {("arch1", "arch2")}
+    assert list_options and all(n == "+" for _, _, n in list_options), list_options
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"manifold-nets {manifold_nets.__version__}"
