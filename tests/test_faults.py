@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,10 @@ def _table(path: Path) -> list[dict]:
 class Grid:
     """The reproduce command on one results folder, started and killed as a subprocess."""
 
-    def __init__(self, out: Path, tmp: Path):
+    def __init__(self, out: Path, tmp: Path, extra: Sequence[str] = ()):
         self.out = out
         self.cmd = [sys.executable, "-m", "manifold_nets.experiments.cli", "reproduce",
-                    "--data-dir", str(SHARED), "--out", str(out), *_args()]
+                    "--data-dir", str(SHARED), "--out", str(out), *_args(), *extra]
         # No public mirror can be reached from here: the data come from the local folder.
         self.env = {**os.environ, "MANIFOLD_NETS_MIRROR": str(SHARED),
                     "MANIFOLD_NETS_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
@@ -177,3 +178,40 @@ def test_sigkilled_grid_reruns_to_the_uninterrupted_results(tmp_path):
     assert _table(g.out / "table2.csv") == _table(ref_store.root / "table2.csv")
     md = (g.out / "table2.md").read_text()
     assert f"{len(specs)} runs in 6 cells" in md
+
+
+def _training_checkpoint(g: Grid) -> bool:
+    """A stacked group's checkpoint holds at least one finished training epoch."""
+    for path in g.out.glob("inflight/*.pt"):
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception:  # replaced while being read: look again
+            continue
+        if payload["phase"] == "train" and payload["loop"]["epoch"] >= 1:
+            return True
+    return False
+
+
+def test_sigkilled_stacked_grid_resumes_its_group(tmp_path):
+    """``reproduce --engine stacked`` killed inside a group's training resumes the group
+    from its last finished epoch and writes the uninterrupted group's records."""
+    torch.set_num_threads(1)
+    tiny = {**TINY, "min_epochs": 6, "max_epochs": 6}
+    specs = grid(["arch1"], [2], runs=2)
+    ref_store = ResultStore(tmp_path / "reference")
+    run_grid(specs, TrainConfig(**tiny), ref_store, engine="stacked",
+             data=load_dataset("mnist", SHARED))
+    skip = (*TIMING, "group_wall_time_s")
+    reference = {r["run_id"]: {k: v for k, v in r.items() if k not in skip}
+                 for r in ref_store.records()}
+    g = Grid(tmp_path / "killed", tmp_path,
+             ["--engine", "stacked", "--min-epochs", "6", "--max-epochs", "6"])
+    g.kill_when(lambda: _training_checkpoint(g))
+    assert not g.records() and len(list(g.out.glob("inflight/*.pt"))) == 1
+    done = subprocess.run(g.cmd, env=g.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "resuming the group of" in done.stderr
+    records = ResultStore(g.out).records()
+    assert {r["run_id"]: {k: v for k, v in r.items() if k not in skip}
+            for r in records} == reference
+    assert not list(g.out.glob("inflight/*.pt"))  # the finished group cleaned up

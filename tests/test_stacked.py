@@ -257,3 +257,81 @@ def test_reproduce_stacked_cli(tmp_path, capsys):
     records = ResultStore(out).records()
     assert len(records) == 12 and {r["engine"] for r in records} == {"stacked"}
     assert (out / "table2.md").is_file()
+
+
+TIMING = ("select_time_s", "wall_time_s", "group_wall_time_s")
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 4], ids=["mid-selection", "selection-end",
+                                                     "mid-training"])
+def test_killed_group_resumes_from_its_last_epoch(tmp_path, monkeypatch, kill_at):
+    """A group killed after its k-th checkpoint resumes from it: the same records as an
+    uninterrupted group, bit for bit (float32), and no epoch is trained twice."""
+    from manifold_nets.experiments import engines
+
+    data = synthetic(n_train=1000, dtype=torch.float32)
+    tiny = {**TINY, "select_epochs": 2, "max_epochs": 3}
+    configs = [TrainConfig(arch="arch2", depth=2, update=u, protocol=p, seed=seed,
+                           bold_undo=True, **tiny)
+               for seed in (0, 1) for p, u in (("bold-driver", "un"), ("exp-decay", "sm"),
+                                               ("bold-driver", "bsgd"))]
+    reference = train_group(configs, data)
+    saves, epochs = [0], [0]
+    saver, step = engines._GroupCheckpoint.saver, StackedNet.step
+
+    def killing_saver(self, *args, **kw):
+        save = saver(self, *args, **kw)
+
+        def kill(net, state):
+            save(net, state)
+            saves[0] += 1
+            if saves[0] == kill_at:
+                raise KeyboardInterrupt
+        return kill
+
+    monkeypatch.setattr(engines._GroupCheckpoint, "saver", killing_saver)
+    path = tmp_path / "group.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_group(configs, data, checkpoint=path)
+    monkeypatch.undo()
+    batches = -(-tiny["select_train"] // 100)  # steps per selection epoch (all rates at once)
+
+    def counting_step(net, rate):
+        epochs[0] += 1
+        return step(net, rate)
+
+    monkeypatch.setattr(StackedNet, "step", counting_step)
+    resumed = train_group(configs, data, checkpoint=path)
+    for a, b in zip(resumed, reference, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING}
+    selection_steps = max(0, 2 - kill_at) * batches
+    training_steps = (3 - max(0, kill_at - 2)) * -(-tiny["train_size"] // 100)
+    assert epochs[0] == selection_steps + training_steps
+
+
+def test_group_checkpoint_of_other_runs_is_refused(tmp_path):
+    from manifold_nets.experiments.checkpoint import CheckpointError
+
+    data = synthetic(n_train=1000, dtype=torch.float32)
+    tiny = {**TINY, "select_epochs": 1, "max_epochs": 1, "min_epochs": 1}
+    path = tmp_path / "group.pt"
+    train_group([TrainConfig(update="un", **tiny)], data, checkpoint=path)
+    with pytest.raises(CheckpointError, match=r"holds another group of runs \(update: "
+                                              r"checkpoint 'un', now 'sm'\)"):
+        train_group([TrainConfig(update="sm", **tiny)], data, checkpoint=path)
+
+
+def test_group_checkpoint_off_the_manifold_is_refused(tmp_path):
+    from manifold_nets.experiments.checkpoint import CheckpointError
+
+    data = synthetic(n_train=1000, dtype=torch.float32)
+    tiny = {**TINY, "select_epochs": 1, "max_epochs": 2, "min_epochs": 1}
+    path = tmp_path / "group.pt"
+    train_group([TrainConfig(update="un", **tiny)], data, checkpoint=path)
+    payload = torch.load(path, weights_only=True)
+    payload["net"]["tensors"][0][0, 3] *= 2.0  # filter 3 of W_1 of run 0
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"filter 3 of `W\[0\] of stacked run 0` has "
+                                              r"norm 2"):
+        train_group([TrainConfig(update="un", **tiny)], data, checkpoint=path)

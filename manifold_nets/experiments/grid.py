@@ -202,6 +202,9 @@ def _run_group(task: tuple[list[dict], list[str], str, bool]) -> dict:
     start = time.perf_counter()
     store = ResultStore(root)
     checkpoint = store.group_checkpoint(run_ids)
+    if checkpoint.exists():
+        print(f"resuming the group of {', '.join(run_ids[:2])}, ... from {checkpoint}",
+              file=sys.stderr, flush=True)
     records = train_group([TrainConfig.from_dict(d) for d in config_dicts], _WORKER_DATA,
                           checkpoint=checkpoint)
     for run_id, record in zip(run_ids, records, strict=True):

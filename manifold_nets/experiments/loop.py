@@ -199,7 +199,7 @@ def fit_runs(
                           [FitResult() for _ in range(R)])
     else:
         state = start
-    if engine.runs != len(state.active):
+    if state.active and engine.runs != len(state.active):
         raise ValueError(f"fit_runs: the engine holds {engine.runs} runs, the state "
                          f"{len(state.active)} active ones")
     results = state.results
@@ -224,7 +224,7 @@ def fit_runs(
             order = order[used]
             label_row = torch.as_tensor([used.index(s) for s in run_stream])
         total = torch.zeros(len(active), dtype=torch.float64)
-        wrong = torch.zeros(len(active), dtype=torch.int64)
+        wrong = torch.zeros(len(active), dtype=torch.float64)
         batches = 0
         for b in range(0, n, batch_size):
             if shared:
@@ -310,14 +310,18 @@ class ModuleRuns:
         ``loss(logits, targets)``, summed over the mini-batch (default: cross-entropy)
     optimizer : InvariantSGD, optional
         built over ``model.parameters()`` if not given (momentum 0: the paper's SGD)
+    errors : callable, optional
+        ``errors(logits, targets)``: the misclassified samples of a mini-batch (default:
+        arg-max mismatches), summed; the loop divides by the number of samples
     """
 
     runs = 1
 
     def __init__(self, model: torch.nn.Module, loss: Callable | None = None,
-                 optimizer: InvariantSGD | None = None):
+                 optimizer: InvariantSGD | None = None, errors: Callable | None = None):
         self.model = model
         self.loss = loss or (lambda z, t: F.cross_entropy(z, t, reduction="sum"))
+        self.errors = errors or (lambda z, t: (z.argmax(1) != t).sum())
         self.optimizer = optimizer or InvariantSGD(model.parameters(), lr=0.0,
                                                    foreach=False)
         self.dtype = next(model.parameters()).dtype
@@ -330,7 +334,7 @@ class ModuleRuns:
         loss = self.loss(logits, y)
         loss.backward()
         with torch.no_grad():
-            wrong = (logits.argmax(1) != y).sum()
+            wrong = self.errors(logits, y)
         return loss.detach().view(1), wrong.view(1)
 
     def step(self, rate: torch.Tensor) -> None:

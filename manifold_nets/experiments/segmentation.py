@@ -87,6 +87,7 @@ __all__ = [
     "evaluate",
     "filter_scaling",
     "fit",
+    "pixel_errors",
     "load_mnist_digits",
     "make_canvases",
     "make_splits",
@@ -410,42 +411,54 @@ def build_segnet(config: SegConfig) -> SegNet:
     return model
 
 
+def pixel_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per canvas, the fraction of misclassified pixels, summed over the batch (the loop
+    divides by the number of canvases: the training error is the pixel error rate)."""
+    return (logits.argmax(1) != labels).double().mean(dim=(1, 2)).sum()
+
+
 def fit(model: torch.nn.Module, config: SegConfig, train_set: CanvasSet,
         val_set: CanvasSet | None = None, log=None) -> list[dict]:
-    """Train ``model`` (already declared) in place; returns the per-epoch history."""
-    opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=config.lr,
-                                     momentum=config.momentum)
-    gen = torch.Generator().manual_seed(config.seed + 1)
+    r"""Train ``model`` (already declared) in place; returns the per-epoch history.
+
+    The epoch loop of the experiments (:func:`~.loop.fit_runs`, one run) with
+    :class:`~manifold_nets.InvariantSGD` (momentum ``config.momentum``), the rate
+    :math:`\eta_0 \gamma^e` of :class:`~.config.ExpDecay`, ``config.epochs`` epochs and
+    :func:`seg_loss`. Each epoch's record holds its rate, ``cost`` (the mean mini-batch
+    loss), ``train_error`` (pixel error of the epoch's mini-batches) and, with ``val_set``,
+    the validation metrics as ``val_*``; a run whose cost is not finite stops there,
+    marked ``diverged``.
+    """
+    from ..optim import InvariantSGD
+    from .config import ExpDecay, StoppingRule
+    from .loop import ModuleRuns, Stream, fit_runs
+
     weight = median_frequency_weights(train_set.labels) if config.class_balance else None
-    history = []
-    model.train()
-    for epoch in range(config.epochs):
-        lr = config.lr * config.decay ** epoch
-        for g in opt.param_groups:
-            g["lr"] = lr
-        start, total, steps = time.perf_counter(), 0.0, 0
-        perm = torch.randperm(len(train_set), generator=gen)
-        for i in range(0, len(perm), config.batch_size):
-            idx = perm[i:i + config.batch_size]
-            loss = seg_loss(model(train_set.images[idx]), train_set.labels[idx], weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) / len(idx)
-            steps += 1
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / steps,
-               "time_s": time.perf_counter() - start}
-        if not np.isfinite(row["train_loss"]):
-            row["diverged"] = True
-            history.append(row)
-            break
-        if val_set is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(model, val_set).items()})
-        history.append(row)
+    engine = ModuleRuns(
+        model, loss=lambda logits, labels: seg_loss(logits, labels, weight),
+        optimizer=InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum),
+        errors=pixel_errors)
+
+    def validate(_, ids):
+        return {f"val_{k}": [v] for k, v in evaluate(model, val_set).items()}
+
+    def report(_, state) -> None:
         if log is not None:
+            row = state.results[0].history[-1]
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in row.items()))
-    return history
+
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    result = fit_runs(
+        engine, train_set.images, train_set.labels, lr=[config.lr],
+        schedules=[ExpDecay(config.decay)],
+        stopping=[StoppingRule(config.epochs, config.epochs, enabled=False)],
+        streams=[Stream(torch.arange(len(train_set)), gen)], stream_of_run=[0],
+        batch_size=config.batch_size, evaluate=validate if val_set is not None else None,
+        on_epoch=report)[0]
+    if result.diverged:
+        result.history[-1]["diverged"] = True
+    return result.history
 
 
 def train(config: SegConfig, splits: dict | None = None, log=None,
