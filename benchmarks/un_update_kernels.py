@@ -1,12 +1,12 @@
-"""What the UN update of the MLP's four filter banks costs, kernel by kernel.
+"""What the UN update of the MLP's four filter banks costs, path by path.
 
-Times, per call, on the shapes of Arch2 with 4 layers of 64 filters (one thread):
+Times, per call, on the shapes of Arch2 with 4 layers of 64 filters (one thread), the
+library's own step, :func:`manifold_nets.optim.invariant_sgd` (momentum 0):
 
-- ``foreach``: the update as :class:`manifold_nets.InvariantSGD` runs it (per-filter inner
-  product, projected step, per-filter norm and rescale: 14 kernel launches);
-- ``vecdot``: the same with ``torch.linalg.vecdot`` for the inner products;
-- ``compiled``: the same update written per tensor and compiled by ``torch.compile``
-  (inductor; needs a C++ compiler; the compile time is printed);
+- ``foreach``: the multi-tensor path, as :class:`manifold_nets.InvariantSGD` runs it;
+- ``loop``: the single-tensor path (the reference, which calls :mod:`manifold_nets.math`);
+- ``compiled``: the single-tensor path compiled by ``torch.compile`` (inductor; needs a
+  C++ compiler; the compile time is printed);
 - ``sgd``: one ``torch._foreach_add_``, the whole of a ``foreach`` SGD step's arithmetic.
 
 Usage::
@@ -17,37 +17,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 
+from manifold_nets.optim import Kind, invariant_sgd
+
 SHAPES = [(64, 784), (64, 32), (64, 32), (64, 32)]
 LR = 1e-7
+UN = Kind("oblique", (-1,), 1)
 
 
-def un_per_tensor(ps, gs, lr):
-    for p, g in zip(ps, gs, strict=True):
-        inner = (p * g).sum(-1, keepdim=True)
-        p.sub_((g - inner * p) * lr)
-        p.mul_(p.norm(dim=-1, keepdim=True).clamp_min(1e-30).reciprocal())
-
-
-def _step_and_normalise(ps, gs, inners):
-    step = torch._foreach_addcmul(gs, inners, ps, value=-1)
-    torch._foreach_add_(ps, step, alpha=-LR)
-    norms = [torch.linalg.vector_norm(p, dim=-1, keepdim=True) for p in ps]
-    torch._foreach_clamp_min_(norms, 1e-30)
-    torch._foreach_reciprocal_(norms)
-    torch._foreach_mul_(ps, norms)
-
-
-def un_foreach(ps, gs, lr):
-    _step_and_normalise(ps, gs, [t.sum(-1, keepdim=True) for t in torch._foreach_mul(ps, gs)])
-
-
-def un_vecdot(ps, gs, lr):
-    _step_and_normalise(
-        ps, gs, [torch.linalg.vecdot(p, g).unsqueeze_(-1) for p, g in zip(ps, gs, strict=True)])
+def un_step(ps, gs, lr, foreach: bool):
+    invariant_sgd(ps, gs, [], [UN] * len(ps), lr=lr, momentum=0.0, dampening=0.0,
+                  weight_decay=0.0, nesterov=False, foreach=foreach)
 
 
 def sgd_foreach(ps, gs, lr):
@@ -72,10 +56,12 @@ def main() -> None:
     gs = [torch.randn(s) for s in SHAPES]
     lr = torch.tensor(LR)
     start = time.time()
-    compiled = torch.compile(un_per_tensor, fullgraph=True, dynamic=False)
+    compiled = torch.compile(functools.partial(un_step, foreach=False), fullgraph=True,
+                             dynamic=False)
     compiled(ps, gs, lr)
     print(f"torch.compile: {time.time() - start:.1f} s for the first call")
-    fns = {"foreach": un_foreach, "vecdot": un_vecdot, "compiled": compiled,
+    fns = {"foreach": functools.partial(un_step, foreach=True),
+           "loop": functools.partial(un_step, foreach=False), "compiled": compiled,
            "sgd": sgd_foreach}
     for r in range(args.rounds):
         times = {k: time_us(f, ps, gs, lr) for k, f in fns.items()}

@@ -324,7 +324,6 @@ def invariant_sgd(
     >>> torch.allclose(w[1], before[1], atol=1e-6), torch.allclose(w[0], before[0], atol=1e-6)
     (True, False)
     """
-    _check_lr(lr)
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
     func = _multi_tensor_invariant_sgd if foreach else _single_tensor_invariant_sgd

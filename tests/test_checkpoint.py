@@ -188,3 +188,15 @@ def test_train_cli_checkpoint_resumes(tmp_path, capsys):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert (a["resumed_at_epoch"], b["resumed_at_epoch"]) == (None, 2)
     assert _strip(a) == _strip(b)
+
+
+def test_checkpoint_of_an_older_format_is_refused_with_its_version(tmp_path):
+    from manifold_nets.experiments.checkpoint import FORMAT, CheckpointError
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"format": (FORMAT[0], 1), "model": {}}, path)
+    with pytest.raises(CheckpointError, match=r"has format version 1; .* reads version 2"):
+        read_checkpoint(path)
+    torch.save({"format": ("something-else", 2)}, path)  # control: a foreign file
+    with pytest.raises(CheckpointError, match=r"is not a manifold-nets checkpoint"):
+        read_checkpoint(path)

@@ -176,7 +176,14 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{str(err).split('. ')[0][:160]}); it is truncated or not a "
             "manifold-nets checkpoint. Fix: delete it to start the run over."
         ) from err
-    if not isinstance(payload, dict) or tuple(payload.get("format", ())) != FORMAT:
+    found = tuple(payload.get("format", ())) if isinstance(payload, dict) else ()
+    if len(found) == 2 and found[0] == FORMAT[0] and found != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {found[1]}; this version of manifold-nets "
+            f"reads version {FORMAT[1]} (the engines' shared loop changed the optimiser "
+            "state). Fix: delete it to start the run over, or resume it with the version "
+            "that wrote it.")
+    if not isinstance(payload, dict) or found != FORMAT:
         raise CheckpointError(
             f"{path} is not a manifold-nets checkpoint (no {FORMAT[0]!r} marker, version "
             f"{FORMAT[1]}); write one with save_checkpoint()."
