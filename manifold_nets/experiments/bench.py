@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..declare import declare
+from ..declare import UPDATES, declare
 from ..manifolds import ObliqueManifold
 from ..nets import Arch2
 from ..optim import InvariantSGD
@@ -343,7 +343,7 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     x, y = x[: cfg.grid_images], y[: cfg.grid_images]
     configs = [TrainConfig(arch=cfg.grid_arch, depth=cfg.grid_depth, update=u, protocol=p,
                            seed=s)
-               for s in range(cfg.grid_seeds) for u in ("bsgd", "sm", "un")
+               for s in range(cfg.grid_seeds) for u in UPDATES
                for p in ("exp-decay", "bold-driver")]
     sequential = [c for c in configs if c.seed == 0 and c.protocol == "exp-decay"]
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .io import fsync_dir
+
 __all__ = [
     "DATASETS",
     "DEFAULT_MIRRORS",
@@ -304,6 +306,7 @@ def download_file(
                 gz = fh.read(2) == _GZIP_MAGIC
             final = target / (fname + ".gz" if gz else fname)
             os.replace(tmp, final)
+            fsync_dir(target)
             return final
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)

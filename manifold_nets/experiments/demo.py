@@ -17,6 +17,7 @@ import sys
 import geoopt
 import torch
 
+from ..declare import UPDATES
 from ..manifolds import DiagScaledEuclidean, ObliqueManifold
 
 
@@ -68,7 +69,7 @@ def mnist_comparison(
     from .engines import train
 
     rows = []
-    for update in ("bsgd", "sm", "un"):
+    for update in UPDATES:
         row = {"update": update, "train_error": [], "val_error": [], "test_error": [],
                "seconds": []}
         for seed in seeds:
