@@ -326,7 +326,8 @@ def invariant_sgd(
     """
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
-    func = _multi_tensor_invariant_sgd if foreach else _single_tensor_invariant_sgd
+    # Under torch.compile the update runs eagerly: see _eager.
+    func = _EAGER["multi" if foreach else "single"]
     func(params, grads, momentum_buffer_list, kinds, lr=lr, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
          maximize=maximize)
@@ -477,3 +478,20 @@ def _multi_tensor_invariant_sgd(
             _foreach_normalise_(ps, dims, dtype)
             if bufs:
                 torch._foreach_addcmul_(bufs, _filter_inner(ps, bufs, dims), ps, value=-1)
+
+
+#: The two implementations, run eagerly under :func:`torch.compile` (a graph break around
+#: them). Inductor's CPU code generation (torch 2.13) cannot compile the UN and SM steps
+#: with momentum: a per-filter reduction of the parameter, then an in-place update of the
+#: momentum buffer, then of the parameter, fails in its outer-loop fusion with
+#: ``KeyError: 'bufN'`` for almost every shape; rewritings tried (functional updates with a
+#: final copy, the inner product as a matrix product, filters viewed as rows, a graph
+#: break between the buffer and the parameter) failed too, and one that compiled
+#: (``torch._foreach_copy_`` of both results) gave wrong buffer values.
+#: ``tests/test_optim.py`` fails once torch compiles the step itself (then this can go).
+#: Compiling a training step that calls the optimiser still compiles the model; the update
+#: runs eagerly, with the eager step's exact arithmetic.
+_EAGER = {
+    "single": torch.compiler.disable(_single_tensor_invariant_sgd, recursive=True),
+    "multi": torch.compiler.disable(_multi_tensor_invariant_sgd, recursive=True),
+}
