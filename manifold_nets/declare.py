@@ -32,6 +32,10 @@ __all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_class
 #: The updates of Table 1 that :func:`declare` knows.
 UPDATES = ("bsgd", "sm", "un")
 
+#: The model attribute that keeps the last :class:`Declaration` (read by
+#: :mod:`manifold_nets.distributed` once sharding has replaced the parameters).
+DECLARATION_ATTR = "_manifold_nets_declaration"
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -237,4 +241,5 @@ def declare(
         for leaf, p in list(mod._parameters.items()):
             if p is not None and id(p) in by_id:
                 setattr(mod, leaf, by_id[id(p)])
+    object.__setattr__(model, DECLARATION_ATTR, declaration)
     return declaration

@@ -25,7 +25,13 @@ from geoopt.manifolds.base import Manifold, ScalingInfo
 
 from . import math
 
-__all__ = ["ObliqueManifold", "DiagScaledEuclidean"]
+__all__ = [
+    "ObliqueManifold",
+    "DiagScaledEuclidean",
+    "UNIT_NORM_TOL",
+    "check_unit_norm",
+    "unit_norm_violations",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,6 +81,54 @@ def _raise_on_degenerate(size: torch.Tensor, ndim: int, what: str, cls: str) -> 
             f"{cls} ({n_bad} such {what}s among {flat.numel()}, batch shape {tuple(batch)}); "
             f"re-initialise it with a non-zero, finite {what}."
         )
+
+
+#: How far from 1 a filter norm of an oblique-manifold parameter may be, per dtype, for it
+#: to count as on the manifold when state is loaded.
+UNIT_NORM_TOL = {
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+    torch.float32: 1e-4,
+    torch.float64: 1e-10,
+}
+
+
+def unit_norm_violations(w: torch.Tensor, ndim: int) -> tuple[int, int, float]:
+    """How many filters of ``w`` (trailing ``ndim`` dims) have a norm further than
+    :data:`UNIT_NORM_TOL` from 1: ``(count, first flat filter index or -1, its norm)``."""
+    tol = UNIT_NORM_TOL.get(w.dtype, 1e-4)
+    norm = math.filter_sqnorm(w.detach().to(torch.float64), ndim).sqrt().reshape(-1)
+    off = (norm - 1).abs() > tol
+    count = int(off.sum())
+    if not count:
+        return 0, -1, 1.0
+    first = int(off.nonzero()[0, 0])
+    return count, first, float(norm[first])
+
+
+def check_unit_norm(w: torch.Tensor, ndim: int, name: str) -> None:
+    """Raise :class:`ValueError` unless every filter of ``w`` has norm 1 within
+    :data:`UNIT_NORM_TOL` of its dtype; the message names ``name`` and the first filter
+    that is off (state loaded from elsewhere: geoopt loads it without a look, and UN would
+    then train another network).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.manifolds import check_unit_norm
+    >>> check_unit_norm(torch.eye(3), 1, "w")
+    >>> check_unit_norm(2 * torch.eye(3), 1, "w")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: filter 0 of `w` has norm 2, not 1 (tolerance 0.0001 for torch.float32; ...
+    """
+    count, first, norm = unit_norm_violations(w, ndim)
+    if count:
+        batch = w.shape[: w.dim() - ndim]
+        raise ValueError(
+            f"filter {math.filter_index(first, batch)} of `{name}` has norm {norm:.6g}, not 1 "
+            f"(tolerance {UNIT_NORM_TOL.get(w.dtype, 1e-4):g} for {w.dtype}; {count} of "
+            f"{batch.numel()} filters are off): its weights are off the oblique manifold.")
 
 
 class ObliqueManifold(Manifold):

@@ -335,8 +335,9 @@ class SegNet(nn.Module):
 
     Every conv but the classifier is followed by batch norm, so the loss is invariant
     under ``W -> A W`` for any positive diagonal ``A`` acting on the output filters of any
-    such conv (the conv form of Arch2's eq. (3); :mod:`manifold_nets.segmentation` checks
-    it). Input height and width must be divisible by ``2 ** len(widths)``.
+    such conv (the conv form of Arch2's eq. (3);
+    :mod:`manifold_nets.experiments.segmentation` checks it). Input height and width must
+    be divisible by ``2 ** len(widths)``.
 
     Attributes: ``encoder[i][j]`` and ``decoder[i][j]`` are :class:`ConvBNReLU` (with
     ``.conv`` and ``.bn``); ``decoder[i]`` runs after the unpooling of encoder block ``i``;

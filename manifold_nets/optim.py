@@ -26,7 +26,9 @@ from .manifolds import DiagScaledEuclidean, ObliqueManifold
 from .math import (
     EPS,
     column_dims,
+    column_sqnorm,
     filter_dims,
+    filter_sqnorm,
     oblique_proju,
     oblique_projx_,
     scaled_egrad2rgrad,
@@ -64,6 +66,16 @@ def kind_of(param: Tensor) -> Kind:
     >>> kind_of(w)
     Kind(name='oblique', dims=(-1,), ndim=1, side='left')
     """
+    if _is_dtensor(param) and not hasattr(param, "manifold"):
+        raise ValueError(
+            f"InvariantSGD got a sharded parameter (DTensor) of shape {tuple(param.shape)} "
+            "that carries no manifold: torch's fully_shard replaces the parameters that "
+            "manifold_nets.declare put on a manifold, and stepping them as Euclidean would "
+            "silently turn UN or SM into plain SGD. Fix: shard with "
+            "manifold_nets.distributed.fully_shard, or call "
+            "manifold_nets.distributed.reattach_manifolds(model) before building the "
+            "optimiser."
+        )
     manifold = getattr(param, "manifold", None)
     if manifold is None or type(manifold) is geoopt.Euclidean:
         return EUCLIDEAN
@@ -326,8 +338,11 @@ def invariant_sgd(
     """
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
-    # Under torch.compile the update runs eagerly: see _eager.
-    func = _EAGER["multi" if foreach else "single"]
+    # Under torch.compile the update runs eagerly: see _EAGER.
+    if any(_is_dtensor(p) for p in params):
+        func = _EAGER["sharded"]
+    else:
+        func = _EAGER["multi" if foreach else "single"]
     func(params, grads, momentum_buffer_list, kinds, lr=lr, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
          maximize=maximize)
@@ -348,12 +363,16 @@ def _step_(param: Tensor, direction: Tensor, lr: float | Tensor) -> None:
         param.add_(direction, alpha=-lr)
 
 
-def _rgrad(param: Tensor, grad: Tensor, kind: Kind) -> Tensor:
-    """The Riemannian gradient of ``kind`` (Table 1): UN, SM or Euclidean."""
+def _rgrad(param: Tensor, grad: Tensor, kind: Kind, reduce=None) -> Tensor:
+    """The Riemannian gradient of ``kind`` (Table 1): UN, SM or Euclidean. ``reduce``
+    sums the SM metric's squared norms across the ranks that hold parts of them."""
     if kind.name == "oblique":
         return oblique_proju(param, grad, kind.ndim)
     if kind.name == "sm":
-        return scaled_egrad2rgrad(param, grad, kind.side, kind.ndim)
+        if reduce is None:
+            return scaled_egrad2rgrad(param, grad, kind.side, kind.ndim)
+        sqnorm = filter_sqnorm if kind.side == "left" else column_sqnorm
+        return grad * reduce(sqnorm(param, kind.ndim)).clamp_max_(torch.finfo(param.dtype).max)
     return grad
 
 
@@ -369,13 +388,14 @@ def _single_tensor_invariant_sgd(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    reducers: list | None = None,
 ) -> None:
     for i, param in enumerate(params):
         kind = kinds[i]
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
-        grad = _rgrad(param, grad, kind)
+        grad = _rgrad(param, grad, kind, None if reducers is None else reducers[i])
         buf = None
         if momentum != 0:
             buf = momentum_buffer_list[i]
@@ -480,6 +500,74 @@ def _multi_tensor_invariant_sgd(
                 torch._foreach_addcmul_(bufs, _filter_inner(ps, bufs, dims), ps, value=-1)
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _reducer(param: Tensor, kind: Kind):
+    """For a sharded parameter, the function that sums a per-filter (or per-column) squared
+    norm across the ranks holding parts of it; ``None`` when every norm is local."""
+    import torch.distributed as dist
+
+    reduced = {d % param.dim() for d in kind.dims}
+    groups = [param.device_mesh.get_group(mesh_dim)
+              for mesh_dim, placement in enumerate(param.placements)
+              if placement.is_shard() and placement.dim % param.dim() in reduced]
+    if not groups:
+        return None
+    if not (kind.name == "sm" and kind.side == "right"):
+        raise NotImplementedError(
+            f"InvariantSGD: a {kind.name} parameter of shape {tuple(param.shape)} is sharded "
+            f"along the dims of its filters (placements {param.placements}); only the "
+            "columns of the right SM metric may span ranks. FSDP2's fully_shard shards dim 0, "
+            "which keeps every filter on one rank.")
+
+    def reduce(t: Tensor) -> Tensor:
+        for group in groups:
+            dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
+def _sharded_invariant_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    kinds: list[Kind],
+    **hyper,
+) -> None:
+    """The single-tensor step on each rank's shard of sharded (DTensor) parameters.
+
+    UN and the left SM metric act filter by filter, and FSDP2 keeps every filter on one
+    rank: the step on the shard is the step on those rows. The right SM metric's column
+    norms are summed across the shard group first. New momentum buffers are sharded like
+    their parameter.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    momentum = hyper["momentum"]
+    bufs = [None if b is None else local(b) for b in momentum_buffer_list] if momentum else []
+    reducers = [_reducer(p, k) if isinstance(p, DTensor) else None
+                for p, k in zip(params, kinds, strict=True)]
+    _single_tensor_invariant_sgd([local(p) for p in params], [local(g) for g in grads], bufs,
+                                 kinds, reducers=reducers, **hyper)
+    for i, p in enumerate(params):
+        if momentum and momentum_buffer_list[i] is None and isinstance(p, DTensor):
+            momentum_buffer_list[i] = DTensor.from_local(
+                bufs[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                run_check=False)
+        elif momentum and momentum_buffer_list[i] is None:
+            momentum_buffer_list[i] = bufs[i]
+
+
 #: The two implementations, run eagerly under :func:`torch.compile` (a graph break around
 #: them). Inductor's CPU code generation (torch 2.13) cannot compile the UN and SM steps
 #: with momentum: a per-filter reduction of the parameter, then an in-place update of the
@@ -494,4 +582,5 @@ def _multi_tensor_invariant_sgd(
 _EAGER = {
     "single": torch.compiler.disable(_single_tensor_invariant_sgd, recursive=True),
     "multi": torch.compiler.disable(_multi_tensor_invariant_sgd, recursive=True),
+    "sharded": torch.compiler.disable(_sharded_invariant_sgd, recursive=True),
 }

@@ -10,7 +10,7 @@ the new one, never a torn file. It holds
 - the optimiser's ``state_dict`` (geoopt's state and momentum buffers included);
 - the schedule's state (current rate, reference cost, base rate), the run's history;
 - the state of the batch-order :class:`torch.Generator` and of torch's global CPU RNG;
-- the resolved configuration (a :class:`~manifold_nets.training.TrainConfig` as a dict)
+- the resolved configuration (a :class:`~manifold_nets.experiments.config.TrainConfig` as a dict)
   and anything else the caller wants back (``extra``, e.g. the selected learning rate).
 
 :func:`load_checkpoint` checks the file *before* it touches the model, and refuses with a
@@ -22,10 +22,11 @@ the new one, never a torn file. It holds
 - a parameter or optimiser buffer is not finite (batch-norm running statistics are not
   checked: they can overflow in a run whose cost is still finite);
 - a parameter on an :class:`~manifold_nets.ObliqueManifold` is off the manifold: a filter
-  whose norm is not 1 within :data:`UNIT_NORM_TOL` of its dtype. geoopt itself loads such
-  state without a check, and UN would then silently train a different network.
+  whose norm is not 1 within :data:`~manifold_nets.manifolds.UNIT_NORM_TOL` of its dtype.
+  geoopt itself loads such state without a check, and UN would then silently train a
+  different network.
 
-On CPU, resuming a run of :func:`manifold_nets.training.fit` from a checkpoint gives
+On CPU, resuming a run of :func:`~manifold_nets.experiments.engines.fit` from a checkpoint gives
 bit-identical iterates compared with the uninterrupted run (``tests/test_checkpoint.py``).
 """
 
@@ -38,9 +39,8 @@ from pathlib import Path
 import geoopt
 import torch
 
-from .. import math as mm
-from ..manifolds import ObliqueManifold
-from ..math import filter_index
+from ..manifolds import UNIT_NORM_TOL, ObliqueManifold
+from ..manifolds import check_unit_norm as check_unit_norm_of
 from .config import config_diff
 from .io import atomic_write
 
@@ -58,15 +58,6 @@ __all__ = [
 
 #: The marker and version stored in every checkpoint.
 FORMAT = ("manifold-nets-checkpoint", 2)
-
-#: How far from 1 a filter norm of an oblique-manifold parameter may be, per dtype.
-UNIT_NORM_TOL = {
-    torch.float16: 1e-2,
-    torch.bfloat16: 5e-2,
-    torch.float32: 1e-4,
-    torch.float64: 1e-10,
-}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model, optimiser or
@@ -266,22 +257,16 @@ def _check_finite(payload: dict, model: torch.nn.Module, path) -> None:
 
 def check_unit_norm(w: torch.Tensor, ndim: int, name: str, path) -> None:
     """Raise :class:`CheckpointError` unless every filter of ``w`` (the trailing ``ndim``
-    dims) has norm 1 within :data:`UNIT_NORM_TOL` of its dtype; the message names the first
-    filter that is off."""
-    tol = UNIT_NORM_TOL.get(w.dtype, 1e-4)
-    norm = mm.filter_sqnorm(w.to(torch.float64), ndim).sqrt()
-    off = (norm - 1).abs() > tol
-    if bool(off.any()):
-        batch = norm.shape[: norm.dim() - ndim]
-        first = int(off.reshape(-1).nonzero()[0, 0])
+    dims) has norm 1 within :data:`~manifold_nets.manifolds.UNIT_NORM_TOL` of its dtype
+    (:func:`manifold_nets.manifolds.check_unit_norm`); the message names the first filter
+    that is off."""
+    try:
+        check_unit_norm_of(w, ndim, name)
+    except ValueError as err:
         raise CheckpointError(
-            f"checkpoint {path}: filter {filter_index(first, batch)} of `{name}` has norm "
-            f"{float(norm.reshape(-1)[first]):.6g}, not 1 (tolerance {tol:g} for {w.dtype}; "
-            f"{int(off.sum())} of {off.numel()} filters are off): its weights are off the "
-            "oblique manifold, so this is not the state of a UN run of this model. "
-            "Fix: use the checkpoint of a UN run, or declare the model with the update "
-            "the checkpoint was made with."
-        )
+            f"checkpoint {path}: {err} This is not the state of a UN run of this model. "
+            "Fix: use the checkpoint of a UN run, or declare the model with the update the "
+            "checkpoint was made with.") from None
 
 
 def _check_on_manifold(payload: dict, model: torch.nn.Module, path) -> None:

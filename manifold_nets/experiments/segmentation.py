@@ -109,8 +109,8 @@ NUM_CLASSES = 11
 
 def load_mnist_digits(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The MNIST digits as ``uint8`` arrays: ``{"train_x": (60000, 28, 28), "train_y",
-    "test_x": (10000, 28, 28), "test_y"}``, read with :func:`manifold_nets.data.load_dataset`
-    (local mirror ``MANIFOLD_NETS_MIRROR`` first; see :mod:`manifold_nets.data`)."""
+    "test_x": (10000, 28, 28), "test_y"}``, read with :func:`~.data.load_dataset` (local
+    mirror ``MANIFOLD_NETS_MIRROR`` first; see :mod:`manifold_nets.experiments.data`)."""
     from .data import load_dataset
 
     ds = load_dataset("mnist", data_dir)

@@ -452,8 +452,9 @@ def _segments(updates: Sequence[str]) -> list[tuple[str, int, int]]:
 def error_rates(net: StackedNet, x: torch.Tensor, y: torch.Tensor,
                 chunk: int | None = None) -> list[float]:
     """Per run, the fraction of misclassified images (evaluation mode), as
-    :func:`manifold_nets.training.error_rate`: non-finite logits count as errors. All runs
-    see the same images; ``chunk`` images at a time (default: about 16 MB of activations).
+    :func:`~manifold_nets.experiments.engines.error_rate`: non-finite logits count as
+    errors. All runs see the same images; ``chunk`` images at a time (default: about 16 MB
+    of activations).
     """
     if chunk is None:
         chunk = min(10000, max(256, 2**22 // (net.runs * net.W[0].shape[1])))

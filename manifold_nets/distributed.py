@@ -1,0 +1,156 @@
+r"""UN and SM on sharded models: FSDP2 that keeps every parameter's manifold.
+
+``torch.distributed.fsdp.fully_shard`` (FSDP2) replaces every parameter by a
+:class:`~torch.distributed.tensor.DTensor` holding a shard of it: ``Shard(0)``, so every
+row (filter) lives whole on one rank. The new parameters do not carry the manifold that
+:func:`manifold_nets.declare` gave the old ones, and an optimiser that reads it would take
+the Euclidean path in silence. Here:
+
+- :func:`fully_shard` is ``fully_shard`` that puts every parameter's manifold back on its
+  sharded parameter (and marks the others Euclidean);
+- :func:`reattach_manifolds` does the same for a model sharded by torch's ``fully_shard``
+  after :func:`~manifold_nets.declare`;
+- :class:`~manifold_nets.InvariantSGD` updates sharded parameters exactly as one process
+  updates the whole ones: UN and the left SM metric act row by row on each rank's shard;
+  the right SM metric of :math:`\theta` needs the norms of its columns, whose entries are
+  spread over the ranks, and sums their squares across the shard group. It refuses a
+  sharded parameter whose manifold was lost, rather than step it as Euclidean;
+- :func:`lost_manifolds` names the parameters that an optimiser reading
+  :class:`geoopt.ManifoldParameter` types (geoopt's ``RiemannianSGD`` and
+  ``RiemannianAdam``) or manifold attributes (``InvariantSGD``) would step as Euclidean.
+  geoopt's optimisers cannot be fixed from here: on a sharded model use ``InvariantSGD``.
+
+Examples
+--------
+Each of two processes (``torchrun --nproc-per-node=2``)::
+
+    model = MyNet()
+    declare(model, "un")
+    for block in model.blocks:
+        manifold_nets.distributed.fully_shard(block)
+    manifold_nets.distributed.fully_shard(model)
+    opt = InvariantSGD(model.parameters(), lr=1e-2, momentum=0.9)
+"""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from torch import nn
+
+from .declare import DECLARATION_ATTR
+
+__all__ = ["fully_shard", "lost_manifolds", "reattach_manifolds"]
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _manifold_of(p: torch.Tensor):
+    """The non-Euclidean manifold a parameter carries, or ``None``."""
+    manifold = getattr(p, "manifold", None)
+    return None if manifold is None or type(manifold) is geoopt.Euclidean else manifold
+
+
+def _reattach(module: nn.Module, manifolds: dict) -> None:
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if _is_dtensor(p):
+            p.manifold = manifolds.get(name)
+
+
+def fully_shard(module: nn.Module, **kwargs):
+    """:func:`torch.distributed.fsdp.fully_shard`, keeping every parameter's manifold.
+
+    Parameters
+    ----------
+    module : nn.Module
+        a module (or a block of one) declared with :func:`~manifold_nets.declare`, or with
+        :class:`geoopt.ManifoldParameter` weights set by hand; shard the blocks first and
+        the root last, as with torch's ``fully_shard``
+    **kwargs
+        passed to torch's ``fully_shard`` (``mesh``, ``reshard_after_forward``, ...)
+
+    Returns
+    -------
+    nn.Module
+        what torch's ``fully_shard`` returns (the same module, now an ``FSDPModule``).
+        Its sharded parameters carry their manifold (``p.manifold``; ``None`` for the
+        Euclidean ones), which :class:`~manifold_nets.InvariantSGD` reads.
+    """
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    manifolds = {name: _manifold_of(p)
+                 for name, p in module.named_parameters(remove_duplicate=False)}
+    out = torch_fully_shard(module, **kwargs)
+    _reattach(module, manifolds)
+    return out
+
+
+def reattach_manifolds(model: nn.Module) -> list[str]:
+    """Put back the manifolds of a model that torch's ``fully_shard`` sharded after
+    :func:`~manifold_nets.declare`; returns the names of the parameters given one.
+
+    Raises
+    ------
+    ValueError
+        if the model was not declared with :func:`~manifold_nets.declare` (its
+        declaration is what says which manifold each parameter had).
+    """
+    declaration = getattr(model, DECLARATION_ATTR, None)
+    if declaration is None:
+        raise ValueError(
+            "reattach_manifolds: this model was not declared with manifold_nets.declare, so "
+            "the manifolds its sharded parameters lost are unknown. Fix: declare the model "
+            "before sharding it, and shard with manifold_nets.distributed.fully_shard.")
+    manifolds = {name: _manifold_of_declared(m) for name, m in declaration.items()}
+    _reattach(model, manifolds)
+    return sorted(name for name, m in manifolds.items() if m is not None)
+
+
+def _manifold_of_declared(manifold):
+    return None if manifold is None or type(manifold) is geoopt.Euclidean else manifold
+
+
+def lost_manifolds(model: nn.Module) -> dict[str, str]:
+    """The parameters of a declared model that some optimiser would step as Euclidean.
+
+    Returns
+    -------
+    dict
+        parameter name -> who loses its manifold: ``"geoopt"`` (the parameter carries its
+        manifold, but is no :class:`geoopt.ManifoldParameter`: geoopt's optimisers read the
+        type, so they step it as Euclidean), or ``"geoopt, InvariantSGD"`` (it carries no
+        manifold at all: :class:`~manifold_nets.InvariantSGD` refuses it when it is
+        sharded). Empty when every declared manifold is where both look for it.
+
+    Raises
+    ------
+    ValueError
+        if the model was not declared with :func:`~manifold_nets.declare`.
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch2, declare
+    >>> from manifold_nets.distributed import lost_manifolds
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> _ = declare(net, "un")
+    >>> lost_manifolds(net)
+    {}
+    """
+    declaration = getattr(model, DECLARATION_ATTR, None)
+    if declaration is None:
+        raise ValueError("lost_manifolds: this model was not declared with "
+                         "manifold_nets.declare; there is nothing to compare with.")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for name, manifold in declaration.items():
+        if _manifold_of_declared(manifold) is None or name not in params:
+            continue
+        p = params[name]
+        if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)):
+            continue
+        out[name] = "geoopt" if _manifold_of(p) is not None else "geoopt, InvariantSGD"
+    return out

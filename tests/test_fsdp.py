@@ -1,0 +1,176 @@
+"""FSDP2 (``fully_shard``) with UN and SM: 2 CPU processes, gloo on 127.0.0.1, float64.
+
+The sharded run must equal one process training on the whole batch; torch's own
+``fully_shard`` after ``declare`` must be refused, not trained as Euclidean; geoopt's
+optimiser on the sharded model is the negative control (it does go Euclidean)."""
+
+from __future__ import annotations
+
+import socket
+
+import geoopt
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from manifold_nets import InvariantSGD, declare
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD, STEPS, BATCH = 2, 5, 6
+UPDATES = ("un", "sm")
+
+
+def _model(update: str) -> torch.nn.Module:
+    """Biases everywhere; the classifier's 3 rows split 2 + 1 over the ranks."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 3)).double()
+    declare(model, update)
+    return model
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, WORLD * BATCH, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (STEPS, WORLD * BATCH), generator=gen)
+    return x, y
+
+
+def _train(model, opt, x, y) -> None:
+    for xb, yb in zip(x, y, strict=True):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+
+def _optimizer(model, cls=InvariantSGD):
+    return cls(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    from manifold_nets import distributed as mnd
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, y = _batches()
+        shard = slice(rank * BATCH, (rank + 1) * BATCH)
+        out = {}
+        for update in UPDATES:
+            for optimiser in ("ours", "geoopt"):
+                model = _model(update)
+                for layer in (model[0], model[2], model[4]):
+                    mnd.fully_shard(layer)
+                mnd.fully_shard(model)
+                cls = InvariantSGD if optimiser == "ours" else geoopt.optim.RiemannianSGD
+                _train(model, _optimizer(model, cls), x[:, shard], y[:, shard])
+                out[update, optimiser] = {k: v.numpy() for k, v in _full(model).items()}
+            out[update, "lost"] = mnd.lost_manifolds(model)
+            if update == "sm":  # control: without the column norms summed across ranks
+                from manifold_nets import optim
+
+                reducer, optim._reducer = optim._reducer, lambda p, k: None
+                try:
+                    model = _model(update)
+                    mnd.fully_shard(model)
+                    _train(model, _optimizer(model), x[:, shard], y[:, shard])
+                    out[update, "local-norms"] = {k: v.numpy() for k, v in _full(model).items()}
+                finally:
+                    optim._reducer = reducer
+            # torch's own fully_shard drops the manifolds: InvariantSGD refuses the model
+            plain = _model(update)
+            torch_fully_shard(plain)
+            out[update, "plain-lost"] = mnd.lost_manifolds(plain)
+            try:
+                _optimizer(plain)
+                out[update, "plain"] = "accepted"
+            except ValueError as err:
+                out[update, "plain"] = str(err)
+            out[update, "reattached"] = mnd.reattach_manifolds(plain)
+            _optimizer(plain)  # accepted once the manifolds are back
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in range(WORLD))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def _single(update: str, cls=InvariantSGD) -> dict[str, torch.Tensor]:
+    model = _model(update)
+    x, y = _batches()
+    _train(model, _optimizer(model, cls), x, y)
+    return _full(model)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_sharded_invariant_sgd_equals_one_process(fsdp_results, update):
+    """UN, and SM with the right metric's column norms summed across ranks: the sharded
+    iterates equal one process's on the whole batch (float64, momentum 0.9)."""
+    want = _single(update)
+    for rank in range(WORLD):
+        got = {k: torch.from_numpy(v) for k, v in fsdp_results[rank][update, "ours"].items()}
+        for name in want:
+            gap = (got[name] - want[name]).abs().max().item()
+            assert gap <= 1e-10, f"rank {rank} {name}: {gap:.2e}"
+    if update == "un":
+        norms = got["0.weight"].norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_geoopt_on_the_sharded_model_goes_euclidean(fsdp_results, update):
+    """The negative control: the same comparison fails for geoopt's RiemannianSGD, which
+    reads the ManifoldParameter type that sharding removes."""
+    want = _single(update, geoopt.optim.RiemannianSGD)
+    got = {k: torch.from_numpy(v) for k, v in fsdp_results[0][update, "geoopt"].items()}
+    assert max((got[n] - want[n]).abs().max().item() for n in want) > 1e-4
+    assert set(fsdp_results[0][update, "lost"]) == {
+        n for n, m in declare(_model(update), update).items()
+        if not isinstance(m, geoopt.Euclidean)}
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_torch_fully_shard_after_declare_is_refused(fsdp_results, update):
+    out = fsdp_results[0]
+    assert "carries no manifold" in out[update, "plain"]
+    assert "manifold_nets.distributed.fully_shard" in out[update, "plain"]
+    assert set(out[update, "plain-lost"].values()) == {"geoopt, InvariantSGD"}
+    assert out[update, "reattached"] == sorted(out[update, "plain-lost"])
+
+
+def test_right_metric_needs_the_column_norms_of_all_ranks(fsdp_results):
+    """The control of the SM comparison: each rank's own column norms give other iterates
+    (the classifier's columns span both ranks), so the check above can fail."""
+    want = _single("sm")
+    got = {k: torch.from_numpy(v) for k, v in fsdp_results[0]["sm", "local-norms"].items()}
+    assert (got["4.weight"] - want["4.weight"]).abs().max().item() > 1e-6
