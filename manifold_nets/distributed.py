@@ -15,6 +15,9 @@ the Euclidean path in silence. Here:
   the right SM metric of :math:`\theta` needs the norms of its columns, whose entries are
   spread over the ranks, and sums their squares across the shard group. It refuses a
   sharded parameter whose manifold was lost, rather than step it as Euclidean;
+- :func:`check_on_manifold` checks, after loading state (for instance a
+  ``torch.distributed.checkpoint`` saved on any number of ranks), that every UN filter
+  has unit norm, on every rank at once;
 - :func:`lost_manifolds` names the parameters that an optimiser reading
   :class:`geoopt.ManifoldParameter` types (geoopt's ``RiemannianSGD`` and
   ``RiemannianAdam``) or manifold attributes (``InvariantSGD``) would step as Euclidean.
@@ -40,7 +43,7 @@ from torch import nn
 
 from .declare import DECLARATION_ATTR
 
-__all__ = ["fully_shard", "lost_manifolds", "reattach_manifolds"]
+__all__ = ["check_on_manifold", "fully_shard", "lost_manifolds", "reattach_manifolds"]
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -154,3 +157,60 @@ def lost_manifolds(model: nn.Module) -> dict[str, str]:
             continue
         out[name] = "geoopt" if _manifold_of(p) is not None else "geoopt, InvariantSGD"
     return out
+
+
+def check_on_manifold(model: nn.Module) -> None:
+    """Raise :class:`ValueError` unless every filter of every parameter on an
+    :class:`~manifold_nets.ObliqueManifold` has unit norm (within
+    :data:`~manifold_nets.manifolds.UNIT_NORM_TOL`).
+
+    Call it after loading state into a model, sharded or not: geoopt and
+    ``torch.distributed.checkpoint`` load weights without a look, and UN would then train
+    another network. On a sharded model every rank checks its own filters and the counts
+    are summed over the default process group, so every rank raises (a collective: call it
+    on every rank).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch2, declare
+    >>> from manifold_nets.distributed import check_on_manifold
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> _ = declare(net, "un")
+    >>> check_on_manifold(net)
+    >>> with torch.no_grad():
+    ...     net.layers[0].linear.weight[2] *= 3
+    >>> check_on_manifold(net)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: filter 2 of `layers.0.linear.weight` has norm 3, not 1 ...
+    """
+    import torch.distributed as dist
+
+    from .manifolds import ObliqueManifold, check_unit_norm, unit_norm_violations
+
+    problems, counts, sharded = [], [], False
+    for name, p in model.named_parameters():
+        manifold = _manifold_of(p)
+        if not isinstance(manifold, ObliqueManifold):
+            continue
+        w = p.to_local() if _is_dtensor(p) else p
+        sharded = sharded or _is_dtensor(p)
+        count = unit_norm_violations(w, manifold.ndim)[0]
+        counts.append(count)
+        if count:
+            where = f" (rank {dist.get_rank()}'s shard)" if _is_dtensor(p) else ""
+            try:
+                check_unit_norm(w, manifold.ndim, name)
+            except ValueError as err:
+                problems.append(str(err).replace(f"`{name}`", f"`{name}`{where}", 1))
+    if sharded and dist.is_available() and dist.is_initialized():
+        total = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(total)
+        if int(total.sum()) and not problems:
+            problems.append(f"{int(total.sum())} filters on other ranks are off the oblique "
+                            "manifold (their ranks name them).")
+    if problems:
+        raise ValueError(" ".join(problems) + " Fix: load the state of a UN run of this "
+                         "model, or declare the model with the update the state was made "
+                         "with.")

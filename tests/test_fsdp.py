@@ -174,3 +174,136 @@ def test_right_metric_needs_the_column_norms_of_all_ranks(fsdp_results):
     want = _single("sm")
     got = {k: torch.from_numpy(v) for k, v in fsdp_results[0]["sm", "local-norms"].items()}
     assert (got["4.weight"] - want["4.weight"]).abs().max().item() > 1e-6
+
+
+# -- distributed checkpoints ----------------------------------------------------------------
+
+SAVED_AT = 3  # steps before the checkpoint; the rest of the 5 follow it
+
+
+def _shard(model):
+    from manifold_nets import distributed as mnd
+
+    for layer in (model[0], model[2], model[4]):
+        mnd.fully_shard(layer)
+    mnd.fully_shard(model)
+    return model
+
+
+def _save(path, model, opt) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def _load(path, model, opt) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _dcp_worker(rank: int, port: int, root: str, queue) -> None:
+    from pathlib import Path
+
+    from manifold_nets import distributed as mnd
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, y = _batches()
+        shard = slice(rank * BATCH, (rank + 1) * BATCH)
+        out = {}
+        for update in UPDATES:
+            path = Path(root) / update
+            model = _shard(_model(update))
+            opt = _optimizer(model)
+            _train(model, opt, x[:SAVED_AT, shard], y[:SAVED_AT, shard])
+            _save(path, model, opt)
+            _train(model, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+            out[update, "uninterrupted"] = {k: v.numpy() for k, v in _full(model).items()}
+            resumed = _shard(_model(update))
+            opt = _optimizer(resumed)
+            _load(path, resumed, opt)
+            mnd.check_on_manifold(resumed)
+            _train(resumed, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+            out[update, "resumed"] = {k: v.numpy() for k, v in _full(resumed).items()}
+        # a UN checkpoint with one filter off the manifold (on rank 1's shard) is refused
+        model = _shard(_model("un"))
+        opt = _optimizer(model)
+        _train(model, opt, x[:1, shard], y[:1, shard])
+        if rank == 1:
+            with torch.no_grad():
+                model[0].weight.to_local()[0].mul_(2.0)
+        _save(Path(root) / "off", model, opt)
+        loaded = _shard(_model("un"))
+        _load(Path(root) / "off", loaded, _optimizer(loaded))
+        try:
+            mnd.check_on_manifold(loaded)
+            out["off"] = "accepted"
+        except ValueError as err:
+            out["off"] = str(err)
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dcp_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcp")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dcp_worker, args=(r, port, str(root), queue))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in range(WORLD))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return root, results
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # 1 process
+@pytest.mark.parametrize("update", UPDATES)
+def test_checkpoint_on_two_ranks_resumes_on_two_and_on_one(dcp_results, update):
+    """Sharded model and InvariantSGD state (momentum buffers) saved with
+    torch.distributed.checkpoint on 2 ranks: resumed on 2 ranks the run is bit for bit the
+    uninterrupted one; resumed in one process on the whole batches, equal to 1e-10."""
+    root, results = dcp_results
+    want = {k: torch.from_numpy(v) for k, v in results[0][update, "uninterrupted"].items()}
+    for rank in range(WORLD):
+        got = results[rank][update, "resumed"]
+        for name in want:
+            torch.testing.assert_close(torch.from_numpy(got[name]), want[name], atol=0, rtol=0)
+    from manifold_nets.distributed import check_on_manifold
+
+    model = _model(update)
+    opt = _optimizer(model)
+    _load(root / update, model, opt)
+    check_on_manifold(model)
+    assert all(len(s) for s in opt.state.values())  # the momentum buffers were loaded
+    x, y = _batches()
+    _train(model, opt, x[SAVED_AT:], y[SAVED_AT:])
+    for name, p in model.named_parameters():
+        gap = (p.detach() - want[name]).abs().max().item()
+        assert gap <= 1e-10, f"{name}: {gap:.2e}"
+    control = _model(update)  # a fresh optimiser (no buffers) cannot reach the same point
+    _load(root / update, control, InvariantSGD(control.parameters(), lr=0.1))
+    fresh = _optimizer(control)
+    _train(control, fresh, x[SAVED_AT:], y[SAVED_AT:])
+    assert max((p.detach() - want[n]).abs().max().item()
+               for n, p in control.named_parameters()) > 1e-6
+
+
+def test_checkpoint_off_the_manifold_is_refused_on_every_rank(dcp_results):
+    _, results = dcp_results
+    assert "filter 0 of `0.weight` (rank 1's shard) has norm 2" in results[1]["off"]
+    assert "1 filters on other ranks are off the oblique manifold" in results[0]["off"]
