@@ -188,6 +188,12 @@ class InvariantSGD(torch.optim.Optimizer):
 
     With ``momentum=0`` the two optimisers give the same iterates (to rounding).
 
+    **Sharded parameters.** Parameters sharded by FSDP2
+    (:func:`manifold_nets.distributed.fully_shard`) are updated on each rank's shard with
+    the single-tensor implementation, the right SM metric's column norms summed across the
+    ranks: the iterates equal one process's. A sharded parameter without its manifold is
+    refused (:func:`kind_of`), never stepped as Euclidean.
+
     Under :func:`torch.compile` the manifold of every parameter is the one recorded when it
     was added (no ``isinstance`` test on a traced tensor), so a compiled step performs the
     same update as an eager one. geoopt's ``RiemannianSGD`` instead loses the
