@@ -161,6 +161,12 @@ class InvariantSGD(torch.optim.Optimizer):
     maximize : bool
         maximise the objective instead of minimising it (default False), as
         :class:`torch.optim.SGD`
+    fused : bool, optional
+        take the fused per-filter step (:mod:`manifold_nets.fused`, a C++ kernel that reads
+        and writes the parameter, gradient and buffer once) for the parameters it takes:
+        contiguous CPU float32 / float64 tensors with a float rate. ``None`` (default): when
+        the kernel is available (built on first use), else the pure-torch step with one
+        warning; ``True``: require it; ``False``: never
     foreach : bool, optional
         use the multi-tensor (``torch._foreach_*``) implementation. ``None`` (default)
         picks it on CPU and CUDA, as it is faster there for every model we measured.
@@ -224,6 +230,7 @@ class InvariantSGD(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         _check_lr(lr)
         for name, value in (("momentum value", momentum), ("dampening value", dampening),
@@ -239,9 +246,18 @@ class InvariantSGD(torch.optim.Optimizer):
             )
         if foreach not in (None, True, False):
             raise TypeError(f"Invalid foreach: {foreach!r}; pass True, False or None.")
+        if fused not in (None, True, False):
+            raise TypeError(f"Invalid fused: {fused!r}; pass True, False or None.")
+        if fused:
+            from . import fused as kernel
+
+            if not kernel.available():
+                raise RuntimeError(f"InvariantSGD(fused=True): the fused kernel is not "
+                                   f"available ({kernel.reason()}). Fix: install a C++ "
+                                   "compiler and ninja, or pass fused=None or False.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                        foreach=foreach)
+                        foreach=foreach, fused=fused)
         self._kinds: list[list[Kind]] = []
         super().__init__(params, defaults)
 
@@ -292,6 +308,7 @@ class InvariantSGD(torch.optim.Optimizer):
                 lr=group["lr"], momentum=momentum, dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 maximize=group.get("maximize", False), foreach=group["foreach"],
+                fused=group.get("fused", False),
             )
             if momentum != 0:
                 for p, buf in zip(params, bufs, strict=True):
@@ -312,6 +329,7 @@ def invariant_sgd(
     nesterov: bool,
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = False,
 ) -> None:
     r"""Functional core of :class:`InvariantSGD`; see its docstring for the algorithm.
 
@@ -319,7 +337,9 @@ def invariant_sgd(
     ``None`` and ``momentum != 0``, filled with the new buffer. ``kinds`` gives the
     :class:`Kind` of every parameter (see :func:`kind_of`). ``lr`` is a float, a 0-dim
     Tensor, or a 1-D Tensor of one rate per index of every parameter's leading dim (the
-    runs of a stacked model; rate 0 freezes a run).
+    runs of a stacked model; rate 0 freezes a run). ``fused``: take the fused kernel's
+    step (:mod:`manifold_nets.fused`) for the parameters it takes (``None``: if it is
+    available; ``False``, the default here: never).
 
     The single-tensor path is the reference: it calls the functions of
     :mod:`manifold_nets.math` (:func:`~manifold_nets.math.oblique_proju`,
@@ -345,6 +365,23 @@ def invariant_sgd(
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
     # Under torch.compile the update runs eagerly: see _EAGER.
+    if fused is not False and not any(_is_dtensor(p) for p in params):
+        rest = _EAGER["fused"](params, grads, momentum_buffer_list, kinds, lr=lr,
+                               momentum=momentum, dampening=dampening,
+                               weight_decay=weight_decay, nesterov=nesterov,
+                               maximize=maximize)
+        if not rest:
+            return
+        params = [params[i] for i in rest]
+        grads = [grads[i] for i in rest]
+        bufs = [momentum_buffer_list[i] for i in rest] if momentum != 0 else []
+        invariant_sgd(params, grads, bufs, [kinds[i] for i in rest], lr=lr,
+                      momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=maximize, foreach=foreach, fused=False)
+        for k, i in enumerate(rest):
+            if momentum != 0:
+                momentum_buffer_list[i] = bufs[k]
+        return
     if any(_is_dtensor(p) for p in params):
         func = _EAGER["sharded"]
     else:
@@ -574,6 +611,44 @@ def _sharded_invariant_sgd(
             momentum_buffer_list[i] = bufs[i]
 
 
+def _fused_invariant_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    kinds: list[Kind],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> list[int]:
+    """The fused kernel's step for every parameter it takes; returns the indices of the
+    others (all of them when the kernel is not available)."""
+    from . import fused as kernel
+
+    module = kernel.load()
+    if module is None or (isinstance(lr, Tensor) and lr.dim() > 0):
+        return list(range(len(params)))
+    rate = float(lr)
+    rest = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        buf = momentum_buffer_list[i] if momentum != 0 else None
+        key = (kinds[i].name, kinds[i].side if kinds[i].name == "sm" else "left")
+        if key not in kernel.KINDS or not kernel.eligible(p, g, buf, lr):
+            rest.append(i)
+            continue
+        init = momentum != 0 and buf is None
+        if init:
+            buf = momentum_buffer_list[i] = torch.empty_like(
+                p, memory_format=torch.contiguous_format)
+        module.fused_step(p.detach(), g, buf if buf is not None else p.detach(),
+                          kernel.KINDS[key], kinds[i].ndim, rate, momentum, dampening,
+                          weight_decay, nesterov, maximize, init)
+    return rest
+
+
 #: The two implementations, run eagerly under :func:`torch.compile` (a graph break around
 #: them). Inductor's CPU code generation (torch 2.13) cannot compile the UN and SM steps
 #: with momentum: a per-filter reduction of the parameter, then an in-place update of the
@@ -589,4 +664,5 @@ _EAGER = {
     "single": torch.compiler.disable(_single_tensor_invariant_sgd, recursive=True),
     "multi": torch.compiler.disable(_multi_tensor_invariant_sgd, recursive=True),
     "sharded": torch.compiler.disable(_sharded_invariant_sgd, recursive=True),
+    "fused": torch.compiler.disable(_fused_invariant_sgd, recursive=True),
 }

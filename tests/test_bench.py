@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+from manifold_nets import fused
 from manifold_nets.experiments.bench import OPTIMISERS, BenchConfig, format_table, run_bench
 from manifold_nets.experiments.cli import main
 
 from .conftest import SHARED, needs_mnist
 
 TINY = dict(repeats=2, blocks=3, mlp_images=400, conv_images=200, step_calls=3,
-            grid_images=300, grid_seeds=2)
+            grid_images=300, grid_seeds=2, nets=("mlp", "conv", "grid"))
 
 
 @needs_mnist
@@ -28,9 +29,12 @@ def test_bench_measures_every_optimiser():
             assert all(t > 0 for t in row["epoch_s_all"]), name
             assert math.isfinite(row["mean_loss_last_epoch"]), name
             assert row["step_us"] > 0 and row["step_vs_sgd_foreach"]["median"] > 0, name
-    # the UN and SM steps allocate their temporaries; SGD steps in place
+    # the pure-torch UN step allocates its temporaries; SGD and the fused UN step (when the
+    # kernel could be built) step in place
     mlp = result["nets"]["mlp"]["optimisers"]
-    assert mlp["ours-un"]["step_peak_bytes"] > 0 == mlp["sgd"]["step_peak_bytes"]
+    assert mlp["ours-un-foreach"]["step_peak_bytes"] > 0 == mlp["sgd"]["step_peak_bytes"]
+    if fused.available():
+        assert mlp["ours-un"]["step_peak_bytes"] == 0
     grid = result["grid"]
     assert grid["runs"] == 12 and grid["images"] == 300
     for engine in ("stacked", "sequential"):
@@ -52,3 +56,22 @@ def test_bench_cli_writes_json(tmp_path, capfd):
     captured = capfd.readouterr()
     assert "ours-un" in captured.out
     assert "USDT" not in captured.err  # the profiler's start/stop lines are silenced
+
+
+def test_step_benchmark_at_given_sizes(monkeypatch):
+    """``--nets steps`` times every step optimiser on the weight sets, per thread count,
+    and reports the ratio to SGD(foreach) and the step's peak memory."""
+    from manifold_nets.experiments import bench
+
+    monkeypatch.setitem(bench.WEIGHT_SETS, "tiny", [(8, 4, 3, 3), (16, 8)])
+    cfg = BenchConfig(nets=("steps",), weight_sets=("tiny",), step_threads=(1, 2),
+                      step_rounds=2)
+    result = run_bench(cfg, log=lambda *a: None)
+    res = result["steps"]["tiny"]
+    assert res["parameters"] == 8 * 4 * 9 + 16 * 8
+    for threads in (1, 2):
+        rows = res["threads"][threads]
+        assert set(rows) == set(bench.STEP_OPTIMISERS)
+        assert rows["sgd-foreach"]["vs_sgd_foreach"]["median"] == 1.0
+        assert all(r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 for r in rows.values())
+    assert "steps: tiny" in format_table(result)

@@ -20,9 +20,10 @@ name                    what runs
 ``geoopt-un``           ``RiemannianSGD``, filters on :class:`~manifold_nets.ObliqueManifold`
 ``geoopt-sm``           ``RiemannianSGD``, :class:`~manifold_nets.DiagScaledEuclidean`
 ``ours-bsgd``           :class:`~manifold_nets.InvariantSGD`, Euclidean
-``ours-un``             ``InvariantSGD`` (multi-tensor), UN
-``ours-sm``             ``InvariantSGD`` (multi-tensor), SM
-``ours-un-loop``        ``InvariantSGD(foreach=False)``, UN
+``ours-un``             ``InvariantSGD`` (the fused kernel where built), UN
+``ours-sm``             ``InvariantSGD`` (the fused kernel where built), SM
+``ours-un-loop``        ``InvariantSGD(foreach=False, fused=False)``, UN
+``ours-un-foreach``     ``InvariantSGD(fused=False)`` (multi-tensor), UN
 ======================  ==================================================================
 
 Two networks: ``mlp``, the paper's Arch2 (4 hidden layers of 64 filters, batch 100, the
@@ -36,6 +37,11 @@ weight it normalises kernel rows, not filters: for ``conv`` its row is a timing,
 the stacked engine (:func:`~.engines.fit_stacked`), against runs of the sequential
 engine (:func:`~.engines.fit`), as seconds per run-epoch and their ratio.
 
+``steps`` times the optimiser step alone, momentum 0.9, on the weight sets of
+:data:`WEIGHT_SETS` (ResNet-18's conv weights, two 4096 x 4096 Linear weights), against
+``torch.optim.SGD(foreach=True, momentum=0.9)``, for every thread count of
+``--step-threads`` (:func:`bench_steps`).
+
 These are measurements, not tests: nothing here asserts a time.
 """
 
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -84,7 +91,33 @@ OPTIMISERS: dict[str, tuple[str, Callable]] = {
     "ours-bsgd": ("bsgd", lambda ps, lr: InvariantSGD(ps, lr=lr)),
     "ours-un": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr)),
     "ours-sm": ("sm", lambda ps, lr: InvariantSGD(ps, lr=lr)),
-    "ours-un-loop": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr, foreach=False)),
+    "ours-un-loop": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr, foreach=False,
+                                                       fused=False)),
+    "ours-un-foreach": ("un", lambda ps, lr: InvariantSGD(ps, lr=lr, fused=False)),
+}
+
+#: The weight sets of the step benchmark (``--nets steps``): the sizes people train.
+WEIGHT_SETS = {
+    # torchvision's ResNet-18 (BasicBlock layout): every conv weight, 11.2M parameters
+    "resnet18": [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4
+    + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1)] + [(128, 128, 3, 3)] * 2
+    + [(256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1)] + [(256, 256, 3, 3)] * 2
+    + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1)] + [(512, 512, 3, 3)] * 2,
+    # two 4096 x 4096 Linear weights, 33.6M parameters
+    "linear4096": [(4096, 4096)] * 2,
+}
+
+#: name -> (update, optimiser factory(params)) of the step benchmark, momentum 0.9.
+STEP_OPTIMISERS: dict[str, tuple[str, Callable]] = {
+    "sgd-foreach": ("bsgd", lambda ps: torch.optim.SGD(ps, lr=1e-7, momentum=0.9,
+                                                       foreach=True)),
+    "ours-un": ("un", lambda ps: InvariantSGD(ps, lr=1e-7, momentum=0.9)),
+    "ours-sm": ("sm", lambda ps: InvariantSGD(ps, lr=1e-7, momentum=0.9)),
+    "ours-un-foreach": ("un", lambda ps: InvariantSGD(ps, lr=1e-7, momentum=0.9,
+                                                      fused=False)),
+    "ours-sm-foreach": ("sm", lambda ps: InvariantSGD(ps, lr=1e-7, momentum=0.9,
+                                                      fused=False)),
+    "geoopt-un": ("un", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=1e-7, momentum=0.9)),
 }
 
 
@@ -200,7 +233,7 @@ def _state_bytes(opt) -> int:
 class BenchConfig:
     """What ``manifold-nets bench`` measures; saved with the results."""
 
-    nets: tuple[str, ...] = ("mlp", "conv", "grid")
+    nets: tuple[str, ...] = ("mlp", "conv", "grid", "steps")
     optimisers: tuple[str, ...] = tuple(OPTIMISERS)
     repeats: int = 5
     blocks: int = 10
@@ -217,6 +250,9 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     data_dir: str | None = None
+    weight_sets: tuple[str, ...] = tuple(WEIGHT_SETS)
+    step_threads: tuple[int, ...] = (1, 2)
+    step_rounds: int = 7
     extra: dict = field(default_factory=dict)
 
 
@@ -386,13 +422,86 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     }
 
 
+def _step_params(shapes, update: str, seed: int = 0) -> list[torch.Tensor]:
+    """Parameters of the given shapes, declared for ``update`` (filters: every dim after the
+    first), with fixed random gradients."""
+    from ..manifolds import DiagScaledEuclidean
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        nd = len(shape) - 1
+        if update == "un":
+            m = ObliqueManifold(nd)
+            p = geoopt.ManifoldParameter(m.projx(w), manifold=m)
+        elif update == "sm":
+            p = geoopt.ManifoldParameter(w, manifold=DiagScaledEuclidean(ndim=nd))
+        else:
+            p = nn.Parameter(w)
+        p.grad = torch.randn(shape, generator=gen)
+        out.append(p)
+    return out
+
+
+def bench_steps(cfg: BenchConfig, log=print) -> dict:
+    """The optimiser step alone at the sizes people train, momentum 0.9, side by side.
+
+    For every weight set of ``cfg.weight_sets`` and thread count of ``cfg.step_threads``,
+    the optimisers of :data:`STEP_OPTIMISERS` step the same shapes with fixed gradients,
+    in ``cfg.step_rounds`` interleaved rounds (the order rotates); reported: the median
+    step time, the median of the per-round ratios to ``torch.optim.SGD(foreach=True,
+    momentum=0.9)``, and the peak memory one step allocates. The memory floor: SGD with
+    momentum reads the weight, the gradient and the buffer and writes the weight and the
+    buffer once each (5 passes of the weight's bytes).
+    """
+    out: dict = {}
+    threads_before = torch.get_num_threads()
+    for wset in cfg.weight_sets:
+        shapes = WEIGHT_SETS[wset]
+        numel = sum(math.prod(s) for s in shapes)
+        out[wset] = {"parameters": numel, "threads": {}}
+        runs = {}
+        for name, (update, factory) in STEP_OPTIMISERS.items():
+            params = _step_params(shapes, update, cfg.seed)
+            opt = factory(params)
+            opt.step()  # the momentum buffers exist from here on
+            runs[name] = opt
+        memory = {name: _step_peak_bytes(opt.step) for name, opt in runs.items()}
+        for threads in cfg.step_threads:
+            torch.set_num_threads(threads)
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            names = list(runs)
+            calls = 3
+            for r in range(cfg.step_rounds):
+                order = names[r % len(names):] + names[: r % len(names)]
+                for name in order:
+                    opt = runs[name]
+                    opt.step()  # warm
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        opt.step()
+                    times[name].append((time.perf_counter() - t0) / calls)
+            rows = {name: {"step_ms": 1e3 * statistics.median(t),
+                           "vs_sgd_foreach": _median_ratio(times, name, "sgd-foreach"),
+                           "step_ms_all": [1e3 * v for v in t],
+                           "step_peak_bytes": memory[name]}
+                    for name, t in times.items()}
+            out[wset]["threads"][threads] = rows
+            log(f"  steps {wset} ({numel / 1e6:.1f}M parameters), {threads} thread(s): "
+                + ", ".join(f"{k} {v['vs_sgd_foreach']['median']:.2f}x"
+                            for k, v in rows.items()))
+    torch.set_num_threads(threads_before)
+    return out
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run every benchmark of ``cfg``; returns a JSON-ready dict (config, machine, results)."""
     torch.set_num_threads(cfg.threads)
     n = max(cfg.mlp_images if "mlp" in cfg.nets else 0,
             cfg.conv_images if "conv" in cfg.nets else 0,
             cfg.grid_images if "grid" in cfg.nets else 0)
-    x, y, source = load_train_images(cfg.data_dir, n)
+    x, y, source = load_train_images(cfg.data_dir, n) if n else (None, None, None)
     out = {
         "config": asdict(cfg),
         "machine": {
@@ -408,6 +517,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for net in cfg.nets:
         if net == "grid":
             out["grid"] = bench_grid(x, y, cfg, log)
+        elif net == "steps":
+            out["steps"] = bench_steps(cfg, log)
         else:
             out["nets"][net] = bench_net(net, x, y, cfg, log)
     out["machine"]["load_avg_after"] = os.getloadavg()
@@ -457,6 +568,18 @@ def format_table(result: dict) -> str:
                      f"{g['images']} images; s per run-epoch: stacked {t['stacked']:.3f}, "
                      f"sequential {t['sequential']:.3f}; throughput stacked / sequential "
                      f"{_fmt_ratio(sp)}")
+    for wset, res in result.get("steps", {}).items():
+        for threads, rows in res["threads"].items():
+            lines.append("")
+            lines.append(f"steps: {wset} ({res['parameters'] / 1e6:.1f}M parameters), "
+                         f"momentum 0.9, {threads} thread(s); floor: 1.0 (SGD's 5 passes)")
+            table = [("optimiser", "step ms", "step / sgd-foreach", "step peak MiB")]
+            table += [(name, f"{r['step_ms']:.2f}", _fmt_ratio(r["vs_sgd_foreach"]),
+                       f"{r['step_peak_bytes'] / 2**20:.1f}") for name, r in rows.items()]
+            widths = [max(len(row[i]) for row in table) for i in range(4)]
+            for row in table:
+                lines.append("  ".join(c.ljust(w)
+                                       for c, w in zip(row, widths, strict=True)).rstrip())
     lines.append("")
     lines.append(f"peak RSS of the process: {m['max_rss_mib']:.0f} MiB")
     return "\n".join(lines)
@@ -474,8 +597,9 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = BenchConfig(nets=tuple(args.nets), optimisers=tuple(args.optimisers),
                       repeats=args.repeats, blocks=args.blocks, mlp_images=args.mlp_images,
                       conv_images=args.conv_images, grid_images=args.grid_images,
-                      threads=args.threads,
-                      data_dir=args.data_dir)
+                      threads=args.threads, data_dir=args.data_dir,
+                      weight_sets=tuple(args.weight_sets),
+                      step_threads=tuple(args.step_threads), step_rounds=args.step_rounds)
     log = (lambda *a, **k: None) if args.json else print
     result = run_bench(cfg, log=log)
     if args.output:

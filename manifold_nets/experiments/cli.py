@@ -382,7 +382,7 @@ def _reproduce_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    from .bench import OPTIMISERS
+    from .bench import OPTIMISERS, WEIGHT_SETS
 
     p = _add(sub, "bench", "time UN/SM training against torch.optim.SGD and geoopt",
              "Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD and "
@@ -392,10 +392,17 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--output", default=None, metavar="PATH",
                    help="also write the JSON results to this file")
-    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid"],
-                   choices=["mlp", "conv", "grid"],
-                   help="what to time: the Arch2 MLP, the small conv net, and the Table 2 "
-                        "grid's stacked against sequential engine (default: all three)")
+    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid", "steps"],
+                   choices=["mlp", "conv", "grid", "steps"],
+                   help="what to time: the Arch2 MLP, the small conv net, the Table 2 grid's "
+                        "stacked against sequential engine, and the optimiser step alone "
+                        "on the weight sets of --weight-sets (default: all four)")
+    p.add_argument("--weight-sets", nargs="+", default=list(WEIGHT_SETS), choices=WEIGHT_SETS,
+                   help="weight sets of the step benchmark (default: all)")
+    p.add_argument("--step-threads", nargs="+", type=positive_int, default=[1, 2],
+                   help="torch threads of the step benchmark (default: 1 2)")
+    p.add_argument("--step-rounds", type=positive_int, default=7,
+                   help="interleaved rounds of the step benchmark (default: 7)")
     p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), choices=OPTIMISERS,
                    metavar="NAME",
                    help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")

@@ -299,7 +299,8 @@ class ModuleRuns:
 
     The model is trained in place with autograd and :class:`~manifold_nets.InvariantSGD`
     (plain SGD steps of the parameters' manifolds: UN, SM or Euclidean, as
-    :func:`manifold_nets.declare` set them; ``foreach=False``, the single-tensor path),
+    :func:`manifold_nets.declare` set them; the single-tensor reference path, which the
+    stacked engine takes too),
     whose rate :func:`fit_runs` sets every step.
 
     Parameters
@@ -323,7 +324,7 @@ class ModuleRuns:
         self.loss = loss or (lambda z, t: F.cross_entropy(z, t, reduction="sum"))
         self.errors = errors or (lambda z, t: (z.argmax(1) != t).sum())
         self.optimizer = optimizer or InvariantSGD(model.parameters(), lr=0.0,
-                                                   foreach=False)
+                                                   foreach=False, fused=False)
         self.dtype = next(model.parameters()).dtype
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, groups=None

@@ -436,7 +436,8 @@ def fit(model: torch.nn.Module, config: SegConfig, train_set: CanvasSet,
     weight = median_frequency_weights(train_set.labels) if config.class_balance else None
     engine = ModuleRuns(
         model, loss=lambda logits, labels: seg_loss(logits, labels, weight),
-        optimizer=InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum),
+        optimizer=InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               fused=False),
         errors=pixel_errors)
 
     def validate(_, ids):

@@ -1,0 +1,104 @@
+"""The fused per-filter kernel equals the pure-torch reference step, and its absence is
+said once and costs nothing but speed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from manifold_nets import InvariantSGD
+from manifold_nets import fused as kernel
+
+from .test_optim import CONFIGS, TIGHT, UPDATES, _loss, _params, _targets
+
+pytestmark = pytest.mark.skipif(not kernel.available(),
+                                reason=f"the fused kernel is not available: {kernel.reason()}")
+
+IDS = ["plain", "wd", "mom", "mom-damp-wd", "nesterov", "nesterov-wd"]
+
+
+def _run(update, fused, dtype=torch.float64, steps=25, maximize=False, **config):
+    params = _params(update, dtype=dtype)
+    opt = InvariantSGD(params.values(), lr=2e-3, foreach=False, fused=fused,
+                       maximize=maximize, **config)
+    targets = _targets(params)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(params, targets)
+        (-loss if maximize else loss).backward()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("update", UPDATES)
+def test_fused_equals_the_reference_step(update, config):
+    """float64, 25 steps: UN (linear and conv filters), SM (left and right, linear and
+    conv), Euclidean vectors; the iterates and momentum buffers agree to 1e-12."""
+    a, opt_a = _run(update, False, **config)
+    b, opt_b = _run(update, True, **config)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], **TIGHT, msg=k)
+        if config.get("momentum"):
+            torch.testing.assert_close(opt_b.state[b[k]]["momentum_buffer"],
+                                       opt_a.state[a[k]]["momentum_buffer"], **TIGHT)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_fused_float32_and_maximize(update):
+    a, _ = _run(update, False, dtype=torch.float32, maximize=True, momentum=0.9)
+    b, _ = _run(update, True, dtype=torch.float32, maximize=True, momentum=0.9)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_fused_step_takes_the_kernel_path():
+    """The control: the fused step is not the reference step in disguise (the sums run in
+    another order, so the float32 iterates differ in their last bits), and an SM step is
+    not a UN step."""
+    a, _ = _run("un", False, dtype=torch.float32, steps=5, momentum=0.9)
+    b, _ = _run("un", True, dtype=torch.float32, steps=5, momentum=0.9)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    c, _ = _run("sm", True, steps=5, momentum=0.9)
+    assert not torch.allclose(c["w1"], b["w1"].double(), atol=1e-3)
+
+
+def test_ineligible_parameters_take_the_reference_step():
+    """A non-contiguous parameter and a per-run (1-D) rate go the pure-torch way."""
+    w = torch.nn.Parameter(torch.randn(9, 6, dtype=torch.float64).t())  # not contiguous
+    ref = torch.nn.Parameter(w.detach().clone())
+    for p, fused in ((w, True), (ref, False)):
+        p.grad = torch.ones_like(p)
+        InvariantSGD([p], lr=0.1, momentum=0.9, fused=fused).step()
+    torch.testing.assert_close(w, ref, atol=0, rtol=0)
+
+
+def test_without_the_kernel_one_warning_and_the_reference_step(monkeypatch):
+    monkeypatch.setattr(kernel, "_STATE", {"module": None, "reason": None, "tried": False})
+    monkeypatch.setenv("MANIFOLD_NETS_FUSED", "0")
+    with pytest.raises(RuntimeError, match=r"fused=True\): the fused kernel is not available "
+                                           r"\(MANIFOLD_NETS_FUSED=0\)"):
+        InvariantSGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, fused=True)
+    a, _ = _run("sm", False, steps=3, momentum=0.9)
+    b, _ = _run("sm", None, steps=3, momentum=0.9)  # falls back: the same arithmetic
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    # a build that fails warns once, naming the cause, and falls back too
+    monkeypatch.setattr(kernel, "_STATE", {"module": None, "reason": None, "tried": False})
+    monkeypatch.delenv("MANIFOLD_NETS_FUSED")
+    monkeypatch.setattr(kernel, "_SOURCE", kernel._SOURCE.with_name("missing.cpp"))
+    monkeypatch.setattr("torch.utils.cpp_extension.load", _failing_build)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no "
+                                            r"compiler here\).*pure-torch step"):
+        c, _ = _run("sm", None, steps=3, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        _run("sm", None, steps=1)
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=0, rtol=0)
+
+
+def _failing_build(*args, **kwargs):
+    raise RuntimeError("no compiler here")
