@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
 
+from manifold_nets import fused
 from manifold_nets.experiments import data
+
+# Build the fused kernel once, before any test: where it cannot be built, the one warning
+# goes here and every test runs on the pure-torch step (tests/test_fused.py is skipped).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    fused.load()
 
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
