@@ -3,7 +3,9 @@
 Times, per call, on the shapes of Arch2 with 4 layers of 64 filters (one thread), the
 library's own step, :func:`manifold_nets.optim.invariant_sgd` (momentum 0):
 
-- ``foreach``: the multi-tensor path, as :class:`manifold_nets.InvariantSGD` runs it;
+- ``fused``: the fused per-filter kernel (:mod:`manifold_nets.fused`), which
+  :class:`manifold_nets.InvariantSGD` takes by default where it is built;
+- ``foreach``: the multi-tensor path (``InvariantSGD(fused=False)``);
 - ``loop``: the single-tensor path (the reference, which calls :mod:`manifold_nets.math`);
 - ``compiled``: the single-tensor path compiled by ``torch.compile`` (inductor; needs a
   C++ compiler; the compile time is printed);
@@ -29,9 +31,9 @@ LR = 1e-7
 UN = Kind("oblique", (-1,), 1)
 
 
-def un_step(ps, gs, lr, foreach: bool):
+def un_step(ps, gs, lr, foreach: bool, fused: bool = False):
     invariant_sgd(ps, gs, [], [UN] * len(ps), lr=lr, momentum=0.0, dampening=0.0,
-                  weight_decay=0.0, nesterov=False, foreach=foreach)
+                  weight_decay=0.0, nesterov=False, foreach=foreach, fused=fused)
 
 
 def sgd_foreach(ps, gs, lr):
@@ -60,7 +62,8 @@ def main() -> None:
                              dynamic=False)
     compiled(ps, gs, lr)
     print(f"torch.compile: {time.time() - start:.1f} s for the first call")
-    fns = {"foreach": functools.partial(un_step, foreach=True),
+    fns = {"fused": functools.partial(un_step, foreach=False, fused=True),
+           "foreach": functools.partial(un_step, foreach=True),
            "loop": functools.partial(un_step, foreach=False), "compiled": compiled,
            "sgd": sgd_foreach}
     for r in range(args.rounds):

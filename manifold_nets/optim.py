@@ -366,7 +366,7 @@ def invariant_sgd(
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
     # Under torch.compile the update runs eagerly: see _EAGER.
     if fused is not False and not any(_is_dtensor(p) for p in params):
-        rest = _EAGER["fused"](params, grads, momentum_buffer_list, kinds, lr=lr,
+        rest = _impl("fused")(params, grads, momentum_buffer_list, kinds, lr=lr,
                                momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov,
                                maximize=maximize)
@@ -383,9 +383,9 @@ def invariant_sgd(
                 momentum_buffer_list[i] = bufs[k]
         return
     if any(_is_dtensor(p) for p in params):
-        func = _EAGER["sharded"]
+        func = _impl("sharded")
     else:
-        func = _EAGER["multi" if foreach else "single"]
+        func = _impl("multi" if foreach else "single")
     func(params, grads, momentum_buffer_list, kinds, lr=lr, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
          maximize=maximize)
@@ -543,12 +543,22 @@ def _multi_tensor_invariant_sgd(
                 torch._foreach_addcmul_(bufs, _filter_inner(ps, bufs, dims), ps, value=-1)
 
 
-def _is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+def _dtensor_class() -> type | None:
+    if "cls" not in _DTENSOR:
+        _DTENSOR["cls"] = None
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+            _DTENSOR["cls"] = DTensor
+    return _DTENSOR["cls"]
+
+
+_DTENSOR: dict = {}
+
+
+def _is_dtensor(t) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def _reducer(param: Tensor, kind: Kind):
@@ -660,9 +670,21 @@ def _fused_invariant_sgd(
 #: ``tests/test_optim.py`` fails once torch compiles the step itself (then this can go).
 #: Compiling a training step that calls the optimiser still compiles the model; the update
 #: runs eagerly, with the eager step's exact arithmetic.
+_IMPLS = {
+    "single": _single_tensor_invariant_sgd,
+    "multi": _multi_tensor_invariant_sgd,
+    "sharded": _sharded_invariant_sgd,
+    "fused": _fused_invariant_sgd,
+}
 _EAGER = {
     "single": torch.compiler.disable(_single_tensor_invariant_sgd, recursive=True),
     "multi": torch.compiler.disable(_multi_tensor_invariant_sgd, recursive=True),
     "sharded": torch.compiler.disable(_sharded_invariant_sgd, recursive=True),
     "fused": torch.compiler.disable(_fused_invariant_sgd, recursive=True),
 }
+
+
+def _impl(name: str):
+    """The implementation ``name``: as it is when run eagerly (no wrapper to pay for), run
+    eagerly inside a graph that :func:`torch.compile` traces."""
+    return _EAGER[name] if torch.compiler.is_compiling() else _IMPLS[name]

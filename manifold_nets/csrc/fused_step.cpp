@@ -9,7 +9,8 @@
 //   b  <- init ? r : momentum * b + (1 - dampening) * r
 //   d  <- nesterov ? r + momentum * b : b          (d = r without momentum)
 //   x  <- x - lr * d
-//   UN: x <- x / max(|x|, eps);  b <- b - <x, b> x  (transport by projection)
+//   UN: x <- x / max(|x|, eps);  b <- b - <x, b> x  (transport by projection; <x, b> is
+//   summed while x and b are updated, so UN takes three passes over a row)
 //
 // The arithmetic is the reference's (manifold_nets.optim._single_tensor_invariant_sgd);
 // the sums run in another order, so the iterates agree to rounding (tests/test_fused.py).
@@ -46,6 +47,7 @@ inline void step_row(T* __restrict__ x, const T* __restrict__ g, T* __restrict__
     for (int64_t k = 0; k < n; ++k) s += x[k] * x[k];
     factor = std::min(s, std::numeric_limits<T>::max());
   }
+  T nrm = T(0), xb = T(0);  // UN: |x - lr d|^2 and <x - lr d, b> for the last pass
   auto update = [&](int64_t k, T r) -> T {
     T d = r;
     if (BUF) {
@@ -55,9 +57,9 @@ inline void step_row(T* __restrict__ x, const T* __restrict__ g, T* __restrict__
     }
     const T xk = x[k] - lr * d;
     x[k] = xk;
+    if (KIND == OBLIQUE && BUF) xb += xk * b[k];
     return xk;
   };
-  T nrm = T(0);
   if (KIND == SM_RIGHT) {
     for (int64_t j = 0; j < cols; ++j) {
       const T f = colsq[j];
@@ -78,14 +80,15 @@ inline void step_row(T* __restrict__ x, const T* __restrict__ g, T* __restrict__
     if (KIND == OBLIQUE) nrm += xk * xk;
   }
   if (KIND == OBLIQUE) {
+    // normalise, and transport the buffer: b - <x', b> x' with x' = x / |x|, where
+    // <x', b> = <x, b> / |x| was summed in the pass above
     const T inv = T(1) / std::max(std::sqrt(nrm), T(h.eps));
-    T tb = T(0);
+    const T tb = xb * inv;
     for (int64_t k = 0; k < n; ++k) {
-      x[k] *= inv;
-      if (BUF) tb += x[k] * b[k];
+      const T xk = x[k] * inv;
+      x[k] = xk;
+      if (BUF) b[k] -= tb * xk;
     }
-    if (BUF)
-      for (int64_t k = 0; k < n; ++k) b[k] -= tb * x[k];
   }
 }
 

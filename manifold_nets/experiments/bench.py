@@ -253,6 +253,7 @@ class BenchConfig:
     weight_sets: tuple[str, ...] = tuple(WEIGHT_SETS)
     step_threads: tuple[int, ...] = (1, 2)
     step_rounds: int = 7
+    device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
 
@@ -422,7 +423,8 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     }
 
 
-def _step_params(shapes, update: str, seed: int = 0) -> list[torch.Tensor]:
+def _step_params(shapes, update: str, seed: int = 0, device: str = "cpu"
+                 ) -> list[torch.Tensor]:
     """Parameters of the given shapes, declared for ``update`` (filters: every dim after the
     first), with fixed random gradients."""
     from ..manifolds import DiagScaledEuclidean
@@ -430,7 +432,7 @@ def _step_params(shapes, update: str, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
-        w = torch.randn(shape, generator=gen)
+        w = torch.randn(shape, generator=gen).to(device)
         nd = len(shape) - 1
         if update == "un":
             m = ObliqueManifold(nd)
@@ -439,9 +441,24 @@ def _step_params(shapes, update: str, seed: int = 0) -> list[torch.Tensor]:
             p = geoopt.ManifoldParameter(w, manifold=DiagScaledEuclidean(ndim=nd))
         else:
             p = nn.Parameter(w)
-        p.grad = torch.randn(shape, generator=gen)
+        p.grad = torch.randn(shape, generator=gen).to(device)
         out.append(p)
     return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cuda_peak_bytes(fn) -> int:
+    """The CUDA memory ``fn`` allocates beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def bench_steps(cfg: BenchConfig, log=print) -> dict:
@@ -462,12 +479,18 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
         numel = sum(math.prod(s) for s in shapes)
         out[wset] = {"parameters": numel, "threads": {}}
         runs = {}
-        for name, (update, factory) in STEP_OPTIMISERS.items():
-            params = _step_params(shapes, update, cfg.seed)
+        optimisers = dict(STEP_OPTIMISERS)
+        if cfg.device == "cuda":  # torch's fused CUDA SGD, the GPU's floor
+            optimisers["sgd-fused"] = ("bsgd", lambda ps: torch.optim.SGD(
+                ps, lr=1e-7, momentum=0.9, fused=True))
+        for name, (update, factory) in optimisers.items():
+            params = _step_params(shapes, update, cfg.seed, cfg.device)
             opt = factory(params)
             opt.step()  # the momentum buffers exist from here on
             runs[name] = opt
-        memory = {name: _step_peak_bytes(opt.step) for name, opt in runs.items()}
+        memory = ({name: _step_peak_bytes(opt.step) for name, opt in runs.items()}
+                  if cfg.device == "cpu" else {name: _cuda_peak_bytes(opt.step)
+                                               for name, opt in runs.items()})
         for threads in cfg.step_threads:
             torch.set_num_threads(threads)
             times: dict[str, list[float]] = {k: [] for k in runs}
@@ -478,9 +501,11 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
                 for name in order:
                     opt = runs[name]
                     opt.step()  # warm
+                    _sync(cfg.device)
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         opt.step()
+                    _sync(cfg.device)
                     times[name].append((time.perf_counter() - t0) / calls)
             rows = {name: {"step_ms": 1e3 * statistics.median(t),
                            "vs_sgd_foreach": _median_ratio(times, name, "sgd-foreach"),
@@ -599,7 +624,8 @@ def run_cli(args: argparse.Namespace) -> int:
                       conv_images=args.conv_images, grid_images=args.grid_images,
                       threads=args.threads, data_dir=args.data_dir,
                       weight_sets=tuple(args.weight_sets),
-                      step_threads=tuple(args.step_threads), step_rounds=args.step_rounds)
+                      step_threads=tuple(args.step_threads), step_rounds=args.step_rounds,
+                      device=args.device)
     log = (lambda *a, **k: None) if args.json else print
     result = run_bench(cfg, log=log)
     if args.output:

@@ -403,6 +403,8 @@ def _bench_parser(sub) -> None:
                    help="torch threads of the step benchmark (default: 1 2)")
     p.add_argument("--step-rounds", type=positive_int, default=7,
                    help="interleaved rounds of the step benchmark (default: 7)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device of the step benchmark (default: cpu)")
     p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), choices=OPTIMISERS,
                    metavar="NAME",
                    help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
