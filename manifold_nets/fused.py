@@ -33,9 +33,10 @@ KINDS = {("oblique", "left"): 1, ("sm", "left"): 2, ("sm", "right"): 3}
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused_step.cpp"
 #: Reassociation lets the compiler vectorise the per-filter sums (in another order than
-#: torch's, which changes the last bits); NaN and inf keep their IEEE meaning.
+#: torch's, which changes the last bits); NaN and inf keep their IEEE meaning. OpenMP is
+#: how ``at::parallel_for`` spreads the filters over torch's threads.
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math",
-           "-fno-signed-zeros", "-fno-trapping-math"]
+           "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
 _STATE: dict = {"module": None, "reason": None, "tried": False}
 
 
@@ -56,7 +57,7 @@ def load():
                                                   os.environ.get("PATH", "")])
         _STATE["module"] = cpp_extension.load(
             name="manifold_nets_fused", sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS, verbose=False)
+            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: say so, go on
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         _STATE["reason"] = f"{type(err).__name__}: {first}"
