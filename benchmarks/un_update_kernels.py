@@ -8,7 +8,9 @@ library's own step, :func:`manifold_nets.optim.invariant_sgd` (momentum 0):
 - ``foreach``: the multi-tensor path (``InvariantSGD(fused=False)``);
 - ``loop``: the single-tensor path (the reference, which calls :mod:`manifold_nets.math`);
 - ``compiled``: the single-tensor path compiled by ``torch.compile`` (inductor; needs a
-  C++ compiler; the compile time is printed);
+  C++ compiler; the compile time is printed). It compiles without momentum only
+  (``manifold_nets.optim._EAGER`` says why), so ``InvariantSGD`` itself runs its update
+  eagerly inside compiled code;
 - ``sgd``: one ``torch._foreach_add_``, the whole of a ``foreach`` SGD step's arithmetic.
 
 Usage::
@@ -24,7 +26,7 @@ import time
 
 import torch
 
-from manifold_nets.optim import Kind, invariant_sgd
+from manifold_nets.optim import Kind, _single_tensor_invariant_sgd, invariant_sgd
 
 SHAPES = [(64, 784), (64, 32), (64, 32), (64, 32)]
 LR = 1e-7
@@ -58,8 +60,12 @@ def main() -> None:
     gs = [torch.randn(s) for s in SHAPES]
     lr = torch.tensor(LR)
     start = time.time()
-    compiled = torch.compile(functools.partial(un_step, foreach=False), fullgraph=True,
-                             dynamic=False)
+    def raw_step(ps, gs, lr):
+        _single_tensor_invariant_sgd(ps, gs, [], [UN] * len(ps), lr=lr, momentum=0.0,
+                                     dampening=0.0, weight_decay=0.0, nesterov=False,
+                                     maximize=False)
+
+    compiled = torch.compile(raw_step, fullgraph=True, dynamic=False)
     compiled(ps, gs, lr)
     print(f"torch.compile: {time.time() - start:.1f} s for the first call")
     fns = {"fused": functools.partial(un_step, foreach=False, fused=True),

@@ -13,8 +13,9 @@ leading run dimension on every tensor:
   batch norm per run over its mini-batch (torch's native kernels on a
   ``(1, R x width, B)`` view), ReLU, pair max-pooling, summed cross-entropy per run, so
   each run's gradient is its own. Autograd through the same stacked operations is slower:
-  1.22x the hand-written pass for 30 Arch2 runs of 2 x 64 filters and a batch of 100 on
-  one thread (``python benchmarks/stacked_backward.py``). ``tests/test_stacked.py`` pins
+  1.26x the hand-written pass for 30 Arch2 runs of 2 x 64 filters and a batch of 100 on
+  one thread (``python benchmarks/stacked_backward.py``, output in
+  ``benchmarks/results/stacked-backward-2026-11-29.txt``). ``tests/test_stacked.py`` pins
   the forward and backward passes to autograd on separate :mod:`manifold_nets.nets`
   models in float64;
 - the update (:meth:`StackedNet.step`) is :func:`manifold_nets.optim.invariant_sgd` on
