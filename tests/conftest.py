@@ -57,3 +57,43 @@ def no_public_mirrors(monkeypatch, tmp_path):
     """No test may leave 127.0.0.1: no public mirrors, and an empty cache."""
     monkeypatch.setattr(data, "DEFAULT_MIRRORS", {k: () for k in data.DEFAULT_MIRRORS})
     monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, queue, work, args) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        queue.put((rank, work(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(work, *args, world: int = 2, timeout: float = 300) -> dict:
+    """``work(rank, *args)`` in ``world`` spawned processes of one gloo process group on
+    127.0.0.1 (one torch thread each); returns every rank's result, by rank. ``work`` must
+    be a module-level function (the processes import it)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue, work, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

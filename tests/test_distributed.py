@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-
 import geoopt
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from manifold_nets import DiagScaledEuclidean, ObliqueManifold
+
+from .conftest import run_on_ranks
 
 STEPS = 5
 WORLD = 2
@@ -56,50 +55,28 @@ def _train(model, x, y, momentum):
 CONFIGS = [(update, momentum) for update in ("un", "sm") for momentum in (0.0, 0.9)]
 
 
-def _worker(rank, port, queue):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        out = {}
-        for update, momentum in CONFIGS:
-            ddp = DistributedDataParallel(_model(update))
-            x, y = _batches()
-            shard = slice(rank * 6, (rank + 1) * 6)
-            history = _train(ddp, x[:, shard], y[:, shard], momentum)
-            # The ranks must agree after every step: gather the iterates on every rank.
-            gap = 0.0
-            for params in history:
-                for p in params:
-                    both = [torch.empty_like(p) for _ in range(WORLD)]
-                    dist.all_gather(both, p)
-                    gap = max(gap, (both[0] - both[1]).abs().max().item())
-            out[update, momentum] = (gap, [p.numpy() for p in history[-1]])
-        queue.put((rank, out))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict:
+    out = {}
+    for update, momentum in CONFIGS:
+        ddp = DistributedDataParallel(_model(update))
+        x, y = _batches()
+        shard = slice(rank * 6, (rank + 1) * 6)
+        history = _train(ddp, x[:, shard], y[:, shard], momentum)
+        # The ranks must agree after every step: gather the iterates on every rank.
+        gap = 0.0
+        for params in history:
+            for p in params:
+                both = [torch.empty_like(p) for _ in range(WORLD)]
+                dist.all_gather(both, p)
+                gap = max(gap, (both[0] - both[1]).abs().max().item())
+        out[update, momentum] = (gap, [p.numpy() for p in history[-1]])
+    return out
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    """Train every configuration once in 2 spawned processes; rank 0's results."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=180) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    """Train every configuration once in 2 spawned processes; every rank's results."""
+    return run_on_ranks(_worker, world=WORLD, timeout=180)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

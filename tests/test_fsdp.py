@@ -6,15 +6,14 @@ optimiser on the sharded model is the negative control (it does go Euclidean).""
 
 from __future__ import annotations
 
-import socket
-
 import geoopt
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from manifold_nets import InvariantSGD, declare
+
+from .conftest import run_on_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -55,74 +54,52 @@ def _full(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, queue) -> None:
+def _worker(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     from manifold_nets import distributed as mnd
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        x, y = _batches()
-        shard = slice(rank * BATCH, (rank + 1) * BATCH)
-        out = {}
-        for update in UPDATES:
-            for optimiser in ("ours", "geoopt"):
-                model = _model(update)
-                for layer in (model[0], model[2], model[4]):
-                    mnd.fully_shard(layer)
-                mnd.fully_shard(model)
-                cls = InvariantSGD if optimiser == "ours" else geoopt.optim.RiemannianSGD
-                _train(model, _optimizer(model, cls), x[:, shard], y[:, shard])
-                out[update, optimiser] = {k: v.numpy() for k, v in _full(model).items()}
-            out[update, "lost"] = mnd.lost_manifolds(model)
-            if update == "sm":  # control: without the column norms summed across ranks
-                from manifold_nets import optim
+    x, y = _batches()
+    shard = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for update in UPDATES:
+        for optimiser in ("ours", "geoopt"):
+            model = _model(update)
+            for layer in (model[0], model[2], model[4]):
+                mnd.fully_shard(layer)
+            mnd.fully_shard(model)
+            cls = InvariantSGD if optimiser == "ours" else geoopt.optim.RiemannianSGD
+            _train(model, _optimizer(model, cls), x[:, shard], y[:, shard])
+            out[update, optimiser] = {k: v.numpy() for k, v in _full(model).items()}
+        out[update, "lost"] = mnd.lost_manifolds(model)
+        if update == "sm":  # control: without the column norms summed across ranks
+            from manifold_nets import optim
 
-                reducer, optim._reducer = optim._reducer, lambda p, k: None
-                try:
-                    model = _model(update)
-                    mnd.fully_shard(model)
-                    _train(model, _optimizer(model), x[:, shard], y[:, shard])
-                    out[update, "local-norms"] = {k: v.numpy() for k, v in _full(model).items()}
-                finally:
-                    optim._reducer = reducer
-            # torch's own fully_shard drops the manifolds: InvariantSGD refuses the model
-            plain = _model(update)
-            torch_fully_shard(plain)
-            out[update, "plain-lost"] = mnd.lost_manifolds(plain)
+            reducer, optim._reducer = optim._reducer, lambda p, k: None
             try:
-                _optimizer(plain)
-                out[update, "plain"] = "accepted"
-            except ValueError as err:
-                out[update, "plain"] = str(err)
-            out[update, "reattached"] = mnd.reattach_manifolds(plain)
-            _optimizer(plain)  # accepted once the manifolds are back
-        queue.put((rank, out))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                model = _model(update)
+                mnd.fully_shard(model)
+                _train(model, _optimizer(model), x[:, shard], y[:, shard])
+                out[update, "local-norms"] = {k: v.numpy() for k, v in _full(model).items()}
+            finally:
+                optim._reducer = reducer
+        # torch's own fully_shard drops the manifolds: InvariantSGD refuses the model
+        plain = _model(update)
+        torch_fully_shard(plain)
+        out[update, "plain-lost"] = mnd.lost_manifolds(plain)
+        try:
+            _optimizer(plain)
+            out[update, "plain"] = "accepted"
+        except ValueError as err:
+            out[update, "plain"] = str(err)
+        out[update, "reattached"] = mnd.reattach_manifolds(plain)
+        _optimizer(plain)  # accepted once the manifolds are back
+    return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_results():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return run_on_ranks(_worker, world=WORLD)
 
 
 def _single(update: str, cls=InvariantSGD) -> dict[str, torch.Tensor]:
@@ -208,67 +185,50 @@ def _load(path, model, opt) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _dcp_worker(rank: int, port: int, root: str, queue) -> None:
+def _dcp_worker(rank: int, root: str) -> dict:
     from pathlib import Path
 
     from manifold_nets import distributed as mnd
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        x, y = _batches()
-        shard = slice(rank * BATCH, (rank + 1) * BATCH)
-        out = {}
-        for update in UPDATES:
-            path = Path(root) / update
-            model = _shard(_model(update))
-            opt = _optimizer(model)
-            _train(model, opt, x[:SAVED_AT, shard], y[:SAVED_AT, shard])
-            _save(path, model, opt)
-            _train(model, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
-            out[update, "uninterrupted"] = {k: v.numpy() for k, v in _full(model).items()}
-            resumed = _shard(_model(update))
-            opt = _optimizer(resumed)
-            _load(path, resumed, opt)
-            mnd.check_on_manifold(resumed)
-            _train(resumed, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
-            out[update, "resumed"] = {k: v.numpy() for k, v in _full(resumed).items()}
-        # a UN checkpoint with one filter off the manifold (on rank 1's shard) is refused
-        model = _shard(_model("un"))
+    x, y = _batches()
+    shard = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for update in UPDATES:
+        path = Path(root) / update
+        model = _shard(_model(update))
         opt = _optimizer(model)
-        _train(model, opt, x[:1, shard], y[:1, shard])
-        if rank == 1:
-            with torch.no_grad():
-                model[0].weight.to_local()[0].mul_(2.0)
-        _save(Path(root) / "off", model, opt)
-        loaded = _shard(_model("un"))
-        _load(Path(root) / "off", loaded, _optimizer(loaded))
-        try:
-            mnd.check_on_manifold(loaded)
-            out["off"] = "accepted"
-        except ValueError as err:
-            out["off"] = str(err)
-        queue.put((rank, out))
-    finally:
-        dist.destroy_process_group()
+        _train(model, opt, x[:SAVED_AT, shard], y[:SAVED_AT, shard])
+        _save(path, model, opt)
+        _train(model, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+        out[update, "uninterrupted"] = {k: v.numpy() for k, v in _full(model).items()}
+        resumed = _shard(_model(update))
+        opt = _optimizer(resumed)
+        _load(path, resumed, opt)
+        mnd.check_on_manifold(resumed)
+        _train(resumed, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+        out[update, "resumed"] = {k: v.numpy() for k, v in _full(resumed).items()}
+    # a UN checkpoint with one filter off the manifold (on rank 1's shard) is refused
+    model = _shard(_model("un"))
+    opt = _optimizer(model)
+    _train(model, opt, x[:1, shard], y[:1, shard])
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight.to_local()[0].mul_(2.0)
+    _save(Path(root) / "off", model, opt)
+    loaded = _shard(_model("un"))
+    _load(Path(root) / "off", loaded, _optimizer(loaded))
+    try:
+        mnd.check_on_manifold(loaded)
+        out["off"] = "accepted"
+    except ValueError as err:
+        out["off"] = str(err)
+    return out
 
 
 @pytest.fixture(scope="module")
 def dcp_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("dcp")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dcp_worker, args=(r, port, str(root), queue))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return root, results
+    return root, run_on_ranks(_dcp_worker, str(root), world=WORLD)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # 1 process
