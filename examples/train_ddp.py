@@ -42,17 +42,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files")
     parser.add_argument("--quick", action="store_true", help="20 steps")
     args = parser.parse_args(argv)
-    steps = 20 if args.quick else args.steps
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
+    if args.batch % dist.get_world_size():
+        parser.error(f"--batch {args.batch} is not divisible by the "
+                     f"{dist.get_world_size()} processes")
+    try:
+        ok = _train(args, 20 if args.quick else args.steps, cuda)
+        dist.barrier()
+    finally:
+        # The model (its DDP reducer holds the process group) is gone by now: torch 2.13's
+        # gloo group can deadlock when the last reference to it dies with the interpreter.
+        dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def _train(args: argparse.Namespace, steps: int, cuda: bool) -> bool:
+    """Train, then say whether the processes' weights agree and the filters are unit-norm."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
-    if args.batch % world:
-        parser.error(f"--batch {args.batch} is not divisible by the {world} processes")
 
     data = load_dataset("mnist", args.data_dir)
     torch.manual_seed(0)  # the same initial weights in every process
@@ -89,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"{world} processes, {steps} steps: largest difference between the processes' "
               f"weights {gap:.1e}; filter norms in [{norms.min():.6f}, {norms.max():.6f}]")
-    dist.destroy_process_group()
-    return 0 if gap == 0.0 and bool(((norms - 1).abs() < 1e-5).all()) else 1
+    return gap == 0.0 and bool(((norms - 1).abs() < 1e-5).all())
 
 
 if __name__ == "__main__":
