@@ -338,3 +338,19 @@ def test_elements_from_scales_match_the_paper():
     full = arch1_full_group(net).element([[2.0, 3.0], [5.0, 7.0]])
     torch.testing.assert_close(full.scales["layers.1.linear.weight"][1],
                                torch.tensor([0.5, 1 / 3], dtype=torch.float64))
+
+
+def test_discover_with_biases_everywhere():
+    """Regression: a Linear with a bias before a batch norm crashed inside torch.func (the
+    tangent's keys were in another order than the primals'). With biases, train-mode batch
+    norm also makes the first layer's bias irrelevant, so one more direction (all of its
+    biases scaled together) is a symmetry: 9 against 8 without biases (the control)."""
+    torch.manual_seed(0)
+    counts = {}
+    for bias in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=bias), torch.nn.BatchNorm1d(8),
+                                    torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=bias))
+        found = discover(model, torch.randn(256, 4))
+        assert found.gap > 1e10
+        counts[bias] = found.dim
+    assert counts == {True: 9, False: 8}

@@ -164,14 +164,15 @@ class ScalingSpace:
         return torch.arange(s.col_offset, s.col_offset + s.cols)[index]
 
     def tangent(self, v: torch.Tensor, params: dict[str, torch.Tensor]) -> dict:
-        r"""The parameter-space vector :math:`\xi_v(w)` (weights and biases only)."""
+        r"""The parameter-space vector :math:`\xi_v(w)` (weights and biases only), with the
+        keys in the order of ``params`` (the structure :func:`torch.func.jvp` compares)."""
         out = {}
         for s, (r, c) in zip(self.sites, self.split(v).values(), strict=True):
             w = params[s.weight]
             out[s.weight] = scaling_tangent(w, r.to(w.dtype), c.to(w.dtype))
             if s.bias is not None:
                 out[s.bias] = r.to(w.dtype) * params[s.bias]
-        return out
+        return {k: out[k] for k in params if k in out}
 
     def gram(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         r"""Gram matrix :math:`C^T C` of the candidate generators in parameter space.
