@@ -354,3 +354,41 @@ def test_discover_with_biases_everywhere():
         assert found.gap > 1e10
         counts[bias] = found.dim
     assert counts == {True: 9, False: 8}
+
+
+class _TokenNet(torch.nn.Module):
+    """Token ids -> embedding -> Linear -> LayerNorm -> ReLU -> dropout -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.l1 = torch.nn.Linear(8, 16)
+        self.ln = torch.nn.LayerNorm(16)
+        self.drop = torch.nn.Dropout(0.1)
+        self.l2 = torch.nn.Linear(16, 5)
+
+    def forward(self, tokens, scale=None):
+        h = self.drop(torch.relu(self.ln(self.l1(self.emb(tokens)))))
+        return self.l2(h if scale is None else h * scale)
+
+
+def test_discover_token_inputs_dropout_and_tuples():
+    """Integer token ids pass untouched (an Embedding would fail on floats), dropout is off,
+    several inputs go as a tuple. The layer norm makes one direction a symmetry: every row
+    of l1 (with its bias) scaled together."""
+    torch.manual_seed(0)
+    net = _TokenNet()
+    tokens = torch.randint(0, 20, (64, 6))
+    found = discover(net, tokens)
+    assert found.dim == 1 and found.gap > 1e3
+    again = discover(net, (tokens, torch.rand(64, 6, 16) + 0.5))
+    assert again.dim == 1
+
+
+def test_discover_refuses_too_few_inputs():
+    """Fewer output values than candidates cannot determine the count: a clear error with
+    the numbers, not a confident wrong answer."""
+    net = _TokenNet()
+    with pytest.raises(ValueError, match=r"5 output values for 45 candidate directions.*"
+                                         r"at least 9 varied inputs"):
+        discover(net, torch.randint(0, 20, (1, 1)))

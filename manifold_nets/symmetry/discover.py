@@ -89,8 +89,11 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, threshold: float = 1e-4,
     ----------
     model : nn.Module
         the model (not modified: a copy in ``dtype`` is used)
-    inputs : torch.Tensor
-        a batch; ``len(inputs) * outputs`` should exceed the number of candidates
+    inputs : torch.Tensor or tuple of torch.Tensor
+        a batch (several positional inputs as a tuple). Floating inputs are cast to
+        ``dtype``; integer inputs (token ids) pass untouched. The outputs must have at least
+        as many values as there are candidates (else :class:`ValueError`), and should have
+        several times as many
     threshold : float
         relative singular value below which a direction counts as a symmetry. Batch norm
         with ``eps > 0`` is only approximately invariant (relative effect about
@@ -114,26 +117,41 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, threshold: float = 1e-4,
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and train:
             mod.track_running_stats = False
             mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+        if isinstance(mod, nn.modules.dropout._DropoutNd):
+            mod.eval()  # dropout off: the function, not one random draw of it
     space = ScalingSpace(net)
     all_params = {n: p.detach() for n, p in net.named_parameters()}
     keys = [s.weight for s in space.sites] + [s.bias for s in space.sites if s.bias]
     primals = {k: all_params[k] for k in keys}
-    x = inputs.to(dtype=dtype, device=next(iter(primals.values())).device)
+    device = next(iter(primals.values())).device
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    # floating inputs in the computation dtype; token ids and masks stay as they are
+    args = tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
+                 for a in args)
 
     def forward(p):
-        return functional_call(net, p, (x,))
+        return functional_call(net, p, args)
+
+    with torch.no_grad():
+        n_outputs = forward(primals).numel()
+    if n_outputs < space.dim:
+        raise ValueError(
+            f"discover: the inputs give {n_outputs} output values for {space.dim} candidate "
+            "directions, so the outputs cannot tell the symmetries apart (the count would be "
+            f"too high). Fix: pass at least {-(-space.dim // max(1, n_outputs // len(args[0])))} "
+            "varied inputs, preferably several times that, and check Discovery.gap.")
 
     def column(v):
         return jvp(forward, (primals,), (space.tangent(v, primals),))[1].reshape(-1)
 
-    eye = torch.eye(space.dim, dtype=dtype, device=x.device)
+    eye = torch.eye(space.dim, dtype=dtype, device=device)
     jc = torch.cat([vmap(column)(eye[i:i + chunk]) for i in range(0, space.dim, chunk)]).T
     evals, evecs = torch.linalg.eigh(space.gram(primals))
     keep = evals > evals.max() * space.dim * torch.finfo(dtype).eps * 10
     p = evecs[:, keep] / evals[keep].sqrt()
     _, sv, zt = torch.linalg.svd(jc @ p, full_matrices=True)
     r = p.shape[1]
-    sv_full = torch.zeros(r, dtype=dtype, device=x.device)
+    sv_full = torch.zeros(r, dtype=dtype, device=device)
     sv_full[: sv.numel()] = sv[:r]
     order = torch.argsort(sv_full)
     rel = sv_full[order] / sv_full.max()
