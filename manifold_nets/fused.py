@@ -27,8 +27,8 @@ __all__ = ["KINDS", "available", "eligible", "load", "reason"]
 
 #: The kernel's kinds, by :class:`~manifold_nets.optim.Kind` name and side. Euclidean
 #: parameters keep torch's SGD arithmetic (``InvariantSGD`` is ``torch.optim.SGD`` on them,
-#: bit for bit), which is already a few streaming passes; the kernel's Euclidean step (kind
-#: 0) is there for the comparison in ``benchmarks``.
+#: bit for bit), which is already a few streaming passes, so the kernel's Euclidean branch
+#: (kind 0) is not used.
 KINDS = {("oblique", "left"): 1, ("sm", "left"): 2, ("sm", "right"): 3}
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused_step.cpp"
