@@ -1,8 +1,9 @@
 """Declare ManifoldParameters in a model of your own and train it with RiemannianSGD.
 
 The model is a small fully connected network with batch norm (not one of the paper's);
-its filter weights are put on one of the paper's geometries by hand, with nothing from
-manifold-nets but the two manifolds:
+its filter weights are put on one of the paper's geometries by hand (``declare_by_hand``),
+with nothing from manifold-nets but the two manifolds, to show what
+:func:`manifold_nets.declare` does for any model:
 
 - ``--update un``: every filter on :class:`manifold_nets.ObliqueManifold` (unit norm),
   the output layer Euclidean (Table 1 of the paper, UN column);
@@ -41,7 +42,7 @@ def make_model(in_features: int, width: int, out_features: int) -> nn.Sequential
     )
 
 
-def declare(model: nn.Sequential, update: str) -> list[str]:
+def declare_by_hand(model: nn.Sequential, update: str) -> list[str]:
     """Put the filter weights of ``model`` on the geometry of ``update``; describe it."""
     linears = [m for m in model if isinstance(m, nn.Linear)]
     *hidden, last = linears
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_dataset("mnist", args.data_dir)
     model = make_model(data.in_features, 64, data.num_classes)
-    for line in declare(model, args.update):
+    for line in declare_by_hand(model, args.update):
         print(line)
     opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=args.lr)
 
