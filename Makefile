@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m manifold_nets.cli demo
+	$(PY) -m manifold_nets.experiments.cli demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

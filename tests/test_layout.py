@@ -159,3 +159,39 @@ def test_version(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"manifold-nets {manifold_nets.__version__}"
+
+
+ROOT = PACKAGE.parent
+
+
+def test_entry_points_resolve():
+    """The console script of pyproject.toml and every ``-m module`` the Makefile runs
+    exist: the commands of the README work after a move of modules."""
+    import importlib
+    import re
+
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1]
+    section = section.split("\n[")[0]
+    scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, re.M))
+    assert scripts, "pyproject.toml declares no console script"
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    modules = re.findall(r"-m ([\w.]+)", (ROOT / "Makefile").read_text())
+    assert "manifold_nets.experiments.cli" in modules
+    for module in modules:
+        if module.startswith("manifold_nets"):
+            importlib.import_module(module)
+
+
+def test_installed_command_runs():
+    """``manifold-nets --version`` from the environment's scripts folder, as a user types
+    it (skipped where the package is not installed with its scripts)."""
+    import shutil
+
+    exe = shutil.which("manifold-nets", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("the manifold-nets script is not installed next to this interpreter")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"manifold-nets {manifold_nets.__version__}"
