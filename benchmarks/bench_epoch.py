@@ -13,18 +13,13 @@ measurements, not assertions; the correctness of InvariantSGD is in ``tests/test
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from manifold_nets.experiments.bench import register_cli
+from manifold_nets.experiments.cli import main as cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_epoch.py")
-    sub = parser.add_subparsers(dest="command")
-    register_cli(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    return cli(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -195,3 +195,23 @@ def test_installed_command_runs():
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"manifold-nets {manifold_nets.__version__}"
+
+
+def test_scripts_import_what_exists():
+    """Every ``from manifold_nets... import name`` in the scripts beside the package
+    (examples, benchmarks, the results' and the docs' scripts) names something that exists."""
+    import importlib
+
+    scripts = [p for folder in ("examples", "benchmarks", "results", "docs")
+               for p in (ROOT / folder).rglob("*.py") if "_build" not in p.parts]
+    assert len(scripts) >= 8
+    missing = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "manifold_nets"):
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                            for a in node.names if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, missing
