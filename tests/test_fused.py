@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from manifold_nets import InvariantSGD
+from manifold_nets import InvariantSGD, declare
 from manifold_nets import fused as kernel
 
 from .test_optim import CONFIGS, TIGHT, UPDATES, _loss, _params, _targets
@@ -104,3 +104,69 @@ def test_without_the_kernel_one_warning_and_the_reference_step(monkeypatch):
 
 def _failing_build(*args, **kwargs):
     raise RuntimeError("no compiler here")
+
+
+class _ResBlock(torch.nn.Module):
+    """A BasicBlock with a downsampling shortcut, biases everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.down = torch.nn.Conv2d(3, 8, 1, stride=2)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + self.down(x))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _PreLN(torch.nn.Module):
+    """Token embedding, a pre-LN attention and MLP block, a final LayerNorm and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        self.ln1 = torch.nn.LayerNorm(16)
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ln2 = torch.nn.LayerNorm(16)
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+        self.ln3 = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 30)
+
+    def forward(self, t):
+        h = self.emb(t)
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.down(torch.relu(self.up(self.ln2(h))))
+        return self.head(self.ln3(h))
+
+
+@pytest.mark.parametrize("update", ["un", "sm"])
+@pytest.mark.parametrize("make,inputs", [
+    (_ResBlock, lambda g: torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64)),
+    (_PreLN, lambda g: torch.randint(0, 30, (4, 6), generator=g)),
+], ids=["resnet-block", "pre-ln-transformer"])
+def test_fused_on_models_written_elsewhere(make, inputs, update):
+    """Models the paper does not have: the fused step follows the reference step (float64,
+    momentum and weight decay) on every parameter, declared or not."""
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = make().double()
+        declare(model, update)
+        opt = InvariantSGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4,
+                           foreach=False, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = inputs(g)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        runs.append(dict(model.named_parameters()))
+    for name, p in runs[0].items():
+        torch.testing.assert_close(runs[1][name], p, **TIGHT, msg=name)

@@ -335,3 +335,40 @@ def test_group_checkpoint_off_the_manifold_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"filter 3 of `W\[0\] of stacked run 0` has "
                                               r"norm 2"):
         train_group([TrainConfig(update="un", **tiny)], data, checkpoint=path)
+
+
+def test_fit_stacked_resumes_a_reordered_stack(float64):
+    """Runs given in another order than the stack trains them (updates mixed): a loop
+    stopped after its first epoch and resumed from what on_epoch saw ends where the
+    uninterrupted loop ends, each run in its own place."""
+    from manifold_nets.experiments.loop import LoopState
+
+    data = synthetic()
+    updates = ["un", "bsgd", "sm", "bsgd"]
+    x, y = data.x_train[:600], data.y_train[:600]
+    ms = models(2, 2, runs=4, width=8)
+    for m, u in zip(ms, updates, strict=True):
+        declare(m, u)
+    kw = dict(lr=[1e-3, 2e-3, 1e-3, 5e-4], schedules=[BoldDriver()] * 4,
+              stopping=[StoppingRule(1, 3)] * 4)
+    whole = fit_stacked(StackedNet.from_models(ms), x, y,
+                        generator=torch.Generator().manual_seed(5), **kw)
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(engine, state):
+        saved.update(net=engine.state_dict(), state=state.to_dict(), gen=gen.get_state())
+        raise Stop
+
+    gen = torch.Generator().manual_seed(5)
+    with pytest.raises(Stop):
+        fit_stacked(StackedNet.from_models(ms), x, y, generator=gen, on_epoch=on_epoch, **kw)
+    assert saved["state"]["order"] != [0, 1, 2, 3]  # the stack was reordered
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(saved["gen"])
+    resumed = fit_stacked(StackedNet.from_state_dict(saved["net"]), x, y, generator=gen,
+                          start=LoopState.from_dict(saved["state"]), **kw)
+    for a, b in zip(resumed, whole, strict=True):
+        assert a.history == b.history and a.stop_reason == b.stop_reason

@@ -38,6 +38,7 @@ float64 the two engines give the same records to rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -429,7 +430,9 @@ def fit_stacked(
     streams, stream_of_run : optional
         the data streams and the stream of each run (see :func:`~.loop.fit_runs`)
     evaluate, finish, start, on_epoch
-        as for :func:`~.loop.fit_runs`, with run ids in the order of ``net``
+        as for :func:`~.loop.fit_runs`, with run ids in the order of ``net``; the states
+        ``on_epoch`` receives (and ``start`` resumes) are in the training order, which they
+        record (:attr:`~.loop.LoopState.order`)
 
     Returns
     -------
@@ -442,12 +445,12 @@ def fit_stacked(
         stream_of_run = [0] * R
     if stream_of_run is None or len(stream_of_run) != R:
         raise ValueError("fit_stacked: give stream_of_run, one stream index per run")
-    updates = net.updates if start is None else None
-    order = list(range(R))
-    if updates is not None:
-        order = sorted(range(R), key=lambda i: (updates[i], stream_of_run[i]))
+    if start is None:
+        order = sorted(range(R), key=lambda i: (net.updates[i], stream_of_run[i]))
         if order != list(range(R)):
             net = net.select(order)
+    else:  # the resumed stack is in the order the interrupted loop used
+        order = start.order if start.order is not None else list(range(R))
 
     def perm(seq):
         return None if seq is None else [seq[i] for i in order]
@@ -461,7 +464,8 @@ def fit_stacked(
         net, x, y, lr=perm(lr), schedules=perm(schedules), stopping=perm(stopping),
         divergence=perm(divergence), batch_size=batch_size, streams=streams,
         stream_of_run=perm(stream_of_run), evaluate=wrap(evaluate), finish=wrap(finish),
-        start=start, on_epoch=on_epoch)
+        start=start, on_epoch=None if on_epoch is None else lambda engine, state: on_epoch(
+            engine, dataclasses.replace(state, order=order)))
     out: list[FitResult] = [FitResult()] * R
     for k, i in enumerate(order):
         out[i] = results[k]

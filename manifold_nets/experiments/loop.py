@@ -94,6 +94,9 @@ class LoopState:
         every run's reference cost for its schedule
     results : list of FitResult
         every run's results so far
+    order : list of int, optional
+        for a caller that trains its runs in another order than it lists them: the caller's
+        index of each of the loop's runs (kept so that a resumed loop maps them the same way)
     """
 
     epoch: int
@@ -101,6 +104,7 @@ class LoopState:
     lr: list[float]
     reference: list[float | None]
     results: list[FitResult]
+    order: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +112,7 @@ class LoopState:
     @classmethod
     def from_dict(cls, d: dict) -> LoopState:
         return cls(d["epoch"], list(d["active"]), list(d["lr"]), list(d["reference"]),
-                   [FitResult(**r) for r in d["results"]])
+                   [FitResult(**r) for r in d["results"]], d.get("order"))
 
 
 def _groups_of(run_stream: list[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
