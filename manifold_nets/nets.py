@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_pool",
-           "SegNetConfig", "ConvBNReLU", "SegNet"]
+           "SegNetConfig", "ConvBNReLU", "SegNet", "segnet_basic"]
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,11 @@ class SegNetConfig:
         odd square kernel of every conv but the classifier
     bn_eps, bn_momentum : float
         batch-norm settings
+    decoder_relu : bool
+        ReLU after the decoder's batch norms (SegNet-Basic has none there)
+    input_lrn : bool
+        local response normalisation of the input (SegNet-Basic's first layer: 5
+        channels, :math:`\alpha = 10^{-4}`, :math:`\beta = 0.75`, Caffe's defaults)
     """
 
     widths: tuple[int, ...] = (16, 32, 64)
@@ -281,6 +286,8 @@ class SegNetConfig:
     kernel_size: int = 3
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
+    decoder_relu: bool = True
+    input_lrn: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -302,23 +309,34 @@ class SegNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def basic(cls, width: int = 64, num_classes: int = 11) -> SegNetConfig:
+        """SegNet-Basic's configuration (see :func:`segnet_basic`)."""
+        return cls((width,) * 4, 1, 3, num_classes, 7, decoder_relu=False, input_lrn=True)
+
 
 class ConvBNReLU(nn.Module):
-    r"""One conv layer of SegNet: :math:`r = \max(\mathrm{BN}(W * x), 0)`, bias-free ``W``.
+    r"""One conv layer of SegNet: :math:`r = \max(\mathrm{BN}(W * x), 0)`, bias-free ``W``
+    (:math:`r = \mathrm{BN}(W * x)` with ``relu=False``).
 
     ``conv.weight`` has shape ``(out, in, k, k)``; each of its ``out`` filters is a point
     of the oblique manifold under UN (``ObliqueManifold(3)``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1, relu: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
                               padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum, affine=True)
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+        x = self.bn(self.conv(x))
+        return torch.relu(x) if self.relu else x
+
+    def extra_repr(self) -> str:
+        return "" if self.relu else "relu=False"
 
 
 class SegNet(nn.Module):
@@ -337,7 +355,8 @@ class SegNet(nn.Module):
     under ``W -> A W`` for any positive diagonal ``A`` acting on the output filters of any
     such conv (the conv form of Arch2's eq. (3);
     :mod:`manifold_nets.experiments.segmentation` checks it). Input height and width must
-    be divisible by ``2 ** len(widths)``.
+    be at least ``2 ** len(widths)``; a side that a pooling halves with a remainder is
+    restored to its size by the unpooling (360 x 480 CamVid images go 45 -> 22 -> 45).
 
     Attributes: ``encoder[i][j]`` and ``decoder[i][j]`` are :class:`ConvBNReLU` (with
     ``.conv`` and ``.bn``); ``decoder[i]`` runs after the unpooling of encoder block ``i``;
@@ -365,15 +384,16 @@ class SegNet(nn.Module):
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64), convs_per_block: int = 1,
                  in_channels: int = 1, num_classes: int = 11, kernel_size: int = 3, *,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                 generator: torch.Generator | None = None):
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1, decoder_relu: bool = True,
+                 input_lrn: bool = False, generator: torch.Generator | None = None):
         super().__init__()
         c = SegNetConfig(tuple(widths), convs_per_block, in_channels, num_classes,
-                         kernel_size, bn_eps, bn_momentum)
+                         kernel_size, bn_eps, bn_momentum, decoder_relu, input_lrn)
         self.config = c
+        self.lrn = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75) if c.input_lrn else None
 
-        def layer(i: int, o: int) -> ConvBNReLU:
-            return ConvBNReLU(i, o, c.kernel_size, c.bn_eps, c.bn_momentum)
+        def layer(i: int, o: int, relu: bool = True) -> ConvBNReLU:
+            return ConvBNReLU(i, o, c.kernel_size, c.bn_eps, c.bn_momentum, relu)
 
         ins = (c.in_channels,) + c.widths[:-1]
         self.encoder = nn.ModuleList(
@@ -382,7 +402,8 @@ class SegNet(nn.Module):
         )
         outs = (c.widths[0],) + c.widths[:-1]
         self.decoder = nn.ModuleList(
-            nn.Sequential(*[layer(w, outs[b] if j == c.convs_per_block - 1 else w)
+            nn.Sequential(*[layer(w, outs[b] if j == c.convs_per_block - 1 else w,
+                                  c.decoder_relu)
                             for j in range(c.convs_per_block)])
             for b, w in enumerate(c.widths)
         )
@@ -396,7 +417,8 @@ class SegNet(nn.Module):
                     generator: torch.Generator | None = None) -> SegNet:
         c = config
         return cls(c.widths, c.convs_per_block, c.in_channels, c.num_classes, c.kernel_size,
-                   bn_eps=c.bn_eps, bn_momentum=c.bn_momentum, generator=generator)
+                   bn_eps=c.bn_eps, bn_momentum=c.bn_momentum, decoder_relu=c.decoder_relu,
+                   input_lrn=c.input_lrn, generator=generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -430,11 +452,13 @@ class SegNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel logits ``(N, num_classes, H, W)`` of images ``(N, in_channels, H, W)``."""
         levels = 2 ** len(self.encoder)
-        if x.dim() != 4 or x.shape[-1] % levels or x.shape[-2] % levels:
+        if x.dim() != 4 or x.shape[-1] < levels or x.shape[-2] < levels:
             raise ValueError(
-                f"SegNet needs images (N, C, H, W) with H and W divisible by {levels} "
+                f"SegNet needs images (N, C, H, W) with H and W at least {levels} "
                 f"({len(self.encoder)} pooling levels), got shape {tuple(x.shape)}"
             )
+        if self.lrn is not None:
+            x = self.lrn(x)
         indices, sizes = [], []
         for block in self.encoder:
             x = block(x)
@@ -450,3 +474,35 @@ class SegNet(nn.Module):
         c = self.config
         return f"widths={c.widths}, convs_per_block={c.convs_per_block}, " \
                f"num_classes={c.num_classes}"
+
+
+def segnet_basic(width: int = 64, num_classes: int = 11, *,
+                 generator: torch.Generator | None = None) -> SegNet:
+    r"""SegNet-Basic, as the SegNet authors train it on CamVid (their SegNet-Tutorial's
+    ``segnet_basic_train.prototxt``).
+
+    Local response normalisation of the RGB input; 4 encoder stages of a 7x7 conv with
+    ``width`` filters, batch norm, ReLU and 2x2 max-pooling with indices; 4 decoder stages
+    of unpooling with those indices, a 7x7 conv with ``width`` filters and batch norm (no
+    ReLU); a 1x1 classifier. The reference convs carry biases; every one but the
+    classifier's feeds a batch norm, which removes them, so they are left out here, as is
+    the classifier's bias (the classifier is the paper's :math:`\theta`).
+
+    Parameters
+    ----------
+    width : int
+        filters of every 7x7 conv (64 in the reference)
+    num_classes : int
+        per-pixel classes (CamVid: 11, the void label is ignored)
+    generator : torch.Generator, optional
+        source of the Gaussian initialisation
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.nets import segnet_basic
+    >>> net = segnet_basic(width=8)
+    >>> net(torch.rand(1, 3, 45, 60) * 255).shape
+    torch.Size([1, 11, 45, 60])
+    """
+    return SegNet.from_config(SegNetConfig.basic(width, num_classes), generator=generator)

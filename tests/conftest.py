@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -97,3 +100,26 @@ def run_on_ranks(work, *args, world: int = 2, timeout: float = 300) -> dict:
         p.join(timeout=60)
         assert p.exitcode == 0
     return results
+
+
+@pytest.fixture
+def serve():
+    """Start an HTTP server on 127.0.0.1 serving a folder; returns its base URL."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import os
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -38,29 +35,6 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MANIFOLD_NETS_DATA", raising=False)
     monkeypatch.delenv("MANIFOLD_NETS_MIRROR", raising=False)
-
-
-@pytest.fixture
-def serve():
-    """Start an HTTP server on 127.0.0.1 serving a folder; returns its base URL."""
-    servers = []
-
-    def start(folder: Path) -> str:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

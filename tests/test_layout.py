@@ -119,16 +119,22 @@ def test_public_api_stays():
         manifold_nets.no_such_name  # noqa: B018
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
+def _subcommands(parser=None, prefix="") -> dict[str, argparse.ArgumentParser]:
+    """Every command and nested subcommand (``camvid train``) by its full name."""
+    parser = parser or build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    found = {}
+    for name, p in action.choices.items():
+        found[prefix + name] = p
+        if any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+            found.update(_subcommands(p, f"{prefix}{name} "))
+    return found
 
 
 def test_every_command_and_option_is_described():
     commands = _subcommands()
-    assert {"demo", "check", "train", "reproduce", "bench", "segnet", "segnet-report"} <= set(
-        commands)
+    assert {"demo", "check", "train", "reproduce", "bench", "segnet", "segnet-report", "camvid",
+            "camvid train", "camvid evaluate", "camvid report"} <= set(commands)
     missing = []
     for name, p in commands.items():
         if not p.description:

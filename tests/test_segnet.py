@@ -77,8 +77,12 @@ def test_shapes_and_unit_norm_init(widths, convs):
 
 
 def test_bad_input_size_is_named():
-    with pytest.raises(ValueError, match="divisible by 4"):
-        SegNet(widths=(4, 4))(torch.rand(1, 1, 10, 8))
+    with pytest.raises(ValueError, match="at least 4"):
+        SegNet(widths=(4, 4))(torch.rand(1, 1, 10, 3))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        SegNet(widths=(4, 4))(torch.rand(1, 10, 8))
+    # a side that pooling halves with a remainder comes back at its size
+    assert SegNet(widths=(4, 4))(torch.rand(1, 1, 10, 7)).shape == (1, 11, 10, 7)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         SegNetConfig(kernel_size=2)
 

