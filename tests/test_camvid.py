@@ -337,9 +337,10 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["camvid", "train", "--out", str(tmp_path), "--height", "8"])
     assert exc.value.code == 2 and "must be >= 16" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["camvid", "train", "--out", str(tmp_path), "--lr-grid", "0"])
-    assert exc.value.code == 2
+    for bad in (["--lr-grid", "0"], ["--device", "tpu:x"], ["--device", "cuda:7"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["camvid", "train", "--out", str(tmp_path), *bad])
+        assert exc.value.code == 2
     assert main(["camvid", "train", "--out", str(tmp_path), "--data-dir",
                  str(tmp_path / "none")]) == 1
     assert "holds no CamVid folder" in capsys.readouterr().err

@@ -560,9 +560,10 @@ def pixel_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def predict(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Per-pixel classes ``(N, H, W)`` of ``uint8`` images, in eval mode."""
     was = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
-        return torch.cat([model(images[i:i + chunk].float()).argmax(1)
+        return torch.cat([model(images[i:i + chunk].to(device).float()).argmax(1).cpu()
                           for i in range(0, len(images), chunk)])
     finally:
         model.train(was)
@@ -597,25 +598,25 @@ class _Flips:
     """Horizontal flips of a mini-batch, each image with probability 1/2, from its own
     generator (checkpointed with the run); ``uint8`` images become float."""
 
-    def __init__(self, generator: torch.Generator | None):
+    def __init__(self, generator: torch.Generator | None, device: torch.device | str = "cpu"):
         self.generator = generator
+        self.device = torch.device(device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
-        if self.generator is None:
-            return x, y
-        flip = torch.rand(len(x), generator=self.generator) < 0.5
-        if flip.any():
-            x, y = x.clone(), y.clone()
-            x[flip] = x[flip].flip(-1)
-            y[flip] = y[flip].flip(-1)
-        return x, y
+        if self.generator is not None:
+            flip = torch.rand(len(x), generator=self.generator) < 0.5
+            if flip.any():
+                x, y = x.clone(), y.clone()
+                x[flip] = x[flip].flip(-1)
+                y[flip] = y[flip].flip(-1)
+        return x.to(self.device), y.to(self.device)
 
 
 def train(config: CamVidConfig, data: dict[str, CamVid], *,
           checkpoint: str | os.PathLike | None = None, evaluate_val: bool = True,
-          log: Callable[[str], None] | None = None, progress: bool = True
-          ) -> tuple[dict, SegNet]:
+          log: Callable[[str], None] | None = None, progress: bool = True,
+          device: torch.device | str = "cpu") -> tuple[dict, SegNet]:
     """Train one run; return its record and the trained model.
 
     Parameters
@@ -632,6 +633,8 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         Receives one line per epoch.
     progress : bool
         A progress bar over the epochs.
+    device : torch.device or str
+        Where the model trains (the data stays on the CPU; each mini-batch moves).
 
     Returns
     -------
@@ -652,13 +655,14 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         raise ValueError(f"the training images are {tuple(train_set.images.shape[-2:])}, the "
                          f"configuration says {config.size}")
     start = time.perf_counter()
-    model = build_model(config)
+    model = build_model(config).to(device)
     optimizer = InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay, fused=False)
     weight = class_weights(config.class_weights, train_set)
+    weight = weight.to(device) if weight is not None else None
     flips = torch.Generator().manual_seed(config.seed + 2) if config.flip else None
     engine = ModuleRuns(model, loss=lambda z, t: seg_loss(z, t, weight), optimizer=optimizer,
-                        errors=pixel_errors, augment=_Flips(flips))
+                        errors=pixel_errors, augment=_Flips(flips, device))
     order = torch.Generator().manual_seed(config.seed + 1)
     state = None
     if checkpoint is not None and Path(checkpoint).exists():
@@ -777,7 +781,7 @@ def _config(args, **changes) -> CamVidConfig:
 
 
 def _run(config: CamVidConfig, data, out: Path, name: str, *, test: CamVid | None = None,
-         weights: bool = False) -> dict:
+         weights: bool = False, device: str = "cpu") -> dict:
     """One run, resumable: its record is ``out/name.json`` once done (then reused)."""
     import json
 
@@ -789,7 +793,7 @@ def _run(config: CamVidConfig, data, out: Path, name: str, *, test: CamVid | Non
             return record
         raise ValueError(f"{done} holds a run of another configuration; use another --out")
     ckpt = out / f"{name}.ckpt"
-    record, model = train(config, data, checkpoint=ckpt,
+    record, model = train(config, data, checkpoint=ckpt, device=device,
                           log=lambda s: print(f"  {name}: {s}", flush=True))
     if test is not None and not record["diverged"]:
         record["test"] = evaluate(model, test)
@@ -825,7 +829,7 @@ def run_train_cli(args) -> int:
     selection = {}
     if len(grid) > 1:
         for config in configs:
-            r = _run(config, data, out, f"select-lr{config.lr:g}")
+            r = _run(config, data, out, f"select-lr{config.lr:g}", device=args.device)
             selection[f"{config.lr:g}"] = None if r["diverged"] else r["val"]["mean_iou"]
             print(f"{args.update} lr {config.lr:g}: {args.select_epochs} epochs, val "
                   f"{_fmt(r['val'])}", flush=True)
@@ -841,7 +845,7 @@ def run_train_cli(args) -> int:
     runs = []
     for seed in args.seeds:
         r = _run(_config(args, lr=best, seed=seed), data, out, f"seed{seed}", test=test,
-                 weights=True)
+                 weights=True, device=args.device)
         runs.append(r)
         print(f"{args.update} lr {best:g} seed {seed}: test {_fmt(r.get('test'))} "
               f"({r['wall_time_s'] / 60:.1f} min)", flush=True)
@@ -859,6 +863,7 @@ def run_evaluate_cli(args) -> int:
     torch.set_num_threads(args.threads)
     try:
         model, config, stored = load_weights(args.weights)
+        model.to(args.device)
         test = load_camvid(args.split, config.size, args.data_dir)
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -50,6 +50,21 @@ def positive_float(value: str) -> float:
     return v
 
 
+def device(value: str) -> str:
+    """An argparse type: a torch device that exists here (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        d = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}") from None
+    if d.type == "cuda" and (not torch.cuda.is_available()
+                             or (d.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"device {value!r} is not available here "
+                                         f"({torch.cuda.device_count()} CUDA devices)")
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {value!r}: only cpu and cuda are supported")
+    return value
+
+
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -546,6 +561,8 @@ def _camvid_parsers(sub) -> None:
                    help="folder of the records, weights and checkpoints (one sub-folder "
                         "per update)")
     t.add_argument("--data-dir", default=None, metavar="DIR", help=data_help)
+    t.add_argument("--device", type=device, default="cpu",
+                   help="torch device, e.g. cuda (default: cpu)")
     _common(t, data=False)
     t.set_defaults(record_argv=True)
 
@@ -557,6 +574,8 @@ def _camvid_parsers(sub) -> None:
     e.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="split to evaluate (default: test)")
     e.add_argument("--data-dir", default=None, metavar="DIR", help=data_help)
+    e.add_argument("--device", type=device, default="cpu",
+                   help="torch device, e.g. cuda (default: cpu)")
     _common(e, data=False)
 
     r = _add(csub, "report", "tables and figures from `camvid train` folders",

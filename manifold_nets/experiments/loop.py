@@ -348,11 +348,13 @@ class ModuleRuns:
         loss.backward()
         with torch.no_grad():
             wrong = self.errors(logits, y)
-        return loss.detach().view(1), wrong.view(1)
+        # the loop accumulates on the CPU, whatever device the model is on
+        return loss.detach().view(1).cpu(), wrong.view(1).cpu()
 
     def step(self, rate: torch.Tensor) -> None:
+        rate = rate.reshape(()).to(next(self.model.parameters()).device)
         for group in self.optimizer.param_groups:
-            group["lr"] = rate.reshape(())
+            group["lr"] = rate
         self.optimizer.step()
 
     def snapshot(self) -> dict:
