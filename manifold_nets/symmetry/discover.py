@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .groups import RescalingGroup, ScalingSpace
+from .groups import Rescaling, RescalingGroup, ScalingSpace
 
 __all__ = [
     "Discovery",
@@ -31,18 +32,32 @@ class Discovery:
         ``(space.dim, dim)`` generators in :class:`ScalingSpace` coordinates, orthonormal as
         parameter-space vectors
     singular_values : torch.Tensor
-        relative singular values (largest 1) of the output Jacobian restricted to the
-        candidate directions, ascending
+        dense method: relative singular values (largest 1) of the output Jacobian
+        restricted to the candidate directions, ascending (empty for the structural method)
     threshold : float
-        singular values below it count as symmetries
+        dense method: singular values below it count as symmetries
     gap : float
-        ratio of the first singular value above the threshold to the last one below it
-        (``inf`` when the last is exactly zero); a large gap means a clean count
+        dense method: ratio of the first singular value above the threshold to the last
+        one below it (``inf`` when the last is exactly zero, and for the structural
+        method); a large gap means a clean count
     candidates : int
-        number of candidate generators (rows and columns of every weight)
+        number of candidate generators (coordinates of :class:`ScalingSpace`)
     rank : int
         dimension of their span in parameter space
     space : ScalingSpace
+    method : str
+        ``"structural"`` or ``"dense"``
+    families : list of Family
+        structural method: the symmetries grouped by the layers they tie, each with its
+        size (the sizes add up to ``dim``) and whether UN and SM resolve it
+    unsupported : list of str
+        structural method: operations it does not model, treated as breaking every
+        scaling through them (the count can only be lower than the truth)
+    notes : list of str
+        structural method: remarks on the inputs (e.g. embedding rows never used)
+    verified : float or None
+        structural method: relative change of the outputs under a random element of the
+        found group (``nan`` when not checked)
     """
 
     dim: int
@@ -53,12 +68,43 @@ class Discovery:
     candidates: int
     rank: int
     space: ScalingSpace
+    method: str = "dense"
+    families: list = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verified: float = math.nan
 
     def group(self, model: nn.Module) -> RescalingGroup:
         """The discovered group, acting on ``model`` (or any model with the same names)."""
         return RescalingGroup(model, self.basis, "discovered", space=self.space)
 
+    def family_group(self, model: nn.Module, family) -> RescalingGroup:
+        """The subgroup of one family (a :class:`~manifold_nets.symmetry.structure.Family`
+        or its label)."""
+        if isinstance(family, str):
+            family = next(f for f in self.families if f.label == family)
+        return RescalingGroup(model, self.basis[:, family.columns], family.label,
+                              space=self.space)
+
+    def to_dict(self) -> dict:
+        """The result as plain data (without the basis)."""
+        return {"dim": self.dim, "method": self.method, "candidates": self.candidates,
+                "rank": self.rank, "gap": self.gap, "verified": self.verified,
+                "families": [{"kind": f.kind, "label": f.label, "size": f.size,
+                              "layers": f.layers, "resolves": f.resolves}
+                             for f in self.families],
+                "unsupported": self.unsupported, "notes": self.notes}
+
     def __str__(self) -> str:
+        if self.method == "structural":
+            lines = [f"{self.dim} symmetries among {self.candidates} candidates (span "
+                     f"{self.rank}), from the traced graph; a random element changes the "
+                     f"outputs by {self.verified:.1e}"]
+            lines += [f"  {f}" for f in self.families]
+            lines += [f"  unsupported (treated as breaking scalings): {u}"
+                      for u in self.unsupported]
+            lines += [f"  note: {n}" for n in self.notes]
+            return "\n".join(lines)
         below = self.singular_values[self.dim - 1] if self.dim else float("nan")
         above = (self.singular_values[self.dim] if self.dim < len(self.singular_values)
                  else float("nan"))
@@ -67,51 +113,9 @@ class Discovery:
                 f"(threshold {self.threshold:.0e}, gap {self.gap:.2e})")
 
 
-def discover(model: nn.Module, inputs: torch.Tensor, *, threshold: float = 1e-4,
-             train: bool = True, dtype: torch.dtype = torch.float64, chunk: int = 64
-             ) -> Discovery:
-    r"""Find the rescaling symmetries of any ``Linear``/``ConvNd`` (+BN) model numerically.
-
-    Candidates are the scalings of every row (filter, with its bias) and every column of
-    every weight. With :math:`C` the matrix of candidate generators in parameter space and
-    :math:`J` the Jacobian of the outputs on ``inputs``, the symmetries are the parameter-space
-    vectors :math:`C v` with :math:`J C v = 0`. :math:`J C` is computed column by column with
-    forward-mode JVPs (:func:`torch.func.jvp`, vectorised with :func:`torch.func.vmap`);
-    :math:`C` is whitened with its Gram matrix so that dependent candidates (scaling every
-    row of a matrix equals scaling every column) are not counted. Then
-
-    .. math:: J C P = U \Sigma Z^T, \quad P^T C^T C P = I,
-
-    and the symmetries are :math:`P z_k` for the singular values
-    :math:`\sigma_k / \sigma_{\max} <` ``threshold``.
-
-    Parameters
-    ----------
-    model : nn.Module
-        the model (not modified: a copy in ``dtype`` is used)
-    inputs : torch.Tensor or tuple of torch.Tensor
-        a batch (several positional inputs as a tuple). Floating inputs are cast to
-        ``dtype``; integer inputs (token ids) pass untouched. The outputs must have at least
-        as many values as there are candidates (else :class:`ValueError`), and should have
-        several times as many
-    threshold : float
-        relative singular value below which a direction counts as a symmetry. Batch norm
-        with ``eps > 0`` is only approximately invariant (relative effect about
-        ``eps / var(h)``), hence the default ``1e-4`` rather than round-off level.
-    train : bool
-        evaluate batch norm with batch statistics (default; the symmetry of eq. (3)) or with
-        its running statistics
-    dtype : torch.dtype
-        computation dtype (default float64)
-    chunk : int
-        JVPs per vectorised batch
-
-    Notes
-    -----
-    The null space is measured on finite inputs: a dead unit, or a pooling pair whose
-    winner never changes, adds spurious directions. Use enough, varied inputs (e.g. a few
-    hundred random images), and check :attr:`Discovery.gap`.
-    """
+def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
+    """A copy to analyse: ``dtype``, batch norms on batch statistics (if ``train``),
+    dropout off."""
     net = copy.deepcopy(model).to(dtype=dtype).train(train).requires_grad_(False)
     for mod in net.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and train:
@@ -119,33 +123,204 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, threshold: float = 1e-4,
             mod.running_mean = mod.running_var = mod.num_batches_tracked = None
         if isinstance(mod, nn.modules.dropout._DropoutNd):
             mod.eval()  # dropout off: the function, not one random draw of it
+        if isinstance(mod, nn.MultiheadAttention):
+            mod.dropout = 0.0
+    return net
+
+
+def _inputs(inputs, device, dtype) -> tuple:
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    # floating inputs in the computation dtype; token ids and masks stay as they are
+    return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
+                 for a in args)
+
+
+def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
+             threshold: float = 1e-4, train: bool = True, dtype: torch.dtype = torch.float64,
+             chunk: int = 64, verify: bool = True) -> Discovery:
+    r"""Find the rescaling symmetries of a model: their number, a basis and their families.
+
+    The candidates are the directions of :class:`ScalingSpace`: the scaling of every row
+    (with its bias) and every column of every weight matrix (``Linear``, ``ConvNd``,
+    ``Embedding``, ``MultiheadAttention``'s in- and out-projections), and of every
+    channel's (weight, bias) pair of every affine normalisation. The count is the
+    dimension, in parameter space, of the candidate directions that leave every output
+    unchanged to first order: :math:`\mathrm{rank}(C) - \mathrm{rank}(J C)`, for
+    :math:`C` the candidate directions and :math:`J` the Jacobian of the outputs.
+
+    Two methods compute it:
+
+    - ``"structural"`` derives it from the traced graph
+      (:mod:`manifold_nets.symmetry.structure`): seconds to minutes on a ResNet-18 or a
+      GPT-2-sized block, and it names *families* of symmetries. The result is checked
+      numerically (``verify``): a random element of the group is applied and the outputs
+      compared.
+    - ``"dense"`` measures :math:`J C` column by column with forward-mode JVPs
+      (:func:`torch.func.jvp`, vectorised with :func:`torch.func.vmap`), whitens :math:`C`
+      with its Gram matrix so that dependent candidates are not counted, and counts the
+      relative singular values of :math:`J C P` below ``threshold``: exact on the given
+      inputs (dead units included), but it needs more output values than candidates.
+    - ``"auto"`` (default): structural, or dense where the model cannot be traced.
+
+    Parameters
+    ----------
+    model : nn.Module
+        the model (not modified: a copy in ``dtype`` is used)
+    inputs : torch.Tensor or tuple of torch.Tensor
+        a batch (several positional inputs as a tuple). Floating inputs are cast to
+        ``dtype``; integer inputs (token ids) pass untouched. The dense method needs at
+        least as many output values as candidates (else :class:`ValueError`)
+    method : {"auto", "structural", "dense"}
+    threshold : float
+        dense method: relative singular value below which a direction counts as a
+        symmetry. Batch norm with ``eps > 0`` is only approximately invariant (relative
+        effect about ``eps / var(h)``), hence ``1e-4`` rather than round-off level.
+    train : bool
+        evaluate batch norm with batch statistics (default; the symmetry of eq. (3)) or
+        with its running statistics (dense method only)
+    dtype : torch.dtype
+        computation dtype (default float64)
+    chunk : int
+        dense method: JVPs per vectorised batch
+    verify : bool
+        structural method: apply a random group element and report the relative change
+        of the outputs (:attr:`Discovery.verified`); a change above ``1e-6`` (plus the
+        batch norms' ``eps`` effect) raises
+
+    Returns
+    -------
+    Discovery
+
+    Raises
+    ------
+    ValueError
+        on an unknown ``method``, too few output values for the dense method, a model
+        that cannot be traced with ``method="structural"``, or a structural result that
+        fails its numerical check
+
+    Notes
+    -----
+    The dense method measures the null space on finite inputs: a dead unit, or a pooling
+    pair whose winner never changes, adds directions that are symmetries of these inputs
+    only. The structural method assumes generic weights and inputs and does not count
+    them; comparing both on a small model shows them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry import discover
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+    ...                           torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> found = discover(net, torch.randn(64, 4))
+    >>> found.dim
+    17
+    >>> print(found.families[0])
+    per-filter scaling of 0 (8)
+    """
+    if method not in ("auto", "structural", "dense"):
+        raise ValueError(f"unknown method {method!r}; choose auto, structural or dense")
+    net = _prepare(model, dtype, train)
     space = ScalingSpace(net)
+    device = next(net.parameters()).device
+    args = _inputs(inputs, device, dtype)
+    if method in ("auto", "structural") and train:
+        from .structure import structural_symmetries
+
+        try:
+            found = structural_symmetries(net, args, space, dtype=torch.float64)
+        except ValueError:
+            if method == "structural":
+                raise
+        else:
+            result = Discovery(found.dim, found.basis, torch.empty(0, dtype=torch.float64),
+                               threshold, math.inf, space.dim, found.candidate_rank, space,
+                               method="structural", families=found.families,
+                               unsupported=found.unsupported, notes=found.notes)
+            _resolves(result, model)
+            if verify:
+                result.verified = _verify(net, result, args)
+            return result
+    elif method == "structural":
+        raise ValueError("the structural method analyses batch norm with batch statistics "
+                         "(train=True); use method='dense' for train=False")
+    return _dense(net, space, args, threshold, dtype, chunk)
+
+
+def _resolves(result: Discovery, model: nn.Module) -> None:
+    """Fill every family's ``resolves``: is UN / SM equivariant under it?"""
+    from .invariance import UPDATE_RULES, predict
+
+    rules = {r.name: r for r in UPDATE_RULES}
+    for fam in result.families:
+        group = RescalingGroup(model, result.basis[:, fam.columns], fam.label,
+                               space=result.space)
+        fam.resolves = {"un": predict(rules["UN"], group, model),
+                        "sm": predict(rules["SM"], group, model)}
+
+
+@torch.no_grad()
+def _verify(net: nn.Module, result: Discovery, args: tuple, log_scale: float = 0.3) -> float:
+    """Relative change of the outputs under a random element of the found group."""
+    if result.dim == 0:
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    v = result.basis @ torch.randn(result.dim, generator=gen, dtype=torch.float64)
+    element = Rescaling.from_log(result.space, v * (log_scale / v.abs().max()))
+    before = _outputs(net(*args))
+    after = _outputs(element.apply(net)(*args))
+    change = float((after - before).norm() / before.norm().clamp_min(1e-300))
+    eps = max([m.eps for m in net.modules() if isinstance(
+        m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))] + [0.0])
+    if change > 1e-6 + 1e3 * eps:
+        raise ValueError(
+            f"discover: the structural analysis found {result.dim} symmetries, but a random "
+            f"element of them changes the outputs by {change:.2e} (relative). The model "
+            "uses an operation whose rule does not hold here; please report it. "
+            "method='dense' measures the count directly on small models.")
+    return change
+
+
+def _outputs(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1)
+    if isinstance(out, dict):
+        out = list(out.values())
+    return torch.cat([_outputs(o) for o in out if o is not None])
+
+
+def _dense(net, space, args, threshold, dtype, chunk) -> Discovery:
     all_params = {n: p.detach() for n, p in net.named_parameters()}
     keys = [s.weight for s in space.sites] + [s.bias for s in space.sites if s.bias]
     primals = {k: all_params[k] for k in keys}
     device = next(iter(primals.values())).device
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    # floating inputs in the computation dtype; token ids and masks stay as they are
-    args = tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
-                 for a in args)
 
     def forward(p):
-        return functional_call(net, p, args)
+        # the math attention kernel: the fused CPU kernels have no forward-mode derivative
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _outputs(functional_call(net, p, args))
 
     with torch.no_grad():
         n_outputs = forward(primals).numel()
     if n_outputs < space.dim:
+        per_input = max(1, n_outputs // len(args[0]))
         raise ValueError(
             f"discover: the inputs give {n_outputs} output values for {space.dim} candidate "
             "directions, so the outputs cannot tell the symmetries apart (the count would be "
-            f"too high). Fix: pass at least {-(-space.dim // max(1, n_outputs // len(args[0])))} "
-            "varied inputs, preferably several times that, and check Discovery.gap.")
+            f"too high). Fix: pass at least {-(-space.dim // per_input)} varied inputs, "
+            "preferably several times that, and check Discovery.gap; or use "
+            "method='structural'.")
 
     def column(v):
-        return jvp(forward, (primals,), (space.tangent(v, primals),))[1].reshape(-1)
+        return jvp(forward, (primals,), (space.tangent(v, primals),))[1]
 
     eye = torch.eye(space.dim, dtype=dtype, device=device)
-    jc = torch.cat([vmap(column)(eye[i:i + chunk]) for i in range(0, space.dim, chunk)]).T
+    try:
+        jc = torch.cat([vmap(column)(eye[i:i + chunk])
+                        for i in range(0, space.dim, chunk)]).T
+    except (NotImplementedError, RuntimeError) as err:
+        raise ValueError(f"discover(method='dense'): the model uses an operation without a "
+                         f"forward-mode derivative ({str(err).splitlines()[0][:160]}); use "
+                         "method='structural'") from None
     evals, evecs = torch.linalg.eigh(space.gram(primals))
     keep = evals > evals.max() * space.dim * torch.finfo(dtype).eps * 10
     p = evecs[:, keep] / evals[keep].sqrt()
@@ -164,6 +339,4 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, threshold: float = 1e-4,
         gap = math.nan
     basis = (p @ z[:, :dim]).to(torch.float64).cpu()
     return Discovery(dim, basis, rel.to(torch.float64).cpu(), threshold, gap, space.dim, r,
-                     space)
-
-
+                     space, method="dense")

@@ -52,6 +52,7 @@ __all__ = [
 
 _FILTER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 # -- pure functions ---------------------------------------------------------------------
@@ -98,15 +99,23 @@ class _Site:
     col_offset: int
     bias: str | None      # parameter name of the bias, scaled with the rows
     batchnorm: str | None  # module name of the batch norm that normalises the rows
+    kind: str = "matrix"  # "matrix" (rows and columns) or "norm" (channels, no columns)
 
 
 class ScalingSpace:
-    r"""Coordinates of the rescalings of a model: one log-scale per row and per column.
+    r"""Coordinates of the rescalings of a model: one log-scale per row and per column of
+    every weight matrix, one per channel of every affine normalisation.
 
-    Sites are the ``nn.Linear`` and ``nn.ConvNd`` weights, in ``named_modules`` order. A
-    vector ``v`` of length :attr:`dim` holds, for every weight, its row log-scales ``r``
-    then its column log-scales ``c``; it generates :math:`(r_i + c_j) W_{ij}` and
-    :math:`r_i b_i` for the bias.
+    Sites, in ``named_modules`` order:
+
+    - **matrices**: the weights of ``nn.Linear``, ``nn.ConvNd`` and ``nn.Embedding``, and
+      the packed ``in_proj_weight`` of ``nn.MultiheadAttention`` (its ``out_proj`` is a
+      ``Linear``). A vector ``v`` holds row log-scales ``r`` then column log-scales ``c``;
+      it generates :math:`(r_i + c_j) W_{ij}` and :math:`r_i b_i` for the row's bias
+      (``bias``, or ``in_proj_bias``).
+    - **normalisations**: ``BatchNorm*``, ``LayerNorm`` and ``GroupNorm`` with an affine
+      weight: one log-scale :math:`g_k` per channel, generating :math:`g_k \gamma_k` and
+      :math:`g_k \beta_k` (the pair scaled together); no columns.
 
     A batch norm is attached to the closest preceding ``Linear``/``ConvNd`` whose number of
     outputs equals its ``num_features`` (true for ``conv -> bn`` blocks and for Arch2);
@@ -127,16 +136,33 @@ class ScalingSpace:
                 if lmod.weight.shape[0] == mod.num_features and lname not in pending:
                     pending[lname] = name
         for name, mod in model.named_modules():
-            if not isinstance(mod, _FILTER):
-                continue
-            rows, cols = mod.weight.shape[:2]
             prefix = f"{name}." if name else ""
-            sites.append(_Site(prefix + "weight", name, rows, cols, offset, offset + rows,
-                               prefix + "bias" if mod.bias is not None else None,
-                               pending.get(name)))
-            offset += rows + cols
-        if not sites:
-            raise ValueError("model has no nn.Linear or nn.ConvNd layer to rescale")
+            if isinstance(mod, _FILTER + (nn.Embedding,)):
+                rows, cols = mod.weight.shape[:2]
+                bias = getattr(mod, "bias", None)
+                sites.append(_Site(prefix + "weight", name, rows, cols, offset, offset + rows,
+                                   prefix + "bias" if bias is not None else None,
+                                   pending.get(name)))
+                offset += rows + cols
+            elif isinstance(mod, nn.MultiheadAttention):
+                packed = [("in_proj_weight", "in_proj_bias")] if mod.in_proj_weight is not None \
+                    else [(f"{k}_proj_weight", None) for k in "qkv"]
+                for wname, bname in packed:
+                    w = getattr(mod, wname)
+                    has_bias = bname is not None and getattr(mod, bname) is not None
+                    sites.append(_Site(prefix + wname, name, w.shape[0], w.shape[1], offset,
+                                       offset + w.shape[0],
+                                       prefix + bname if has_bias else None, None))
+                    offset += w.shape[0] + w.shape[1]
+            elif isinstance(mod, _NORMS) and getattr(mod, "weight", None) is not None:
+                n = mod.weight.numel()
+                sites.append(_Site(prefix + "weight", name, n, 0, offset, offset + n,
+                                   prefix + "bias" if getattr(mod, "bias", None) is not None
+                                   else None, None, "norm"))
+                offset += n
+        if not any(s.kind == "matrix" for s in sites):
+            raise ValueError("model has no nn.Linear, nn.ConvNd, nn.Embedding or "
+                             "nn.MultiheadAttention weight to rescale")
         self.sites = sites
         self.dim = offset
         self._by_weight = {s.weight: s for s in sites}
@@ -145,7 +171,7 @@ class ScalingSpace:
         try:
             return self._by_weight[weight]
         except KeyError:
-            raise ValueError(f"no Linear/ConvNd weight named {weight!r}; weights: "
+            raise ValueError(f"no rescalable weight named {weight!r}; weights: "
                              f"{list(self._by_weight)}") from None
 
     def split(self, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -169,9 +195,15 @@ class ScalingSpace:
         out = {}
         for s, (r, c) in zip(self.sites, self.split(v).values(), strict=True):
             w = params[s.weight]
-            out[s.weight] = scaling_tangent(w, r.to(w.dtype), c.to(w.dtype))
+            r = r.to(w.dtype)
+            if s.kind == "norm":
+                out[s.weight] = r.view(w.shape) * w
+                if s.bias is not None:
+                    out[s.bias] = r.view(w.shape) * params[s.bias]
+                continue
+            out[s.weight] = scaling_tangent(w, r, c.to(w.dtype))
             if s.bias is not None:
-                out[s.bias] = r.to(w.dtype) * params[s.bias]
+                out[s.bias] = r * params[s.bias]
         return {k: out[k] for k in params if k in out}
 
     def gram(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -185,6 +217,13 @@ class ScalingSpace:
         g = torch.zeros(self.dim, self.dim, dtype=w0.dtype, device=w0.device)
         for s in self.sites:
             w = params[s.weight]
+            if s.kind == "norm":
+                r = slice(s.row_offset, s.row_offset + s.rows)
+                d = w.square().reshape(-1)
+                if s.bias:
+                    d = d + params[s.bias].square().reshape(-1)
+                g[r, r] = torch.diag(d)
+                continue
             q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
             rd = q.sum(1) + (params[s.bias].square() if s.bias else 0)
             r = slice(s.row_offset, s.row_offset + s.rows)
@@ -255,13 +294,7 @@ class Rescaling:
         if not names:
             return self
         before, after = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-        params = dict(after.named_parameters())
-        for name, (a, c) in self.scales.items():
-            w = params[name]
-            w.copy_(rescale_weight(w, _like(a, w), _like(c, w)))
-            bias = self.space.site(name).bias
-            if a is not None and bias is not None:
-                params[bias].mul_(_like(a, w))
+        after = self.apply_(after)
         captured: dict[str, list] = {}
         handles = []
         for net, key in ((before, 0), (after, 1)):
@@ -299,6 +332,12 @@ class Rescaling:
         for name, (a, c) in self.scales.items():
             site = self.space.site(name)
             w = params[name]
+            if site.kind == "norm":
+                if a is not None:
+                    w.mul_(_like(a, w).view(w.shape))
+                    if site.bias is not None:
+                        params[site.bias].mul_(_like(a, w).view(w.shape))
+                continue
             w.copy_(rescale_weight(w, _like(a, w), _like(c, w)))
             if a is None:
                 continue

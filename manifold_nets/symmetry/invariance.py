@@ -247,6 +247,10 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     for xi in group.generators():
         for name, (r, c) in group.space.split(xi).items():
             site, manifold = group.space.site(name), dec[name]
+            if site.kind == "norm":
+                if float(r.abs().max()) > tol:
+                    return False  # normalisation parameters are Euclidean
+                continue
             if site.bias is not None and float(r.abs().max()) > tol:
                 return False  # biases are Euclidean: their rows must not be scaled
             moves = not (_constant(r, tol) and _constant(c, tol)

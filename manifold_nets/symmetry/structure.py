@@ -1,0 +1,1228 @@
+r"""The rescaling symmetries of a model from its traced graph (:func:`structural_symmetries`).
+
+The dense method of :func:`~manifold_nets.symmetry.discover` needs more output values than
+candidate directions: on a ResNet-18 that is ~14,000 candidates, hundreds of inputs and
+days of JVPs. This module derives the same count from the structure of the computation,
+traced with :mod:`torch.fx` and run once on two inputs (for the shapes).
+
+**The model of a symmetry.** A candidate direction (the log-scales of
+:class:`~manifold_nets.symmetry.ScalingSpace`) changes every value :math:`h` of the
+computation, to first order, into :math:`(1 + s) \odot h + \delta`: a *scale*
+:math:`s` per element and a *shift* :math:`\delta` that does not depend on the input
+sample. It is a symmetry when every output has :math:`s = 0, \delta = 0`. Each operation
+constrains its operands and defines its result:
+
+- inputs and constants: :math:`s = 0, \delta = 0`;
+- ``Linear``/``ConvNd`` with rows :math:`r`, columns :math:`c` and bias :math:`b`: for
+  every position :math:`p` (a pattern of input entries), :math:`s_{x,p,i} + c_i = u_p`
+  for every input channel :math:`i` it reads, and the output has
+  :math:`s_{y,p,o} = r_o + u_p`, :math:`\delta_y = W \delta_x - u_p b`;
+- ``Embedding``: :math:`s_{y,p,d} = r_{t_p} + c_d` (the rows of the tokens present are
+  tied; rows of absent tokens change nothing);
+- batch norm (batch statistics): its input scale is constant per channel and its shift
+  is absorbed; layer norm: its input scale is constant over the normalised dims of each
+  position and the uniform part of its shift is absorbed; group norm likewise per group;
+  the output of an affine normalisation has :math:`s_k = g_k` (its own candidate);
+- ReLU, LeakyReLU, dropout (off): :math:`s` passes, :math:`\delta = 0`; max- and
+  average-pooling, means, sums and maxima over dimensions: the scales in a window are
+  equal and pass;
+- addition: both operands have the same scale, shifts add; a product adds scales;
+- attention (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``): query and
+  key dimensions pair, :math:`s_{q,d} + s_{k,d} = 0`; the key's shift is absorbed by the
+  soft-max, the query's must vanish; the output has the value's scale;
+- soft-max, GELU, tanh and every other non-homogeneous operation: :math:`s = 0` and
+  :math:`\delta = 0` on both sides (a soft-max absorbs a shift along its dimension);
+- anything else is *unsupported*: it is named, and treated as breaking every scaling
+  through it (which can only under-count).
+
+Scales are tracked per element (with the two samples), so reshapes, permutes, slicing and
+concatenation are exact. Every relation is linear in the candidates' log-scales: the
+symmetries are the solutions, mapped to parameter space. Equalities are merged with a
+union-find; the few remaining relations (shifts, attention, products, patterns that differ
+between positions) are solved densely per connected component; the dimension in
+parameter space is the rank of the Gram matrix of the solutions, taken per connected
+component by Gram-Schmidt in the order of the families, which gives each family its size.
+
+The analysis assumes generic weights (no weight column exactly zero) and generic inputs:
+a dead ReLU unit or a pooling pair whose winner never changes on some data is a symmetry
+of that data only, which the dense method counts and this one does not.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .groups import ScalingSpace
+
+__all__ = ["Family", "StructuralResult", "structural_symmetries"]
+
+_ZERO = 0
+
+
+@dataclass
+class Family:
+    """A set of symmetries that act on the same places of a model.
+
+    Attributes
+    ----------
+    kind : str
+        ``"per-filter"``, ``"units"``, ``"stream"``, ``"qk"``, ``"vo"``, ``"bias"``,
+        ``"unused"`` or ``"coupled"``
+    label : str
+        a sentence naming the layers, e.g. ``"per-filter scaling of layer1.0.conv1"``
+    size : int
+        independent symmetries (in parameter space) this family adds
+    layers : list of str
+        the modules whose parameters it rescales
+    columns : list of int
+        its columns in :attr:`Discovery.basis <manifold_nets.symmetry.Discovery.basis>`
+    resolves : dict
+        ``{"un": bool, "sm": bool}``: whether that update is equivariant under the family
+        (filled by :func:`~manifold_nets.symmetry.discover`)
+    """
+
+    kind: str
+    label: str
+    size: int
+    layers: list[str]
+    columns: list[int] = field(default_factory=list)
+    resolves: dict[str, bool] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        res = ", ".join(f"{'resolved' if v else 'not resolved'} by {k.upper()}"
+                        for k, v in self.resolves.items())
+        return f"{self.label} ({self.size})" + (f": {res}" if res else "")
+
+
+@dataclass
+class StructuralResult:
+    """What :func:`structural_symmetries` derived."""
+
+    dim: int
+    basis: torch.Tensor
+    families: list[Family]
+    candidate_rank: int
+    unsupported: list[str]
+    notes: list[str]
+
+
+# ----------------------------------------------------------------------------------------
+# Variables, equalities and linear relations.
+
+
+class _System:
+    """Integer variables (log-scales), a union-find of equalities, and linear rows."""
+
+    def __init__(self):
+        self.parent = [0]
+        self.origin: list[tuple] = [("zero", "", -1)]
+        self.rows: list[dict[int, float]] = []
+
+    def new(self, kind: str, node: str, n: int = 1) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.origin.extend((kind, node, k) for k in range(n))
+        return torch.arange(start, start + n)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        if a < 0 or b < 0:
+            return
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == _ZERO:
+            ra, rb = rb, ra
+        self.parent[rb] = ra  # the zero class keeps its root
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union ``a[k]`` with ``b[k]`` for every k (ids < 0 are exact zeros: skipped)."""
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = (a != b) & (a >= 0) & (b >= 0)
+        if not bool(keep.any()):
+            return
+        pairs = torch.unique(torch.stack([a[keep], b[keep]], 1), dim=0).tolist()
+        for x, y in pairs:
+            self.union(x, y)
+
+    def union_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Union the entries of every row of a 2-D id matrix; returns one id per row (the
+        first non-negative entry, -1 for an all-negative row)."""
+        if ids.numel() == 0:
+            return torch.full((ids.shape[0],), -1, dtype=torch.long)
+        valid = ids >= 0
+        first_pos = torch.where(valid.any(1), valid.float().argmax(1), torch.zeros_like(
+            valid[:, 0], dtype=torch.long))
+        first = ids.gather(1, first_pos[:, None]).squeeze(1)
+        first = torch.where(valid.any(1), first, torch.full_like(first, -1))
+        self.union_pairs(ids, first[:, None].expand_as(ids))
+        return first
+
+    def pin(self, ids: torch.Tensor) -> None:
+        u = torch.unique(ids)
+        for a in u[u > 0].tolist():
+            self.union(a, _ZERO)
+
+    def row(self, terms: dict[int, float]) -> None:
+        terms = {k: v for k, v in terms.items() if v != 0 and k != _ZERO}
+        if terms:
+            self.rows.append(terms)
+
+
+def _add_form(*parts: tuple[float, dict[int, float] | int]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for coef, f in parts:
+        if isinstance(f, int):
+            f = {f: 1.0}
+        for k, v in f.items():
+            out[k] = out.get(k, 0.0) + coef * v
+    return {k: v for k, v in out.items() if v != 0}
+
+
+# ----------------------------------------------------------------------------------------
+# Symbolic values.
+
+
+@dataclass
+class _Sym:
+    """The scale ids of a tensor (its shape) and its shift terms ``(form, coefficients)``."""
+
+    ids: torch.Tensor
+    shifts: list[tuple[dict[int, float], torch.Tensor]] = field(default_factory=list)
+
+    def map(self, fn) -> _Sym:
+        return _Sym(fn(self.ids), [(f, fn(c)) for f, c in self.shifts])
+
+
+def _zero_like(t: torch.Tensor) -> _Sym:
+    return _Sym(torch.zeros(t.shape, dtype=torch.long))
+
+
+def _merge(shifts):
+    merged: dict[tuple, list] = {}
+    for form, coef in shifts:
+        key = tuple(sorted(form.items()))
+        if key in merged:
+            merged[key][1] = merged[key][1] + coef
+        else:
+            merged[key] = [form, coef]
+    return [(f, c) for f, c in merged.values() if bool(c.abs().max() > 0)]
+
+
+class _Analysis(torch.fx.Interpreter):
+    """Runs the traced graph on real tensors and propagates :class:`_Sym` beside them."""
+
+    def __init__(self, gm: torch.fx.GraphModule, space: ScalingSpace):
+        super().__init__(gm)
+        self.space = space
+        self.sys = _System()
+        self.forms: dict[int, dict[int, float]] = {}  # candidate coordinate -> form
+        self.sym: dict[torch.fx.Node, object] = {}
+        self.unsupported: list[str] = []
+        self.notes: list[str] = []
+        self.modules = dict(gm.named_modules())
+        self.called: set[str] = set()
+        self.dtype = torch.float64
+        self.absorbed: set[int] = set()  # variables whose scale a normalisation removes
+        self.consumers: dict[int, set[str]] = {}  # variable -> layers reading it
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    @staticmethod
+    def label(n: torch.fx.Node) -> str:
+        return n.target if n.op == "call_module" else n.name
+
+    def assign(self, coords: torch.Tensor, forms: Sequence[dict[int, float]]) -> None:
+        for k, f in zip(coords.tolist(), forms, strict=True):
+            if k in self.forms:
+                self.sys.row(_add_form((1.0, self.forms[k]), (-1.0, f)))
+            else:
+                self.forms[k] = f
+
+    def kill(self, shifts, center=None) -> None:
+        """The shifts must vanish (after ``center``, which removes what is absorbed)."""
+        shifts = _merge(shifts)
+        if not shifts:
+            return
+        coefs = torch.stack([(center(c) if center else c).reshape(-1) for _, c in shifts], 1)
+        gram = coefs.T @ coefs
+        if float(gram.abs().max()) == 0:
+            return
+        w, v = torch.linalg.eigh(gram)
+        keep = w > w.max() * 1e-10
+        for col in v[:, keep].T:
+            self.sys.row(_add_form(*[(float(a), f) for a, (f, _) in
+                                     zip(col, shifts, strict=True)]))
+
+    def pin(self, s: _Sym) -> None:
+        self.sys.pin(s.ids)
+        self.kill(s.shifts)
+
+    def fail(self, node: torch.fx.Node, why: str, syms: Sequence) -> None:
+        self.unsupported.append(f"{node.name} ({why})")
+        for s in syms:
+            if isinstance(s, _Sym):
+                self.pin(s)
+        # parameters of an unsupported module keep their scale
+        if node.op == "call_module":
+            for site in self.space.sites:
+                if site.module == node.target or site.module.startswith(f"{node.target}."):
+                    idx = torch.arange(site.row_offset, site.col_offset + site.cols)
+                    self.assign(idx, [{}] * len(idx))
+
+    # -- the interpreter ------------------------------------------------------------------
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        args = torch.fx.node.map_arg(n.args, lambda a: self.sym.get(a))
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: self.sym.get(a))
+        self.sym[n] = self.rule(n, result, args, kwargs)
+        return result
+
+    def rule(self, n, result, args, kwargs):
+        if n.op == "placeholder":
+            return _zero_like(result) if isinstance(result, torch.Tensor) else None
+        if n.op == "get_attr":
+            return _zero_like(result) if isinstance(result, torch.Tensor) else None
+        if n.op == "output":
+            for s in _flatten(args):
+                if isinstance(s, _Sym):
+                    self.pin(s)
+            return None
+        if n.op == "call_module":
+            return self.module_rule(n, self.modules[n.target], result, args, kwargs)
+        return self.function_rule(n, result, args, kwargs)
+
+    # -- modules --------------------------------------------------------------------------
+    def module_rule(self, n, mod, result, args, kwargs):
+        x = args[0] if args else None
+        name = n.target
+        self.called.add(name)
+        if isinstance(mod, nn.Linear):
+            return self.linear(n, name, x, mod.weight, mod.bias, f"{name}.weight")
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv(n, name, mod, x, result)
+        if isinstance(mod, nn.Embedding):
+            return self.embedding(n, name, mod, self.args_value(n, 0), result)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return self.norm(n, name, mod, x, result, kind="batch")
+        if isinstance(mod, nn.LayerNorm):
+            return self.norm(n, name, mod, x, result, kind="layer")
+        if isinstance(mod, nn.GroupNorm):
+            return self.norm(n, name, mod, x, result, kind="group")
+        if isinstance(mod, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
+            return _Sym(x.ids.clone()) if self.kill(x.shifts) is None else None
+        if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                            nn.AlphaDropout, nn.Identity)):
+            return x
+        if isinstance(mod, nn.Flatten):
+            return x.map(lambda t: t.flatten(mod.start_dim, mod.end_dim))
+        if isinstance(mod, nn.Unflatten):
+            return x.map(lambda t: t.unflatten(mod.dim, mod.unflattened_size))
+        if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            return self.pool(n, mod, x, result)
+        if isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+                            nn.AdaptiveMaxPool2d)):
+            return self.adaptive_pool(n, mod, x, result)
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.mha(n, name, mod, args, kwargs, result)
+        if isinstance(mod, nn.Softmax):
+            return self.softmax(x, mod.dim, result)
+        if isinstance(mod, _NONHOMOGENEOUS):
+            self.pin(x)
+            return _zero_like(result)
+        return self.fail(n, f"unsupported module {type(mod).__name__}",
+                         _flatten(args)) or _zero_out(result)
+
+    def args_value(self, n, i):
+        return self.env[n.args[i]]
+
+    # -- functions ------------------------------------------------------------------------
+    def function_rule(self, n, result, args, kwargs):
+        t = n.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        if not any(isinstance(s, _Sym) for s in _flatten((args, kwargs))):
+            return _zero_out(result)  # constants
+        if not any(isinstance(r, torch.Tensor) for r in _flatten(result)):
+            return None  # shapes, sizes and other plain values carry no scale
+        x = args[0]
+        if name in _PASS or t in (F.dropout, torch.nn.functional.dropout):
+            if isinstance(x, _Sym) and isinstance(result, torch.Tensor) and \
+                    result.shape == x.ids.shape:
+                return x
+        if name in ("relu", "relu_", "leaky_relu") or t in (F.relu, torch.relu, F.leaky_relu):
+            self.kill(x.shifts)
+            return _Sym(x.ids.clone())
+        if name in _SHAPE_OPS or t in (torch.flatten, torch.reshape, torch.permute,
+                                       torch.transpose, torch.squeeze, torch.unsqueeze,
+                                       torch.t, torch.movedim):
+            return self.shape_op(n, result, args, kwargs)
+        if t is operator.getitem:
+            if isinstance(x, (tuple, list)):
+                return x[args[1]]
+            if isinstance(x, _Sym):
+                return self.shape_op(n, result, args, kwargs)
+        if name in ("add", "iadd", "__add__", "__radd__", "sub", "isub", "__sub__", "rsub") \
+                or t in (operator.add, operator.iadd, operator.sub, operator.isub,
+                         torch.add, torch.sub):
+            return self.add(n, result, args, sub=("sub" in name))
+        if name in ("mul", "imul", "__mul__", "__rmul__") or t in (operator.mul, operator.imul,
+                                                                   torch.mul):
+            return self.mul(n, result, args, divide=False)
+        if name in ("truediv", "div", "__truediv__", "itruediv") or t in (
+                operator.truediv, operator.itruediv, torch.div):
+            return self.mul(n, result, args, divide=True)
+        if name in ("neg", "__neg__") or t in (operator.neg, torch.neg):
+            return _Sym(x.ids, [(f, -c) for f, c in x.shifts])
+        if t in (torch.cat, torch.concat, torch.stack) or name in ("cat", "stack", "concat"):
+            return self.cat(n, result, args, kwargs, stack=(name == "stack"))
+        if name in ("mean", "sum", "amax", "max", "amin", "min") or t in (
+                torch.mean, torch.sum, torch.amax, torch.max, torch.amin, torch.min):
+            return self.reduce(n, name, result, args, kwargs)
+        if t in (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d):
+            return self.fail(n, f"functional {name}; use the module", _flatten(args)) or \
+                _zero_out(result)
+        if name in ("matmul", "bmm", "__matmul__") or t in (torch.matmul, torch.bmm,
+                                                           operator.matmul):
+            return self.matmul(n, result, args)
+        if t is F.scaled_dot_product_attention:
+            return self.sdpa(n, result, args, kwargs)
+        if name == "softmax" or t in (F.softmax, torch.softmax):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return self.softmax(x, dim, result)
+        if name in _NONHOMOGENEOUS_FN or t in (F.gelu, torch.tanh, torch.sigmoid, F.silu,
+                                               torch.exp, F.softplus, F.elu, F.log_softmax):
+            for s in _flatten(args):
+                if isinstance(s, _Sym):
+                    self.pin(s)
+            return _zero_out(result)
+        if name in ("float", "double", "to", "type_as", "clone", "detach"):
+            return x
+        return self.fail(n, f"unsupported operation {name}", _flatten((args, kwargs))) or \
+            _zero_out(result)
+
+    # -- rules ----------------------------------------------------------------------------
+    def shape_op(self, n, result, args, kwargs):
+        """Apply the same view/permute/index to the ids and the shift coefficients."""
+        rest = torch.fx.node.map_arg(n.args[1:], lambda a: self.env[a])
+        kw = torch.fx.node.map_arg(n.kwargs, lambda a: self.env[a])
+
+        def apply(t):
+            if n.op == "call_method":
+                return getattr(t, n.target)(*rest, **kw)
+            return n.target(t, *rest, **kw)
+        out_ids = apply(args[0].ids)
+        if isinstance(out_ids, (tuple, list)):
+            parts = [apply(c) for _, c in args[0].shifts]
+            return tuple(_Sym(i.clone(), [(f, p[k]) for (f, _), p in
+                                          zip(args[0].shifts, parts, strict=True)])
+                         for k, i in enumerate(out_ids))
+        return _Sym(out_ids, [(f, apply(c)) for f, c in args[0].shifts])
+
+    def add(self, n, result, args, sub):
+        a, b = args[0], args[1]
+        if not isinstance(b, _Sym) or not isinstance(a, _Sym):
+            s, other = (a, b) if isinstance(a, _Sym) else (b, a)
+            if isinstance(other, (int, float)) and other == 0:
+                return s
+            ids = s.ids if isinstance(other, (int, float)) else s.ids
+            self.sys.pin(ids)  # adding a constant: the scale must vanish
+            return _Sym(torch.zeros(result.shape, dtype=torch.long), s.shifts)
+        ia, ib = torch.broadcast_tensors(a.ids, b.ids)
+        self.sys.union_pairs(ia, ib)
+        shape = result.shape
+        shifts = [(f, c.expand(shape)) for f, c in a.shifts] + \
+                 [(f, (-c if sub else c).expand(shape)) for f, c in b.shifts]
+        return _Sym(ia.clone(), _merge(shifts))
+
+    def mul(self, n, result, args, divide):
+        a, b = args[0], args[1]
+        if not isinstance(a, _Sym) or not isinstance(b, _Sym):
+            i = 0 if not isinstance(a, _Sym) else 1
+            v, s = args[i], args[1 - i]
+            if divide and i == 0:
+                return self.fail(n, "a constant divided by a tensor", [s]) or \
+                    _zero_out(result)
+            if not isinstance(v, (int, float)):
+                return self.fail(n, "product with a non-tensor", [s]) or _zero_out(result)
+            scale = 1 / v if divide else v
+            return _Sym(s.ids, [(f, c * scale) for f, c in s.shifts])
+        # shifts survive only a product with a constant tensor (a parameter or buffer)
+        shifts = []
+        for s, other in ((a, n.args[1]), (b, n.args[0])):
+            if not s.shifts:
+                continue
+            if isinstance(other, torch.fx.Node) and other.op == "get_attr" and not divide:
+                val = self.env[other].detach().to(self.dtype)
+                shifts += [(f, (c * val).expand(result.shape)) for f, c in s.shifts]
+            else:
+                self.kill(s.shifts)
+        ia, ib = torch.broadcast_tensors(a.ids, b.ids)
+        pairs, inverse = torch.unique(torch.stack([ia.reshape(-1), ib.reshape(-1)], 1),
+                                      dim=0, return_inverse=True)
+        out = torch.empty(len(pairs), dtype=torch.long)
+        sign = -1.0 if divide else 1.0
+        for k, (x, y) in enumerate(pairs.tolist()):
+            if y <= _ZERO:
+                out[k] = x
+            elif x <= _ZERO and not divide:
+                out[k] = y
+            else:
+                w = int(self.sys.new("mul", self.label(n))[0])
+                out[k] = w
+                self.sys.row(_add_form((1.0, w), (-1.0, x), (-sign, y)))
+        return _Sym(out[inverse].reshape(ia.shape), _merge(shifts))
+
+    def cat(self, n, result, args, kwargs, stack):
+        parts = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if not all(isinstance(p, _Sym) for p in parts):
+            return self.fail(n, "concatenation with non-tensors", parts) or _zero_out(result)
+        fn = torch.stack if stack else torch.cat
+        ids = fn([p.ids for p in parts], dim)
+        shifts = []
+        for j, p in enumerate(parts):
+            for f, c in p.shifts:
+                pieces = [c if k == j else torch.zeros_like(q.ids, dtype=self.dtype)
+                          for k, q in enumerate(parts)]
+                shifts.append((f, fn(pieces, dim)))
+        return _Sym(ids, _merge(shifts))
+
+    def reduce(self, n, name, result, args, kwargs):
+        x = args[0]
+        vals = result[0] if isinstance(result, tuple) else result
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if isinstance(args[1] if len(args) > 1 else None, _Sym):
+            return self.fail(n, f"{name} of two tensors", args[:2]) or _zero_out(result)
+        dims = list(range(x.ids.dim())) if dim is None else \
+            [dim] if isinstance(dim, int) else list(dim)
+        dims = [d % x.ids.dim() for d in dims]
+        rest = [d for d in range(x.ids.dim()) if d not in dims]
+        perm = x.ids.permute(rest + dims)
+        flat = perm.reshape(-1, math.prod(x.ids.shape[d] for d in dims) or 1)
+        first = self.sys.union_rows(flat).reshape([x.ids.shape[d] for d in rest])
+        if keepdim:
+            for d in sorted(dims):
+                first = first.unsqueeze(d)
+        ids = first.reshape(vals.shape)
+        shifts = []
+        if name in ("mean", "sum"):
+            fn = torch.mean if name == "mean" else torch.sum
+            shifts = [(f, fn(c, dim=dims, keepdim=keepdim).reshape(vals.shape))
+                      for f, c in x.shifts]
+        elif x.shifts:
+            for f, c in x.shifts:
+                spread = c.amax(dim=dims, keepdim=True) - c.amin(dim=dims, keepdim=True)
+                if float(spread.abs().max()) > 0:
+                    self.kill(x.shifts)
+                    shifts = []
+                    break
+                shifts.append((f, c.amax(dim=dims, keepdim=keepdim).reshape(vals.shape)))
+        out = _Sym(ids, shifts)
+        return (out, None) if isinstance(result, tuple) else out
+
+    def softmax(self, x, dim, result):
+        self.sys.pin(x.ids)
+        self.kill(x.shifts, center=lambda c: c - c.mean(dim, keepdim=True))
+        return _zero_like(result)
+
+    # -- layers with candidates -------------------------------------------------------------
+    def _affine(self, n, site_weight, patterns, inverse, channel_of, rows_idx, shift_fn,
+                x_shifts, tag="out"):
+        """The rule of a Linear/ConvNd/in-projection on input patterns.
+
+        ``patterns`` ``(P, E)``: input scale ids per entry (``-1``: padding), ``channel_of``
+        ``(E,)``: the weight column of each entry, ``inverse``: the pattern of every
+        output position. Returns the output ids ``(*positions, rows)``, the propagated
+        shifts, and the ``u`` variable of every pattern (for the bias shift ``-u b``).
+        """
+        space, sys = self.space, self.sys
+        site = space.site(site_weight)
+        n_in = site.cols
+        # entries of one channel in one pattern share a scale
+        P, E = patterns.shape
+        order = torch.argsort(channel_of, stable=True)
+        counts = torch.bincount(channel_of, minlength=n_in)
+        a = torch.full((P, n_in), -1, dtype=torch.long)
+        if bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+            grouped = patterns[:, order].reshape(P * n_in, int(counts[0]))
+            a = sys.union_rows(grouped).reshape(P, n_in)
+        else:
+            for i in range(n_in):
+                cols = (channel_of == i).nonzero().reshape(-1)
+                if len(cols):
+                    a[:, i] = sys.union_rows(patterns[:, cols])
+        present = a >= 0
+        p0 = int(present.sum(1).argmax())
+        roots = torch.tensor([sys.find(int(v)) if v >= 0 else -1 for v in a.reshape(-1)]
+                             ).reshape(a.shape)
+        u0 = int(sys.new("u", self.label(n))[0])
+        for v in a[p0][a[p0] > 0].tolist():
+            self.consumers.setdefault(v, set()).add(self.label(n))
+        cols_idx = space.cols(site_weight)
+        self.assign(cols_idx, [{u0: 1.0, int(roots[p0, i]): -1.0} if roots[p0, i] > 0
+                               else {u0: 1.0} if roots[p0, i] == 0 else {}
+                               for i in range(n_in)])
+        u = [u0] * P
+        for p in range(P):
+            if p == p0:
+                continue
+            both = present[p] & present[p0]
+            same = both & (roots[p] == roots[p0])
+            if bool(both.any()) and bool(same.any()):
+                sys.union_pairs(a[p][both], a[p0][both])
+            elif bool(both.any()):
+                up = int(sys.new("u", self.label(n))[0])
+                u[p] = up
+                for i in both.nonzero().reshape(-1).tolist():
+                    sys.row(_add_form((1.0, int(a[p, i])), (-1.0, int(a[p0, i])),
+                                      (-1.0, up), (1.0, u0)))
+        n_out = len(rows_idx)
+        v0 = sys.new(tag, self.label(n), n_out)
+        self.assign(rows_idx, [{int(v): 1.0, u0: -1.0} for v in v0])
+        outs = torch.empty(P, n_out, dtype=torch.long)
+        for p in range(P):
+            if u[p] == u0:
+                outs[p] = v0
+            else:
+                vp = sys.new(tag, self.label(n), n_out)
+                outs[p] = vp
+                for o in range(n_out):
+                    sys.row({int(vp[o]): 1.0, int(v0[o]): -1.0, u0: 1.0, u[p]: -1.0})
+        ids = outs[inverse]  # (*positions, n_out)
+        shifts = [(f, shift_fn(c)) for f, c in x_shifts]
+        return ids, shifts, torch.tensor(u)[inverse]
+
+    def _bias_shifts(self, u_at: torch.Tensor, bias, channel_dim: int, shape) -> list:
+        """``-u b`` at every position (``u_at``: the ``u`` of each position)."""
+        if bias is None or not bool(bias.abs().max() > 0):
+            return []
+        b = bias.detach().to(self.dtype)
+        view = [1] * len(shape)
+        view[channel_dim] = -1
+        out = []
+        for uv in torch.unique(u_at).tolist():
+            mask = (u_at == uv).to(self.dtype).unsqueeze(channel_dim)
+            out.append(({uv: -1.0}, (mask * b.view(view)).expand(shape)))
+        return out
+
+    def linear(self, n, name, x, weight, bias, site_weight, rows=None, tag="out"):
+        space = self.space
+        lead = x.ids.shape[:-1]
+        flat = x.ids.reshape(-1, x.ids.shape[-1])
+        patterns, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        site = space.site(site_weight)
+        rows = rows if rows is not None else slice(0, site.rows)
+        w = weight.detach()[rows].to(self.dtype)
+        b = None if bias is None else bias.detach()[rows]
+        rows_idx = space.rows(site_weight)[rows]
+        ids, shifts, u_at = self._affine(
+            n, site_weight, patterns, inverse.reshape(lead), torch.arange(flat.shape[1]),
+            rows_idx, lambda c: c @ w.T, x.shifts, tag)
+        shifts += self._bias_shifts(u_at, b, -1, ids.shape)
+        return _Sym(ids, _merge(shifts))
+
+    def conv(self, n, name, mod, x, result):
+        nd = mod.weight.dim() - 2
+        if nd not in (1, 2):
+            return self.fail(n, "Conv3d", [x]) or _zero_like(result)
+        if mod.groups != 1:
+            return self.fail(n, "grouped convolution", [x]) or _zero_like(result)
+        if mod.padding_mode != "zeros":
+            return self.fail(n, f"padding mode {mod.padding_mode!r}", [x]) or \
+                _zero_like(result)
+
+        def two(v, fill):
+            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+            return v if nd == 2 else (fill,) + v
+        k, st, dl = two(mod.kernel_size, 1), two(mod.stride, 1), two(mod.dilation, 1)
+        if isinstance(mod.padding, str):
+            if mod.padding == "same" and any(dl[i] * (k[i] - 1) % 2 for i in range(2)):
+                return self.fail(n, "asymmetric 'same' padding", [x]) or _zero_like(result)
+            pad = [(dl[i] * (k[i] - 1)) // 2 for i in range(2)] if mod.padding == "same" \
+                else [0, 0]
+        else:
+            pad = list(two(mod.padding, 0))
+        ids = x.ids if nd == 2 else x.ids.unsqueeze(-2)
+        N = ids.shape[0]
+        padded = F.pad(ids.to(self.dtype), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
+        cols = F.unfold(padded, k, dilation=dl, stride=st)  # (N, C*K, L)
+        L = cols.shape[-1]
+        flat = cols.transpose(1, 2).reshape(N * L, -1).round().long()
+        patterns, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        channel_of = torch.arange(mod.in_channels).repeat_interleave(k[0] * k[1])
+        w = mod.weight.detach().to(self.dtype)
+        fn = F.conv2d if nd == 2 else F.conv1d
+
+        def shift_fn(c):
+            return fn(c, w, None, mod.stride, mod.padding, mod.dilation)
+        ids_o, shifts, u_at = self._affine(n, f"{name}.weight", patterns,
+                                           inverse.reshape(N, L), channel_of,
+                                           self.space.rows(f"{name}.weight"), shift_fn,
+                                           x.shifts)
+        out_ids = ids_o.movedim(-1, 1).reshape(result.shape)
+        u_at = u_at.reshape(N, *result.shape[2:])
+        shifts += self._bias_shifts(u_at, mod.bias, 1, result.shape)
+        return _Sym(out_ids, _merge(shifts))
+
+    def embedding(self, n, name, mod, tokens, result):
+        space, sys = self.space, self.sys
+        site = space.site(f"{name}.weight")
+        seen = self.seen.get(name, torch.unique(tokens))
+        rho = int(sys.new("emb-row", self.label(n))[0])
+        w = sys.new("emb", self.label(n), site.cols)
+        self.assign(space.rows(site.weight, seen), [{rho: 1.0}] * len(seen))
+        self.assign(space.cols(site.weight), [{int(v): 1.0, rho: -1.0} for v in w])
+        unseen = site.rows - len(seen)
+        if unseen:
+            self.notes.append(f"{name}: {unseen} of {site.rows} embedding rows are absent "
+                              "from the inputs; their scalings change nothing on them")
+        return _Sym(w.expand(*result.shape[:-1], site.cols).clone())
+
+    def norm(self, n, name, mod, x, result, kind):
+        sys = self.sys
+        if kind == "batch":
+            if not mod.training and mod.track_running_stats:
+                return self.fail(n, "batch norm with running statistics (use train=True)",
+                                 [x]) or _zero_like(result)
+            C = x.ids.shape[1]
+            first = sys.union_rows(x.ids.transpose(0, 1).reshape(C, -1))
+            self.absorbed.update(first.tolist())
+            for v in first[first > 0].tolist():
+                self.consumers.setdefault(v, set()).add(self.label(n))
+            shape_g = [1, C] + [1] * (x.ids.dim() - 2)
+        elif kind == "layer":
+            k = len(mod.normalized_shape)
+            flat = x.ids.reshape(-1, math.prod(mod.normalized_shape))
+            for v in torch.unique(sys.union_rows(flat)).tolist():
+                if v > 0:
+                    self.consumers.setdefault(v, set()).add(self.label(n))
+            dims = list(range(x.ids.dim() - k, x.ids.dim()))
+            self.kill(x.shifts, center=lambda c: c - c.mean(dims, keepdim=True))
+            shape_g = [1] * (x.ids.dim() - k) + list(mod.normalized_shape)
+        else:
+            N, C = x.ids.shape[:2]
+            G = mod.num_groups
+            for v in torch.unique(sys.union_rows(x.ids.reshape(N * G, -1))).tolist():
+                if v > 0:
+                    self.consumers.setdefault(v, set()).add(self.label(n))
+
+            def center(c, N=N, G=G):
+                g = c.reshape(N, G, -1)
+                return (g - g.mean(-1, keepdim=True)).reshape(c.shape)
+            self.kill(x.shifts, center=center)
+            shape_g = [1, C] + [1] * (x.ids.dim() - 2)
+        weight = getattr(mod, "weight", None)
+        if weight is None:
+            return _zero_like(result)
+        g = sys.new("norm", self.label(n), weight.numel())
+        site = self.space.site(f"{name}.weight")
+        self.assign(self.space.rows(site.weight), [{int(v): 1.0} for v in g])
+        return _Sym(g.reshape(shape_g).expand(result.shape).clone())
+
+    def pool(self, n, mod, x, result):
+        nd = 2 if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)) else 1
+        if getattr(mod, "ceil_mode", False):
+            return self.fail(n, "ceil_mode pooling", [x]) or _zero_out(result)
+
+        def two(v, fill):
+            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+            return v if nd == 2 else (fill,) + v
+        k = two(mod.kernel_size, 1)
+        st = two(mod.stride if mod.stride is not None else mod.kernel_size, 1)
+        pd = two(mod.padding, 0)
+        dl = two(getattr(mod, "dilation", 1), 1)
+        ids = x.ids if nd == 2 else x.ids.unsqueeze(-2)
+        N, C = ids.shape[:2]
+        padded = F.pad(ids.to(self.dtype), (pd[1], pd[1], pd[0], pd[0]), value=-1.0)
+        cols = F.unfold(padded, k, dilation=dl, stride=st).round().long()  # (N, C*K, L)
+        K = k[0] * k[1]
+        L = cols.shape[-1]
+        windows = cols.reshape(N, C, K, L).permute(0, 1, 3, 2).reshape(-1, K)
+        first = self.sys.union_rows(windows).reshape(N, C, L)
+        vals = result[0] if isinstance(result, tuple) else result
+        out_ids = first.reshape(vals.shape)
+
+        def run(c):
+            out = mod(c)
+            return out[0] if isinstance(out, tuple) else out
+        shifts = []
+        is_max = isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d))
+        for f, c in x.shifts:
+            if is_max and not torch.equal(run(c), -run(-c)):
+                self.kill(x.shifts)  # a shift that varies within a window
+                shifts = []
+                break
+            shifts.append((f, run(c)))
+        out = _Sym(out_ids, shifts)
+        return (out, None) if isinstance(result, tuple) else out
+
+    def adaptive_pool(self, n, mod, x, result):
+        out_size = result.shape[2:]
+        in_size = x.ids.shape[2:]
+        if any(i % o for i, o in zip(in_size, out_size, strict=True)):
+            return self.fail(n, "adaptive pooling with uneven windows", [x]) or \
+                _zero_out(result)
+        k = tuple(i // o for i, o in zip(in_size, out_size, strict=True))
+        twod = len(in_size) == 2
+        cls = (nn.MaxPool2d if "Max" in type(mod).__name__ else nn.AvgPool2d) if twod else \
+            (nn.MaxPool1d if "Max" in type(mod).__name__ else nn.AvgPool1d)
+        return self.pool(n, cls(k if twod else k[0]), x, result)
+
+    def mha(self, n, name, mod, args, kwargs, result):
+        q_in, k_in, v_in = (args + (None,) * 3)[:3]
+        if (mod.in_proj_weight is None or mod.bias_k is not None or mod.add_zero_attn
+                or not all(isinstance(s, _Sym) for s in (q_in, k_in, v_in))):
+            return self.fail(n, "MultiheadAttention with separate projections, bias_k/"
+                                "bias_v or add_zero_attn", [q_in, k_in, v_in]) or \
+                (_zero_out(result[0]), None)
+        E = mod.embed_dim
+        site = f"{name}.in_proj_weight"
+        bias = mod.in_proj_bias
+        W = mod.in_proj_weight
+        parts = []
+        for j, s in enumerate((q_in, k_in, v_in)):
+            rows = slice(j * E, (j + 1) * E)
+            parts.append(self.linear(n, name, s, W, bias, site, rows=rows, tag="qkv"[j]))
+        q, k, v = parts
+        if not mod.batch_first:  # (T, N, E) -> (N, T, E)
+            q, k, v = (p.map(lambda t: t.transpose(0, 1)) for p in (q, k, v))
+        self._attention(n, q, k, v)
+        out = self._attend(q, k, v)
+        if not mod.batch_first:
+            out = out.map(lambda t: t.transpose(0, 1))
+        o = self.linear(n, name, out, mod.out_proj.weight, mod.out_proj.bias,
+                        f"{name}.out_proj.weight", tag="o")
+        self.called.add(f"{name}.out_proj")
+        weights = None if result[1] is None else _zero_like(result[1])
+        return (o, weights)
+
+    def _attention(self, n, q, k, v):
+        """Scores unchanged: query and key scales pair per dimension, the query shift
+        vanishes (the key's adds a constant per query row, which the soft-max absorbs)."""
+        qd = q.ids.reshape(-1, q.ids.shape[-1]).T  # (E, positions)
+        kd = k.ids.reshape(-1, k.ids.shape[-1]).T
+        for d in range(qd.shape[0]):
+            qs, ks = torch.unique(qd[d]).tolist(), torch.unique(kd[d]).tolist()
+            for a in qs:
+                for b in ks:
+                    if a >= 0 and b >= 0:
+                        self.sys.row(_add_form((1.0, a), (1.0, b)))
+        self.kill(q.shifts)
+
+    def _attend(self, q, k, v):
+        """The output: per dimension, the value's scale (constant over keys)."""
+        lead = v.ids.shape[:-2]
+        per_dim = self.sys.union_rows(v.ids.reshape(math.prod(lead), v.ids.shape[-2],
+                                                    -1).transpose(1, 2).reshape(
+            -1, v.ids.shape[-2])).reshape(*lead, v.ids.shape[-1])
+        out_shape = (*q.ids.shape[:-1], v.ids.shape[-1])
+        ids = per_dim.unsqueeze(-2).expand(out_shape).clone()
+        shifts = []
+        for f, c in v.shifts:
+            spread = c.amax(-2, keepdim=True) - c.amin(-2, keepdim=True)
+            if float(spread.abs().max()) > 0:
+                self.kill(v.shifts)
+                return _Sym(ids)
+            shifts.append((f, c[..., :1, :].expand(out_shape)))
+        return _Sym(ids, shifts)
+
+    def sdpa(self, n, result, args, kwargs):
+        q, k, v = args[:3]
+        if not all(isinstance(s, _Sym) for s in (q, k, v)):
+            return self.fail(n, "attention with constant operands", [q, k, v]) or \
+                _zero_out(result)
+        self._attention(n, q, k, v)
+        return self._attend(q, k, v)
+
+    def matmul(self, n, result, args):
+        a, b = args[0], args[1]
+        if not (isinstance(a, _Sym) and isinstance(b, _Sym)) or a.ids.dim() < 2 or \
+                b.ids.dim() < 2:
+            return self.fail(n, "matmul with a constant or a vector", args[:2]) or \
+                _zero_out(result)
+        self.kill(a.shifts)
+        self.kill(b.shifts)
+        # scales of a constant along its rows, of b along its columns
+        ra = self.sys.union_rows(a.ids.transpose(-1, -2).reshape(-1, a.ids.shape[-2]))
+        rb = self.sys.union_rows(b.ids.reshape(-1, b.ids.shape[-1]))
+        ra = ra.reshape(*a.ids.shape[:-2], a.ids.shape[-1])  # (..., k)
+        rb = rb.reshape(*b.ids.shape[:-2], b.ids.shape[-2])  # (..., k)
+        ra, rb = torch.broadcast_tensors(ra, rb)
+        pairs = torch.unique(torch.stack([ra.reshape(-1, ra.shape[-1]),
+                                          rb.reshape(-1, rb.shape[-1])], -1).reshape(
+            -1, ra.shape[-1], 2), dim=0)
+        out_vars = []
+        for pat in pairs:
+            x0, y0 = (int(v) for v in pat[0])
+            w = int(self.sys.new("mul", self.label(n))[0])
+            self.sys.row(_add_form((1.0, w), (-1.0, x0), (-1.0, y0)))
+            for x, y in pat[1:].tolist():
+                self.sys.row(_add_form((1.0, x), (1.0, y), (-1.0, x0), (-1.0, y0)))
+            out_vars.append(w)
+        if len(out_vars) > 1:
+            for w in out_vars[1:]:
+                self.sys.row({w: 1.0, out_vars[0]: -1.0})
+        return _Sym(torch.full(result.shape, out_vars[0], dtype=torch.long))
+
+
+_PASS = {"contiguous", "clone", "detach", "float", "double", "to", "type_as", "dropout",
+         "identity"}
+_SHAPE_OPS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze",
+              "unsqueeze", "expand", "expand_as", "chunk", "split", "unbind", "t", "mT",
+              "movedim", "narrow", "repeat", "view_as", "reshape_as", "swapaxes"}
+_NONHOMOGENEOUS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.SELU,
+                   nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6,
+                   nn.LogSoftmax, nn.Softsign, nn.Tanhshrink)
+_NONHOMOGENEOUS_FN = {"gelu", "tanh", "sigmoid", "silu", "exp", "softplus", "elu", "log",
+                      "log_softmax", "sqrt", "rsqrt", "pow", "erf", "sin", "cos"}
+
+
+def _flatten(obj):
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flatten(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _flatten(o)
+    else:
+        yield obj
+
+
+def _zero_out(result):
+    if isinstance(result, torch.Tensor):
+        return _zero_like(result)
+    if isinstance(result, (tuple, list)):
+        return tuple(_zero_out(r) for r in result)
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Solving.
+
+
+_FAMILY_ORDER = ("per-filter", "units", "stream", "qk", "vo", "coupled", "bias", "unused")
+
+
+def _names(nodes) -> str:
+    nodes = sorted(nodes)
+    return ", ".join(nodes) if len(nodes) <= 3 else \
+        f"{nodes[0]}, ... {nodes[-1]} ({len(nodes)} layers)"
+
+
+def _family_of(origins: set[tuple[str, str]], absorbed: bool,
+               consumers: set[str]) -> tuple[str, str]:
+    """``(kind, label)`` of a set of variable classes from where they were created and the
+    layers that read them."""
+    kinds = {k for k, _ in origins} - {"u"} or {k for k, _ in origins}
+    nodes = sorted({nd for k, nd in origins if k in kinds})
+    where = _names(nodes)
+    readers = _names(consumers - set(nodes)) if consumers - set(nodes) else "the outputs"
+    if kinds == {"out"} and len(nodes) == 1:
+        return (("per-filter", f"per-filter scaling of {nodes[0]}") if absorbed else
+                ("units", f"units between {nodes[0]} and {readers}"))
+    if kinds == {"u"}:
+        return "bias", f"rows with their biases against the columns of {where}"
+    if kinds == {"unused"}:
+        return "unused", f"parameters that never reach the outputs: {where}"
+    if kinds <= {"q", "k"} and len(nodes) == 1:
+        return "qk", f"Q/K dimensions of {nodes[0]}"
+    if kinds == {"v"} and len(nodes) == 1:
+        return "vo", f"V/O dimensions of {nodes[0]}"
+    if kinds == {"norm"} and len(nodes) == 1:
+        return "units", f"units between {nodes[0]} and {readers}"
+    if kinds <= {"emb", "emb-row"}:
+        return "units", f"embedding dimensions of {where}"
+    if len(nodes) > 1:
+        return "stream", f"residual stream through {where} (read by {readers})"
+    return "coupled", f"coupled scalings of {where}"
+
+
+def _gram_blocks(space: ScalingSpace, params: dict) -> list[tuple[int, int, torch.Tensor]]:
+    """Per site, its coordinate range and the Gram matrix of its candidate directions."""
+    blocks = []
+    for s in space.sites:
+        w = params[s.weight].detach().to(torch.float64)
+        b = params[s.bias].detach().to(torch.float64) if s.bias else None
+        lo, hi = s.row_offset, s.col_offset + s.cols
+        if s.kind == "norm":
+            d = w.square().reshape(-1) + (b.square().reshape(-1) if b is not None else 0)
+            blocks.append((lo, hi, torch.diag(d)))
+            continue
+        q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
+        g = torch.zeros(hi - lo, hi - lo, dtype=torch.float64)
+        g[:s.rows, :s.rows] = torch.diag(q.sum(1) + (b.square() if b is not None else 0))
+        g[s.rows:, s.rows:] = torch.diag(q.sum(0))
+        g[:s.rows, s.rows:] = q
+        g[s.rows:, :s.rows] = q.T
+        blocks.append((lo, hi, g))
+    return blocks
+
+
+def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
+                          dtype: torch.dtype = torch.float64,
+                          tol: float = 1e-9) -> StructuralResult:
+    """The rescaling symmetries of ``model`` from its traced graph (module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        in the state to analyse (batch norms in training mode, dropout off)
+    inputs : tuple of torch.Tensor
+        example inputs; only the first two samples are run
+    space : ScalingSpace
+        the candidates (built on ``model``)
+    dtype : torch.dtype
+        of the returned basis
+    tol : float
+        relative threshold of the Gram-Schmidt that counts directions
+
+    Raises
+    ------
+    ValueError
+        if the model cannot be traced by :mod:`torch.fx` (the message says why)
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many kinds on dynamic control flow
+        raise ValueError(f"the model cannot be traced by torch.fx ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); use method='dense'") from None
+    analysis = _Analysis(gm, space)
+    analysis.seen = _seen_tokens(model, inputs)
+    with torch.no_grad():
+        analysis.run(*(a[:2] for a in inputs))
+    sys = analysis.sys
+    site_of = _site_lookup(space)
+
+    # every candidate coordinate as a form over class roots; untouched ones are free
+    for k in range(space.dim):
+        if k not in analysis.forms:
+            analysis.forms[k] = {int(sys.new("unused", site_of(k))[0]): 1.0}
+    roots = [sys.find(v) for v in range(len(sys.parent))]
+
+    def on_roots(form):
+        g: dict[int, float] = {}
+        for v, c in form.items():
+            rv = roots[v]
+            if rv != _ZERO:
+                g[rv] = g.get(rv, 0.0) + c
+        return {v: c for v, c in g.items() if abs(c) > 1e-12}
+    cand = {k: on_roots(f) for k, f in analysis.forms.items()}
+    rows = [r for r in (on_roots(row) for row in sys.rows) if r]
+    used = sorted({v for f in cand.values() for v in f} | {v for r in rows for v in r})
+    col_of = {v: i for i, v in enumerate(used)}
+    nv = len(used)
+
+    # the solutions: free classes, plus the null space of the rows per linked component
+    basis_vecs: list[dict[int, float]] = []
+    in_rows = np.zeros(nv, bool)
+    if rows:
+        R = sp.csr_matrix(([c for r in rows for c in r.values()],
+                           ([i for i, r in enumerate(rows) for _ in r],
+                            [col_of[v] for r in rows for v in r])), shape=(len(rows), nv))
+        in_rows[np.unique(R.indices)] = True
+        _, comp = connected_components(abs(R).T @ abs(R), directed=False)
+        Rc = R.tocsc()
+        groups: dict[int, list[int]] = {}
+        for i in np.nonzero(in_rows)[0]:
+            groups.setdefault(int(comp[i]), []).append(int(i))
+        for members in groups.values():
+            sub = Rc[:, members]
+            sub = sub[np.unique(sub.indices)]
+            _, sv, vh = torch.linalg.svd(torch.tensor(sub.toarray()), full_matrices=True)
+            rank = int((sv > sv.max() * 1e-10).sum())
+            for vec in vh[rank:]:
+                basis_vecs.append({members[i]: float(c) for i, c in enumerate(vec)
+                                   if abs(float(c)) > 1e-12})
+    basis_vecs += [{int(i): 1.0} for i in np.nonzero(~in_rows)[0]]
+
+    ks = [k for k, f in cand.items() for _ in f]
+    M = sp.csr_matrix(([c for f in cand.values() for c in f.values()],
+                       (ks, [col_of[v] for f in cand.values() for v in f])),
+                      shape=(space.dim, nv))
+    B = sp.csr_matrix(([c for vec in basis_vecs for c in vec.values()],
+                       ([i for vec in basis_vecs for i in vec],
+                        [j for j, vec in enumerate(basis_vecs) for _ in vec])),
+                      shape=(nv, len(basis_vecs)))
+    T = (M @ B).tocsr()  # candidate coordinates of every solution
+    n = len(basis_vecs)
+
+    # Gram matrix of the solutions in parameter space, site by site
+    params = dict(model.named_parameters())
+    rr, cc, vv = [], [], []
+    candidate_rank = _candidate_rank(space, params)
+    for lo, hi, g in _gram_blocks(space, params):
+        Ts = T[lo:hi]
+        cols = np.unique(Ts.indices)
+        if len(cols) == 0:
+            continue
+        Td = torch.tensor(Ts[:, cols].toarray())
+        rr.append(np.repeat(cols, len(cols)))
+        cc.append(np.tile(cols, len(cols)))
+        vv.append((Td.T @ g @ Td).numpy().reshape(-1))
+    K = sp.csr_matrix((np.concatenate(vv) if vv else [], (np.concatenate(rr) if rr else [],
+                       np.concatenate(cc) if cc else [])), shape=(n, n))
+
+    # the family of every solution, from where its variables were created
+    members_of: dict[int, list[int]] = {}
+    for v, rv in enumerate(roots):
+        members_of.setdefault(rv, []).append(v)
+    absorbed_roots = {roots[v] for v in analysis.absorbed if v >= 0}
+    readers: dict[int, set[str]] = {}
+    for v, names in analysis.consumers.items():
+        readers.setdefault(roots[v], set()).update(names)
+    keys = []
+    for vec in basis_vecs:
+        origins, absorbed, consumers = set(), False, set()
+        for i in vec:
+            root = used[i]
+            absorbed |= root in absorbed_roots
+            consumers |= readers.get(root, set())
+            for v in members_of.get(root, [root]):
+                kind, node, _ = sys.origin[v]
+                if kind != "zero":
+                    origins.add((kind, node))
+        keys.append(_family_of(origins, absorbed, consumers))
+    order = sorted(set(keys), key=lambda k: (_FAMILY_ORDER.index(k[0]), k[1]))
+    rank_of = {k: i for i, k in enumerate(order)}
+
+    # Gram-Schmidt in the metric K, component by component, in family order
+    _, kcomp = connected_components(abs(K) + sp.identity(n), directed=False)
+    comps: dict[int, list[int]] = {}
+    for j in range(n):
+        comps.setdefault(int(kcomp[j]), []).append(j)
+    fam_cols: dict[tuple, list[int]] = {}
+    blocks = []
+    kmax = float(K.diagonal().max()) if n else 0.0  # directions below 1e-12 of it are 0
+    dim = 0
+    for members in comps.values():
+        members.sort(key=lambda j: (rank_of[keys[j]], j))
+        Kc = torch.tensor(K[members][:, members].toarray())
+        Kc = (Kc + Kc.T) / 2
+        m = len(members)
+        Q = torch.zeros(m, 0, dtype=torch.float64)
+        KQ = torch.zeros(m, 0, dtype=torch.float64)
+        fam_of = [keys[j] for j in members]
+        start = 0
+        while start < m:  # one family at a time: its new directions, then the next's
+            stop = start
+            while stop < m and fam_of[stop] == fam_of[start]:
+                stop += 1
+            idx = torch.arange(start, stop)
+            coef = KQ[idx].T  # (r, f)
+            X = -Q @ coef
+            X[idx, torch.arange(len(idx))] += 1.0
+            KX = Kc[:, idx] - KQ @ coef
+            c2 = KQ.T @ X  # one re-orthogonalisation
+            X, KX = X - Q @ c2, KX - KQ @ c2
+            gram = X.T @ KX
+            w, V = torch.linalg.eigh((gram + gram.T) / 2)
+            floor = max(tol * float(Kc.diagonal()[idx].max()), 1e-12 * kmax)
+            keep = w > floor
+            if bool(keep.any()):
+                scale = w[keep].rsqrt()
+                Q = torch.cat([Q, (X @ V[:, keep]) * scale], 1)
+                KQ = torch.cat([KQ, (KX @ V[:, keep]) * scale], 1)
+                k = int(keep.sum())
+                fam_cols.setdefault(fam_of[start], []).extend(range(dim, dim + k))
+                dim += k
+            start = stop
+        blocks.append((members, Q))
+    basis = torch.zeros(space.dim, dim, dtype=dtype)
+    Tc = T.tocsc()
+    start = 0
+    for members, Q in blocks:
+        if Q.shape[1]:
+            basis[:, start:start + Q.shape[1]] = torch.tensor(
+                Tc[:, members] @ Q.numpy()).to(dtype)
+        start += Q.shape[1]
+    families = []
+    for key in order:
+        cols = fam_cols.get(key, [])
+        if cols:
+            touched = (basis[:, cols] != 0).any(1).nonzero().reshape(-1).tolist()
+            layers = sorted({site_of(k) for k in touched})
+            families.append(Family(key[0], key[1], len(cols), layers, cols))
+    return StructuralResult(dim, basis, families, candidate_rank, analysis.unsupported,
+                            analysis.notes)
+
+
+def _candidate_rank(space: ScalingSpace, params: dict) -> int:
+    """Dimension of the span of the candidate directions in parameter space.
+
+    Per weight matrix: rows + columns, less one for every connected component of the
+    bipartite graph of its nonzero entries (its rows against its columns) in which no row
+    has a nonzero bias (there, scaling the rows up and the columns down changes nothing).
+    Per normalisation: its channels whose (weight, bias) is not zero.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    total = 0
+    for s in space.sites:
+        w = params[s.weight].detach()
+        b = params[s.bias].detach().reshape(-1) if s.bias else None
+        if s.kind == "norm":
+            nz = w.reshape(-1) != 0
+            total += int((nz | (b != 0)).sum()) if b is not None else int(nz.sum())
+            continue
+        q = (w.flatten(2).abs().sum(-1) if w.dim() > 2 else w.abs()) > 0
+        rows, cols = q.nonzero(as_tuple=True)
+        n = s.rows + s.cols
+        adj = sp.coo_matrix((np.ones(len(rows)), (rows.numpy(), cols.numpy() + s.rows)),
+                            shape=(n, n))
+        k, label = connected_components(adj, directed=False)
+        free = np.ones(k, bool)
+        if b is not None:
+            free[np.unique(label[:s.rows][(b != 0).numpy()])] = False
+        total += n - int(free.sum())
+    return total
+
+
+@torch.no_grad()
+def _seen_tokens(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    """The rows of every embedding that the whole batch uses (the analysis itself runs on
+    two samples)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            def hook(m, args, name=name):
+                seen[name] = torch.unique(torch.cat([seen.get(name, args[0].new_empty(0)),
+                                                     args[0].reshape(-1)]))
+            handles.append(mod.register_forward_pre_hook(hook))
+    if handles:
+        try:
+            model(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    return seen
+
+
+def _site_lookup(space: ScalingSpace):
+    starts = [s.row_offset for s in space.sites]
+    names = [s.module for s in space.sites]
+
+    def find(k: int) -> str:
+        return names[int(np.searchsorted(starts, k, side="right")) - 1]
+    return find
