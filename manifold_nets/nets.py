@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.fx
 from torch import nn
 
 __all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_pool",
@@ -339,6 +340,17 @@ class ConvBNReLU(nn.Module):
         return "" if self.relu else "relu=False"
 
 
+@torch.fx.wrap
+def _check_segnet_input(x: torch.Tensor, pools: int) -> None:
+    """A clear error for images SegNet cannot take (a leaf of torch.fx traces)."""
+    levels = 2 ** pools
+    if x.dim() != 4 or x.shape[-1] < levels or x.shape[-2] < levels:
+        raise ValueError(
+            f"SegNet needs images (N, C, H, W) with H and W at least {levels} "
+            f"({pools} pooling levels), got shape {tuple(x.shape)}"
+        )
+
+
 class SegNet(nn.Module):
     r"""A compact SegNet (Badrinarayanan et al., 2015a; the paper's Section 6).
 
@@ -451,12 +463,7 @@ class SegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel logits ``(N, num_classes, H, W)`` of images ``(N, in_channels, H, W)``."""
-        levels = 2 ** len(self.encoder)
-        if x.dim() != 4 or x.shape[-1] < levels or x.shape[-2] < levels:
-            raise ValueError(
-                f"SegNet needs images (N, C, H, W) with H and W at least {levels} "
-                f"({len(self.encoder)} pooling levels), got shape {tuple(x.shape)}"
-            )
+        _check_segnet_input(x, len(self.encoder))
         if self.lrn is not None:
             x = self.lrn(x)
         indices, sizes = [], []

@@ -219,10 +219,15 @@ def test_discover_finds_exactly_the_per_filter_scalings():
 
     gen = torch.Generator().manual_seed(0)
     net = SegNet(widths=(3, 4), convs_per_block=1, bn_eps=1e-30, generator=gen)
-    found = discover(net, torch.rand(6, 1, 8, 8, generator=gen))
-    # one symmetry per filter of every conv followed by batch norm, none for theta
-    assert found.dim == sum(w.shape[0] for w in net.filters()) == 13
-    assert found.gap > 1e6
+    x = torch.rand(6, 1, 8, 8, generator=gen)
+    found = discover(net, x)
+    # one symmetry per filter of every conv followed by batch norm, none for theta; the
+    # rest are batch-norm channels against the next conv (through ReLU and pooling)
+    per_filter = [f for f in found.families if f.kind == "per-filter"]
+    assert sum(f.size for f in per_filter) == sum(w.shape[0] for w in net.filters()) == 13
+    assert all(f.resolves == {"un": True, "sm": True} for f in per_filter)
+    assert not any(f.resolves["un"] for f in found.families if f.kind != "per-filter")
+    assert found.dim == discover(net, x, method="dense").dim
 
 
 def test_one_epoch_smoke_train_on_a_tiny_slice():

@@ -225,8 +225,11 @@ def test_discover_counts(arch, depth, seed):
     net = cls(depth=depth, width=64, in_features=16, num_classes=10, generator=gen)
     x = torch.randn(256, 16, generator=gen)
     assert _degenerate_pairs(net, x) == 0 or arch == 2
-    found = discover(net, x)
-    assert found.dim == (32 if arch == 1 else 64) * depth
+    found = discover(net, x, method="dense")
+    assert discover(net, x).dim == found.dim
+    # Arch1: a scale per pooling pair per layer. Arch2: a scale per filter (batch norm),
+    # plus the batch norm's (gamma, beta) per pooling pair against the next layer's columns.
+    assert found.dim == (32 if arch == 1 else 64 + 32) * depth
     assert found.gap > 1e3
     assert found.basis.shape == (found.space.dim, found.dim)
 
@@ -239,7 +242,8 @@ def test_discover_counts_data_dependent_directions(seed):
     x = torch.randn(256, 16, generator=gen)
     extra = _degenerate_pairs(net, x)
     assert extra > 0
-    assert discover(net, x).dim == 64 + extra
+    assert discover(net, x, method="dense").dim == 64 + extra
+    assert discover(net, x).dim == 64  # the structural count is the generic one
 
 
 class ConvBN(nn.Module):
@@ -262,15 +266,21 @@ def test_discover_conv_net_with_batchnorm():
     net = ConvBN().double()
     x = torch.randn(32, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 5, (32,))
-    found = discover(net, x)
-    # 4 conv1 filters (BN), 3 conv2 filters compensated by columns of fc
-    assert found.dim == 7 and found.gap > 1e6
+    found = discover(net, x, method="dense")
+    # 4 conv1 filters (BN), 4 bn1 channels against conv2's columns, 3 conv2 filters
+    # compensated by columns of fc
+    assert found.dim == 11 and found.gap > 1e6
+    assert discover(net, x).dim == 11  # the structural count agrees
     group = found.group(net)
     assert float(orbit_orthogonality(net, group, x, y).max()) < 1e-10
     gen = torch.Generator().manual_seed(1)
     g = group.sample(1.0, gen).calibrate(net, x)
     assert _gap(loss_invariance(net, g, x, y)) < 1e-9
-    assert predict(RULES["SM"], group, net)
+    # SM is equivariant under the per-filter scalings of conv1, not under the whole group
+    # (batch-norm parameters are Euclidean)
+    filters = discover(net, x).family_group(net, "per-filter scaling of conv1")
+    assert predict(RULES["SM"], filters, net) and not predict(RULES["SM"], group, net)
+    g = filters.sample(1.0, gen).calibrate(net, x)
     assert update_invariance(net, g, RULES["SM"].make, x, y)["gap"] < 1e-9
     assert update_invariance(net, g, RULES["B-SGD"].make, x, y)["gap"] > 1e-5
 
@@ -310,7 +320,7 @@ def test_bad_scalings():
                   allow_negative=True)
     with pytest.raises(ValueError, match=r"row scalings have 3 entries, the weight has 4"):
         Rescaling(space, {"layers.0.linear.weight": ([1.0] * 3, None)})
-    with pytest.raises(ValueError, match=r"no Linear/ConvNd weight named 'W1'"):
+    with pytest.raises(ValueError, match=r"no rescalable weight named 'W1'"):
         Rescaling(space, {"W1": (None, None)})
     group = arch1_paper_group(net)
     with pytest.raises(ValueError, match=r"beta_s scaling 1 is -1.0"):
@@ -344,16 +354,18 @@ def test_discover_with_biases_everywhere():
     """Regression: a Linear with a bias before a batch norm crashed inside torch.func (the
     tangent's keys were in another order than the primals'). With biases, train-mode batch
     norm also makes the first layer's bias irrelevant, so one more direction (all of its
-    biases scaled together) is a symmetry: 9 against 8 without biases (the control)."""
+    biases scaled together) is a symmetry: 17 against 16 without biases (the control)."""
     torch.manual_seed(0)
     counts = {}
     for bias in (True, False):
         model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=bias), torch.nn.BatchNorm1d(8),
                                     torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=bias))
-        found = discover(model, torch.randn(256, 4))
+        x = torch.randn(256, 4)
+        found = discover(model, x, method="dense")
         assert found.gap > 1e10
+        assert discover(model, x).dim == found.dim
         counts[bias] = found.dim
-    assert counts == {True: 9, False: 8}
+    assert counts == {True: 17, False: 16}
 
 
 class _TokenNet(torch.nn.Module):
@@ -374,21 +386,23 @@ class _TokenNet(torch.nn.Module):
 
 def test_discover_token_inputs_dropout_and_tuples():
     """Integer token ids pass untouched (an Embedding would fail on floats), dropout is off,
-    several inputs go as a tuple. The layer norm makes one direction a symmetry: every row
-    of l1 (with its bias) scaled together."""
+    several inputs go as a tuple. 25 symmetries: the layer norm's 16 channels against l2
+    (through the ReLU), l1's rows all together (the layer norm removes a common scale), and
+    the 8 embedding dimensions against l1's columns."""
     torch.manual_seed(0)
     net = _TokenNet()
     tokens = torch.randint(0, 20, (64, 6))
-    found = discover(net, tokens)
-    assert found.dim == 1 and found.gap > 1e3
-    again = discover(net, (tokens, torch.rand(64, 6, 16) + 0.5))
-    assert again.dim == 1
+    for method in ("dense", "structural"):
+        found = discover(net, tokens, method=method)
+        assert found.dim == 25, method
+        assert discover(net, (tokens, torch.rand(64, 6, 16) + 0.5), method=method).dim == 25
+    assert found.gap == float("inf")
 
 
 def test_discover_refuses_too_few_inputs():
-    """Fewer output values than candidates cannot determine the count: a clear error with
-    the numbers, not a confident wrong answer."""
+    """Fewer output values than candidates cannot determine the dense count: a clear error
+    with the numbers, not a confident wrong answer."""
     net = _TokenNet()
-    with pytest.raises(ValueError, match=r"5 output values for 45 candidate directions.*"
-                                         r"at least 9 varied inputs"):
-        discover(net, torch.randint(0, 20, (1, 1)))
+    with pytest.raises(ValueError, match=r"5 output values for 89 candidate directions.*"
+                                         r"at least 18 varied inputs"):
+        discover(net, torch.randint(0, 20, (1, 1)), method="dense")

@@ -503,6 +503,80 @@ def _segnet_parsers(sub) -> None:
                    help="updates shown side by side in the figure (default: un bsgd)")
 
 
+def load_factory(target: str):
+    """The model of ``module:name`` (a factory or class called without arguments, or a
+    module instance); raises ValueError with the reason."""
+    import importlib
+
+    if ":" not in target:
+        raise ValueError(f"{target!r} is not MODULE:NAME (e.g. "
+                         "manifold_nets.experiments.zoo:resnet18)")
+    module, name = target.split(":", 1)
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module!r}: {err}") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module!r} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    model = obj if isinstance(obj, torch.nn.Module) else obj() if callable(obj) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{target} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _run_discover(args: argparse.Namespace) -> int:
+    from ..symmetry import discover
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        model = load_factory(args.model)
+    except ValueError as err:
+        return _error(str(err))
+    shape = (args.batch, *args.shape)
+    x = (torch.randint(0, args.tokens, shape) if args.tokens else torch.randn(shape))
+    try:
+        found = discover(model, x, method=args.method)
+    except ValueError as err:
+        return _error(str(err))
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"inputs {tuple(x.shape)}{' (token ids)' if args.tokens else ''}")
+    print(found)
+    if args.json:
+        problem = unwritable(args.json, "--json")
+        if problem:
+            return _error(problem)
+        atomic_write(args.json, json.dumps(found.to_dict(), indent=1) + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
+def _discover_parser(sub) -> None:
+    p = _add(sub, "discover", "the rescaling symmetries of any model: count, families, "
+             "which UN and SM resolve",
+             "Find the rescaling symmetries of a model given as MODULE:NAME (a factory or "
+             "class called without arguments, or a module instance), on random inputs of "
+             "the given shape (Gaussian, or token ids with --tokens).", _run_discover)
+    p.add_argument("model", metavar="MODULE:NAME",
+                   help="e.g. manifold_nets.experiments.zoo:resnet18")
+    p.add_argument("--shape", type=positive_int, nargs="+", required=True,
+                   help="one input's shape without the batch dim, space-separated "
+                        "(e.g. 3 32 32)")
+    p.add_argument("--tokens", type=positive_int, default=None, metavar="VOCAB",
+                   help="integer token ids in [0, VOCAB) instead of Gaussian inputs")
+    p.add_argument("--batch", type=positive_int, default=256,
+                   help="inputs (default: 256)")
+    p.add_argument("--method", choices=("auto", "structural", "dense"), default="auto",
+                   help="structural (from the traced graph), dense (JVPs), or auto "
+                        "(structural where the model traces; default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: 0)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result (families, counts) as JSON")
+    _common(p, data=False)
+
+
 def _run_camvid(args: argparse.Namespace) -> int:
     from . import camvid
 
@@ -602,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_demo_parser, _check_parser, _train_parser, _reproduce_parser, _bench_parser,
-                _segnet_parsers, _camvid_parsers):
+                _segnet_parsers, _camvid_parsers, _discover_parser):
         add(sub)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -228,9 +229,10 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
 
         try:
             found = structural_symmetries(net, args, space, dtype=torch.float64)
-        except ValueError:
+        except ValueError as err:
             if method == "structural":
                 raise
+            fallback = f"structural analysis unavailable, measured densely: {err}"
         else:
             result = Discovery(found.dim, found.basis, torch.empty(0, dtype=torch.float64),
                                threshold, math.inf, space.dim, found.candidate_rank, space,
@@ -243,7 +245,13 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
     elif method == "structural":
         raise ValueError("the structural method analyses batch norm with batch statistics "
                          "(train=True); use method='dense' for train=False")
-    return _dense(net, space, args, threshold, dtype, chunk)
+    else:
+        fallback = None
+    result = _dense(net, space, args, threshold, dtype, chunk)
+    if fallback and method == "auto":
+        result.notes.append(fallback)
+        warnings.warn(f"discover: {fallback}", stacklevel=2)
+    return result
 
 
 def _resolves(result: Discovery, model: nn.Module) -> None:

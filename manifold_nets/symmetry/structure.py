@@ -341,6 +341,8 @@ class _Analysis(torch.fx.Interpreter):
             return self.adaptive_pool(n, mod, x, result)
         if isinstance(mod, nn.MultiheadAttention):
             return self.mha(n, name, mod, args, kwargs, result)
+        if isinstance(mod, nn.MaxUnpool2d):
+            return self.unpool(n, x, self.env[n.args[1]], result)
         if isinstance(mod, nn.Softmax):
             return self.softmax(x, mod.dim, result)
         if isinstance(mod, _NONHOMOGENEOUS):
@@ -773,6 +775,15 @@ class _Analysis(torch.fx.Interpreter):
         out = _Sym(out_ids, shifts)
         return (out, None) if isinstance(result, tuple) else out
 
+    def unpool(self, n, x, indices, result):
+        """Max-unpooling: every value goes back to where it was pooled from, with its
+        scale; the other positions hold exact zeros (any scale). A shift must vanish."""
+        N, C = x.ids.shape[:2]
+        out = torch.full((N, C, result.shape[2] * result.shape[3]), -1, dtype=torch.long)
+        out.scatter_(2, indices.reshape(N, C, -1), x.ids.reshape(N, C, -1))
+        self.kill(x.shifts)
+        return _Sym(out.reshape(result.shape))
+
     def adaptive_pool(self, n, mod, x, result):
         out_size = result.shape[2:]
         in_size = x.ids.shape[2:]
@@ -917,7 +928,7 @@ def _zero_out(result):
 # Solving.
 
 
-_FAMILY_ORDER = ("per-filter", "units", "stream", "qk", "vo", "coupled", "bias", "unused")
+_FAMILY_ORDER = ("unused", "per-filter", "units", "stream", "qk", "vo", "coupled", "bias")
 
 
 def _names(nodes) -> str:
@@ -998,11 +1009,17 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     ValueError
         if the model cannot be traced by :mod:`torch.fx` (the message says why)
     """
+    import inspect
+
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
     try:
-        gm = torch.fx.symbolic_trace(model)
+        # arguments not given keep their defaults (e.g. an optional mask left at None)
+        sig = list(inspect.signature(model.forward).parameters.values())
+        concrete = {p.name: p.default for p in sig[len(inputs):]
+                    if p.default is not inspect.Parameter.empty}
+        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many kinds on dynamic control flow
         raise ValueError(f"the model cannot be traced by torch.fx ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}); use method='dense'") from None

@@ -1,0 +1,211 @@
+"""discover() on models it was not written for: the structural count against the dense
+measurement and against the theory, families, the numerical check, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from manifold_nets.experiments.cli import main
+from manifold_nets.experiments.zoo import pre_ln_transformer, residual_mlp, small_resnet
+from manifold_nets.nets import Arch2
+from manifold_nets.symmetry import Rescaling, discover
+from manifold_nets.symmetry.discover import _prepare, _verify
+
+
+def _exact_bn(model: nn.Module) -> nn.Module:
+    """Normalisations with a negligible eps, so that their invariance is exact to
+    round-off and the dense count has a clean gap."""
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+            m.eps = 1e-12
+    return model
+
+
+def _randomize_affine(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial biases and normalisation parameters, as in a trained model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2
+                        + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def _outputs_change(model, found, x, columns=None, log_scale=0.5, seed=0):
+    """Relative change of the outputs under a random element of (part of) the group."""
+    net = _prepare(model, torch.float64, True)
+    basis = found.basis if columns is None else found.basis[:, columns]
+    v = basis @ torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64)
+    g = Rescaling.from_log(found.space, v * (log_scale / v.abs().max()))
+    xx = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        a, b = net(xx), g.apply(net)(xx)
+    return float((a - b).norm() / a.norm())
+
+
+# Theory: the count of each architecture, derived family by family (docs/symmetries.rst).
+def _theory_resnet(m) -> int:
+    per_filter = sum(c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d))
+    units = sum(b.bn1.num_features for b in m.modules() if hasattr(b, "conv2"))
+    stream = sum(stage[0].bn2.num_features for stage in (m.layer1, m.layer2)) + 0
+    return per_filter + units + stream
+
+
+def _theory_transformer(d, mlp, layers) -> int:
+    # per block: ln1 and ln2 channels against their readers, the MLP's ReLU units, Q/K
+    # and V/O per dimension; then the final norm's channels against the head and the
+    # residual stream's one scale (token and position embeddings against every reader)
+    return layers * (2 * d + mlp + 2 * d) + d + 1
+
+
+CASES = {
+    "residual MLP": (lambda: _randomize_affine(residual_mlp(d_in=5, d=6, hidden=10,
+                                                            blocks=2)),
+                     lambda: torch.randn(3000, 5) * 3, 10 + 10 + 6),
+    "ResNet": (lambda: _exact_bn(small_resnet()),
+               lambda: torch.randn(160, 3, 16, 16), None),
+    "pre-LN transformer": (lambda: _exact_bn(_randomize_affine(pre_ln_transformer(
+        vocab=11, d=8, heads=2, mlp=16, layers=1, context=5, out=4))),
+        lambda: torch.randint(0, 11, (300, 5)), _theory_transformer(8, 16, 1)),
+    "Arch2": (lambda: _exact_bn(Arch2(depth=2, width=8, in_features=6, num_classes=3)),
+              lambda: torch.randn(300, 6), 2 * (8 + 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_structural_count_is_the_dense_count_and_the_theory(name):
+    make, inputs, theory = CASES[name]
+    torch.manual_seed(0)
+    model, x = make(), inputs()
+    found = discover(model, x)
+    dense = discover(model, x, method="dense")
+    assert found.method == "structural" and dense.method == "dense"
+    assert dense.gap > 1e6, dense
+    assert found.dim == dense.dim, (found, dense)
+    assert found.rank == dense.rank  # the span of the candidates, computed two ways
+    theory = theory if theory is not None else _theory_resnet(model)
+    assert found.dim == theory
+    assert sum(f.size for f in found.families) == found.dim
+    assert found.verified < 1e-8
+    # every family is a symmetry on its own; the negative control breaks the outputs
+    for f in found.families:
+        assert _outputs_change(model, found, x, f.columns) < 1e-8, f
+    control = torch.randn(found.space.dim, 1, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+    broken = discover.__globals__["Discovery"](1, control, torch.empty(0), 0, 0,
+                                               found.candidates, found.rank, found.space)
+    assert _outputs_change(model, broken, x) > 1e-3
+
+
+def test_families_name_the_layers_and_the_updates_that_resolve_them():
+    torch.manual_seed(0)
+    model = _exact_bn(small_resnet())
+    found = discover(model, torch.randn(64, 3, 16, 16))
+    labels = {f.label: f for f in found.families}
+    assert labels["per-filter scaling of layer1.0.conv1"].size == 8
+    assert labels["per-filter scaling of layer1.0.conv1"].resolves == {"un": True, "sm": True}
+    units = labels["units between layer1.0.bn1 and layer1.0.conv2"]
+    assert units.size == 8 and units.resolves == {"un": False, "sm": False}
+    stream = [f for f in found.families if f.kind == "stream"]
+    assert [f.size for f in stream] == [8, 16]
+    assert "layer1.0.bn2" in stream[0].label and "layer2.0.downsample.1" in stream[1].label
+    data = found.to_dict()
+    assert data["dim"] == found.dim and {f["label"] for f in data["families"]} == set(labels)
+    json.dumps(data)
+    printed = str(found)
+    assert "per-filter scaling of conv1 (8): resolved by UN, resolved by SM" in printed
+
+    t = pre_ln_transformer(vocab=11, d=8, heads=2, mlp=16, layers=1, context=5, out=4)
+    found = discover(t, torch.randint(0, 11, (64, 5)))
+    kinds = {f.kind: f for f in found.families}
+    assert kinds["qk"].label == "Q/K dimensions of blocks.0.attn" and kinds["qk"].size == 8
+    assert kinds["vo"].size == 8 and kinds["stream"].size == 1
+    assert "units between blocks.0.fc1 and blocks.0.fc2 (16)" in str(found)
+
+
+class _Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.cumsum(torch.relu(self.l1(x)), -1))))
+
+
+def test_unsupported_operations_are_named_and_only_undercount():
+    torch.manual_seed(0)
+    model, x = _Cumsum(), torch.randn(500, 4)
+    found = discover(model, x)
+    assert any("cumsum" in u for u in found.unsupported)
+    assert "unsupported (treated as breaking scalings): " in str(found)
+    # l2's ReLU units are still found; l1's, which pass through cumsum, are not (6 of them
+    # are symmetries only if cumsum's scales were tied, which the dense count shows)
+    assert found.dim == 6 <= discover(model, x, method="dense").dim
+    assert found.verified < 1e-10
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def test_an_untraceable_model_falls_back_to_the_dense_method_loudly():
+    x = torch.randn(100, 3)
+    with pytest.warns(UserWarning, match="structural analysis unavailable"):
+        found = discover(_Branchy(), x)
+    assert found.method == "dense" and found.dim == 5
+    assert any("torch.fx" in n for n in found.notes)
+    with pytest.raises(ValueError, match="cannot be traced by torch.fx"):
+        discover(_Branchy(), x, method="structural")
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        discover(_Branchy(), x, method="fast")
+
+
+def test_the_numerical_check_refuses_a_wrong_structure():
+    model, x = residual_mlp(), torch.randn(50, 5)
+    found = discover(model, x)
+    found.basis = torch.randn_like(found.basis)  # what a wrong rule would give
+    with pytest.raises(ValueError, match="changes the outputs by"):
+        _verify(_prepare(model, torch.float64, True), found, (x.double(),))
+
+
+def test_unseen_embedding_rows_are_counted_and_said():
+    t = pre_ln_transformer(vocab=50, d=8, heads=2, mlp=16, layers=1, context=5, out=4)
+    x = torch.randint(0, 10, (64, 5))  # rows 10 .. 49 never used
+    found = discover(t, x)
+    assert any("40 of 50 embedding rows are absent" in n for n in found.notes)
+    unused = [f for f in found.families if f.kind == "unused"]
+    assert sum(f.size for f in unused) == 40
+    assert found.dim == _theory_transformer(8, 16, 1) + 40
+
+
+def test_cli_discover(tmp_path, capsys):
+    out = tmp_path / "found.json"
+    assert main(["discover", "manifold_nets.experiments.zoo:small_resnet", "--shape", "3",
+                 "16", "16", "--batch", "32", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per-filter scaling of conv1 (8)" in printed
+    assert json.loads(out.read_text())["method"] == "structural"
+    assert main(["discover", "manifold_nets.experiments.zoo:pre_ln_transformer", "--shape",
+                 "16", "--tokens", "100", "--batch", "8"]) == 0
+    assert "Q/K dimensions of blocks.1.attn (32)" in capsys.readouterr().out
+    assert main(["discover", "manifold_nets.experiments.zoo:nothing", "--shape", "3"]) == 1
+    assert "has no attribute 'nothing'" in capsys.readouterr().err
+    assert main(["discover", "no_such_module_xyz:f", "--shape", "3"]) == 1
+    assert main(["discover", "manifold_nets.experiments.zoo", "--shape", "3"]) == 1
+    assert "is not MODULE:NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["discover", "manifold_nets.experiments.zoo:small_resnet"])
+    assert exc.value.code == 2
