@@ -31,7 +31,9 @@ mini-batch, as Caffe's ``SoftmaxWithLoss`` normalises), momentum 0.9, weight dec
 image with probability 1/2 (the original data layer's ``mirror``). The update is one of
 Table 1 through :func:`manifold_nets.declare` and :class:`~manifold_nets.InvariantSGD`: under
 UN every conv filter (each feeds a batch norm) lies on the oblique manifold. A checkpoint
-after every epoch lets a killed run continue where it was.
+after every epoch lets a killed run continue where it was. Before every evaluation the
+batch-norm statistics are recomputed over the training images (:func:`bn_statistics`), as
+SegNet's own test procedure does.
 
 **Metrics** (:func:`evaluate`): global accuracy, class-average accuracy, mean IoU and the
 per-class IoU, over every non-void test pixel at the evaluated resolution
@@ -76,6 +78,7 @@ __all__ = [
     "CamVid",
     "CamVidConfig",
     "class_weights",
+    "bn_statistics",
     "colorize",
     "download_camvid",
     "evaluate",
@@ -569,10 +572,36 @@ def predict(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) -> tor
         model.train(was)
 
 
+@torch.no_grad()
+def bn_statistics(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) -> None:
+    """Set every batch norm's running statistics to their average over ``images`` (in
+    training mode, batch by batch), as SegNet's ``compute_bn_statistics.py`` does before
+    testing: the running averages of training (momentum 0.1 over batches of 4 correlated
+    road scenes) are far from the data's statistics."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was = model.training
+    momenta = [m.momentum for m in norms]
+    device = next(model.parameters()).device
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        model.train()
+        for i in range(0, len(images), chunk):
+            model(images[i:i + chunk].to(device).float())
+    finally:
+        for m, mom in zip(norms, momenta, strict=True):
+            m.momentum = mom
+        model.train(was)
+
+
 def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
     """Global accuracy, class-average accuracy, mean IoU and ``per_class_iou`` (a list,
     ``None`` for a class absent from the ground truth) over the non-void pixels of
-    ``data``."""
+    ``data``, with the model's batch-norm statistics as they are (see
+    :func:`bn_statistics`)."""
     from .segmentation import confusion_matrix, segmentation_metrics
 
     pred, target = predict(model, data.images), data.labels
@@ -675,6 +704,7 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
             log(f"resumed from {checkpoint} after epoch {state.epoch}")
 
     def validate(_, ids):
+        bn_statistics(model, train_set.images)
         m = evaluate(model, val_set)
         return {f"val_{k}": [v] for k, v in m.items() if k != "per_class_iou"}
 
@@ -700,6 +730,8 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
             batch_size=config.batch_size,
             evaluate=validate if evaluate_val and val_set is not None else None,
             progress=bar, start=state, on_epoch=on_epoch)[0]
+    if not result.diverged:
+        bn_statistics(model, train_set.images)
     record = {
         "config": config.to_dict(),
         "history": result.history,

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/camvid/runs}
 for update in un sm bsgd; do
-  manifold-nets camvid train --update "$update" --lr-grid 0.01 0.03 0.1 --select-epochs 2 \
+  manifold-nets camvid train --update "$update" --lr-grid 0.01 0.1 --select-epochs 2 \
     --epochs 10 --seeds 0 1 --height 180 --width 240 --filters 32 --threads 2 --out "$OUT"
 done
 manifold-nets camvid report "$OUT" --figure results/camvid/predictions.png \
