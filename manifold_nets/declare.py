@@ -19,15 +19,19 @@ weight.dim() - 1`` dims each; a convolutional classifier uses
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Mapping
 
 import geoopt
 import torch
+import torch.fx
 from torch import nn
 
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 
-__all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier"]
+__all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier",
+           "graph_classifier", "check_optimizer"]
 
 #: The updates of Table 1 that :func:`declare` knows.
 UPDATES = ("bsgd", "sm", "un")
@@ -43,26 +47,107 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class Declaration(dict):
     """What :func:`declare` did: parameter name -> manifold (``geoopt.Euclidean`` if none).
 
-    A plain ``dict`` in ``model.named_parameters()`` order; ``str()`` gives a table and
-    :attr:`roles` says why each parameter got its manifold.
+    A plain ``dict`` in ``model.named_parameters()`` order. ``str()`` gives a table of
+    every parameter's manifold, role and the reason for it; :attr:`roles` and
+    :attr:`reasons` hold them as data; :meth:`param_groups` gives optimiser groups per
+    role.
+
+    Attributes
+    ----------
+    update : str
+    roles : dict
+        ``"filters"``, ``"classifier"``, ``"explicit"`` or ``"other"``
+    reasons : dict
+        why each parameter got its manifold
+    shapes : dict
+    function_change : float or None
+        with ``inputs``: the relative change of the model's outputs that declaring caused
+        (``None`` without inputs)
     """
 
     def __init__(self, update: str):
         super().__init__()
         self.update = update
         self.roles: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.function_change: float | None = None
 
     def __str__(self) -> str:
-        rows = [(n, "x".join(map(str, self.shapes[n])) or "scalar", self.roles[n], repr(m))
-                for n, m in self.items()]
-        head = ("parameter", "shape", "role", "manifold")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        rows = [(n, "x".join(map(str, self.shapes[n])) or "scalar", self.roles[n],
+                 _short(m), self.reasons.get(n, "")) for n, m in self.items()]
+        head = ("parameter", "shape", "role", "manifold", "why")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
         lines = [f"update: {self.update}",
                  "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                   for r in rows]
+        if self.function_change is not None:
+            lines.append(f"outputs changed by {self.function_change:.1e} (relative)")
         return "\n".join(lines)
+
+    def param_groups(self, model: nn.Module, weight_decay: float = 0.0,
+                     **options) -> list[dict]:
+        """Optimiser parameter groups, one per role, with ``weight_decay`` on every group
+        but the oblique filters (on the unit sphere a weight decay only fights the
+        projection; :doc:`/theory`).
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, InvariantSGD, declare
+        >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+        >>> dec = declare(net, "un")
+        >>> groups = dec.param_groups(net, weight_decay=5e-4)
+        >>> [(g["role"], len(g["params"]), g["weight_decay"]) for g in groups]
+        [('filters', 1, 0.0), ('other', 2, 0.0005), ('classifier', 1, 0.0005)]
+        >>> opt = InvariantSGD(groups, lr=0.1)
+        """
+        params = dict(model.named_parameters())
+        groups: dict[str, dict] = {}
+        for name, manifold in self.items():
+            role = self.roles[name]
+            g = groups.setdefault(role, {"params": [], "role": role, **options,
+                                         "weight_decay": 0.0 if isinstance(
+                                             manifold, ObliqueManifold) else weight_decay})
+            g["params"].append(params[name])
+        return list(groups.values())
+
+
+def _short(m) -> str:
+    return "Euclidean" if isinstance(m, geoopt.Euclidean) else repr(m).removesuffix(
+        " manifold")
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless ``optimizer`` holds the model's current parameters (every trainable
+    one, and no stale one).
+
+    Raises
+    ------
+    ValueError
+        naming the parameters the optimiser misses and how many stale tensors it holds
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.declare import check_optimizer
+    >>> net = torch.nn.Linear(3, 2)
+    >>> check_optimizer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    >>> check_optimizer(net, torch.optim.SGD([net.weight], lr=0.1))
+    Traceback (most recent call last):
+    ...
+    ValueError: the optimiser does not hold 1 of the model's trainable parameters (bias); ...
+    """
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    current = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for i, n in current.items() if i not in held]
+    stale = len(held - set(current))
+    if missing or stale:
+        raise ValueError(
+            f"the optimiser does not hold {len(missing)} of the model's trainable parameters"
+            f" ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); it holds "
+            f"{stale} tensors that are not the model's. Fix: build the optimiser over "
+            "model.parameters() after every change of the model's parameters.")
 
 
 def filter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -83,10 +168,47 @@ def default_classifier(model: nn.Module) -> str | None:
     return mods[-1][0] if mods else None
 
 
+_THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "transpose",
+            "permute", "dropout", "getitem"}
+
+
+def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
+    """The classifier as the executed graph says: the ``Linear``/``ConvNd`` whose output is
+    the model's output (through reshapes and dropout). Returns ``(name, how)``, ``how``
+    saying where the answer came from; when :mod:`torch.fx` cannot trace the model, the
+    last registered ``Linear`` (else ``ConvNd``), and ``how`` says so."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many kinds on dynamic control flow
+        return default_classifier(model), (
+            f"the last registered Linear/ConvNd (the graph could not be traced: "
+            f"{type(err).__name__})")
+    modules = dict(gm.named_modules())
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    node = out.args[0]
+    while isinstance(node, (tuple, list)) and len(node) == 1:
+        node = node[0]
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, (nn.Linear, *_CONV)):
+                return node.target, "the layer whose output is the model's output"
+            if not isinstance(mod, (nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd)):
+                break
+        elif node.op in ("call_method", "call_function"):
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            if name not in _THROUGH:
+                break
+        else:
+            break
+        node = node.args[0] if node.args else None
+    return None, "no Linear/ConvNd produces the model's output"
+
+
 def _resolve_classifier(model: nn.Module, classifier) -> str | None:
     modules = dict(model.named_modules())
     if classifier is None:
-        return default_classifier(model)
+        return None
     if isinstance(classifier, nn.Module):
         for name, mod in modules.items():
             if mod is classifier:
@@ -114,9 +236,14 @@ def _resolve_classifier(model: nn.Module, classifier) -> str | None:
     return name
 
 
-def _plan(model: nn.Module, update: str, classifier: str | None,
-          explicit: Mapping) -> dict[str, tuple]:
-    """name -> (manifold or None, role) for the parameters the update acts on."""
+def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how: str,
+          explicit: Mapping, symmetric: set[str] | None, tied: dict[str, str]
+          ) -> dict[str, tuple]:
+    """name -> (manifold or None, role, reason) for the parameters the update acts on.
+
+    ``symmetric``: the weights whose per-filter scaling is a symmetry of the model (from
+    :func:`~manifold_nets.symmetry.discover`), or ``None`` when no inputs were given.
+    """
     plan = {}
     for name, mod in model.named_modules():
         key = f"{name}.weight" if name else "weight"
@@ -129,49 +256,149 @@ def _plan(model: nn.Module, update: str, classifier: str | None,
         if not isinstance(mod, (nn.Linear, *_CONV)):
             continue
         w = mod.weight
+        tie = f"; tied with {tied[key]}" if key in tied else ""
         if name == classifier:
+            why = f"theta: {classifier_how}{tie}"
             if update == "sm":
-                plan[key] = (DiagScaledEuclidean("right", ndim=w.dim()), "classifier")
+                plan[key] = (DiagScaledEuclidean("right", ndim=w.dim()), "classifier",
+                             why + "; SM's right metric (eq. (8))")
             else:
-                plan[key] = (None, "classifier")
+                plan[key] = (None, "classifier", why + ("; Table 1: UN leaves theta "
+                                                        "Euclidean" if update == "un" else ""))
         elif update == "sm":
-            plan[key] = (DiagScaledEuclidean("left", ndim=w.dim() - 1), "filters")
+            plan[key] = (DiagScaledEuclidean("left", ndim=w.dim() - 1), "filters",
+                         f"SM's left metric on the rows (eq. (7)){tie}")
         elif update == "un":
-            plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters")
+            if symmetric is None:
+                plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
+                             f"Table 1 (no inputs: not checked that its per-filter scaling "
+                             f"is a symmetry){tie}")
+            elif key in symmetric:
+                plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
+                             f"its per-filter scaling is a symmetry: UN changes nothing{tie}")
+            else:
+                plan[key] = (None, "filters",
+                             "its per-filter scaling is not a symmetry (nothing normalises "
+                             "its outputs): UN would change the function; force it with "
+                             f"manifolds={{'{key}': ObliqueManifold()}}{tie}")
         else:
-            plan[key] = (None, "filters")
+            plan[key] = (None, "filters", f"B-SGD{tie}")
     return plan
+
+
+def _symmetric_filters(model: nn.Module, inputs) -> set[str] | None:
+    """The ``Linear``/``ConvNd`` weights whose every row scaling is a symmetry (the
+    structural analysis of :mod:`manifold_nets.symmetry.structure`), or ``None`` when the
+    model cannot be traced."""
+    from .symmetry.groups import ScalingSpace
+    from .symmetry.structure import _inputs, _prepare, structural_symmetries
+
+    net = _prepare(model, torch.float64, True)
+    space = ScalingSpace(net)
+    try:
+        found = structural_symmetries(net, _inputs(inputs, next(net.parameters()).device,
+                                                   torch.float64), space)
+    except ValueError as err:
+        warnings.warn(f"declare: the symmetry analysis is unavailable ({err}); every filter "
+                      "is declared as in Table 1", stacklevel=3)
+        return None
+    out = set()
+    for fam in found.families:
+        if fam.kind != "per-filter" or len(fam.layers) != 1:
+            continue
+        site = next((s for s in space.sites if s.module == fam.layers[0]
+                     and s.kind == "matrix"), None)
+        if site is not None and fam.size == site.rows:
+            out.add(site.weight)
+    return out
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share their tensor with another registered name."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first and first[id(p)] != name:
+            tied[name] = first[id(p)]
+            tied.setdefault(first[id(p)], name)
+        else:
+            first.setdefault(id(p), name)
+    return tied
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs) -> torch.Tensor:
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    out = copy.deepcopy(model)(*args)  # a copy: train-mode batch norm updates statistics
+    if isinstance(out, (tuple, list)):
+        out = torch.cat([o.reshape(-1) for o in out if isinstance(o, torch.Tensor)])
+    return out.detach().reshape(-1).double()
+
+
+def _attached_norms(model: nn.Module) -> dict[str, str]:
+    """``{weight name: batch-norm module name}`` for convs/linears followed by a batch
+    norm of their width (:class:`~manifold_nets.symmetry.ScalingSpace`'s rule)."""
+    from .symmetry.groups import ScalingSpace
+
+    try:
+        space = ScalingSpace(model)
+    except ValueError:
+        return {}
+    return {s.weight: s.batchnorm for s in space.sites if s.batchnorm}
 
 
 def declare(
     model: nn.Module,
     update: str,
-    classifier: str | nn.Module | None = None,
+    classifier: str | nn.Module | None = "auto",
     manifolds: Mapping[str, geoopt.Manifold | None] | None = None,
+    *,
+    inputs=None,
+    rtol: float = 1e-3,
 ) -> Declaration:
-    r"""Declare the model's weights as ``ManifoldParameter`` for an update of Table 1.
+    r"""Declare the model's weights on the manifolds of an update of Table 1, in place.
+
+    Every parameter keeps its identity: a parameter that gets a manifold becomes a
+    :class:`geoopt.ManifoldParameter` *in place* (its class changes, the tensor object is
+    the same), so an optimiser built before :func:`declare` holds the declared parameters
+    and steps them on their manifolds (:class:`~manifold_nets.InvariantSGD` re-reads the
+    manifolds when they change; geoopt's optimisers read them every step).
 
     Parameters
     ----------
     model : nn.Module
-        any module made of ``nn.Linear`` / ``nn.ConvNd`` layers (plus anything else, which
-        stays Euclidean). Modified in place: parameters are replaced, so create the
-        optimiser *after* calling :func:`declare`.
+        any model; its ``nn.Linear`` / ``nn.ConvNd`` weights are the filters and the
+        classifier, everything else stays Euclidean (listed with the reason).
     update : {"bsgd", "sm", "un"}
         ``"bsgd"``: everything Euclidean (plain SGD). ``"sm"``: the scaled metric, eqs.
-        (7)-(8). ``"un"``: unit-norm filters, eq. (9); every filter is normalised
-        (``projx``), which changes the function of a network without batch norm.
-    classifier : str or nn.Module, optional
-        the module (or ``"<module>.weight"``) holding :math:`\theta`. Default: the last
-        ``nn.Linear``, or the last ``ConvNd`` if the model has no ``Linear``.
+        (7)-(8), on every filter and on the classifier (a metric: it changes nothing the
+        model computes). ``"un"``: unit-norm filters, eq. (9). With ``inputs``, only the
+        filters whose per-filter scaling is a symmetry of the model
+        (:func:`~manifold_nets.symmetry.discover`) go on the oblique manifold, so the
+        model's function is unchanged; the others stay Euclidean with the reason. Without
+        ``inputs``, every filter (Table 1), and a warning names the filters that
+        normalising changed and that no batch norm follows.
+    classifier : "auto", str, nn.Module or None
+        the module (or ``"<module>.weight"``) holding :math:`	heta`. ``"auto"``
+        (default): the ``Linear``/``ConvNd`` whose output is the model's output in the
+        traced graph (:func:`graph_classifier`). ``None``: no classifier.
     manifolds : mapping, optional
         explicit ``{parameter name: manifold}``; overrides the choice of ``update`` for the
-        names given (``None`` or ``geoopt.Euclidean()`` means Euclidean).
+        names given (``None`` or ``geoopt.Euclidean()`` means Euclidean). With ``inputs``,
+        an override that changes the outputs warns with the measured change.
+    inputs : torch.Tensor or tuple, optional
+        example inputs: the symmetry analysis for ``"un"``, and the measured change of the
+        outputs (:attr:`Declaration.function_change`).
+    rtol : float
+        relative change of the outputs above which a warning is given (the default leaves
+        room for batch norm's ``eps``, which makes per-filter scaling a symmetry only up
+        to about ``eps / var``)
 
     Returns
     -------
     Declaration
-        a ``dict`` parameter name -> manifold for every parameter; print it for a table.
+        a ``dict`` parameter name -> manifold for every parameter; print it for a table
+        with each parameter's role and the reason.
 
     Raises
     ------
@@ -181,65 +408,158 @@ def declare(
         filter under ``"un"`` (the message names the parameter and the filter), or a NaN or
         infinite entry in a weight that gets a manifold.
 
+    Notes
+    -----
+    Normalising a filter that feeds a batch norm rescales that batch norm's running
+    statistics to match (mean and variance of the filter's scaled output), so the model
+    in eval mode computes what it computed before.
+
     Examples
     --------
     >>> import geoopt
     >>> from manifold_nets import Arch1, declare
     >>> net = Arch1(depth=2, width=8, in_features=12, num_classes=3)
-    >>> print(declare(net, "sm"))
-    update: sm
-    parameter               shape  role        manifold
-    layers.0.linear.weight  8x12   filters     DiagScaledEuclidean(side='left', ndim=1) manifold
-    layers.1.linear.weight  8x4    filters     DiagScaledEuclidean(side='left', ndim=1) manifold
-    classifier.weight       3x4    classifier  DiagScaledEuclidean(side='right', ndim=2) manifold
+    >>> dec = declare(net, "sm")
+    >>> {name: str(m) for name, m in dec.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'layers.0.linear.weight': "DiagScaledEuclidean(side='left', ndim=1) manifold",
+     'layers.1.linear.weight': "DiagScaledEuclidean(side='left', ndim=1) manifold",
+     'classifier.weight': "DiagScaledEuclidean(side='right', ndim=2) manifold"}
+    >>> dec.reasons["classifier.weight"]
+    "theta: the layer whose output is the model's output; SM's right metric (eq. (8))"
     >>> opt = geoopt.optim.RiemannianSGD(net.parameters(), lr=1e-2)
     """
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; choose one of {', '.join(UPDATES)}")
-    classifier = _resolve_classifier(model, classifier)
-    plan = _plan(model, update, classifier, manifolds or {})
+    if isinstance(classifier, str) and classifier == "auto":
+        classifier, how = graph_classifier(model)
+    else:
+        how = "given"
+        classifier = _resolve_classifier(model, classifier)
+    explicit = dict(manifolds or {})
+    symmetric = _symmetric_filters(model, inputs) if (
+        inputs is not None and update == "un") else None
+    tied = _tied(model)
+    plan = _plan(model, update, classifier, how, explicit, symmetric, tied)
     params = dict(model.named_parameters())
-    for name, manifold in (manifolds or {}).items():
+    for key in [k for k in plan if k not in params and k in tied]:  # a tied alias
+        manifold, role, why = plan.pop(key)
+        canonical = tied[key]
+        if canonical not in plan or role == "classifier":
+            plan[canonical] = (manifold, role, f"as {key}: {why}")
+    for name, manifold in explicit.items():
         if name not in params:
             raise ValueError(f"manifolds: model has no parameter {name!r}; parameters: "
                              f"{list(params)}")
-        plan[name] = (manifold, "explicit")
+        plan[name] = (manifold, "explicit", "given in manifolds=")
+    before = _outputs(model, inputs) if inputs is not None else None
 
-    declaration = Declaration(update)
-    new = {}
+    # check every weight that gets a manifold first: nothing changes unless all fit
+    targets = {}
     for name, p in params.items():
-        manifold, role = plan.get(name, (None, "other"))
+        manifold = plan.get(name, (None,))[0]
         if isinstance(manifold, geoopt.Euclidean):
             manifold = None
-        if manifold is not None:
-            with torch.no_grad():
-                bad = ~torch.isfinite(p.detach())
-                if bool(bad.any()):
-                    first = tuple(int(i) for i in bad.nonzero()[0])
-                    raise ValueError(
-                        f"`{name}` has {int(bad.sum())} non-finite entries (the first at index "
-                        f"{first}) and cannot be declared on {manifold!r} for update "
-                        f"{update!r}; re-initialise it with finite values."
-                    )
-                try:
-                    data = manifold.projx(p.detach().clone())
-                    manifold.assert_check_point_on_manifold(data)
-                except ValueError as err:
-                    raise ValueError(f"`{name}` cannot be declared on {manifold!r} for "
-                                     f"update {update!r}: {err}") from err
-            new[name] = geoopt.ManifoldParameter(data, manifold=manifold,
-                                                 requires_grad=p.requires_grad)
-        elif isinstance(p, geoopt.ManifoldParameter):
-            new[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        declaration[name] = manifold if manifold is not None else geoopt.Euclidean()
-        declaration.roles[name] = role
-        declaration.shapes[name] = tuple(p.shape)
+        if manifold is None:
+            continue
+        with torch.no_grad():
+            bad = ~torch.isfinite(p.detach())
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"`{name}` has {int(bad.sum())} non-finite entries (the first at index "
+                    f"{first}) and cannot be declared on {manifold!r} for update "
+                    f"{update!r}; re-initialise it with finite values."
+                )
+            try:
+                data = manifold.projx(p.detach().clone())
+                manifold.assert_check_point_on_manifold(data)
+            except ValueError as err:
+                raise ValueError(f"`{name}` cannot be declared on {manifold!r} for "
+                                 f"update {update!r}: {err}") from err
+        targets[name] = (manifold, data)
 
-    # replace every occurrence (shared parameters included)
-    by_id = {id(params[n]): q for n, q in new.items()}
-    for mod in model.modules():
-        for leaf, p in list(mod._parameters.items()):
-            if p is not None and id(p) in by_id:
-                setattr(mod, leaf, by_id[id(p)])
+    norms = _attached_norms(model)
+    modules = dict(model.named_modules())
+    changed_unattached = []
+    declaration = Declaration(update)
+    for name, p in params.items():
+        manifold, role, why = plan.get(name, (None, "other", _other_reason(name, modules)))
+        if name in targets:
+            manifold, data = targets[name]
+            with torch.no_grad():
+                scale = _row_scale(p.detach(), data)
+                if scale is not None:
+                    if name in norms:
+                        _rescale_running_stats(modules[norms[name]],
+                                               modules[name.rsplit(".", 1)[0]], scale)
+                    elif bool(((scale - 1).abs() > rtol).any()):
+                        changed_unattached.append(name)
+                p.copy_(data)
+            p.__class__ = geoopt.ManifoldParameter
+            p.manifold = manifold
+        elif isinstance(p, geoopt.ManifoldParameter):
+            p.__class__ = nn.Parameter
+            del p.manifold
+        declaration[name] = manifold if name in targets else geoopt.Euclidean()
+        declaration.roles[name] = role
+        declaration.reasons[name] = why
+        declaration.shapes[name] = tuple(p.shape)
     object.__setattr__(model, DECLARATION_ATTR, declaration)
+
+    if before is not None:
+        after = _outputs(model, inputs)
+        change = float((after - before).norm() / before.norm().clamp_min(1e-300))
+        declaration.function_change = change
+        if change > rtol:
+            warnings.warn(f"declare(..., {update!r}): the model's outputs on the given inputs "
+                          f"changed by {change:.2e} (relative); the explicit manifolds "
+                          f"{sorted(explicit)} or the filters {sorted(targets)} do not "
+                          "preserve the function.", stacklevel=2)
+    elif changed_unattached and update == "un":
+        warnings.warn(
+            f"declare(..., 'un'): normalising the filters of {', '.join(changed_unattached)} "
+            "changed them, and no batch norm is registered after them: unless a "
+            "normalisation follows each filter, the model now computes another function. "
+            "Pass inputs= to put only the filters whose scaling is a symmetry on the "
+            "oblique manifold (and to measure the change), or manifolds= to choose.",
+            stacklevel=2)
     return declaration
+
+
+def _other_reason(name: str, modules: dict) -> str:
+    owner = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
+    leaf = name.rsplit(".", 1)[-1]
+    kind = type(owner).__name__ if owner is not None else "parameter"
+    if leaf == "bias":
+        return f"bias of a {kind}: Euclidean (Table 1)"
+    if isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return f"{kind} scale/shift: Euclidean (Table 1)"
+    if isinstance(owner, nn.Embedding):
+        return "embedding table: rows are tokens, not filters; Euclidean"
+    if isinstance(owner, nn.MultiheadAttention):
+        return "attention projection (packed q/k/v): not a filter bank; Euclidean"
+    return f"{leaf} of a {kind}: not a Linear/ConvNd filter bank; Euclidean"
+
+
+def _row_scale(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
+    """Per-row factor ``new = a * old`` if the projection only rescaled rows."""
+    if old.dim() < 2:
+        return None
+    o, n = old.flatten(1).double(), new.flatten(1).double()
+    norm = o.norm(dim=1)
+    a = n.norm(dim=1) / norm.clamp_min(1e-300)
+    if not torch.allclose(n, a[:, None] * o, rtol=1e-6, atol=1e-12):
+        return None
+    return a
+
+
+def _rescale_running_stats(bn: nn.Module, layer: nn.Module, a: torch.Tensor) -> None:
+    """The running statistics of the batch norm after a layer whose weight rows were
+    scaled by ``a`` (its bias unchanged): mean ``a (m - b) + b``, variance ``a^2 v``."""
+    if getattr(bn, "running_mean", None) is None:
+        return
+    a = a.to(bn.running_mean)
+    b = layer.bias.detach().to(bn.running_mean) if getattr(layer, "bias", None) is not None \
+        else torch.zeros_like(bn.running_mean)
+    bn.running_mean.copy_(a * (bn.running_mean - b) + b)
+    bn.running_var.mul_(a.square())

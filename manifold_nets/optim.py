@@ -259,6 +259,7 @@ class InvariantSGD(torch.optim.Optimizer):
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, fused=fused)
         self._kinds: list[list[Kind]] = []
+        self._manifolds: dict[int, list[int]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -269,11 +270,15 @@ class InvariantSGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._kinds = [[kind_of(p) for p in g["params"]] for g in self.param_groups]
+        self._manifolds = {}
 
     def _group_kinds(self, index: int, group: dict[str, Any]) -> list[Kind]:
         kinds = self._kinds[index]
-        if len(kinds) != len(group["params"]):  # params edited by hand
+        manifolds = [id(getattr(p, "manifold", None)) for p in group["params"]]
+        if len(kinds) != len(group["params"]) or manifolds != self._manifolds.get(index):
+            # params edited by hand, or declared (in place) after this optimiser was built
             kinds = self._kinds[index] = [kind_of(p) for p in group["params"]]
+            self._manifolds[index] = manifolds
         return kinds
 
     @torch.no_grad()

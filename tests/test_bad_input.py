@@ -29,6 +29,11 @@ from manifold_nets.experiments.data import DataError, Dataset, load_dataset
 from manifold_nets.experiments.engines import build_model, train
 from manifold_nets.symmetry import Rescaling, ScalingSpace
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 W0 = "layers.0.linear.weight"
 
 

@@ -28,6 +28,11 @@ from manifold_nets.experiments.engines import build_model, error_rate, fit, trai
 
 from .conftest import SHARED, needs_mnist
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 SMALL = dict(train_size=300, val_size=100, test_size=200, select_train=100, select_val=100,
              select_epochs=2, min_epochs=1, max_epochs=4, lr_grid=(1e-2, 1e-3))
 

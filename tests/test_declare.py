@@ -5,7 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from manifold_nets import Arch1, Arch2, DiagScaledEuclidean, ObliqueManifold, declare
+from manifold_nets import (
+    Arch1,
+    Arch2,
+    DiagScaledEuclidean,
+    InvariantSGD,
+    ObliqueManifold,
+    declare,
+)
+from manifold_nets.declare import check_optimizer
 
 
 def _step(net, x, y, lr):
@@ -90,7 +98,9 @@ def test_un_normalises_filters_of_any_model():
     net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
         net[0].weight.mul_(3.0)
-    dec = declare(net, "un")
+    with pytest.warns(UserWarning, match=r"normalising the filters of 0\.weight changed "
+                                         "them, and no batch norm is registered after them"):
+        dec = declare(net, "un")
     torch.testing.assert_close(net[0].weight.detach().norm(dim=1), torch.ones(4))
     assert isinstance(dec["0.bias"], geoopt.Euclidean)
     assert dec.roles["2.weight"] == "classifier"
@@ -135,7 +145,8 @@ def test_shared_parameter_replaced_everywhere():
     net = nn.Sequential(lin, nn.ReLU(), lin.__class__(4, 4, bias=False), nn.ReLU())
     net.append(net[2])
     net.append(nn.Linear(4, 2, bias=False))
-    declare(net, "un")
+    with pytest.warns(UserWarning, match="no batch norm is registered after them"):
+        declare(net, "un")
     assert net[2].weight is net[4].weight
     assert isinstance(net[4].weight, geoopt.ManifoldParameter)
 
@@ -181,3 +192,146 @@ def test_transposed_conv_refused():
     declare(net, "bsgd")
     dec = declare(net, "un", manifolds={"0.weight": None})
     assert isinstance(dec["1.weight"], geoopt.Euclidean)  # the classifier
+
+
+# -- declare never silently changes a model ----------------------------------------------
+
+
+def test_un_with_inputs_keeps_the_function_of_a_residual_mlp():
+    """Nothing normalises a residual MLP's filters: with inputs, UN leaves them Euclidean
+    and says why; without inputs it warns (the control)."""
+    from manifold_nets.experiments.zoo import residual_mlp
+
+    torch.manual_seed(0)
+    net, x = residual_mlp().double(), torch.randn(200, 5, dtype=torch.float64)
+    before = net(x)
+    dec = declare(net, "un", inputs=x)
+    assert not any(isinstance(m, ObliqueManifold) for m in dec.values())
+    assert "not a symmetry" in dec.reasons["blocks.0.0.weight"]
+    assert dec.function_change < 1e-12 and torch.equal(net(x), before)
+    assert "why" in str(dec) and "outputs changed by" in str(dec)
+    with pytest.warns(UserWarning, match="no batch norm is registered after them"):
+        declare(residual_mlp(), "un")
+
+
+def _trained_resnet():
+    from manifold_nets.experiments.zoo import small_resnet
+
+    torch.manual_seed(0)
+    net = small_resnet().double()
+    for m in net.modules():  # exact invariance: batch norm's eps is the only deviation
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-12
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(5):  # running statistics away from their initial values
+        x = torch.randn(16, 3, 16, 16, dtype=torch.float64) * 2 + 0.5
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), torch.randint(0, 10, (16,))).backward()
+        opt.step()
+    with torch.no_grad():  # filters far from unit norm
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.rand(m.weight.shape[0], 1, 1, 1, dtype=torch.float64) * 3
+                              + 0.2)
+    return net
+
+
+def test_un_on_a_resnet_keeps_train_and_eval_outputs():
+    net = _trained_resnet()
+    x = torch.randn(32, 3, 16, 16, dtype=torch.float64)
+    eval_before = net.eval()(x)
+    net.train()
+    dec = declare(net, "un", inputs=x)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(dec[f"{c}.weight"], ObliqueManifold) for c in convs)
+    assert dec.roles["fc.weight"] == "classifier"
+    assert dec.function_change < 1e-9
+    torch.testing.assert_close(net.eval()(x), eval_before, rtol=1e-9, atol=1e-9)
+    # the control: normalising without rescaling the running statistics changes eval
+    control = _trained_resnet().eval()
+    with torch.no_grad():
+        for m in control.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.div_(m.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    with torch.no_grad():
+        assert float((control(x) - eval_before).norm() / eval_before.norm()) > 0.1
+
+
+class _HeadFirst(nn.Module):
+    """The head is registered before the body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_the_classifier_comes_from_the_graph():
+    dec = declare(_HeadFirst(), "sm")
+    assert dec.roles["head.weight"] == "classifier"
+    assert dec.roles["body.0.weight"] == "filters"
+    assert "output is the model's output" in dec.reasons["head.weight"]
+    dec = declare(_HeadFirst(), "sm", classifier=None)  # no classifier at all
+    assert dec.roles["head.weight"] == "filters"
+
+
+def test_tied_weights_are_reported():
+    from manifold_nets.experiments.zoo import pre_ln_transformer
+
+    net = pre_ln_transformer(vocab=20, d=8, heads=2, mlp=16, layers=1, context=4)
+    net.head.weight = net.tok.weight  # weight tying, as in GPT-2
+    dec = declare(net, "sm")
+    assert "head.weight" not in dec  # one tensor, one entry, under its first name
+    assert dec.roles["tok.weight"] == "classifier"
+    assert dec.reasons["tok.weight"].startswith("as head.weight: theta")
+    assert "tied with tok.weight" in dec.reasons["tok.weight"]
+    assert dec["tok.weight"].side == "right"
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: InvariantSGD(params, lr=0.1, momentum=0.9),
+    lambda params: geoopt.optim.RiemannianSGD(params, lr=0.1),
+])
+def test_an_optimiser_built_before_declare_keeps_working(make):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                        nn.Linear(8, 3))
+    opt = make(net.parameters())
+    x = torch.randn(64, 5)
+    declare(net, "un", inputs=x)
+    check_optimizer(net, opt)  # the parameters are the same objects
+    start = net[0].weight.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), torch.randint(0, 3, (64,))).backward()
+        opt.step()
+    w = net[0].weight.detach()
+    assert float((w - start).abs().max()) > 1e-3  # it trained
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(8))  # on the manifold
+
+
+def test_check_optimizer_and_param_groups():
+    net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    other = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    dec = declare(net, "un")
+    with pytest.raises(ValueError, match="does not hold 4 of the model's trainable"):
+        check_optimizer(net, InvariantSGD(other.parameters(), lr=0.1))
+    groups = dec.param_groups(net, weight_decay=1e-4)
+    by_role = {g["role"]: g for g in groups}
+    assert by_role["filters"]["weight_decay"] == 0.0
+    assert by_role["classifier"]["weight_decay"] == 1e-4
+    check_optimizer(net, InvariantSGD(groups, lr=0.1))
+
+
+def test_an_override_that_changes_the_function_warns_with_the_change():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    x = torch.randn(50, 4)
+    with pytest.warns(UserWarning, match=r"outputs on the given inputs changed by \d"):
+        dec = declare(net, "un", inputs=x, manifolds={"0.weight": ObliqueManifold()})
+    assert dec.function_change > 0.1 and dec.roles["0.weight"] == "explicit"

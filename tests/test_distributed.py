@@ -12,6 +12,11 @@ from manifold_nets import DiagScaledEuclidean, ObliqueManifold
 
 from .conftest import run_on_ranks
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 STEPS = 5
 WORLD = 2
 

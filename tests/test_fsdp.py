@@ -15,8 +15,12 @@ from manifold_nets import InvariantSGD, declare
 
 from .conftest import run_on_ranks
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = [pytestmark_un,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 WORLD, STEPS, BATCH = 2, 5, 6
 UPDATES = ("un", "sm")

@@ -13,10 +13,14 @@ from manifold_nets import fused as kernel
 
 from .test_optim import CONFIGS, TIGHT, UPDATES, _loss, _params, _targets
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+
 with warnings.catch_warnings():  # conftest built it; a failed build has warned there
     warnings.simplefilter("ignore", RuntimeWarning)
-    pytestmark = pytest.mark.skipif(
-        not kernel.available(), reason=f"the fused kernel is not available: {kernel.reason()}")
+    pytestmark = [pytestmark_un, pytest.mark.skipif(
+        not kernel.available(), reason=f"the fused kernel is not available: {kernel.reason()}")]
 
 IDS = ["plain", "wd", "mom", "mom-damp-wd", "nesterov", "nesterov-wd"]
 

@@ -15,6 +15,11 @@ from hypothesis import strategies as st
 
 from manifold_nets import DiagScaledEuclidean, InvariantSGD, ObliqueManifold
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 #: log10 of the largest and smallest positive normal number per dtype, with headroom.
 LOG_RANGE = {torch.float32: (-36, 36), torch.float64: (-300, 300)}
 

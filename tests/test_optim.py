@@ -13,6 +13,11 @@ from manifold_nets import DiagScaledEuclidean, InvariantSGD, ObliqueManifold
 from manifold_nets import math as mm
 from manifold_nets.optim import kind_of
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 F64 = torch.float64
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 

@@ -18,6 +18,11 @@ from manifold_nets.experiments.stacked import StackedNet, error_rates
 
 from .conftest import SHARED
 
+# UN on models without a normalisation after their filters, on purpose: these tests are
+# about the optimiser, not about the model's function (tests/test_declare.py is)
+pytestmark_un = pytest.mark.filterwarnings("ignore:declare.+normalising the filters")
+pytestmark = pytestmark_un
+
 TOL64 = dict(atol=1e-11, rtol=1e-11)
 
 

@@ -2,7 +2,6 @@ r"""Finding the rescaling symmetries of any model numerically (:func:`discover`)
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .groups import Rescaling, RescalingGroup, ScalingSpace
+from .structure import _inputs, _prepare
 
 __all__ = [
     "Discovery",
@@ -112,28 +112,6 @@ class Discovery:
         return (f"{self.dim} symmetries among {self.candidates} candidates (span "
                 f"{self.rank}); singular values {float(below):.2e} | {float(above):.2e} "
                 f"(threshold {self.threshold:.0e}, gap {self.gap:.2e})")
-
-
-def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
-    """A copy to analyse: ``dtype``, batch norms on batch statistics (if ``train``),
-    dropout off."""
-    net = copy.deepcopy(model).to(dtype=dtype).train(train).requires_grad_(False)
-    for mod in net.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and train:
-            mod.track_running_stats = False
-            mod.running_mean = mod.running_var = mod.num_batches_tracked = None
-        if isinstance(mod, nn.modules.dropout._DropoutNd):
-            mod.eval()  # dropout off: the function, not one random draw of it
-        if isinstance(mod, nn.MultiheadAttention):
-            mod.dropout = 0.0
-    return net
-
-
-def _inputs(inputs, device, dtype) -> tuple:
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    # floating inputs in the computation dtype; token ids and masks stay as they are
-    return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
-                 for a in args)
 
 
 def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",

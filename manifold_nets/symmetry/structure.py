@@ -50,6 +50,8 @@ of that data only, which the dense method counts and this one does not.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import operator
 from collections.abc import Sequence
@@ -928,6 +930,29 @@ def _zero_out(result):
 # Solving.
 
 
+def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
+    """A copy to analyse: ``dtype``, batch norms on batch statistics (if ``train``),
+    dropout off."""
+    net = copy.deepcopy(model).to(dtype=dtype).train(train).requires_grad_(False)
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and train:
+            mod.track_running_stats = False
+            mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+        if isinstance(mod, nn.modules.dropout._DropoutNd):
+            mod.eval()  # dropout off: the function, not one random draw of it
+        if isinstance(mod, nn.MultiheadAttention):
+            mod.dropout = 0.0
+    return net
+
+
+def _inputs(inputs, device, dtype) -> tuple:
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    # floating inputs in the computation dtype; token ids and masks stay as they are
+    return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
+                 for a in args)
+
+
+
 _FAMILY_ORDER = ("unused", "per-filter", "units", "stream", "qk", "vo", "coupled", "bias")
 
 
@@ -1009,7 +1034,6 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     ValueError
         if the model cannot be traced by :mod:`torch.fx` (the message says why)
     """
-    import inspect
 
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
