@@ -7,13 +7,16 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
+from manifold_nets import InvariantSGD
 from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.zoo import pre_ln_transformer, residual_mlp, small_resnet
 from manifold_nets.nets import Arch2
 from manifold_nets.symmetry import Rescaling, discover
 from manifold_nets.symmetry.discover import _prepare, _verify
+from manifold_nets.testing import assert_loss_invariant, assert_update_equivariant, rescalings
 
 
 def _exact_bn(model: nn.Module) -> nn.Module:
@@ -209,3 +212,25 @@ def test_cli_discover(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["discover", "manifold_nets.experiments.zoo:small_resnet"])
     assert exc.value.code == 2
+
+
+# -- property tests with the toolkit users get (manifold_nets.testing) ---------------------
+_TRANSFORMER = _exact_bn(pre_ln_transformer(vocab=11, d=8, heads=2, mlp=16, layers=1,
+                                            context=5, out=4))
+_TOKENS = torch.randint(0, 11, (32, 5), generator=torch.Generator().manual_seed(0))
+
+
+@settings(max_examples=4, deadline=None)
+@given(g=rescalings(_TRANSFORMER, _TOKENS))
+def test_every_family_of_a_transformer_keeps_its_outputs(g):
+    assert_loss_invariant(_TRANSFORMER, g, _TOKENS, lambda out: out.square().sum())
+
+
+@settings(max_examples=3, deadline=None)
+@given(g=rescalings(_TRANSFORMER, _TOKENS, families=["Q/K dimensions of blocks.0.attn"]))
+def test_qk_rescalings_are_not_resolved_by_sm(g):
+    """The packed in-projection is Euclidean under SM: its steps see the Q/K rescaling."""
+    with pytest.raises(AssertionError, match="sm is not equivariant"):
+        assert_update_equivariant(_TRANSFORMER, g, _TOKENS, lambda out: out.square().mean(),
+                                  update="sm", steps=3, rtol=1e-9,
+                                  optimizer=lambda p: InvariantSGD(p, lr=0.1))

@@ -320,7 +320,9 @@ class Rescaling:
 
     def __repr__(self) -> str:
         def rng(x):
-            return "1" if x is None else f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
+            if x is None or x.numel() == 0:
+                return "1"
+            return f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
         parts = [f"{n}: rows {rng(a)} cols {rng(c)}" for n, (a, c) in self.scales.items()]
         return f"Rescaling({self.label!r}; " + "; ".join(parts) + ")"
 

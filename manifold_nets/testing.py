@@ -1,0 +1,284 @@
+r"""Hypothesis strategies and assertions for invariance tests of your own models.
+
+Property tests that users write for their models, in a few lines::
+
+    from hypothesis import given
+    from manifold_nets import declare, InvariantSGD
+    from manifold_nets.testing import (rescalings, assert_loss_invariant,
+                                       assert_update_equivariant)
+
+    @given(g=rescalings(model, inputs, update="sm"))   # elements that SM resolves
+    def test_sm_is_update_invariant(g):
+        assert_loss_invariant(model, g, inputs, loss_fn)      # loss_fn(outputs) -> scalar
+        assert_update_equivariant(model, g, inputs, loss_fn, update="sm", steps=3,
+                                  optimizer=lambda params: InvariantSGD(params, lr=1e-2,
+                                                                        momentum=0.9))
+
+:func:`rescalings` draws group elements from the families that
+:func:`~manifold_nets.symmetry.discover` finds (all of them, or those an update resolves).
+:func:`assert_loss_invariant` checks :math:`L(g \cdot w) = L(w)`;
+:func:`assert_update_equivariant` runs ``steps`` optimiser steps from :math:`w` and from
+:math:`g \cdot w` and checks that the two models compute the same outputs all along. With
+the same elements, ``update="bsgd"`` fails (the negative control), and so does SM on a
+family it does not resolve. Everything is computed on float64 copies; the tolerances
+depend on the model's dtype and on its normalisations' ``eps`` (which makes per-filter
+scaling a symmetry only up to about ``eps / var``), and failures print the measured gap.
+
+:func:`oblique_points`, :func:`scaled_points` and :func:`tangent_vectors` are strategies
+for points and tangent vectors of the two manifolds.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+try:
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis comes with the dev and testing extras
+    raise ImportError("manifold_nets.testing needs hypothesis: pip install "
+                      "'manifold-nets[testing]' (or pip install hypothesis)") from None
+
+from .declare import declare
+from .manifolds import DiagScaledEuclidean, ObliqueManifold
+from .symmetry import Rescaling, discover
+
+__all__ = [
+    "assert_loss_invariant",
+    "assert_update_equivariant",
+    "oblique_points",
+    "rescalings",
+    "scaled_points",
+    "tangent_vectors",
+    "tolerance",
+]
+
+
+def _args(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _double(inputs) -> tuple:
+    return tuple(a.double() if a.is_floating_point() else a for a in _args(inputs))
+
+
+def tolerance(model: nn.Module) -> float:
+    """The relative tolerance of the assertions for ``model``: round-off of its dtype
+    (``1e-9`` for float64, ``1e-4`` for float32, computed in float64 either way) plus
+    ``100 * eps`` of its normalisations."""
+    p = next(model.parameters())
+    eps = max([m.eps for m in model.modules() if isinstance(
+        m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))] + [0.0])
+    return (1e-9 if p.dtype == torch.float64 else 1e-4) + 100 * eps
+
+
+def rescalings(model: nn.Module, inputs, update: str | None = None, *,
+               families: Sequence[str] | None = None, log_scale: float = 1.0,
+               method: str = "auto") -> st.SearchStrategy[Rescaling]:
+    """A strategy of rescalings of ``model``: random elements of its symmetry group.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : torch.Tensor or tuple
+        example inputs for :func:`~manifold_nets.symmetry.discover` (run once, here)
+    update : {"un", "sm"}, optional
+        only the families that this update resolves (``Family.resolves``)
+    families : sequence of str, optional
+        only the families with these labels
+    log_scale : float
+        the largest log-scale of any row, column or channel (default 1: factors in
+        ``[1/e, e]``)
+    method : str
+        passed to :func:`~manifold_nets.symmetry.discover`
+
+    Raises
+    ------
+    ValueError
+        if no family is left to draw from
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hypothesis import given
+    >>> from manifold_nets.testing import rescalings
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+    ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> strategy = rescalings(net, torch.randn(32, 3), update="un")
+    >>> [f.label for f in strategy.families]
+    ['per-filter scaling of 0']
+    """
+    found = discover(model, inputs, method=method)
+    chosen = [f for f in found.families
+              if (update is None or f.resolves.get(update))
+              and (families is None or f.label in families)]
+    if not chosen:
+        raise ValueError(
+            f"rescalings: no family of symmetries of this model "
+            f"{'is resolved by ' + update if update else 'matches'} (found: "
+            f"{[str(f) for f in found.families] or 'none'})")
+    columns = [c for f in chosen for c in f.columns]
+    basis = found.basis[:, columns]
+    basis = basis / basis.abs().amax(0).clamp_min(1e-300)
+    label = ", ".join(f.label for f in chosen)
+
+    def element(seed_and_size) -> Rescaling:
+        seed, size = seed_and_size
+        t = torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+        v = basis @ t
+        return Rescaling.from_log(found.space, v * (size / v.abs().max().clamp_min(1e-300)),
+                                  label=label)
+
+    strategy = st.tuples(st.integers(0, 2**32 - 1),
+                         st.floats(log_scale / 4, log_scale)).map(element)
+    strategy.families = chosen  # what it draws from, for messages and docs
+    strategy.discovery = found
+    return strategy
+
+
+@torch.no_grad()
+def _loss(net: nn.Module, args: tuple, loss_fn: Callable) -> float:
+    return float(loss_fn(net(*args)))
+
+
+def assert_loss_invariant(model: nn.Module, g: Rescaling, inputs, loss_fn: Callable, *,
+                          rtol: float | None = None) -> float:
+    """Assert :math:`L(g \\cdot w) = L(w)` on ``inputs``, in float64; returns the gap.
+
+    Parameters
+    ----------
+    model : nn.Module
+        not modified (copies are used; batch norms as the model has them)
+    g : Rescaling
+    inputs : torch.Tensor or tuple
+    loss_fn : callable
+        ``loss_fn(outputs) -> scalar``
+    rtol : float, optional
+        default :func:`tolerance`
+
+    Raises
+    ------
+    AssertionError
+        with the two losses and the relative gap
+    """
+    rtol = tolerance(model) if rtol is None else rtol
+    net = copy.deepcopy(model).double()
+    args = _double(inputs)
+    a = _loss(net, args, loss_fn)
+    b = _loss(g.apply(net), args, loss_fn)
+    gap = abs(a - b) / max(abs(a), 1e-300)
+    assert gap <= rtol, (f"loss not invariant under {g.label or 'the rescaling'}: L(w) = "
+                         f"{a!r}, L(g.w) = {b!r}, relative gap {gap:.2e} > {rtol:.1e}")
+    return gap
+
+
+def assert_update_equivariant(model: nn.Module, g: Rescaling, inputs, loss_fn: Callable, *,
+                              update: str, steps: int = 3,
+                              optimizer: Callable | None = None,
+                              rtol: float | None = None) -> list[float]:
+    """Assert that ``steps`` updates from :math:`w` and from :math:`g \\cdot w` give models
+    with the same outputs on ``inputs`` after every step; returns the gaps.
+
+    Both copies are declared for ``update`` (:func:`~manifold_nets.declare`, as
+    :attr:`Family.resolves <manifold_nets.symmetry.structure.Family.resolves>` assumes),
+    in float64, and stepped on ``loss_fn(model(*inputs))``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        not modified
+    g : Rescaling
+    inputs : torch.Tensor or tuple
+    loss_fn : callable
+        ``loss_fn(outputs) -> scalar``
+    update : {"bsgd", "sm", "un"}
+    steps : int
+    optimizer : callable, optional
+        ``optimizer(params) -> torch.optim.Optimizer`` (default:
+        :class:`~manifold_nets.InvariantSGD` with ``lr=1e-2``)
+    rtol : float, optional
+        default :func:`tolerance`
+
+    Raises
+    ------
+    AssertionError
+        naming the first step at which the outputs part, with the measured gap
+    """
+    from .optim import InvariantSGD
+
+    rtol = tolerance(model) if rtol is None else rtol
+    make = optimizer or (lambda params: InvariantSGD(params, lr=1e-2))
+    args = _double(inputs)
+    nets = [copy.deepcopy(model).double()]
+    nets.append(g.apply(nets[0]))
+    opts = []
+    for net in nets:
+        with warnings.catch_warnings():  # the start's change is measured below
+            warnings.simplefilter("ignore", UserWarning)
+            declare(net, update)
+        opts.append(make(net.parameters()))
+    gaps = []
+    for step in range(steps + 1):
+        with torch.no_grad():
+            outs = [net(*args) for net in nets]
+        gap = float((outs[0] - outs[1]).norm() / outs[0].norm().clamp_min(1e-300))
+        gaps.append(gap)
+        assert gap <= rtol, (
+            f"{update} is not equivariant under {g.label or 'the rescaling'}: after "
+            f"{step} step{'s' * (step != 1)} the outputs from w and from g.w differ by "
+            f"{gap:.2e} (relative) > {rtol:.1e}; gaps so far {[f'{x:.1e}' for x in gaps]}")
+        if step == steps:
+            break
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            loss_fn(net(*args)).backward()
+            opt.step()
+    return gaps
+
+
+def _seeds() -> st.SearchStrategy[int]:
+    return st.integers(0, 2**32 - 1)
+
+
+def oblique_points(shape: Sequence[int], ndim: int = 1,
+                   dtype: torch.dtype = torch.float64) -> st.SearchStrategy[torch.Tensor]:
+    """Points of :class:`~manifold_nets.ObliqueManifold` (``ndim`` trailing dims per
+    filter, each of unit norm)."""
+    manifold = ObliqueManifold(ndim)
+
+    def point(seed: int) -> torch.Tensor:
+        x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed),
+                        dtype=dtype)
+        return manifold.projx(x)
+    return _seeds().map(point)
+
+
+def scaled_points(shape: Sequence[int], side: str = "left", ndim: int = 1,
+                  dtype: torch.dtype = torch.float64) -> st.SearchStrategy[torch.Tensor]:
+    """Points of :class:`~manifold_nets.DiagScaledEuclidean`: weights whose filters (or
+    columns, ``side="right"``) have norms spread over two orders of magnitude."""
+    DiagScaledEuclidean(side, ndim)  # validates the arguments
+
+    def point(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(tuple(shape), generator=gen, dtype=dtype)
+        lead = x.dim() - ndim if side == "left" else x.dim() - 1
+        scale = torch.exp(torch.empty(x.shape[:lead] if side == "left" else x.shape[-1:],
+                                      dtype=dtype).uniform_(-2.3, 2.3, generator=gen))
+        view = scale.reshape(*scale.shape, *([1] * ndim)) if side == "left" else scale
+        return x * view
+    return _seeds().map(point)
+
+
+def tangent_vectors(manifold, point: torch.Tensor) -> st.SearchStrategy[torch.Tensor]:
+    """Tangent vectors of ``manifold`` at ``point`` (Gaussian, projected)."""
+    def vector(seed: int) -> torch.Tensor:
+        u = torch.randn(point.shape, generator=torch.Generator().manual_seed(seed),
+                        dtype=point.dtype)
+        return manifold.proju(point, u)
+    return _seeds().map(vector)

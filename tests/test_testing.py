@@ -1,0 +1,114 @@
+"""The testing toolkit as a user writes with it: the documented test file, its negative
+controls, and the manifold strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from manifold_nets import DiagScaledEuclidean, InvariantSGD, ObliqueManifold
+from manifold_nets.testing import (
+    assert_loss_invariant,
+    assert_update_equivariant,
+    oblique_points,
+    rescalings,
+    scaled_points,
+    tangent_vectors,
+)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, eps=1e-12),
+                      nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, bias=False),
+                      nn.BatchNorm2d(4, eps=1e-12), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(4, 3))
+inputs = torch.randn(16, 3, 8, 8)
+labels = torch.randint(0, 3, (16,))
+
+
+def loss_fn(outputs):
+    return nn.functional.cross_entropy(outputs, labels)
+
+
+def momentum_sgd(params):
+    return InvariantSGD(params, lr=1e-2, momentum=0.9)
+
+
+# -- the user's test file (docs/testing.rst shows it) --------------------------------------
+@settings(max_examples=5, deadline=None)
+@given(g=rescalings(model, inputs, update="sm"))   # symmetry-group elements that SM resolves
+def test_sm_is_update_invariant(g):
+    assert_loss_invariant(model, g, inputs, loss_fn)      # loss_fn(outputs) -> scalar
+    assert_update_equivariant(model, g, inputs, loss_fn, update="sm", steps=3,
+                              optimizer=momentum_sgd)
+
+
+@settings(max_examples=5, deadline=None)
+@given(g=rescalings(model, inputs, update="un"))
+def test_un_is_update_invariant(g):
+    assert_update_equivariant(model, g, inputs, loss_fn, update="un", steps=3,
+                              optimizer=momentum_sgd)
+
+
+# -- negative controls: the same checks fail where the theory says they must -------------
+@settings(max_examples=3, deadline=None)
+@given(g=rescalings(model, inputs, update="sm"))
+def test_bsgd_fails_the_same_check(g):
+    assert_loss_invariant(model, g, inputs, loss_fn)  # the element is a symmetry ...
+    with pytest.raises(AssertionError, match=r"bsgd is not equivariant .* after \d+ steps?"):
+        assert_update_equivariant(model, g, inputs, loss_fn, update="bsgd", steps=3,
+                                  optimizer=momentum_sgd)  # ... that B-SGD does not respect
+
+
+unresolved = rescalings(model, inputs, families=["units between 1 and 3"])
+
+
+@settings(max_examples=3, deadline=None)
+@given(g=unresolved)
+def test_sm_fails_on_a_family_it_does_not_resolve(g):
+    """The ReLU units between the first batch norm and the next conv: a symmetry (the loss
+    is invariant), which SM's metric does not see through (it scales the batch norm's
+    Euclidean parameters and the conv's columns)."""
+    assert unresolved.families[0].resolves == {"un": False, "sm": False}
+    assert_loss_invariant(model, g, inputs, loss_fn)
+    with pytest.raises(AssertionError, match="sm is not equivariant"):
+        assert_update_equivariant(model, g, inputs, loss_fn, update="sm", steps=3,
+                                  optimizer=momentum_sgd)
+
+
+def test_no_family_left_is_a_clear_error():
+    with pytest.raises(ValueError, match="no family of symmetries of this model is resolved "
+                                         "by bsgd"):
+        rescalings(model, inputs, update="bsgd")
+
+
+def test_a_failing_loss_check_shows_the_gap():
+    from manifold_nets.symmetry import Rescaling, ScalingSpace
+
+    g = Rescaling(ScalingSpace(model), {"8.weight": (torch.full((3,), 2.0), None)},
+                  label="head rows x2")
+    with pytest.raises(AssertionError, match=r"loss not invariant under head rows x2: .*"
+                                             r"relative gap \d"):
+        assert_loss_invariant(model, g, inputs, loss_fn)
+
+
+# -- strategies for points and tangent vectors ---------------------------------------------
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_oblique_points_and_tangents(data):
+    m = ObliqueManifold(2)
+    x = data.draw(oblique_points((4, 3, 2), ndim=2))
+    torch.testing.assert_close(x.flatten(1).norm(dim=1), torch.ones(4, dtype=x.dtype))
+    u = data.draw(tangent_vectors(m, x))
+    assert float((u * x).flatten(1).sum(1).abs().max()) < 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(x=scaled_points((5, 3)))
+def test_scaled_points_spread_their_filter_norms(x):
+    norms = x.norm(dim=1)
+    assert bool((norms > 0).all())
+    m = DiagScaledEuclidean("left", 1)
+    m.assert_check_point_on_manifold(x)
