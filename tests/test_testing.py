@@ -1,5 +1,5 @@
 """The testing toolkit as a user writes with it: the documented test file, its negative
-controls, and the manifold strategies."""
+controls, and the strategies for manifold points."""
 
 from __future__ import annotations
 

@@ -436,6 +436,16 @@ def _bench_parser(sub) -> None:
     _common(p)
 
 
+def _update_and_rates(p: argparse.ArgumentParser, update: str, lr: float, what: str) -> None:
+    """``--update``, ``--lr`` and ``--lr-grid`` of the segmentation commands."""
+    p.add_argument("--update", choices=UPDATES, default=update,
+                   help=f"update of Table 1 (default: {update})")
+    p.add_argument("--lr", type=positive_float, default=lr,
+                   help=f"base rate when --lr-grid is not given (default: {lr})")
+    p.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
+                   help=f"rates to select from on the validation {what}, space-separated")
+
+
 def _segnet_parsers(sub) -> None:
     from ..nets import SegNetConfig
     from .segmentation import CanvasConfig, SegConfig
@@ -447,12 +457,7 @@ def _segnet_parsers(sub) -> None:
              "global accuracy, class-average accuracy and mean IoU. With --lr-grid, the rate "
              "is selected on the validation canvases (first seed) and the other --seeds are "
              "trained with it.", _run_segnet)
-    p.add_argument("--update", choices=UPDATES, default=d.update,
-                   help=f"update of Table 1 (default: {d.update})")
-    p.add_argument("--lr", type=positive_float, default=d.lr,
-                   help=f"base rate when --lr-grid is not given (default: {d.lr})")
-    p.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
-                   help="rates to select from on the validation canvases, space-separated")
+    _update_and_rates(p, d.update, d.lr, "canvases")
     p.add_argument("--epochs", type=positive_int, default=d.epochs,
                    help=f"(default: {d.epochs})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
@@ -602,12 +607,7 @@ def _camvid_parsers(sub) -> None:
              "--select-epochs epochs (first seed) and the best validation mean IoU picks the "
              "rate of the full runs. Every run checkpoints after each epoch; rerunning the "
              "same command continues a killed run and skips finished ones.", _run_camvid)
-    t.add_argument("--update", choices=UPDATES, default=d.update,
-                   help=f"update of Table 1 (default: {d.update})")
-    t.add_argument("--lr", type=positive_float, default=d.lr,
-                   help=f"rate when --lr-grid is not given (default: {d.lr})")
-    t.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
-                   help="rates to select from on the validation images, space-separated")
+    _update_and_rates(t, d.update, d.lr, "images")
     t.add_argument("--select-epochs", type=positive_int, default=2,
                    help="epochs of each selection run (default: 2)")
     t.add_argument("--epochs", type=positive_int, default=d.epochs,
