@@ -229,6 +229,26 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
     if fallback and method == "auto":
         result.notes.append(fallback)
         warnings.warn(f"discover: {fallback}", stacklevel=2)
+    elif train:  # the generic count, to tell the inputs' own symmetries apart
+        from .structure import structural_symmetries
+
+        try:
+            structural = structural_symmetries(net, args, space)
+        except ValueError:
+            structural = None
+        if structural is not None and structural.dim != result.dim:
+            more = result.dim - structural.dim
+            why = ("the structural analysis treats unsupported operations as breaking "
+                   f"scalings ({', '.join(structural.unsupported)}), or "
+                   if structural.unsupported and more > 0 else "")
+            why += ("dead units, or pooling winners that never change, are symmetries of "
+                    "these inputs only" if more > 0 else "check Discovery.gap and the "
+                    "threshold")
+            note = (f"the inputs give {result.dim} directions, the structure of the model "
+                    f"{structural.dim}: {abs(more)} {'more' if more > 0 else 'fewer'} on "
+                    f"these inputs ({why}; gap {result.gap:.2e})")
+            result.notes.append(note)
+            warnings.warn(f"discover: {note}", stacklevel=2)
     return result
 
 

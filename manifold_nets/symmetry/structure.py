@@ -290,6 +290,7 @@ class _Analysis(torch.fx.Interpreter):
 
     # -- the interpreter ------------------------------------------------------------------
     def run_node(self, n: torch.fx.Node):
+        self.current = n
         result = super().run_node(n)
         args = torch.fx.node.map_arg(n.args, lambda a: self.sym.get(a))
         kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: self.sym.get(a))
@@ -1049,8 +1050,15 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
                          f"{str(err).splitlines()[0][:200]}); use method='dense'") from None
     analysis = _Analysis(gm, space)
     analysis.seen = _seen_tokens(model, inputs)
-    with torch.no_grad():
-        analysis.run(*(a[:2] for a in inputs))
+    try:
+        with torch.no_grad():
+            analysis.run(*(a[:2] for a in inputs))
+    except Exception as err:  # a rule that does not fit this model: say where, never crash
+        node = getattr(analysis, "current", None)
+        where = f" at {node.op} {node.target}" if node is not None else ""
+        raise ValueError(f"the structural analysis failed{where} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}); use "
+                         "method='dense'") from err
     sys = analysis.sys
     site_of = _site_lookup(space)
 
