@@ -106,7 +106,7 @@ def rescalings(model: nn.Module, inputs, update: str | None = None, *,
     >>> import torch
     >>> from hypothesis import given
     >>> from manifold_nets.testing import rescalings
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4),
     ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> strategy = rescalings(net, torch.randn(32, 3), update="un")
     >>> [f.label for f in strategy.families]
