@@ -241,8 +241,8 @@ def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how:
           ) -> dict[str, tuple]:
     """name -> (manifold or None, role, reason) for the parameters the update acts on.
 
-    ``symmetric``: the weights whose per-filter scaling is a symmetry of the model (from
-    :func:`~manifold_nets.symmetry.discover`), or ``None`` when no inputs were given.
+    ``symmetric``: what the model's symmetries do to its weights (:func:`_analyse`), or
+    ``None`` when no inputs were given.
     """
     plan = {}
     for name, mod in model.named_modules():
@@ -266,14 +266,22 @@ def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how:
                 plan[key] = (None, "classifier", why + ("; Table 1: UN leaves theta "
                                                         "Euclidean" if update == "un" else ""))
         elif update == "sm":
-            plan[key] = (DiagScaledEuclidean("left", ndim=w.dim() - 1), "filters",
-                         f"SM's left metric on the rows (eq. (7)){tie}")
+            if symmetric is None or key in symmetric["rows"]:
+                plan[key] = (DiagScaledEuclidean("left", ndim=w.dim() - 1), "filters",
+                             f"SM's left metric on the rows (eq. (7)){tie}")
+            elif key in symmetric["cols"]:
+                plan[key] = (DiagScaledEuclidean("right", ndim=w.dim()), "filters",
+                             "symmetries scale its columns only: SM's right metric "
+                             f"(eq. (8)){tie}")
+            else:
+                plan[key] = (None, "filters", "no rescaling symmetry acts on it: "
+                             f"Euclidean{tie}")
         elif update == "un":
             if symmetric is None:
                 plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
                              f"Table 1 (no inputs: not checked that its per-filter scaling "
                              f"is a symmetry){tie}")
-            elif key in symmetric:
+            elif key in symmetric["filters"]:
                 plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
                              f"its per-filter scaling is a symmetry: UN changes nothing{tie}")
             else:
@@ -286,10 +294,12 @@ def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how:
     return plan
 
 
-def _symmetric_filters(model: nn.Module, inputs) -> set[str] | None:
-    """The ``Linear``/``ConvNd`` weights whose every row scaling is a symmetry (the
-    structural analysis of :mod:`manifold_nets.symmetry.structure`), or ``None`` when the
-    model cannot be traced."""
+def _analyse(model: nn.Module, inputs) -> dict[str, set[str]] | None:
+    """What the symmetries of ``model`` do to its ``Linear``/``ConvNd`` weights (the
+    structural analysis of :mod:`manifold_nets.symmetry.structure`):
+    ``{"filters": weights whose every row scaling is a symmetry, "rows": weights whose
+    rows some symmetry scales, "cols": weights whose columns some symmetry scales}``, or
+    ``None`` when the model cannot be traced (with a warning)."""
     from .symmetry.groups import ScalingSpace
     from .symmetry.structure import _inputs, _prepare, structural_symmetries
 
@@ -302,14 +312,22 @@ def _symmetric_filters(model: nn.Module, inputs) -> set[str] | None:
         warnings.warn(f"declare: the symmetry analysis is unavailable ({err}); every filter "
                       "is declared as in Table 1", stacklevel=3)
         return None
-    out = set()
+    out: dict[str, set[str]] = {"filters": set(), "rows": set(), "cols": set()}
+    moved = found.basis.abs().sum(1) > 0
+    for site in space.sites:
+        if site.kind != "matrix":
+            continue
+        if bool(moved[site.row_offset:site.row_offset + site.rows].any()):
+            out["rows"].add(site.weight)
+        if bool(moved[site.col_offset:site.col_offset + site.cols].any()):
+            out["cols"].add(site.weight)
     for fam in found.families:
         if fam.kind != "per-filter" or len(fam.layers) != 1:
             continue
         site = next((s for s in space.sites if s.module == fam.layers[0]
                      and s.kind == "matrix"), None)
         if site is not None and fam.size == site.rows:
-            out.add(site.weight)
+            out["filters"].add(site.weight)
     return out
 
 
@@ -371,8 +389,11 @@ def declare(
         classifier, everything else stays Euclidean (listed with the reason).
     update : {"bsgd", "sm", "un"}
         ``"bsgd"``: everything Euclidean (plain SGD). ``"sm"``: the scaled metric, eqs.
-        (7)-(8), on every filter and on the classifier (a metric: it changes nothing the
-        model computes). ``"un"``: unit-norm filters, eq. (9). With ``inputs``, only the
+        (7)-(8) (a metric: it changes nothing the model computes): the left metric on the
+        filters, the right one on the classifier; with ``inputs``, the left metric where
+        some symmetry scales a weight's rows, the right one where symmetries scale only
+        its columns (as :math:`\theta`), and none where no symmetry acts on it.
+        ``"un"``: unit-norm filters, eq. (9). With ``inputs``, only the
         filters whose per-filter scaling is a symmetry of the model
         (:func:`~manifold_nets.symmetry.discover`) go on the oblique manifold, so the
         model's function is unchanged; the others stay Euclidean with the reason. Without
@@ -436,8 +457,8 @@ def declare(
         how = "given"
         classifier = _resolve_classifier(model, classifier)
     explicit = dict(manifolds or {})
-    symmetric = _symmetric_filters(model, inputs) if (
-        inputs is not None and update == "un") else None
+    symmetric = _analyse(model, inputs) if (
+        inputs is not None and update in ("un", "sm")) else None
     tied = _tied(model)
     plan = _plan(model, update, classifier, how, explicit, symmetric, tied)
     params = dict(model.named_parameters())

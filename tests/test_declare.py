@@ -335,3 +335,19 @@ def test_an_override_that_changes_the_function_warns_with_the_change():
     with pytest.warns(UserWarning, match=r"outputs on the given inputs changed by \d"):
         dec = declare(net, "un", inputs=x, manifolds={"0.weight": ObliqueManifold()})
     assert dec.function_change > 0.1 and dec.roles["0.weight"] == "explicit"
+
+
+def test_sm_with_inputs_places_its_metrics_where_the_symmetries_act():
+    """Left metric where symmetries scale the rows (ReLU units), right where they scale
+    only the columns (the classifier), none where no symmetry acts (before a GELU)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 5), nn.ReLU(),
+                        nn.Linear(5, 3))
+    dec = declare(net, "sm", inputs=torch.randn(64, 4))
+    assert isinstance(dec["0.weight"], geoopt.Euclidean)
+    assert "no rescaling symmetry acts on it" in dec.reasons["0.weight"]
+    assert dec["2.weight"].side == "left" and dec["4.weight"].side == "right"
+    assert dec.roles["4.weight"] == "classifier"
+    assert dec.function_change == 0.0
+    dec = declare(net, "sm")  # without inputs: Table 1, the control
+    assert dec["0.weight"].side == "left"
