@@ -928,8 +928,23 @@ def _records(folder: Path) -> dict[str, tuple[dict, list[dict]]]:
         path = folder / update / "summary.json"
         if path.exists():
             summary = json.loads(path.read_text())
-            found[update] = (summary, [json.loads((folder / update / r).read_text())
-                                       for r in summary["runs"]])
+            runs = [json.loads((folder / update / r).read_text()) for r in summary["runs"]]
+        else:  # still training: the seeds finished so far
+            runs = [json.loads(p.read_text()) for p in sorted((folder / update).glob(
+                "seed*.json"))]
+            if not runs:
+                continue
+            selection = {}
+            for p in sorted((folder / update).glob("select-lr*.json")):
+                r = json.loads(p.read_text())
+                selection[f"{r['config']['lr']:g}"] = None if r["diverged"] else \
+                    r["val"]["mean_iou"]
+            summary = {"update": update, "lr": runs[0]["config"]["lr"],
+                       "seeds": [r["config"]["seed"] for r in runs], "selection": selection,
+                       "select_epochs": json.loads(next((folder / update).glob(
+                           "select-lr*.json")).read_text())["config"]["epochs"]
+                       if selection else None, "runs": []}
+        found[update] = (summary, runs)
     return found
 
 
