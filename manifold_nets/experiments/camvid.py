@@ -955,7 +955,7 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
 
     def cell(values):
         m, sd = mean_std([100 * v for v in values])
-        return f"{m:.1f} ± {sd:.1f}"
+        return f"{m:.1f} ± {sd:.1f}" if len(values) > 1 else f"{m:.1f} (one seed)"
 
     lines = ["## Test metrics, % (mean ± std over seeds)", "",
              "| update | lr | seeds | resolution | global acc. | class-avg. acc. | mean IoU |",
