@@ -653,17 +653,14 @@ class _Analysis(torch.fx.Interpreter):
             return self.fail(n, f"padding mode {mod.padding_mode!r}", [x]) or \
                 _zero_like(result)
 
-        def two(v, fill):
-            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-            return v if nd == 2 else (fill,) + v
-        k, st, dl = two(mod.kernel_size, 1), two(mod.stride, 1), two(mod.dilation, 1)
+        k, st, dl = (_as_2d(v, nd, 1) for v in (mod.kernel_size, mod.stride, mod.dilation))
         if isinstance(mod.padding, str):
             if mod.padding == "same" and any(dl[i] * (k[i] - 1) % 2 for i in range(2)):
                 return self.fail(n, "asymmetric 'same' padding", [x]) or _zero_like(result)
             pad = [(dl[i] * (k[i] - 1)) // 2 for i in range(2)] if mod.padding == "same" \
                 else [0, 0]
         else:
-            pad = list(two(mod.padding, 0))
+            pad = list(_as_2d(mod.padding, nd, 0))
         ids = x.ids if nd == 2 else x.ids.unsqueeze(-2)
         N = ids.shape[0]
         padded = F.pad(ids.to(self.dtype), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
@@ -746,13 +743,10 @@ class _Analysis(torch.fx.Interpreter):
         if getattr(mod, "ceil_mode", False):
             return self.fail(n, "ceil_mode pooling", [x]) or _zero_out(result)
 
-        def two(v, fill):
-            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-            return v if nd == 2 else (fill,) + v
-        k = two(mod.kernel_size, 1)
-        st = two(mod.stride if mod.stride is not None else mod.kernel_size, 1)
-        pd = two(mod.padding, 0)
-        dl = two(getattr(mod, "dilation", 1), 1)
+        k = _as_2d(mod.kernel_size, nd, 1)
+        st = _as_2d(mod.stride if mod.stride is not None else mod.kernel_size, nd, 1)
+        pd = _as_2d(mod.padding, nd, 0)
+        dl = _as_2d(getattr(mod, "dilation", 1), nd, 1)
         ids = x.ids if nd == 2 else x.ids.unsqueeze(-2)
         N, C = ids.shape[:2]
         padded = F.pad(ids.to(self.dtype), (pd[1], pd[1], pd[0], pd[0]), value=-1.0)
@@ -906,6 +900,13 @@ _NONHOMOGENEOUS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, n
                    nn.LogSoftmax, nn.Softsign, nn.Tanhshrink)
 _NONHOMOGENEOUS_FN = {"gelu", "tanh", "sigmoid", "silu", "exp", "softplus", "elu", "log",
                       "log_softmax", "sqrt", "rsqrt", "pow", "erf", "sin", "cos"}
+
+
+def _as_2d(v, nd: int, fill: int) -> tuple:
+    """A 1-d or 2-d window parameter as two values (a 1-d one padded in front with
+    ``fill``), to run 1-d and 2-d convolutions and pooling through 2-d unfolding."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+    return v if nd == 2 else (fill,) + v
 
 
 def _flatten(obj):
