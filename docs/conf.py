@@ -1,8 +1,10 @@
 """Sphinx configuration for manifold-nets.
 
-The build needs no network: intersphinx is off, and MathJax is served from the
-``sphinx-mathjax-offline`` package when it is installed (otherwise Sphinx's default CDN
-URL is used, which needs a network connection in the reader's browser only).
+The build needs no network. intersphinx links Python, torch, numpy and geoopt through
+the inventories in ``docs/inventories/`` (``make_inventories.py`` there writes them), and
+MathJax is served from the ``sphinx-mathjax-offline`` package when it is installed
+(otherwise Sphinx's default CDN URL is used, which needs a network connection in the
+reader's browser only). The build is nitpicky: every cross-reference must resolve.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.doctest",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "numpydoc",
@@ -36,9 +39,18 @@ if importlib.util.find_spec("sphinx-mathjax-offline") is not None:
     extensions.append("sphinx-mathjax-offline")
 
 templates_path: list[str] = []
-exclude_patterns = ["_build", "figures"]
+exclude_patterns = ["_build", "figures", "inventories"]
 root_doc = "index"
-nitpicky = False
+nitpicky = True
+
+# -- intersphinx, offline -----------------------------------------------------------------
+_INV = Path(__file__).resolve().parent / "inventories"
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", str(_INV / "python.inv")),
+    "torch": ("https://docs.pytorch.org/docs/stable", str(_INV / "torch.inv")),
+    "numpy": ("https://numpy.org/doc/stable", str(_INV / "numpy.inv")),
+    "geoopt": ("https://geoopt.readthedocs.io/en/latest", str(_INV / "geoopt.inv")),
+}
 
 # -- autodoc / numpydoc ---------------------------------------------------------------
 autodoc_member_order = "bysource"
@@ -47,7 +59,11 @@ autodoc_default_options = {"show-inheritance": True}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
-numpydoc_validation_checks: set[str] = set()
+# Attributes become targets that :attr: references resolve to.
+numpydoc_attributes_as_param_list = False
+# Every documented public callable has its parameters, its returns and an example.
+numpydoc_validation_checks = {"PR01", "PR02", "RT01", "EX01"}
+numpydoc_validation_exclude = {r"\.__init__$", r"\._[a-z]"}
 
 # -- doctest ----------------------------------------------------------------------------
 doctest_global_setup = """
@@ -62,3 +78,37 @@ html_title = f"manifold-nets {release}"
 html_static_path = ["_static"]
 html_show_sourcelink = False
 html_css_files = ["custom.css"]
+
+
+# -- re-exported names -------------------------------------------------------------------
+def _resolve_reexport(app, env, node, contnode):
+    """Resolve a name re-exported by a package (``manifold_nets.InvariantSGD``,
+    ``manifold_nets.symmetry.discover``) to the module that documents it."""
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("manifold_nets."):
+        return None
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return None
+        break
+    owner = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not owner or not qualname or owner.startswith("manifold_nets") is False:
+        return None
+    resolved = f"{owner}.{qualname}"
+    if resolved == target:
+        return None
+    return env.get_domain("py").resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], resolved, node, contnode)
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_reexport)
