@@ -110,5 +110,16 @@ def _resolve_reexport(app, env, node, contnode):
         env, node["refdoc"], app.builder, node["reftype"], resolved, node, contnode)
 
 
+def _public_bases(app, name, obj, options, bases):
+    """Show a private base class (``nets._PoolNet``) as the public bases it derives from."""
+    i = 0
+    while i < len(bases):
+        if bases[i].__name__.startswith("_"):
+            bases[i:i + 1] = list(bases[i].__bases__)
+        else:
+            i += 1
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_reexport)
+    app.connect("autodoc-process-bases", _public_bases)
