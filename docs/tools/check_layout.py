@@ -37,12 +37,14 @@ FIND_OVERFLOW = """
     if (box.width === 0 || reported.some((r) => r.contains(el))) continue;
     // a heading's permalink sign sits just past the edge by design
     if (/^H[1-6]$/.test(el.tagName) || el.classList.contains('headerlink')) continue;
+    // MathJax's assistive MathML is clipped to nothing by design
+    if (el.closest('mjx-assistive-mml')) continue;
     const style = getComputedStyle(el);
     const scrolls = ['auto', 'scroll', 'hidden'].includes(style.overflowX);
     if (scrolls && el.scrollWidth > el.clientWidth + 2) {
       found.push(['hidden', el.scrollWidth - el.clientWidth, describe(el)]);
       reported.push(el);
-    } else if (box.right > right + 2 && !el.closest('.highlight, .table-wrapper')) {
+    } else if (box.right > right + 8 && !el.closest('.highlight, .table-wrapper')) {
       found.push(['past edge', Math.round(box.right - right), describe(el)]);
       reported.push(el);
     }
