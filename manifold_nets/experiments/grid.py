@@ -120,7 +120,7 @@ class RunSpec:
         -------
         tuple
             ``(depth, protocol, arch, update)``; the runs of one cell differ only in
-            :attr:`run`.
+            ``run``.
 
         Examples
         --------

@@ -213,6 +213,16 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict |
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none).
 
+    Parameters
+    ----------
+    values : sequence of float
+        The sample.
+
+    Returns
+    -------
+    (float, float)
+        The mean and the sample standard deviation (``n - 1`` in the denominator).
+
     Examples
     --------
     >>> from manifold_nets.experiments.report import mean_std

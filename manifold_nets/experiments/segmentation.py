@@ -974,7 +974,7 @@ class SymmetryReport:
 
         The gradient alignment must be below ``sqrt(atol)``; a negative control "fails"
         when its gap exceeds ``1000`` times the tolerance. An update missing from
-        :attr:`step_gap` is not checked (``bsgd`` included).
+        ``step_gap`` is not checked (``bsgd`` included).
 
         Parameters
         ----------

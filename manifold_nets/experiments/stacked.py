@@ -196,7 +196,7 @@ class StackedNet:
         Returns
         -------
         bool
-            ``True`` when :attr:`gamma` is not empty.
+            ``True`` when ``gamma`` is not empty.
 
         Examples
         --------
@@ -583,6 +583,11 @@ class StackedNet:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One training-mode forward and backward pass of summed cross-entropy, per run.
 
+        Sets ``.grad`` of every parameter to the gradient of its own run's loss
+        :math:`L_r = \sum_{b} \mathrm{CE}(f_r(x_b), y_b)` (back-propagation written out
+        for this network: the result equals autograd's, ``tests/test_stacked.py``) and
+        updates the batch-norm running statistics.
+
         Parameters
         ----------
         x : torch.Tensor
@@ -596,11 +601,6 @@ class StackedNet:
             defaults to the range's position). Without it a 3-D ``x`` holds one
             mini-batch per run (``S = R``). Each range's first layer is one matrix
             product.
-
-        Sets ``.grad`` of every parameter to the gradient of its own run's loss
-        :math:`L_r = \sum_{b} \mathrm{CE}(f_r(x_b), y_b)` (back-propagation written out
-        for this network: the result equals autograd's, ``tests/test_stacked.py``) and
-        updates the batch-norm running statistics.
 
         Returns
         -------
