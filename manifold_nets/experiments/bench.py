@@ -38,9 +38,9 @@ the stacked engine (:func:`~.engines.fit_stacked`), against runs of the sequenti
 engine (:func:`~.engines.fit`), as seconds per run-epoch and their ratio.
 
 ``steps`` times the optimiser step alone, momentum 0.9, on the weight sets of
-:data:`WEIGHT_SETS` (ResNet-18's conv weights, two 4096 x 4096 Linear weights), against
+``WEIGHT_SETS`` (ResNet-18's conv weights, two 4096 x 4096 Linear weights), against
 ``torch.optim.SGD(foreach=True, momentum=0.9)``, for every thread count of
-``--step-threads`` (:func:`bench_steps`).
+``--step-threads`` (``bench_steps``).
 
 These are measurements, not tests: nothing here asserts a time.
 """
@@ -80,7 +80,18 @@ def _sgd(params, lr, foreach):
     return torch.optim.SGD(params, lr=lr, foreach=foreach)
 
 
-#: name -> (update given to :func:`declare` or "sphere", optimiser factory(params, lr))
+#: name -> (update given to :func:`manifold_nets.declare` or "sphere", optimiser
+#: factory(params, lr)): the optimisers of the table above.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.bench import OPTIMISERS, bench_model
+#: >>> list(OPTIMISERS)[:4]
+#: ['sgd', 'sgd-foreach', 'geoopt-euclid', 'geoopt-sphere']
+#: >>> update, factory = OPTIMISERS["ours-un"]
+#: >>> opt = factory(bench_model("mlp", update).parameters(), 1e-4)
+#: >>> update, type(opt).__name__
+#: ('un', 'InvariantSGD')
 OPTIMISERS: dict[str, tuple[str, Callable]] = {
     "sgd": ("bsgd", lambda ps, lr: _sgd(ps, lr, False)),
     "sgd-foreach": ("bsgd", lambda ps, lr: _sgd(ps, lr, True)),
@@ -143,7 +154,37 @@ class SmallConvNet(nn.Module):
 
 
 def bench_model(net: str, update: str, seed: int = 0) -> nn.Module:
-    """The network ``net`` ("mlp" or "conv") declared for ``update`` (or "sphere")."""
+    """The network ``net`` ("mlp" or "conv") declared for ``update`` (or "sphere").
+
+    Parameters
+    ----------
+    net : {"mlp", "conv"}
+        The paper's Arch2 (4 hidden layers of 64 filters, 784 inputs, 10 classes) or the
+        small conv net (its filters scaled to unit norm first, the paper's
+        initialisation).
+    update : {"bsgd", "sm", "un", "sphere"}
+        The update of :func:`manifold_nets.declare`; ``"sphere"``: the filters of ``"un"``
+        on ``geoopt.Sphere`` instead of :class:`~manifold_nets.ObliqueManifold`.
+    seed : int, optional
+        Seeds torch's global generator before the model is built (default 0).
+
+    Returns
+    -------
+    torch.nn.Module
+        The declared model.
+
+    Examples
+    --------
+    >>> import geoopt
+    >>> from manifold_nets.experiments.bench import bench_model
+    >>> model = bench_model("conv", "sphere")
+    >>> type(model.conv1.weight.manifold).__name__, tuple(model.conv1.weight.shape)
+    ('Sphere', (16, 1, 5, 5))
+    >>> model(torch.rand(2, 784)).shape
+    torch.Size([2, 10])
+    >>> type(bench_model("mlp", "un").layers[0].linear.weight.manifold).__name__
+    'ObliqueManifold'
+    """
     torch.manual_seed(seed)
     model = Arch2(depth=4, width=64) if net == "mlp" else SmallConvNet()
     if net == "conv":  # the paper's initialisation: unit-norm filters
@@ -167,7 +208,35 @@ def load_train_images(data_dir: str | os.PathLike | None, n: int = 50_000,
                       ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first ``n`` MNIST training images (float32 in [0, 1], flattened) and labels,
     read by :func:`~.data.load_dataset` from ``data_dir`` (or where it looks; no download),
-    checksums verified. Returns ``(x, y, source)``."""
+    checksums verified. Returns ``(x, y, source)``.
+
+    Parameters
+    ----------
+    data_dir : path or None
+        A folder holding the MNIST IDX files; ``None``: where
+        :func:`~.data.load_dataset` looks by default.
+    n : int, optional
+        How many images (default 50,000).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor, str)
+        ``(n, 784)`` images, ``(n,)`` labels, and the folder they were read from.
+
+    Raises
+    ------
+    manifold_nets.experiments.data.DataError
+        If the files are missing (they are not downloaded) or corrupted.
+
+    Examples
+    --------
+    It needs the MNIST files on disk, which a docs build does not have, so this example
+    is not run:
+
+    >>> x, y, source = load_train_images(None, n=1000)  # doctest: +SKIP
+    >>> x.shape, y.shape  # doctest: +SKIP
+    (torch.Size([1000, 784]), torch.Size([1000]))
+    """
     from .data import load_dataset
 
     ds = load_dataset("mnist", data_dir, download=False)
@@ -231,7 +300,59 @@ def _state_bytes(opt) -> int:
 
 @dataclass
 class BenchConfig:
-    """What ``manifold-nets bench`` measures; saved with the results."""
+    """What ``manifold-nets bench`` measures; saved with the results.
+
+    Parameters
+    ----------
+    nets, optimisers, repeats, blocks, mlp_images, conv_images, batch, lr, step_calls, \
+step_lr, grid_images, grid_arch, grid_depth, grid_seeds, threads, seed, data_dir, \
+weight_sets, step_threads, step_rounds, device, extra
+        The attributes below.
+
+    Attributes
+    ----------
+    nets : tuple of str
+        What to time: ``"mlp"``, ``"conv"``, ``"grid"``, ``"steps"`` (default: all).
+    optimisers : tuple of str
+        Names of :data:`OPTIMISERS` for ``mlp`` and ``conv`` (default: all).
+    repeats : int
+        Interleaved rounds (5).
+    blocks : int
+        Blocks per epoch, interleaved across optimisers (10).
+    mlp_images, conv_images, grid_images : int
+        Images per epoch of each network (50,000, 5,000, 10,000).
+    batch : int
+        Mini-batch size (100).
+    lr : float
+        The learning rate of the timed epochs (1e-4).
+    step_calls : int
+        Optimiser steps per timing of the step alone (200).
+    step_lr : float
+        The learning rate of those steps (1e-7: the weights barely move).
+    grid_arch, grid_depth, grid_seeds
+        The runs of the grid benchmark: ``grid_seeds`` seeds x 3 updates x 2 protocols
+        of ``grid_arch`` with ``grid_depth`` layers (Arch2, 2, 5: 30 runs).
+    threads : int
+        Torch threads (1).
+    seed : int
+        Seeds the models and the batch orders.
+    data_dir : str or None
+        Where the MNIST files are (:func:`~manifold_nets.experiments.data.load_dataset`).
+    weight_sets, step_threads, step_rounds, device
+        The step benchmark: weight sets (``"resnet18"``, ``"linear4096"``), thread
+        counts, interleaved rounds, and ``"cpu"`` or ``"cuda"``.
+    extra : dict
+        Anything else to save with the results.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.bench import BenchConfig
+    >>> cfg = BenchConfig(nets=("mlp",), optimisers=("sgd", "ours-un"), repeats=3)
+    >>> cfg.nets, cfg.optimisers, cfg.repeats, cfg.batch, cfg.mlp_images
+    (('mlp',), ('sgd', 'ours-un'), 3, 100, 50000)
+    >>> BenchConfig().nets
+    ('mlp', 'conv', 'grid', 'steps')
+    """
 
     nets: tuple[str, ...] = ("mlp", "conv", "grid", "steps")
     optimisers: tuple[str, ...] = tuple(OPTIMISERS)
@@ -521,7 +642,36 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
-    """Run every benchmark of ``cfg``; returns a JSON-ready dict (config, machine, results)."""
+    """Run every benchmark of ``cfg``; returns a JSON-ready dict (config, machine, results).
+
+    Parameters
+    ----------
+    cfg : BenchConfig
+        What to measure. The MNIST training images are read (no download) when ``mlp``,
+        ``conv`` or ``grid`` is among ``cfg.nets``.
+    log : callable, optional
+        Called with a line of progress after every round (default :func:`print`).
+
+    Returns
+    -------
+    dict
+        ``config`` (``cfg`` as a dict), ``machine`` (platform, CPUs, threads, versions,
+        load average before and after, peak RSS), ``data`` (the images' folder or
+        ``None``), ``nets`` (per network, the timings of every optimiser), and ``grid``
+        and ``steps`` when measured.
+
+    Examples
+    --------
+    A real benchmark runs for minutes; with no network to time, the call only records
+    the configuration and the machine:
+
+    >>> from manifold_nets.experiments.bench import BenchConfig, run_bench
+    >>> out = run_bench(BenchConfig(nets=()))
+    >>> sorted(out), out["nets"], out["config"]["repeats"]
+    (['config', 'data', 'machine', 'nets'], {}, 5)
+    >>> out["machine"]["threads"]
+    1
+    """
     torch.set_num_threads(cfg.threads)
     n = max(cfg.mlp_images if "mlp" in cfg.nets else 0,
             cfg.conv_images if "conv" in cfg.nets else 0,
@@ -613,7 +763,35 @@ def format_table(result: dict) -> str:
 # -- command line ---------------------------------------------------------------------------
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``manifold-nets bench``."""
+    """``manifold-nets bench``.
+
+    Checks that ``--output`` can be written, runs :func:`run_bench` with the options, and
+    prints the results as tables (or as JSON with ``--json``), also writing the JSON to
+    ``--output``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``manifold-nets bench``
+        (:func:`manifold_nets.experiments.cli.build_parser`).
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 1 when ``--output`` cannot be written (the message goes to
+        stderr).
+
+    Examples
+    --------
+    A benchmark runs for minutes; an unwritable ``--output`` is refused before any
+    work:
+
+    >>> from manifold_nets.experiments.bench import run_cli
+    >>> from manifold_nets.experiments.cli import build_parser
+    >>> args = build_parser().parse_args(["bench", "--output", "/proc/no-such/out.json"])
+    >>> run_cli(args)
+    1
+    """
     if args.output:
         problem = unwritable(args.output, "--output")
         if problem:

@@ -56,17 +56,65 @@ __all__ = [
     "save_checkpoint",
 ]
 
-#: The marker and version stored in every checkpoint.
+#: The marker and version stored in every checkpoint; :func:`read_checkpoint` refuses a
+#: file without the marker, or with another version.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.checkpoint import FORMAT
+#: >>> FORMAT
+#: ('manifold-nets-checkpoint', 2)
 FORMAT = ("manifold-nets-checkpoint", 2)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model, optimiser or
-    configuration it is loaded into (the message names the mismatch)."""
+    configuration it is loaded into (the message names the mismatch).
+
+    A subclass of :class:`ValueError`, so that callers that catch bad input in general
+    catch it too.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from manifold_nets.experiments.checkpoint import CheckpointError, read_checkpoint
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+    >>> _ = path.write_text("not a checkpoint")
+    >>> try:
+    ...     read_checkpoint(path)
+    ... except CheckpointError as err:
+    ...     print(isinstance(err, ValueError), "truncated or not a manifold-nets" in str(err))
+    True True
+    """
 
 
 def describe(model: torch.nn.Module) -> dict[str, dict]:
     """The architecture as a checkpoint records it: per ``state_dict`` entry, its shape and
-    dtype, and for parameters their manifold (``"Euclidean"`` for plain ones)."""
+    dtype, and for parameters their manifold (``"Euclidean"`` for plain ones).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, declared (:func:`manifold_nets.declare`) or not.
+
+    Returns
+    -------
+    dict
+        ``{state_dict key: {"shape": [...], "dtype": "float32", "manifold": ...}}``; buffers
+        (e.g. batch-norm running statistics) have no ``"manifold"`` entry. A parameter's
+        manifold is the ``repr`` of its manifold, so two checkpoints of the same
+        architecture under different updates differ here.
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.checkpoint import describe
+    >>> net = Arch1(depth=1, width=4, in_features=6, num_classes=3)
+    >>> describe(net)["classifier.weight"]
+    {'shape': [3, 2], 'dtype': 'float32', 'manifold': 'Euclidean'}
+    >>> _ = declare(net, "un")
+    >>> describe(net)["layers.0.linear.weight"]["manifold"]
+    'Oblique(ndim=1) manifold'
+    """
     manifolds = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         manifold = getattr(p, "manifold", None)
@@ -131,6 +179,20 @@ def save_checkpoint(
     -------
     pathlib.Path
         The checkpoint file.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from manifold_nets import Arch2, InvariantSGD, declare
+    >>> from manifold_nets.experiments.checkpoint import read_checkpoint, save_checkpoint
+    >>> net = Arch2(depth=1, width=4, in_features=6, num_classes=3)
+    >>> _ = declare(net, "un")
+    >>> opt = InvariantSGD(net.parameters(), lr=0.1)
+    >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "run.pt", model=net,
+    ...                        optimizer=opt, history=[{"epoch": 1, "cost": 2.3}],
+    ...                        config={"update": "un", "lr": 0.1}, extra={"lr": 0.1})
+    >>> path.name, sorted(read_checkpoint(path)["extra"].items())
+    ('run.pt', [('lr', 0.1)])
     """
     path = Path(path)
     payload = {
@@ -151,10 +213,44 @@ def save_checkpoint(
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint without applying it (only its format is checked).
 
+    The file is read with ``torch.load(..., weights_only=True)``, so a checkpoint cannot
+    run code when it is read.
+
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save_checkpoint`.
+    map_location : str, torch.device or callable, optional
+        Where the tensors go, as for :func:`torch.load` (default ``"cpu"``).
+
+    Returns
+    -------
+    dict
+        The whole payload: ``format``, ``architecture`` (:func:`describe`), ``model``,
+        ``optimizer``, ``schedule_state``, ``generator``, ``torch_rng``, ``history``,
+        ``config`` and ``extra``.
+
     Raises
     ------
     CheckpointError
-        If the file cannot be read or is not a manifold-nets checkpoint.
+        If the file does not exist, cannot be read, is not a manifold-nets checkpoint, or
+        has another format version than :data:`FORMAT`.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.experiments.checkpoint import read_checkpoint, save_checkpoint
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.pt"
+    >>> _ = save_checkpoint(path, model=Arch1(depth=1, width=4, in_features=6,
+    ...                                       num_classes=3), history=[{"epoch": 1}])
+    >>> payload = read_checkpoint(path)
+    >>> payload["format"], payload["history"], payload["optimizer"] is None
+    (('manifold-nets-checkpoint', 2), [{'epoch': 1}], True)
+    >>> read_checkpoint(path.with_name("missing.pt"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    manifold_nets.experiments.checkpoint.CheckpointError: checkpoint ...missing.pt does not exist
     """
     path = Path(path)
     try:
@@ -183,7 +279,35 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def check_config(payload: dict, config, path: str | os.PathLike = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless the checkpoint was made with ``config``."""
+    """Raise :class:`CheckpointError` unless the checkpoint was made with ``config``.
+
+    Parameters
+    ----------
+    payload : dict
+        A checkpoint as :func:`read_checkpoint` returns it.
+    config : TrainConfig, mapping or None
+        The configuration the checkpoint must have been made with; ``None`` checks
+        nothing.
+    path : path, optional
+        The checkpoint's name in the message.
+
+    Raises
+    ------
+    CheckpointError
+        If a field differs; the message names each differing field with both values
+        (:func:`manifold_nets.experiments.config.config_diff`).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.checkpoint import check_config
+    >>> payload = {"config": {"update": "un", "lr": 0.1}}
+    >>> check_config(payload, {"update": "un", "lr": 0.1})
+    >>> check_config(payload, None)
+    >>> check_config(payload, {"update": "un", "lr": 0.01})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    manifold_nets.experiments.checkpoint.CheckpointError: ... (lr: checkpoint 0.1, now 0.01)...
+    """
     expected = _config_dict(config)
     if expected is None:
         return
@@ -259,7 +383,34 @@ def check_unit_norm(w: torch.Tensor, ndim: int, name: str, path) -> None:
     """Raise :class:`CheckpointError` unless every filter of ``w`` (the trailing ``ndim``
     dims) has norm 1 within :data:`~manifold_nets.manifolds.UNIT_NORM_TOL` of its dtype
     (:func:`manifold_nets.manifolds.check_unit_norm`); the message names the first filter
-    that is off."""
+    that is off.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        The stored weight of a parameter on an :class:`~manifold_nets.ObliqueManifold`.
+    ndim : int
+        The number of trailing dims that make one filter (the manifold's ``ndim``).
+    name : str
+        The parameter's name in the message.
+    path : path
+        The checkpoint's name in the message.
+
+    Raises
+    ------
+    CheckpointError
+        If a filter's norm is further than the tolerance from 1.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.checkpoint import check_unit_norm
+    >>> check_unit_norm(torch.eye(3), 1, "layers.0.linear.weight", "run.pt")
+    >>> check_unit_norm(2 * torch.eye(3), 1, "w", "run.pt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    manifold_nets.experiments.checkpoint.CheckpointError: checkpoint run.pt: filter 0 of `w` ...
+    """
     try:
         check_unit_norm_of(w, ndim, name)
     except ValueError as err:
@@ -305,6 +456,8 @@ def load_checkpoint(
         The configuration the checkpoint must have been made with.
     restore_rng : bool
         Also restore torch's global CPU RNG state (default).
+    map_location : str, torch.device or callable, optional
+        Where the tensors go, as for :func:`torch.load` (default ``"cpu"``).
 
     Returns
     -------
@@ -316,6 +469,34 @@ def load_checkpoint(
     ------
     CheckpointError
         On an unreadable file or any mismatch; the message names it and how to fix it.
+
+    Examples
+    --------
+    A round trip: the weights, the optimiser and the history come back, and a UN
+    checkpoint is refused by an SM model (its filters have another manifold).
+
+    >>> import pathlib, tempfile
+    >>> from manifold_nets import Arch2, InvariantSGD, declare
+    >>> from manifold_nets.experiments.checkpoint import load_checkpoint, save_checkpoint
+    >>> def model(update, seed):
+    ...     net = Arch2(depth=1, width=4, in_features=6, num_classes=3,
+    ...                 generator=torch.Generator().manual_seed(seed))
+    ...     _ = declare(net, update)
+    ...     return net
+    >>> net = model("un", 0)
+    >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "run.pt", model=net,
+    ...                        optimizer=InvariantSGD(net.parameters(), lr=0.1),
+    ...                        history=[{"epoch": 1}], config={"update": "un"})
+    >>> other = model("un", 1)
+    >>> state = load_checkpoint(path, model=other,
+    ...                         optimizer=InvariantSGD(other.parameters(), lr=0.1),
+    ...                         config={"update": "un"})
+    >>> state["epoch"], torch.equal(other.theta, net.theta)
+    (1, True)
+    >>> load_checkpoint(path, model=model("sm", 0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    manifold_nets.experiments.checkpoint.CheckpointError: ... from another architecture: ...
     """
     payload = read_checkpoint(path, map_location=map_location)
     check_config(payload, config, path)

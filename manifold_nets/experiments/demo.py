@@ -22,7 +22,32 @@ from ..manifolds import DiagScaledEuclidean, ObliqueManifold
 
 
 def one_step_report(seed: int = 0) -> list[str]:
-    """One UN and one SM step on a random ``8 x 16`` weight; lines describing them."""
+    r"""One UN and one SM step on a random ``8 x 16`` weight; lines describing them.
+
+    The loss is :math:`\|W - T\|_F^2` for a random target :math:`T`, in float64; each
+    geometry takes one :class:`geoopt.optim.RiemannianSGD` step at rate ``1e-2`` from the
+    same weight (projected onto its manifold first). UN (eq. (9)) keeps every filter at
+    unit norm; SM (eq. (7)) scales each filter's gradient by its squared norm.
+
+    Parameters
+    ----------
+    seed : int, optional
+        Seeds the weight and the target (default 0).
+
+    Returns
+    -------
+    list of str
+        One line per geometry: the manifold, the loss before and after the step, and the
+        range of the filter norms after it.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.demo import one_step_report
+    >>> for line in one_step_report():
+    ...     print(line)
+    UN: Oblique(ndim=1) manifold; loss 134.6302 -> 129.8745; filter norms in [1.000000, 1.000000]
+    SM: DiagScaledEuclidean(side='left', ndim=1) manifold; loss 264.4094 -> 118.0297; filter ...
+    """
     gen = torch.Generator().manual_seed(seed)
     w0 = torch.randn(8, 16, generator=gen, dtype=torch.float64)
     target = torch.randn(8, 16, generator=gen, dtype=torch.float64)
@@ -59,11 +84,44 @@ def mnist_comparison(
     cross-entropy over mini-batches of 100, no learning-rate selection and no early
     stopping), once per seed; the test error is measured on the 10,000 test images.
 
+    Parameters
+    ----------
+    data : manifold_nets.experiments.data.Dataset
+        MNIST in memory (any data set of 784 features and 10 classes).
+    seeds : sequence of int, optional
+        One run per seed and update (default ``(0, 1, 2)``).
+    epochs : int, optional
+        Epochs per run (default 5).
+    train_size, val_size : int, optional
+        Training and validation images (default 5,000 and 1,000).
+    lr : float, optional
+        The fixed base rate (default ``1e-2``).
+    arch : {"arch1", "arch2"}, optional
+        The network (default ``"arch2"``).
+    depth : int, optional
+        Hidden layers (default 2).
+
     Returns
     -------
     list of dict
         Per update: ``update``, and lists ``train_error``, ``val_error``, ``test_error``,
         ``seconds`` over the seeds.
+
+    Examples
+    --------
+    One epoch per update on a tiny random data set (not MNIST):
+
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.demo import mnist_comparison
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> rows = mnist_comparison(data, seeds=(0,), epochs=1, train_size=40, val_size=10)
+    >>> [(r["update"], len(r["test_error"])) for r in rows]
+    [('bsgd', 1), ('sm', 1), ('un', 1)]
+    >>> all(0 <= e <= 1 for r in rows for e in r["train_error"] + r["test_error"])
+    True
     """
     from .config import TrainConfig
     from .engines import train
@@ -89,7 +147,27 @@ def mnist_comparison(
 
 
 def format_comparison(rows: list[dict]) -> list[str]:
-    """A Markdown table of :func:`mnist_comparison` (mean +- std over seeds)."""
+    """A Markdown table of :func:`mnist_comparison` (mean +- std over seeds).
+
+    Parameters
+    ----------
+    rows : list of dict
+        What :func:`mnist_comparison` returns.
+
+    Returns
+    -------
+    list of str
+        The table's lines: a header, a rule, and one row per update with the mean and
+        standard deviation of each error and the mean seconds per run.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.demo import format_comparison
+    >>> rows = [{"update": "un", "train_error": [0.02, 0.04], "val_error": [0.03, 0.03],
+    ...          "test_error": [0.031, 0.029], "seconds": [10.0, 12.0]}]
+    >>> print(format_comparison(rows)[-1])
+    | UN | 0.0300 +- 0.0141 | 0.0300 +- 0.0000 | 0.0300 +- 0.0014 | 11.0 |
+    """
     names = {"bsgd": "B-SGD", "sm": "SM", "un": "UN"}
 
     def ms(values: list[float]) -> str:
@@ -106,7 +184,39 @@ def format_comparison(rows: list[dict]) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``manifold-nets demo``."""
+    """``manifold-nets demo``.
+
+    Prints :func:`one_step_report`, then the invariance audit
+    (``manifold_nets.symmetry.audit_rows``) of Arch1 and Arch2 with 2 layers of 16
+    filters, then, unless ``args.skip_mnist``, :func:`mnist_comparison` on MNIST as a
+    table (:func:`format_comparison`).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``manifold-nets demo``: ``seed``, ``threads``, ``skip_mnist``,
+        ``data_dir``, ``runs``, ``epochs`` and ``train_size``.
+
+    Returns
+    -------
+    int
+        The exit status: 0; 1 when an expectation of the audit fails or MNIST cannot be
+        found or downloaded.
+
+    Examples
+    --------
+    Even without MNIST the audits take seconds, more than a docs build gives an example,
+    so this one is not run:
+
+    >>> import argparse
+    >>> from manifold_nets.experiments.demo import run_demo
+    >>> run_demo(argparse.Namespace(seed=0, threads=1, skip_mnist=True))  # doctest: +SKIP
+    One RiemannianSGD step with each manifold-nets geometry:
+      UN: Oblique(ndim=1) manifold; loss 134.6302 -> 129.8745; filter norms in [1.000000, ...
+    ...
+    15/15 expectations hold (13 rows reported without a prediction)
+    0
+    """
     print("One RiemannianSGD step with each manifold-nets geometry:")
     for line in one_step_report(args.seed):
         print("  " + line)

@@ -84,7 +84,33 @@ __all__ = [
 def build_model(config: TrainConfig, generator: torch.Generator | None = None):
     """The network of ``config``, initialised from ``generator`` and declared for its update.
 
-    Returns the model; create the optimiser afterwards (``declare`` replaces parameters).
+    Create the optimiser afterwards (:func:`manifold_nets.declare` turns the declared
+    parameters into :class:`geoopt.ManifoldParameter` in place).
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Its ``arch``, ``depth``, ``width`` and ``update`` are used; the net has 784 inputs
+        and 10 classes (MNIST and Fashion-MNIST).
+    generator : torch.Generator, optional
+        The source of the Gaussian initial weights (default: torch's global generator).
+
+    Returns
+    -------
+    Arch1 or Arch2
+        The declared model.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.engines import build_model
+    >>> net = build_model(TrainConfig(arch="arch1", depth=2, width=8, update="un"),
+    ...                   torch.Generator().manual_seed(0))
+    >>> type(net).__name__, net(torch.rand(3, 784)).shape
+    ('Arch1', torch.Size([3, 10]))
+    >>> w = net.filters()[0]
+    >>> type(w.manifold).__name__, torch.allclose(w.norm(dim=1), torch.ones(8))
+    ('ObliqueManifold', True)
     """
     cls = Arch1 if config.arch == "arch1" else Arch2
     model = cls(config.depth, config.width, 784, 10, generator=generator)
@@ -102,7 +128,35 @@ def _order_generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def error_rate(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> float:
-    """Fraction of misclassified images (eval mode); non-finite logits count as errors."""
+    """Fraction of misclassified images (eval mode); non-finite logits count as errors.
+
+    The model is put in eval mode for the pass and back in the mode it was in.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier returning ``(n, classes)`` logits.
+    x, y : torch.Tensor
+        Images and labels.
+    chunk : int, optional
+        Images per forward pass (default 10000).
+
+    Returns
+    -------
+    float
+        The fraction of images whose arg-max logit is not the label, or whose logits are
+        not all finite (0 for no images).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.engines import error_rate
+    >>> model = torch.nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.eye(2))
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [float("nan"), 0.0]])
+    >>> error_rate(model, x, torch.tensor([0, 1, 1, 0]))
+    0.5
+    """
     was_training = model.training
     model.eval()
     wrong = 0
@@ -195,6 +249,46 @@ def fit(
     checkpoint_info : dict, optional
         ``"config"``: the configuration the checkpoint must match (any mapping); every
         other key is saved as the checkpoint's ``extra``.
+
+    Returns
+    -------
+    FitResult
+        The run's history (one record per epoch: ``epoch``, ``lr``, ``cost``,
+        ``train_error`` and what ``evaluate`` returned), why it stopped and whether it
+        diverged.
+
+    Raises
+    ------
+    CheckpointError
+        If ``checkpoint`` exists but does not fit the model or the configuration, or was
+        made with another base rate ``lr``.
+
+    Examples
+    --------
+    Two epochs on random images with a checkpoint; running again finds the finished run
+    in the checkpoint and returns at once:
+
+    >>> import pathlib, tempfile
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.config import ExpDecay, StoppingRule
+    >>> from manifold_nets.experiments.engines import fit
+    >>> x, y = torch.rand(40, 12), torch.randint(0, 3, (40,))
+    >>> def model():
+    ...     net = Arch1(depth=1, width=4, in_features=12, num_classes=3,
+    ...                 generator=torch.Generator().manual_seed(0))
+    ...     _ = declare(net, "un")
+    ...     return net
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.pt"
+    >>> kw = dict(lr=0.01, schedule=ExpDecay(0.95), stopping=StoppingRule(1, 2),
+    ...           batch_size=20, checkpoint=path)
+    >>> result = fit(model(), x, y, generator=torch.Generator().manual_seed(0), **kw)
+    >>> result.stop_reason, [h["epoch"] for h in result.history], path.exists()
+    ('max-epochs', [1, 2], True)
+    >>> [round(h["lr"], 4) for h in result.history]
+    [0.01, 0.0095]
+    >>> again = fit(model(), x, y, generator=torch.Generator(), **kw)
+    >>> again.history == result.history
+    True
     """
     from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -260,11 +354,44 @@ def select_lr(
     on the ``select_train`` images for ``select_epochs`` epochs under the run's protocol,
     without early stopping, and measure the error on the ``select_val`` images.
 
+    Parameters
+    ----------
+    config : TrainConfig
+        The run (its ``lr`` is ignored here).
+    data : manifold_nets.experiments.data.Dataset
+        The data set in memory.
+    splits : dict, optional
+        The run's :func:`~manifold_nets.experiments.config.split_indices` (computed from
+        ``config`` if not given).
+    progress : tqdm, optional
+        A bar to advance by one per epoch.
+
     Returns
     -------
     (float, dict)
         The rate with the lowest error (ties: the smaller rate), and the error of every
         rate.
+
+    Examples
+    --------
+    A tiny random data set (784 features, as the nets expect) and two candidate rates of
+    two epochs each:
+
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.engines import select_lr
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
+    ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
+    ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
+    >>> lr, errors = select_lr(config, data)
+    >>> lr in config.lr_grid, sorted(errors)
+    (True, [0.01, 0.1])
+    >>> errors[lr] == min(errors.values())
+    True
     """
     splits = splits or split_indices(config, data.x_train.shape[0])
     xv, yv = data.x_train[splits["select_val"]], data.y_train[splits["select_val"]]
@@ -329,6 +456,34 @@ def train(
         ``stop_reason``, ``diverged``, ``saved``, and wall times in seconds (of this
         process only). With a ``checkpoint``, also ``checkpoint`` (its path) and
         ``resumed_at_epoch`` (epochs it held when the run started, ``None`` if new).
+
+    Raises
+    ------
+    CheckpointError
+        If ``checkpoint`` exists but was made with another configuration or model.
+
+    Examples
+    --------
+    A whole run on a tiny random data set (784 features, as the nets expect): a
+    selection over two rates of two epochs each, then at most two epochs of training.
+
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.engines import train
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
+    ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
+    ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
+    >>> record = train(config, data, progress=False)
+    >>> record["lr"] in config.lr_grid, sorted(record["selection"])
+    (True, ['0.01', '0.1'])
+    >>> record["epochs"] == len(record["history"]) <= 2, record["diverged"]
+    (True, False)
+    >>> record["config"]["update"], 0 <= record["test_error"] <= 1
+    ('un', True)
     """
     from .checkpoint import check_config, read_checkpoint
     from .io import atomic_write
@@ -432,12 +587,36 @@ def fit_stacked(
     evaluate, finish, start, on_epoch
         as for :func:`~.loop.fit_runs`, with run ids in the order of ``net``; the states
         ``on_epoch`` receives (and ``start`` resumes) are in the training order, which they
-        record (:attr:`~.loop.LoopState.order`)
+        record (the ``order`` of :class:`~.loop.LoopState`)
 
     Returns
     -------
     list of FitResult
         One per run, in the order of ``net``.
+
+    Raises
+    ------
+    ValueError
+        If ``streams`` is given without one ``stream_of_run`` entry per run, or if an
+        argument of one entry per run has another length (:func:`~.loop.fit_runs`).
+
+    Examples
+    --------
+    A UN run and an SM run of Arch1, stacked, on one shared stream of random images:
+
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.config import ExpDecay, StoppingRule
+    >>> from manifold_nets.experiments.engines import fit_stacked
+    >>> from manifold_nets.experiments.stacked import StackedNet
+    >>> models = [Arch1(depth=1, width=4, in_features=12, num_classes=3) for _ in range(2)]
+    >>> _ = declare(models[0], "un"), declare(models[1], "sm")
+    >>> net = StackedNet.from_models(models)
+    >>> x, y = torch.rand(40, 12), torch.randint(0, 3, (40,))
+    >>> results = fit_stacked(net, x, y, lr=[0.01, 0.001], schedules=[ExpDecay(0.95)] * 2,
+    ...                       stopping=[StoppingRule(1, 2), StoppingRule(1, 3)],
+    ...                       batch_size=20, generator=torch.Generator().manual_seed(0))
+    >>> [(r.stop_reason, len(r.history), r.history[0]["lr"]) for r in results]
+    [('max-epochs', 2, 0.01), ('max-epochs', 3, 0.001)]
     """
     R = net.runs if start is None else len(start.results)
     if streams is None:
@@ -479,7 +658,29 @@ _SHARED = ("arch", "depth", "width", "dataset", "batch_size", "lr_grid", "select
 
 
 def group_key(config: TrainConfig) -> tuple:
-    """Runs with equal keys can be trained as one stack by :func:`train_group`."""
+    """Runs with equal keys can be trained as one stack by :func:`train_group`.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        A run.
+
+    Returns
+    -------
+    tuple
+        The fields that the runs of one stack must share: architecture, depth, width,
+        data set and every data size. Seed, update, protocol, schedule, stopping and rate
+        are not part of it.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.engines import group_key
+    >>> a = TrainConfig(update="un", protocol="exp-decay", seed=0)
+    >>> b = TrainConfig(update="sm", protocol="bold-driver", seed=7, lr=0.01)
+    >>> group_key(a) == group_key(b), group_key(a) == group_key(TrainConfig(depth=4))
+    (True, False)
+    """
     return tuple(getattr(config, k) for k in _SHARED)
 
 
@@ -602,7 +803,50 @@ def select_lr_stacked(
     """:func:`select_lr` for every run of a group, all candidate rates of all runs in one
     stack (``len(configs) x len(lr_grid)`` networks).
 
-    ``splits``: the :func:`~.config.split_indices` of every seed.
+    Parameters
+    ----------
+    configs : sequence of TrainConfig
+        The runs; they must share :func:`group_key`.
+    data : manifold_nets.experiments.data.Dataset
+        The data set in memory.
+    splits : dict, optional
+        ``{seed: split_indices}``, the :func:`~.config.split_indices` of every seed
+        (computed if not given).
+    checkpoint : optional
+        The group's checkpoint (internal to :func:`train_group`); ``None``: none.
+
+    Returns
+    -------
+    list of (float, dict)
+        For every run, in order, what :func:`select_lr` returns: the selected rate and
+        the error of every rate.
+
+    Raises
+    ------
+    ValueError
+        If ``configs`` is empty or its runs do not share :func:`group_key`.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.engines import select_lr, select_lr_stacked
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
+    ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
+    ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
+    >>> configs = [dataclasses.replace(config, update=u) for u in ("sm", "un")]
+    >>> chosen = select_lr_stacked(configs, data)
+    >>> [(lr in config.lr_grid, sorted(errors)) for lr, errors in chosen]
+    [(True, [0.01, 0.1]), (True, [0.01, 0.1])]
+    >>> select_lr_stacked([config, dataclasses.replace(config, width=8)], data)
+    Traceback (most recent call last):
+    ...
+    ValueError: runs trained as one stack must share ...; these differ in width. ...
     """
     _check_group(configs)
     splits = splits or _splits(configs, data)
@@ -655,6 +899,51 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
     the selection and of the training; if the file exists the group resumes from it, at
     the last finished epoch, with the same results on CPU as an uninterrupted group. A
     checkpoint of other runs is refused; the file is left for the caller to delete.
+
+    Parameters
+    ----------
+    configs : sequence of TrainConfig
+        The runs; they must share :func:`group_key`.
+    data : manifold_nets.experiments.data.Dataset, optional
+        The data set in memory; loaded from ``configs[0].dataset`` if not given.
+    data_dir : path, optional
+        Where to find the data set (see :func:`~.data.load_dataset`).
+    checkpoint : path, optional
+        The group's checkpoint file (see above).
+
+    Returns
+    -------
+    list of dict
+        One record per configuration, in the order of ``configs``.
+
+    Raises
+    ------
+    ValueError
+        If ``configs`` is empty or its runs do not share :func:`group_key`.
+    CheckpointError
+        If ``checkpoint`` exists but holds another group of runs.
+
+    Examples
+    --------
+    A UN run and an SM run of one seed as one stack, on a tiny random data set:
+
+    >>> import dataclasses
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.engines import train_group
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
+    ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
+    ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
+    >>> configs = [dataclasses.replace(config, update=u) for u in ("un", "sm")]
+    >>> records = train_group(configs, data)
+    >>> [(r["config"]["update"], r["engine"], r["group_runs"]) for r in records]
+    [('un', 'stacked', 2), ('sm', 'stacked', 2)]
+    >>> all(r["lr"] in config.lr_grid and r["epochs"] <= 2 for r in records)
+    True
     """
     configs = list(configs)
     _check_group(configs)

@@ -55,13 +55,56 @@ __all__ = [
     "shard",
 ]
 
+#: The depths of Table 2 (hidden layers of Arch1 and Arch2).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.grid import DEPTHS
+#: >>> DEPTHS
+#: (2, 4)
 DEPTHS = (2, 4)
+
+#: The engines :func:`run_grid` can run the grid on.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.grid import ENGINES
+#: >>> ENGINES
+#: ('sequential', 'stacked')
 ENGINES = ("sequential", "stacked")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid."""
+    """One run of the grid.
+
+    Parameters
+    ----------
+    arch : {"arch1", "arch2"}
+        The network.
+    depth : int
+        Hidden layers (2 or 4 in Table 2).
+    protocol : {"exp-decay", "bold-driver"}
+        The learning-rate protocol.
+    update : {"bsgd", "sm", "un"}
+        The update of Table 1.
+    run : int
+        The run's index within its cell (its seed is ``seed + run``).
+
+    Attributes
+    ----------
+    arch, depth, protocol, update, run
+        As given.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.grid import RunSpec
+    >>> spec = RunSpec("arch2", 4, "bold-driver", "un", 3)
+    >>> spec.cell
+    (4, 'bold-driver', 'arch2', 'un')
+    >>> spec.run_id("mnist")
+    'mnist-arch2-d4-bold-driver-un-r003'
+    """
 
     arch: str
     depth: int
@@ -71,12 +114,67 @@ class RunSpec:
 
     @property
     def cell(self) -> tuple[int, str, str, str]:
+        """The cell of Table 2 the run belongs to: ``(depth, protocol, arch, update)``.
+
+        Returns
+        -------
+        tuple
+            ``(depth, protocol, arch, update)``; the runs of one cell differ only in
+            ``run``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.grid import RunSpec
+        >>> RunSpec("arch1", 2, "exp-decay", "sm", 0).cell
+        (2, 'exp-decay', 'arch1', 'sm')
+        """
         return (self.depth, self.protocol, self.arch, self.update)
 
     def run_id(self, dataset: str) -> str:
+        """The run's name in the results store (its file is ``<run id>.json``).
+
+        Parameters
+        ----------
+        dataset : str
+            ``"mnist"`` or ``"fashion-mnist"``.
+
+        Returns
+        -------
+        str
+            ``<dataset>-<arch>-d<depth>-<protocol>-<update>-r<run, 3 digits>``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.grid import RunSpec
+        >>> RunSpec("arch1", 2, "exp-decay", "sm", 12).run_id("fashion-mnist")
+        'fashion-mnist-arch1-d2-exp-decay-sm-r012'
+        """
         return f"{dataset}-{self.arch}-d{self.depth}-{self.protocol}-{self.update}-r{self.run:03d}"
 
     def config(self, base: TrainConfig, seed: int = 0) -> TrainConfig:
+        """The run's configuration: ``base`` with this architecture, depth, protocol and
+        update, and seed ``seed + run``.
+
+        Parameters
+        ----------
+        base : TrainConfig
+            Every other setting of the run.
+        seed : int, optional
+            The seed of run 0 (default 0).
+
+        Returns
+        -------
+        TrainConfig
+            A new, validated configuration; ``base`` is not modified.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> from manifold_nets.experiments.grid import RunSpec
+        >>> c = RunSpec("arch1", 4, "exp-decay", "sm", 2).config(TrainConfig(), seed=10)
+        >>> c.arch, c.depth, c.protocol, c.update, c.seed
+        ('arch1', 4, 'exp-decay', 'sm', 12)
+        """
         d = base.to_dict()
         d.update(arch=self.arch, depth=self.depth, protocol=self.protocol, update=self.update,
                  seed=seed + self.run)
@@ -90,7 +188,32 @@ def grid(
     updates: Sequence[str] = UPDATES,
     runs: int = 10,
 ) -> list[RunSpec]:
-    """All runs, run index outermost (so a partial grid covers every cell evenly)."""
+    """All runs, run index outermost (so a partial grid covers every cell evenly).
+
+    Parameters
+    ----------
+    archs, depths, protocols, updates : sequence
+        The values of each axis (default: all of Table 2).
+    runs : int, optional
+        Runs per cell (default 10).
+
+    Returns
+    -------
+    list of RunSpec
+        ``runs x len(depths) x len(protocols) x len(archs) x len(updates)`` runs: every
+        cell's run 0 first, then every cell's run 1, and so on.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.grid import grid
+    >>> len(grid())
+    240
+    >>> specs = grid(archs=("arch1",), depths=(2,), runs=2)
+    >>> [(s.protocol, s.update, s.run) for s in specs][:3]
+    [('exp-decay', 'bsgd', 0), ('exp-decay', 'sm', 0), ('exp-decay', 'un', 0)]
+    >>> len(specs), specs[6].run
+    (12, 1)
+    """
     return [
         RunSpec(a, d, p, u, r)
         for r in range(runs)
@@ -102,7 +225,43 @@ def grid(
 
 
 def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
-    """Shard ``index`` (1-based) of ``count``: every ``count``-th run of the grid."""
+    """Shard ``index`` (1-based) of ``count``: every ``count``-th run of the grid.
+
+    The shards are disjoint and together hold every run, so ``count`` machines can each
+    run one (``--shard i/n``) into the same results store.
+
+    Parameters
+    ----------
+    specs : sequence of RunSpec
+        The runs (see :func:`grid`).
+    index : int
+        Which shard, from 1 to ``count``.
+    count : int
+        The number of shards.
+
+    Returns
+    -------
+    list of RunSpec
+        ``specs[index - 1 :: count]``.
+
+    Raises
+    ------
+    ValueError
+        If ``index`` is not between 1 and ``count``.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.grid import grid, shard
+    >>> specs = grid()
+    >>> [len(shard(specs, i, 7)) for i in range(1, 8)]
+    [35, 35, 34, 34, 34, 34, 34]
+    >>> set().union(*(shard(specs, i, 7) for i in range(1, 8))) == set(specs)
+    True
+    >>> shard(specs, 0, 7)
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid shard 0/7: need 1 <= i <= n
+    """
     if not 1 <= index <= count:
         raise ValueError(f"Invalid shard {index}/{count}: need 1 <= i <= n")
     return list(specs[index - 1 :: count])
@@ -113,7 +272,33 @@ def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
 
 
 class ResultStore:
-    """One JSON file per finished run in ``<root>/runs/``, written atomically."""
+    """One JSON file per finished run in ``<root>/runs/``, written atomically.
+
+    Parameters
+    ----------
+    root : path
+        The store's folder (the grid's ``--out``); created on the first write.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The store's folder.
+    runs : pathlib.Path
+        ``<root>/runs``: one ``<run id>.json`` per finished run.
+    inflight : pathlib.Path
+        ``<root>/inflight``: the checkpoints of stacked groups in flight.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from manifold_nets.experiments.grid import ResultStore
+    >>> store = ResultStore(tempfile.mkdtemp())
+    >>> _ = store.write("mnist-arch1-d2-exp-decay-un-r000", {"test_error": 0.02})
+    >>> store.read("mnist-arch1-d2-exp-decay-un-r000")
+    {'test_error': 0.02}
+    >>> store.read("mnist-arch1-d2-exp-decay-sm-r000") is None
+    True
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -121,22 +306,106 @@ class ResultStore:
         self.inflight = self.root / "inflight"
 
     def path(self, run_id: str) -> Path:
+        """The file of ``run_id``'s record (whether it exists or not).
+
+        Parameters
+        ----------
+        run_id : str
+            A run id (:meth:`RunSpec.run_id`).
+
+        Returns
+        -------
+        pathlib.Path
+            ``<root>/runs/<run_id>.json``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.grid import ResultStore
+        >>> ResultStore("out").path("mnist-arch1-d2-exp-decay-un-r000").as_posix()
+        'out/runs/mnist-arch1-d2-exp-decay-un-r000.json'
+        """
         return self.runs / f"{run_id}.json"
 
     def write(self, run_id: str, record: dict) -> Path:
+        """Write ``run_id``'s record as one line of JSON, atomically
+        (:func:`~manifold_nets.experiments.io.atomic_write`).
+
+        Parameters
+        ----------
+        run_id : str
+            A run id (:meth:`RunSpec.run_id`).
+        record : dict
+            A JSON-ready record (e.g. what
+            :func:`~manifold_nets.experiments.engines.train` returns).
+
+        Returns
+        -------
+        pathlib.Path
+            The record's file.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from manifold_nets.experiments.grid import ResultStore
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> store.write("r1", {"test_error": 0.5}).read_text()
+        '{"test_error":0.5}\\n'
+        """
         self.runs.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=None, separators=(",", ":")) + "\n"
         return atomic_write(self.path(run_id), text)
 
     def read(self, run_id: str) -> dict | None:
-        """The record of ``run_id``, or ``None`` if it is missing or unreadable."""
+        """The record of ``run_id``, or ``None`` if it is missing or unreadable.
+
+        Parameters
+        ----------
+        run_id : str
+            A run id (:meth:`RunSpec.run_id`).
+
+        Returns
+        -------
+        dict or None
+            The record; ``None`` if there is no file or it does not hold JSON (then the
+            run counts as not finished and runs again).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from manifold_nets.experiments.grid import ResultStore
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> _ = store.write("r1", {"test_error": 0.5})
+        >>> store.read("r1"), store.read("r2")
+        ({'test_error': 0.5}, None)
+        """
         try:
             return json.loads(self.path(run_id).read_text())
         except (OSError, ValueError):
             return None
 
     def records(self) -> list[dict]:
-        """Every readable record in the store, sorted by run id."""
+        """Every readable record in the store, sorted by run id.
+
+        Files that do not hold JSON and hidden files (an atomic write in flight) are
+        left out.
+
+        Returns
+        -------
+        list of dict
+            The records, in the order of their run ids; empty if the store has none.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from manifold_nets.experiments.grid import ResultStore
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> store.records()
+        []
+        >>> _ = store.write("r2", {"run": 2})
+        >>> _ = store.write("r1", {"run": 1})
+        >>> store.records()
+        [{'run': 1}, {'run': 2}]
+        """
         if not self.runs.is_dir():
             return []
         out = []
@@ -150,14 +419,57 @@ class ResultStore:
         return out
 
     def group_checkpoint(self, run_ids: Sequence[str]) -> Path:
-        """The checkpoint file of a stacked group of these runs (in ``inflight/``)."""
+        """The checkpoint file of a stacked group of these runs (in ``inflight/``).
+
+        Creates ``inflight/`` if needed. The name depends on the set of run ids only, so
+        a rerun of the same group finds the checkpoint whatever the order of its runs.
+
+        Parameters
+        ----------
+        run_ids : sequence of str
+            The run ids of the group.
+
+        Returns
+        -------
+        pathlib.Path
+            ``<root>/inflight/group-<16 hex digits>.pt``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from manifold_nets.experiments.grid import ResultStore
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> path = store.group_checkpoint(["r1", "r2"])
+        >>> path.parent.name, path.suffix, path == store.group_checkpoint(["r2", "r1"])
+        ('inflight', '.pt', True)
+        """
         self.inflight.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256("\n".join(sorted(run_ids)).encode()).hexdigest()[:16]
         return self.inflight / f"group-{key}.pt"
 
 
 class ConfigMismatch(ValueError):
-    """The store holds a record of a run made with another configuration."""
+    """The store holds a record of a run made with another configuration.
+
+    A subclass of :class:`ValueError`; :func:`run_grid` raises it before it trains
+    anything, and the message names the record, every differing field, and the fix.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.grid import ConfigMismatch, ResultStore, grid, run_grid
+    >>> spec = grid(archs=("arch1",), depths=(2,), protocols=("exp-decay",),
+    ...             updates=("un",), runs=1)[0]
+    >>> store = ResultStore(tempfile.mkdtemp())
+    >>> _ = store.write(spec.run_id("mnist"),
+    ...                 {"config": spec.config(TrainConfig(lr=0.1)).to_dict()})
+    >>> try:
+    ...     run_grid([spec], TrainConfig(lr=0.01), store)
+    ... except ConfigMismatch as err:
+    ...     print("lr: stored 0.1, now 0.01" in str(err))
+    True
+    """
 
 
 def _check_same_config(run_id: str, stored: dict, expected: dict, store: ResultStore) -> None:
@@ -327,6 +639,11 @@ def run_grid(
         where the workers find the data set
     progress : bool or None
         a progress bar (``None``: when stderr is a terminal)
+    data : manifold_nets.experiments.data.Dataset, optional
+        with ``jobs=1``: the data set in memory (otherwise this process loads it from
+        ``data_dir``); worker processes always load it themselves
+    seeds_per_group : int
+        with ``engine="stacked"``: the most seeds a group holds (default 5, i.e. 30 runs)
 
     Returns
     -------
@@ -335,8 +652,41 @@ def run_grid(
 
     Raises
     ------
+    ValueError
+        If ``engine`` is not one of :data:`ENGINES`.
     ConfigMismatch
         If the store holds a record of one of these runs made with another configuration.
+
+    Examples
+    --------
+    Two runs of the grid on a tiny random data set (784 features, as the nets of the
+    grid expect), for one epoch each, then the same command again, which finds them
+    finished:
+
+    >>> import tempfile
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
+    ...                torch.randint(0, 10, (60,), generator=g),
+    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> base = TrainConfig(width=4, lr=0.01, batch_size=20, train_size=40, val_size=10,
+    ...                    test_size=10, select_train=20, select_val=10, min_epochs=1,
+    ...                    max_epochs=1)
+    >>> specs = grid(archs=("arch1",), depths=(2,), protocols=("exp-decay",),
+    ...              updates=("sm", "un"), runs=1)
+    >>> store = ResultStore(tempfile.mkdtemp())
+    >>> out = run_grid(specs, base, store, data=data, progress=False)
+    >>> out["ran"], out["tasks"], len(store.records())
+    (2, 2, 2)
+    >>> out = run_grid(specs, base, store, data=data, progress=False)
+    >>> out["skipped"], out["ran"]
+    (2, 0)
+    >>> run_grid(specs, base, store, engine="parallel")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown engine 'parallel'; choose one of sequential, stacked
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")

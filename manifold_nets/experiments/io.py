@@ -20,7 +20,24 @@ __all__ = ["atomic_write", "fsync_dir", "unwritable"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened).
+
+    Parameters
+    ----------
+    folder : path
+        The folder whose entries (e.g. a file just moved in by :func:`os.replace`) should
+        reach the disk. Where it cannot be opened (a platform without directory file
+        descriptors, or a folder that does not exist) nothing happens.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from manifold_nets.experiments.io import fsync_dir
+    >>> fsync_dir(tempfile.mkdtemp()) is None
+    True
+    >>> fsync_dir("/no/such/folder") is None
+    True
+    """
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -95,9 +112,34 @@ def unwritable(path: str | os.PathLike, option: str, *, folder: bool = False) ->
     Creates the folder if needed and writes and removes a probe file in it, so that a
     command fails before any training rather than after it.
 
+    Parameters
+    ----------
+    path : path
+        The file that will be written (its folder is probed), or the folder itself when
+        ``folder`` is true.
+    option : str
+        The command-line option that named ``path`` (e.g. ``"--out"``), quoted in the
+        message.
+    folder : bool, optional
+        Whether ``path`` is a folder rather than a file (default ``False``).
+
+    Returns
+    -------
+    str or None
+        ``None`` when ``path`` can be written; otherwise a message that names ``option``
+        and ``path``, says what is wrong and how to fix it.
+
     Examples
     --------
+    >>> import pathlib, tempfile
     >>> from manifold_nets.experiments.io import unwritable
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> unwritable(root / "new" / "out.json", "--out") is None
+    True
+    >>> (root / "new").is_dir()
+    True
+    >>> print(unwritable(root, "--out"))  # doctest: +ELLIPSIS
+    cannot write --out ...: it is a folder. Fix: pass a file name.
     >>> unwritable("/proc/no-such-folder/out.json", "--out") is not None
     True
     """

@@ -61,7 +61,38 @@ __all__ = ["FitResult", "LoopState", "ModuleRuns", "Stream", "fit_runs"]
 @dataclass
 class FitResult:
     """One run's outcome: per-epoch history, why it stopped, whether it diverged, and what
-    ``finish`` returned for it (``final``)."""
+    ``finish`` returned for it (``final``).
+
+    Parameters
+    ----------
+    history, stop_reason, diverged, final
+        The attributes below (all empty by default: a run that has not started).
+
+    Attributes
+    ----------
+    history : list of dict
+        One record per epoch: ``epoch``, ``lr``, ``cost`` (the mean summed loss of the
+        epoch's mini-batches), ``train_error``, and what ``evaluate`` returned (e.g.
+        ``val_error``, ``test_error``).
+    stop_reason : str
+        Why the run stopped: a reason of
+        :class:`~manifold_nets.experiments.config.StoppingRule` (``"max-epochs"``,
+        ``"train-error"``, ``"val-increase"``, ``"val-plateau"``) or of
+        :class:`~manifold_nets.experiments.config.Divergence` (``"nan"``,
+        ``"collapse"``); ``""`` while it trains.
+    diverged : bool
+        Whether the run stopped because it diverged.
+    final : dict
+        What ``finish`` returned for the run when it stopped (e.g. its selection error).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.loop import FitResult
+    >>> r = FitResult(history=[{"epoch": 1, "lr": 0.01, "cost": 2.3, "train_error": 0.9}],
+    ...               stop_reason="max-epochs")
+    >>> len(r.history), r.stop_reason, r.diverged, r.final
+    (1, 'max-epochs', False, {})
+    """
 
     history: list[dict] = field(default_factory=list)
     stop_reason: str = ""
@@ -71,16 +102,57 @@ class FitResult:
 
 class Stream(NamedTuple):
     """The images one run trains on: indices into the image store, and the generator
-    of its per-epoch permutations."""
+    of its per-epoch permutations.
+
+    Parameters
+    ----------
+    index : torch.Tensor
+        ``(n,)`` indices into the image store ``x`` of :func:`fit_runs`.
+    generator : torch.Generator
+        Draws the stream's permutation of ``index`` at every epoch; runs of one stream
+        see the same mini-batches.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.loop import Stream
+    >>> stream = Stream(torch.arange(10, 20), torch.Generator().manual_seed(0))
+    >>> order = stream.index[torch.randperm(10, generator=stream.generator)]
+    >>> sorted(order.tolist()) == list(range(10, 20))
+    True
+    """
 
     index: torch.Tensor
     generator: torch.Generator
+
+
+Stream.index.__doc__ = """The ``(n,)`` indices into the image store (field 0).
+
+Examples
+--------
+>>> from manifold_nets.experiments.loop import Stream
+>>> Stream(torch.arange(3), torch.Generator()).index.tolist()
+[0, 1, 2]
+"""
+Stream.generator.__doc__ = """The generator of the per-epoch permutations (field 1).
+
+Examples
+--------
+>>> from manifold_nets.experiments.loop import Stream
+>>> g = torch.Generator().manual_seed(0)
+>>> Stream(torch.arange(3), g).generator is g
+True
+"""
 
 
 @dataclass
 class LoopState:
     """The loop's state after a finished epoch: enough, with the engine's tensors and the
     streams' generators, to go on exactly where it was.
+
+    Parameters
+    ----------
+    epoch, active, lr, reference, results, order
+        The attributes below.
 
     Attributes
     ----------
@@ -97,6 +169,17 @@ class LoopState:
     order : list of int, optional
         for a caller that trains its runs in another order than it lists them: the caller's
         index of each of the loop's runs (kept so that a resumed loop maps them the same way)
+
+    Examples
+    --------
+    The state is plain data; it goes through a checkpoint as a dict and comes back:
+
+    >>> from manifold_nets.experiments.loop import FitResult, LoopState
+    >>> state = LoopState(epoch=3, active=[1], lr=[0.01, 0.005], reference=[2.1, 1.7],
+    ...                   results=[FitResult(stop_reason="val-plateau"), FitResult()])
+    >>> d = state.to_dict()
+    >>> d["results"][0]["stop_reason"], LoopState.from_dict(d) == state
+    ('val-plateau', True)
     """
 
     epoch: int
@@ -107,10 +190,42 @@ class LoopState:
     order: list[int] | None = None
 
     def to_dict(self) -> dict:
+        """The state as plain, nested dicts and lists (what a checkpoint stores).
+
+        Returns
+        -------
+        dict
+            The fields, with every :class:`FitResult` as a dict.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import FitResult, LoopState
+        >>> LoopState(1, [0], [0.1], [None], [FitResult()]).to_dict()["results"]
+        [{'history': [], 'stop_reason': '', 'diverged': False, 'final': {}}]
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> LoopState:
+        """The state that :meth:`to_dict` gave ``d``.
+
+        Parameters
+        ----------
+        d : dict
+            What :meth:`to_dict` returned (``order`` may be missing).
+
+        Returns
+        -------
+        LoopState
+            A new state equal to the one saved.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import FitResult, LoopState
+        >>> state = LoopState(1, [0], [0.1], [None], [FitResult()])
+        >>> LoopState.from_dict(state.to_dict()) == state
+        True
+        """
         return cls(d["epoch"], list(d["active"]), list(d["lr"]), list(d["reference"]),
                    [FitResult(**r) for r in d["results"]], d.get("order"))
 
@@ -174,7 +289,7 @@ def fit_runs(
         the stopping and collapse checks)
     finish : callable, optional
         ``finish(engine, ids)`` with the runs that stop after an epoch, before they leave;
-        may return one dict per run, kept as :attr:`FitResult.final`
+        may return one dict per run, kept as the ``final`` of its :class:`FitResult`
     progress : tqdm, optional
         a bar to advance by one per epoch
     start : LoopState, optional
@@ -188,6 +303,34 @@ def fit_runs(
     -------
     list of FitResult
         One per run.
+
+    Raises
+    ------
+    ValueError
+        If the streams differ in length, an argument of one entry per run has another
+        length, or the engine does not hold the active runs of ``start``.
+
+    Examples
+    --------
+    One declared Arch1 (:class:`ModuleRuns`, ``R = 1``) for two epochs on random images,
+    with an evaluation after every epoch:
+
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.config import ExpDecay, StoppingRule
+    >>> from manifold_nets.experiments.loop import ModuleRuns, Stream, fit_runs
+    >>> net = Arch1(depth=1, width=4, in_features=12, num_classes=3)
+    >>> _ = declare(net, "un")
+    >>> x, y = torch.rand(40, 12), torch.randint(0, 3, (40,))
+    >>> def evaluate(engine, ids):
+    ...     return {"val_error": [0.5 for _ in ids]}
+    >>> results = fit_runs(ModuleRuns(net), x, y, lr=[0.01], schedules=[ExpDecay(0.5)],
+    ...                    stopping=[StoppingRule(1, 2)], batch_size=20,
+    ...                    streams=[Stream(torch.arange(40), torch.Generator().manual_seed(0))],
+    ...                    stream_of_run=[0], evaluate=evaluate)
+    >>> [(h["epoch"], h["lr"], h["val_error"]) for h in results[0].history]
+    [(1, 0.01, 0.5), (2, 0.005, 0.5)]
+    >>> results[0].stop_reason
+    'val-plateau'
     """
     R = engine.runs if start is None else len(start.results)
     n = len(streams[0].index)
@@ -322,6 +465,33 @@ class ModuleRuns:
     augment : callable, optional
         ``augment(x, y) -> (x, y)`` applied to every training mini-batch before the
         forward pass (e.g. random flips; its randomness is the caller's to checkpoint)
+
+    Attributes
+    ----------
+    runs : int
+        Always 1.
+    model, optimizer, loss, errors, augment
+        As given (with the defaults filled in).
+    dtype : torch.dtype
+        The dtype of the model's first parameter (the dtype of the rates).
+
+    Examples
+    --------
+    One step of the engine as :func:`fit_runs` takes it: a summed loss and its gradient,
+    then an update with a rate given as a Tensor.
+
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.loop import ModuleRuns
+    >>> net = Arch1(depth=1, width=4, in_features=12, num_classes=3)
+    >>> _ = declare(net, "un")
+    >>> engine = ModuleRuns(net)
+    >>> loss, wrong = engine.loss_and_grad(torch.rand(8, 12), torch.randint(0, 3, (8,)))
+    >>> loss.shape, wrong.shape
+    (torch.Size([1]), torch.Size([1]))
+    >>> engine.step(torch.tensor([0.1]))
+    >>> w = net.filters()[0]
+    >>> torch.allclose(w.norm(dim=1), torch.ones(4))
+    True
     """
 
     runs = 1
@@ -339,6 +509,33 @@ class ModuleRuns:
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, groups=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training-mode pass: the summed loss of the mini-batch and its gradient.
+
+        Parameters
+        ----------
+        x, y : torch.Tensor
+            The mini-batch (augmented first, with ``augment``).
+        groups : optional
+            Ignored (one run has one stream).
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            The ``(1,)`` summed loss and the ``(1,)`` number of misclassified samples, on
+            the CPU; every parameter's ``.grad`` holds the gradient.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import ModuleRuns
+        >>> model = torch.nn.Linear(3, 2, bias=False)
+        >>> torch.nn.init.zeros_(model.weight)  # doctest: +ELLIPSIS
+        Parameter containing:
+        ...
+        >>> loss, wrong = ModuleRuns(model).loss_and_grad(torch.rand(4, 3),
+        ...                                               torch.tensor([0, 1, 0, 1]))
+        >>> round(loss.item() / 4, 4), model.weight.grad.shape  # log 2 per sample
+        (0.6931, torch.Size([2, 3]))
+        """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.augment is not None:
@@ -352,19 +549,100 @@ class ModuleRuns:
         return loss.detach().view(1).cpu(), wrong.view(1).cpu()
 
     def step(self, rate: torch.Tensor) -> None:
+        """One update of the model with rate ``rate``.
+
+        Parameters
+        ----------
+        rate : torch.Tensor
+            The ``(1,)`` rate; it becomes every parameter group's ``lr`` (a Tensor), on
+            the model's device.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import ModuleRuns
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> engine = ModuleRuns(model)
+        >>> before = model.weight.detach().clone()
+        >>> model.weight.grad = torch.ones(1, 2)
+        >>> engine.step(torch.tensor([0.5]))
+        >>> torch.allclose(model.weight, before - 0.5)
+        True
+        """
         rate = rate.reshape(()).to(next(self.model.parameters()).device)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         self.optimizer.step()
 
     def snapshot(self) -> dict:
+        """A copy of the model's state, for the bold driver's undo (:meth:`restore`).
+
+        Returns
+        -------
+        dict
+            A detached clone of ``model.state_dict()``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import ModuleRuns
+        >>> sorted(ModuleRuns(torch.nn.Linear(2, 1)).snapshot())
+        ['bias', 'weight']
+        """
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def restore(self, snapshot: dict, runs: Sequence[int]) -> None:
+        """Undo the epoch: load ``snapshot`` back if ``runs`` names the run.
+
+        Parameters
+        ----------
+        snapshot : dict
+            What :meth:`snapshot` returned.
+        runs : sequence of int
+            The runs to restore: ``[0]`` or empty (nothing happens).
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import ModuleRuns
+        >>> model = torch.nn.Linear(2, 1)
+        >>> engine = ModuleRuns(model)
+        >>> saved = engine.snapshot()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.add_(1.0)
+        >>> engine.restore(saved, [0])
+        >>> torch.equal(model.weight, saved["weight"])
+        True
+        """
         if list(runs):
             self.model.load_state_dict(snapshot)
 
     def select(self, index: Sequence[int]) -> ModuleRuns:
+        """The engine of the runs ``index``: this engine itself, its one run.
+
+        Parameters
+        ----------
+        index : sequence of int
+            Must be ``[0]``.
+
+        Returns
+        -------
+        ModuleRuns
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If ``index`` is not ``[0]``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.loop import ModuleRuns
+        >>> engine = ModuleRuns(torch.nn.Linear(2, 1))
+        >>> engine.select([0]) is engine
+        True
+        >>> engine.select([1])
+        Traceback (most recent call last):
+        ...
+        ValueError: ModuleRuns holds one run; cannot select [1]
+        """
         if list(index) != [0]:
             raise ValueError(f"ModuleRuns holds one run; cannot select {list(index)}")
         return self

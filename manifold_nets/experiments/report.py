@@ -36,6 +36,17 @@ __all__ = [
 ]
 
 #: Table 2 of the paper: (depth, protocol, arch, update) -> (mean, std) test error.
+#:
+#: The MNIST test errors of the paper's 24 cells (2 depths x 2 protocols x 2 architectures
+#: x 3 updates), mean and standard deviation over its runs.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.report import PAPER_TABLE2
+#: >>> len(PAPER_TABLE2)
+#: 24
+#: >>> PAPER_TABLE2[(4, "bold-driver", "arch2", "un")]
+#: (0.0179, 0.0025)
 PAPER_TABLE2: dict[tuple[int, str, str, str], tuple[float, float]] = {}
 _PAPER_ROWS = {
     (2, "exp-decay"): "0.0263 0.0079 0.0283 0.0062 0.0220 0.0057 0.0216 0.0038 0.0228 0.0051 "
@@ -107,7 +118,34 @@ def t_cdf(t: float, df: float) -> float:
 
 
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t distribution (bisection on :func:`t_cdf`)."""
+    """Quantile of Student's t distribution (bisection on its CDF, ``t_cdf``).
+
+    Parameters
+    ----------
+    p : float
+        The probability, in ``(0, 1)``.
+    df : float
+        The degrees of freedom (real, > 0; Welch's are not integers).
+
+    Returns
+    -------
+    float
+        The ``t`` with ``P(T <= t) = p`` (bisection on ``[-1000, 1000]``; the CDF is
+        accurate to about ``1e-8`` near the median).
+
+    Raises
+    ------
+    ValueError
+        If ``p`` is not strictly between 0 and 1.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.report import t_quantile
+    >>> round(t_quantile(0.975, 10), 4), round(t_quantile(0.975, 1e6), 3)
+    (2.2281, 1.96)
+    >>> round(t_quantile(0.025, 10), 4), abs(t_quantile(0.5, 3)) < 1e-6
+    (-2.2281, True)
+    """
     if not 0 < p < 1:
         raise ValueError(f"Invalid probability: {p}")
     lo, hi = -1e3, 1e3
@@ -123,7 +161,32 @@ def t_quantile(p: float, df: float) -> float:
 def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict | None:
     r"""Welch's comparison of two means: :math:`\bar a - \bar b` with a ``level`` interval.
 
-    Returns ``None`` when either sample has fewer than two values.
+    The interval is :math:`\bar a - \bar b \pm t_{(1 + \text{level})/2,\,\nu}\,
+    \sqrt{s_a^2/n_a + s_b^2/n_b}` with the Welch-Satterthwaite degrees of freedom
+    :math:`\nu`, and ``p`` is the two-sided p-value of the difference.
+
+    Parameters
+    ----------
+    a, b : sequence of float
+        The two samples (e.g. the test errors of two cells).
+    level : float, optional
+        The confidence level of the interval (default 0.95).
+
+    Returns
+    -------
+    dict or None
+        ``diff``, ``low``, ``high``, ``df``, ``p``, ``n1`` and ``n2``; ``None`` when
+        either sample has fewer than two values. With no variance at all the interval is
+        the difference itself (``df`` infinite).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.report import welch
+    >>> w = welch([0.030, 0.032, 0.031], [0.020, 0.021, 0.019])
+    >>> round(w["diff"], 4), round(w["low"], 4), round(w["high"], 4), w["df"]
+    (0.011, 0.0087, 0.0133, 4.0)
+    >>> w["p"] < 0.001, welch([0.03], [0.02, 0.021]) is None
+    (True, True)
     """
     n1, n2 = len(a), len(b)
     if n1 < 2 or n2 < 2:
@@ -150,6 +213,16 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict |
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none).
 
+    Parameters
+    ----------
+    values : sequence of float
+        The sample.
+
+    Returns
+    -------
+    (float, float)
+        The mean and the sample standard deviation (``n - 1`` in the denominator).
+
     Examples
     --------
     >>> from manifold_nets.experiments.report import mean_std
@@ -167,7 +240,42 @@ def _cell_key(record: dict) -> tuple[int, str, str, str]:
 
 
 def cell_summaries(records: Iterable[dict]) -> dict[tuple, dict]:
-    """Per cell: test errors over all runs and over non-diverged runs, and counts."""
+    """Per cell: test errors over all runs and over non-diverged runs, and counts.
+
+    Parameters
+    ----------
+    records : iterable of dict
+        Records of runs (:func:`~manifold_nets.experiments.engines.train`): each needs
+        ``config`` (``depth``, ``protocol``, ``arch``, ``update``, ``dataset``),
+        ``test_error``, ``diverged``, ``epochs``, ``wall_time_s`` and ``lr``.
+
+    Returns
+    -------
+    dict
+        ``(depth, protocol, arch, update) ->`` a dict of ``n``, ``n_diverged``, ``all``
+        and ``ok`` (:func:`mean_std` of the test error over all runs and over the runs
+        that did not diverge), ``epochs`` and ``wall_time_s`` (means), ``lrs`` (the
+        selected rates) and ``paper`` (the cell of :data:`PAPER_TABLE2` on MNIST, else
+        ``None``), in the order of Table 2.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> def record(update, error, seed, depth=4):
+    ...     config = TrainConfig(depth=depth, update=update, seed=seed).to_dict()
+    ...     return {"config": config, "test_error": error, "diverged": False, "epochs": 2,
+    ...             "wall_time_s": 1.0, "lr": 0.01, "stop_reason": "max-epochs",
+    ...             "history": [{"test_error": error + 0.01}, {"test_error": error}]}
+    >>> records = [record("bsgd", 0.030, 0), record("bsgd", 0.032, 1), record("bsgd", 0.031, 2),
+    ...            record("un", 0.020, 0), record("un", 0.021, 1), record("un", 0.019, 2)]
+    >>> from manifold_nets.experiments.report import cell_summaries
+    >>> cells = cell_summaries(records)
+    >>> list(cells)
+    [(4, 'bold-driver', 'arch2', 'bsgd'), (4, 'bold-driver', 'arch2', 'un')]
+    >>> un = cells[(4, "bold-driver", "arch2", "un")]
+    >>> un["n"], un["n_diverged"], [round(v, 4) for v in un["ok"]], un["paper"]
+    (3, 0, [0.02, 0.001], (0.0179, 0.0025))
+    """
     cells: dict[tuple, list[dict]] = {}
     for r in records:
         cells.setdefault(_cell_key(r), []).append(r)
@@ -209,6 +317,33 @@ def comparisons(records: Sequence[dict]) -> list[dict]:
     Each row: the finding, the two groups, and the difference ``mean(first) -
     mean(second)`` of test error with a 95% interval, over non-diverged runs and over all
     runs. A positive difference means the second group has the lower error.
+
+    Parameters
+    ----------
+    records : sequence of dict
+        Records of runs (see :func:`cell_summaries`).
+
+    Returns
+    -------
+    list of dict
+        One row per finding that the records can test: ``finding``, ``first`` and
+        ``second`` (the groups, as ``{config field: value}``), ``ok`` and ``all``
+        (:func:`welch` over non-diverged and over all runs, or ``None``).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> def record(update, error, seed, depth=4):
+    ...     config = TrainConfig(depth=depth, update=update, seed=seed).to_dict()
+    ...     return {"config": config, "test_error": error, "diverged": False, "epochs": 2,
+    ...             "wall_time_s": 1.0, "lr": 0.01, "stop_reason": "max-epochs",
+    ...             "history": [{"test_error": error + 0.01}, {"test_error": error}]}
+    >>> records = [record("bsgd", 0.030, 0), record("bsgd", 0.032, 1), record("bsgd", 0.031, 2),
+    ...            record("un", 0.020, 0), record("un", 0.021, 1), record("un", 0.019, 2)]
+    >>> from manifold_nets.experiments.report import comparisons
+    >>> [row] = comparisons(records)
+    >>> row["finding"], row["second"]["update"], round(row["ok"]["diff"], 4)
+    ('UN better than B-SGD', 'un', 0.011)
     """
     rows = []
     depths = sorted({r["config"]["depth"] for r in records})
@@ -397,6 +532,39 @@ def plot_trajectories(records: Sequence[dict], path: str | os.PathLike, depth: i
 
     One panel per architecture (columns) and protocol (rows), one line per update; a run
     that stopped early keeps its final error. Returns ``False`` if there is nothing to plot.
+    Needs matplotlib.
+
+    Parameters
+    ----------
+    records : sequence of dict
+        Records of runs with their ``history`` (a ``test_error`` per epoch).
+    path : path
+        The PNG file to write (atomically).
+    depth : int, optional
+        The depth whose runs are plotted (default 4).
+
+    Returns
+    -------
+    bool
+        Whether a figure was written: ``False`` when no run of ``depth`` converged.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> def record(update, error, seed, depth=4):
+    ...     config = TrainConfig(depth=depth, update=update, seed=seed).to_dict()
+    ...     return {"config": config, "test_error": error, "diverged": False, "epochs": 2,
+    ...             "wall_time_s": 1.0, "lr": 0.01, "stop_reason": "max-epochs",
+    ...             "history": [{"test_error": error + 0.01}, {"test_error": error}]}
+    >>> records = [record("bsgd", 0.030, 0), record("bsgd", 0.032, 1), record("bsgd", 0.031, 2),
+    ...            record("un", 0.020, 0), record("un", 0.021, 1), record("un", 0.019, 2)]
+    >>> import pathlib, tempfile
+    >>> from manifold_nets.experiments.report import plot_trajectories
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "trajectories.png"
+    >>> plot_trajectories(records, path, depth=2), path.exists()
+    (False, False)
+    >>> plot_trajectories(records, path), path.read_bytes()[:4] == b"\\x89PNG"
+    (True, True)
     """
     from matplotlib.figure import Figure
 
@@ -437,7 +605,51 @@ def plot_trajectories(records: Sequence[dict], path: str | os.PathLike, depth: i
 
 
 def write_report(store, out: str | os.PathLike, dataset: str) -> dict[str, Path]:
-    """Write ``table2.md``, ``table2.csv`` and ``trajectories.png`` from every record."""
+    """Write ``table2.md``, ``table2.csv`` and ``trajectories.png`` from every record.
+
+    Parameters
+    ----------
+    store : ResultStore
+        The results store (:class:`~manifold_nets.experiments.grid.ResultStore`); its
+        records of ``dataset`` are reported.
+    out : path
+        The folder to write into (created if needed).
+    dataset : str
+        ``"mnist"`` (reported beside the paper's values) or ``"fashion-mnist"``.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        ``markdown`` and ``csv``, and ``figure`` when a figure was drawn (matplotlib is
+        installed and the store holds non-diverged runs of depth 4).
+
+    Examples
+    --------
+    Two cells of depth 2 (the figure is of depth 4, so it is not drawn):
+
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> def record(update, error, seed, depth=4):
+    ...     config = TrainConfig(depth=depth, update=update, seed=seed).to_dict()
+    ...     return {"config": config, "test_error": error, "diverged": False, "epochs": 2,
+    ...             "wall_time_s": 1.0, "lr": 0.01, "stop_reason": "max-epochs",
+    ...             "history": [{"test_error": error + 0.01}, {"test_error": error}]}
+    >>> records = [record(u, e, s, depth=2) for s, (u, e) in enumerate(
+    ...     [("bsgd", 0.030), ("bsgd", 0.032), ("un", 0.020), ("un", 0.021)])]
+    >>> import pathlib, tempfile
+    >>> from manifold_nets.experiments.grid import ResultStore
+    >>> from manifold_nets.experiments.report import write_report
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> store = ResultStore(root / "grid")
+    >>> for k, r in enumerate(records):
+    ...     _ = store.write(f"run-{k}", r)
+    >>> paths = write_report(store, root / "report", "mnist")
+    >>> sorted(paths)
+    ['csv', 'markdown']
+    >>> paths["csv"].read_text().splitlines()[1]
+    '2,bold-driver,arch2,bsgd,2,0,0.031000,0.001414,0.031000,0.001414,0.0206,0.0024,2.00,1.0'
+    >>> paths["markdown"].read_text().splitlines()[0]
+    '# Table 2 reproduced: mnist'
+    """
     records = [r for r in store.records() if r["config"]["dataset"] == dataset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

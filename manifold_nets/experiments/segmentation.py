@@ -18,7 +18,8 @@ Everything is drawn from :class:`numpy.random.Generator` streams seeded by ``dat
 (the data, fixed across runs) and ``seed`` (initial weights and batch order), so a
 configuration gives the same numbers every time on a CPU.
 
-Training (:func:`fit`) is plain SGD through :class:`geoopt.optim.RiemannianSGD` after
+Training (:func:`fit`) is SGD through :class:`~manifold_nets.InvariantSGD` (momentum
+``SegConfig.momentum``: 0.9, SegNet's, by default; 0 is the paper's plain SGD) after
 :func:`manifold_nets.declare.declare`, i.e. the updates of Table 1 with every
 ``Conv2d`` filter ``weight[o]`` as one filter and the 1x1 classifier as :math:`\theta`:
 
@@ -32,7 +33,7 @@ Training (:func:`fit`) is plain SGD through :class:`geoopt.optim.RiemannianSGD` 
     &\quad\quad L_B = \textstyle\sum_{n \in B} \frac{1}{HW} \sum_{p}
         \mathrm{CE}(f(x_n)_p, y_{n,p})
         \quad \text{(per-image mean, summed over the batch)} \\
-    &\quad\quad \text{one RiemannianSGD step on } L_B \text{ with rate } \eta_e
+    &\quad\quad \text{one InvariantSGD step on } L_B \text{ with rate } \eta_e
     \end{aligned}
 
 Metrics (:func:`segmentation_metrics`), those of the SegNet paper, from the confusion
@@ -99,8 +100,20 @@ __all__ = [
 ]
 
 #: Label of the background pixels; digits are ``0 .. 9``.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.segmentation import BACKGROUND
+#: >>> BACKGROUND
+#: 10
 BACKGROUND = 10
 #: Per-pixel classes: ten digits and the background.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.segmentation import BACKGROUND, NUM_CLASSES
+#: >>> NUM_CLASSES == BACKGROUND + 1
+#: True
 NUM_CLASSES = 11
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +123,34 @@ NUM_CLASSES = 11
 def load_mnist_digits(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The MNIST digits as ``uint8`` arrays: ``{"train_x": (60000, 28, 28), "train_y",
     "test_x": (10000, 28, 28), "test_y"}``, read with :func:`~.data.load_dataset` (local
-    mirror ``MANIFOLD_NETS_MIRROR`` first; see :mod:`manifold_nets.experiments.data`)."""
+    mirror ``MANIFOLD_NETS_MIRROR`` first; see :mod:`manifold_nets.experiments.data`).
+
+    Parameters
+    ----------
+    data_dir : path, optional
+        A folder holding the MNIST IDX files; missing files are downloaded (with their
+        checksums verified).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``train_x`` ``(60000, 28, 28)`` and ``test_x`` ``(10000, 28, 28)`` ``uint8``
+        images, ``train_y`` and ``test_y`` ``int64`` labels.
+
+    Raises
+    ------
+    manifold_nets.experiments.data.DataError
+        If MNIST cannot be found or downloaded.
+
+    Examples
+    --------
+    It needs the MNIST files (or a download), which a docs build does not have, so this
+    example is not run:
+
+    >>> digits = load_mnist_digits()  # doctest: +SKIP
+    >>> digits["train_x"].shape, digits["train_x"].dtype, digits["test_y"][:3]  # doctest: +SKIP
+    ((60000, 28, 28), dtype('uint8'), array([7, 2, 1]))
+    """
     from .data import load_dataset
 
     ds = load_dataset("mnist", data_dir)
@@ -143,6 +183,30 @@ class CanvasConfig:
         MNIST training digits held out for the validation canvases
     data_seed : int
         seeds the pool split and the canvases (fixed across runs)
+
+    Parameters
+    ----------
+    size, digits_per_canvas, ink_threshold, max_overlap, train, val, test, val_digits, \
+data_seed
+        The attributes above.
+
+    Raises
+    ------
+    ValueError
+        If a count is not a positive integer, ``size < 28``, ``max_overlap`` is not in
+        ``[0, 1)``, ``ink_threshold`` not in ``(0, 1]``, or ``val_digits`` leaves no
+        training digits.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import CanvasConfig
+    >>> c = CanvasConfig(train=100)
+    >>> c.size, c.digits_per_canvas, c.train, c.val, c.test
+    (32, 2, 100, 300, 500)
+    >>> CanvasConfig(size=16)
+    Traceback (most recent call last):
+    ...
+    ValueError: CanvasConfig.size must be >= 28 to hold a digit, got 16
     """
 
     size: int = 32
@@ -186,6 +250,20 @@ class CanvasSet:
         (``-1``: dropped), for provenance
     source : str
         ``"train"`` or ``"test"``: the MNIST file the digits come from
+
+    Parameters
+    ----------
+    images, labels, digits, source
+        The attributes above.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from manifold_nets.experiments.segmentation import BACKGROUND, CanvasSet
+    >>> s = CanvasSet(torch.zeros(3, 1, 32, 32), torch.full((3, 32, 32), BACKGROUND),
+    ...               np.full((3, 2), -1), "train")
+    >>> len(s), tuple(s.labels.shape)
+    (3, (3, 32, 32))
     """
 
     images: torch.Tensor
@@ -219,6 +297,46 @@ def make_canvases(x: np.ndarray, y: np.ndarray, pool: np.ndarray, n: int,
     spot whose box shares at most ``max_overlap`` of its own area, and of every earlier
     box's, with the earlier boxes (100 tries, then the digit is dropped). Where inked
     digits overlap, the brighter one gives the label.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(N, 28, 28)`` ``uint8`` digits.
+    y : numpy.ndarray
+        ``(N,)`` their classes.
+    pool : numpy.ndarray
+        The indices of ``x`` to draw from (at least ``digits_per_canvas`` of them).
+    n : int
+        Canvases to draw.
+    config : CanvasConfig
+        Size, digits per canvas, ink threshold and overlap.
+    rng : numpy.random.Generator
+        The source of the digits and their spots.
+    source : str
+        Stored in the result (``"train"`` or ``"test"``).
+
+    Returns
+    -------
+    CanvasSet
+        ``n`` canvases, their labels and the digits used.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import (BACKGROUND, CanvasConfig,
+    ...                                                     make_canvases)
+    >>> import numpy as np
+    >>> x = np.zeros((30, 28, 28), np.uint8)
+    >>> x[:, 8:20, 10:18] = 255  # a 12 x 8 block of ink stands in for a digit
+    >>> digits = {"train_x": x[:20], "train_y": np.arange(20) % 10,
+    ...           "test_x": x[20:], "test_y": np.arange(10)}
+    >>> rng = np.random.default_rng(0)
+    >>> s = make_canvases(digits["train_x"], digits["train_y"], np.arange(20), 5,
+    ...                   CanvasConfig(), rng, "train")
+    >>> tuple(s.images.shape), tuple(s.labels.shape), s.digits.shape
+    ((5, 1, 32, 32), (5, 32, 32), (5, 2))
+    >>> labelled = s.labels != BACKGROUND  # every pasted digit inks 12 x 8 pixels
+    >>> bool((labelled.sum((1, 2)) >= 96).all()), bool((s.images[:, 0][labelled] == 1).all())
+    (True, True)
     """
     s, k = config.size, config.digits_per_canvas
     thresh = int(np.ceil(config.ink_threshold * 255))
@@ -255,6 +373,38 @@ def make_splits(config: CanvasConfig, digits: dict[str, np.ndarray] | None = Non
     Returns ``{"train", "val", "test": CanvasSet, "pools": {"train", "val", "test":
     indices}}``; the pools are disjoint: ``train`` and ``val`` index the MNIST training
     file, ``test`` the test file.
+
+    Parameters
+    ----------
+    config : CanvasConfig
+        The canvases.
+    digits : dict, optional
+        Digits as :func:`load_mnist_digits` returns them (read from MNIST if not given).
+
+    Returns
+    -------
+    dict
+        The three :class:`CanvasSet` and the three pools (sorted index arrays).
+
+    Examples
+    --------
+    Tiny stand-ins for MNIST's digits, so that the example needs no data:
+
+    >>> from manifold_nets.experiments.segmentation import CanvasConfig, make_splits
+    >>> import numpy as np
+    >>> x = np.zeros((30, 28, 28), np.uint8)
+    >>> x[:, 8:20, 10:18] = 255  # a 12 x 8 block of ink stands in for a digit
+    >>> digits = {"train_x": x[:20], "train_y": np.arange(20) % 10,
+    ...           "test_x": x[20:], "test_y": np.arange(10)}
+    >>> canvases = CanvasConfig(train=8, val=4, test=4, val_digits=5)
+    >>> splits = make_splits(canvases, digits)
+    >>> [len(splits[k]) for k in ("train", "val", "test")]
+    [8, 4, 4]
+    >>> pools = splits["pools"]
+    >>> len(pools["val"]), len(pools["train"]), set(pools["val"]) & set(pools["train"])
+    (5, 15, set())
+    >>> set(splits["val"].digits.ravel()) <= set(pools["val"]) | {-1}
+    True
     """
     digits = load_mnist_digits() if digits is None else digits
     seq = np.random.SeedSequence(config.data_seed)
@@ -277,7 +427,27 @@ def make_splits(config: CanvasConfig, digits: dict[str, np.ndarray] | None = Non
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor,
                      num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """``C[k, j]``: pixels of true class ``k`` predicted as ``j`` (int64)."""
+    """``C[k, j]``: pixels of true class ``k`` predicted as ``j`` (int64).
+
+    Parameters
+    ----------
+    pred, target : torch.Tensor
+        Predicted and true classes, of one shape (any), ``int64`` in
+        ``0 .. num_classes - 1``.
+    num_classes : int, optional
+        :math:`K` (default :data:`NUM_CLASSES`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, K)`` counts; rows: truth, columns: prediction.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import confusion_matrix
+    >>> confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), 2).tolist()
+    [[1, 1], [0, 2]]
+    """
     idx = target.reshape(-1) * num_classes + pred.reshape(-1)
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
@@ -286,6 +456,16 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     """Global accuracy, class-average accuracy and mean IoU of a confusion matrix.
 
     Class averages run over the classes present in the ground truth.
+
+    Parameters
+    ----------
+    conf : torch.Tensor
+        A ``(K, K)`` confusion matrix (:func:`confusion_matrix`).
+
+    Returns
+    -------
+    dict of str to float
+        ``global_acc``, ``class_avg_acc`` and ``mean_iou`` (see the module docstring).
 
     Examples
     --------
@@ -308,7 +488,32 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def segment(model: torch.nn.Module, images: torch.Tensor, chunk: int = 100) -> torch.Tensor:
-    """Per-pixel arg-max class ``(N, H, W)`` in eval mode (running batch-norm statistics)."""
+    """Per-pixel arg-max class ``(N, H, W)`` in eval mode (running batch-norm statistics).
+
+    The model is put back in the mode it was in.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segmentation net returning ``(N, K, H, W)`` logits.
+    images : torch.Tensor
+        ``(N, C, H, W)`` images.
+    chunk : int, optional
+        Images per forward pass (default 100).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, H, W)`` ``int64`` classes.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import segment
+    >>> from manifold_nets.nets import SegNet
+    >>> model = SegNet(widths=(4, 8))
+    >>> segment(model, torch.rand(3, 1, 32, 32), chunk=2).shape, model.training
+    (torch.Size([3, 32, 32]), True)
+    """
     was = model.training
     model.eval()
     try:
@@ -319,7 +524,31 @@ def segment(model: torch.nn.Module, images: torch.Tensor, chunk: int = 100) -> t
 
 
 def evaluate(model: torch.nn.Module, data: CanvasSet) -> dict[str, float]:
-    """:func:`segmentation_metrics` of ``model`` on ``data``."""
+    """:func:`segmentation_metrics` of ``model`` on ``data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segmentation net (evaluated in eval mode, :func:`segment`).
+    data : CanvasSet
+        The canvases and their labels.
+
+    Returns
+    -------
+    dict of str to float
+        ``global_acc``, ``class_avg_acc`` and ``mean_iou``.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import CanvasSet, evaluate
+    >>> class Oracle(torch.nn.Module):  # predicts class 3 everywhere, with certainty
+    ...     def forward(self, x):
+    ...         return torch.nn.functional.one_hot(torch.full(x.shape[:1] + x.shape[2:], 3),
+    ...                                            11).permute(0, 3, 1, 2).float()
+    >>> data = CanvasSet(torch.rand(2, 1, 4, 4), torch.full((2, 4, 4), 3), None, "test")
+    >>> evaluate(Oracle(), data)
+    {'global_acc': 1.0, 'class_avg_acc': 1.0, 'mean_iou': 1.0}
+    """
     return segmentation_metrics(confusion_matrix(segment(model, data.images), data.labels))
 
 
@@ -349,6 +578,32 @@ class SegConfig:
         the network
     data : CanvasConfig
         the canvases
+
+    Parameters
+    ----------
+    update, lr, epochs, batch_size, decay, momentum, class_balance, seed, net, data
+        The attributes above; ``net`` and ``data`` may be given as dicts (as
+        :meth:`to_dict` writes them).
+
+    Raises
+    ------
+    ValueError
+        On an unknown update, a rate that is not positive, fewer than one epoch or image
+        per batch, or a canvas size that the net's pooling does not divide.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import SegConfig
+    >>> from manifold_nets.nets import SegNetConfig
+    >>> c = SegConfig(update="sm", net=SegNetConfig(widths=(4, 8)))
+    >>> c.update, c.lr, c.momentum, c.net.widths, c.data.size
+    ('sm', 0.03, 0.9, (4, 8), 32)
+    >>> SegConfig(**c.to_dict()) == c
+    True
+    >>> SegConfig(net=SegNetConfig(widths=(4, 8, 16, 32, 64, 128)))
+    Traceback (most recent call last):
+    ...
+    ValueError: canvas size 32 is not divisible by 64 (the net pools 6 times)
     """
 
     update: str = "un"
@@ -380,6 +635,20 @@ class SegConfig:
                              f"(the net pools {len(self.net.widths)} times)")
 
     def to_dict(self) -> dict:
+        """The configuration as plain, nested dicts (what a record saves).
+
+        Returns
+        -------
+        dict
+            Every field; ``net`` and ``data`` as dicts. ``SegConfig(**d)`` rebuilds it.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.segmentation import SegConfig
+        >>> d = SegConfig().to_dict()
+        >>> d["update"], d["net"]["widths"], d["data"]["size"]
+        ('un', (16, 32, 64), 32)
+        """
         return asdict(self)
 
 
@@ -393,7 +662,29 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor,
 def median_frequency_weights(labels: torch.Tensor,
                              num_classes: int = NUM_CLASSES) -> torch.Tensor:
     r"""SegNet's median frequency balancing: :math:`w_k = \mathrm{median}(f) / f_k`, with
-    :math:`f_k` the pixel frequency of class ``k`` in ``labels`` (absent classes get 0)."""
+    :math:`f_k` the pixel frequency of class ``k`` in ``labels`` (absent classes get 0).
+
+    The median runs over the classes present.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``int64`` labels of any shape.
+    num_classes : int, optional
+        :math:`K` (default :data:`NUM_CLASSES`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K,)`` float32 weights.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import median_frequency_weights
+    >>> labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    >>> median_frequency_weights(labels, 4).tolist()
+    [0.6666666865348816, 2.0, 1.0, 0.0]
+    """
     freq = torch.bincount(labels.reshape(-1), minlength=num_classes).double()
     freq = freq / freq.sum()
     present = freq > 0
@@ -413,7 +704,29 @@ def build_segnet(config: SegConfig) -> SegNet:
 
 def pixel_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per canvas, the fraction of misclassified pixels, summed over the batch (the loop
-    divides by the number of canvases: the training error is the pixel error rate)."""
+    divides by the number of canvases: the training error is the pixel error rate).
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(N, K, H, W)`` logits.
+    labels : torch.Tensor
+        ``(N, H, W)`` classes.
+
+    Returns
+    -------
+    torch.Tensor
+        A float64 scalar: the sum over the ``N`` canvases of their pixel error rates.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import pixel_errors
+    >>> logits = torch.zeros(2, 3, 2, 2)
+    >>> logits[:, 1] = 1.0  # class 1 everywhere
+    >>> labels = torch.tensor([[[1, 1], [1, 0]], [[0, 0], [1, 1]]])
+    >>> pixel_errors(logits, labels).item()  # 1/4 + 2/4
+    0.75
+    """
     return (logits.argmax(1) != labels).double().mean(dim=(1, 2)).sum()
 
 
@@ -424,10 +737,51 @@ def fit(model: torch.nn.Module, config: SegConfig, train_set: CanvasSet,
     The epoch loop of the experiments (:func:`~.loop.fit_runs`, one run) with
     :class:`~manifold_nets.InvariantSGD` (momentum ``config.momentum``), the rate
     :math:`\eta_0 \gamma^e` of :class:`~.config.ExpDecay`, ``config.epochs`` epochs and
-    :func:`seg_loss`. Each epoch's record holds its rate, ``cost`` (the mean mini-batch
-    loss), ``train_error`` (pixel error of the epoch's mini-batches) and, with ``val_set``,
-    the validation metrics as ``val_*``; a run whose cost is not finite stops there,
-    marked ``diverged``.
+    the loss ``seg_loss`` (per-pixel cross-entropy, class-weighted by
+    :func:`median_frequency_weights` with ``config.class_balance``, averaged over each
+    image, summed over the batch). Each epoch's record holds its rate, ``cost`` (the mean
+    mini-batch loss), ``train_error`` (pixel error of the epoch's mini-batches) and, with
+    ``val_set``, the validation metrics as ``val_*``; a run whose cost is not finite stops
+    there, marked ``diverged``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A SegNet declared with :func:`manifold_nets.declare` for ``config.update``.
+    config : SegConfig
+        The run's rate, schedule, momentum, batch size, epochs and class balancing.
+    train_set : CanvasSet
+        The training canvases.
+    val_set : CanvasSet, optional
+        Canvases evaluated after every epoch.
+    log : callable, optional
+        Called with one line per epoch.
+
+    Returns
+    -------
+    list of dict
+        One record per epoch.
+
+    Examples
+    --------
+    >>> from manifold_nets import declare
+    >>> from manifold_nets.experiments.segmentation import CanvasConfig, SegConfig, fit, make_splits
+    >>> from manifold_nets.nets import SegNet, SegNetConfig
+    >>> import numpy as np
+    >>> x = np.zeros((30, 28, 28), np.uint8)
+    >>> x[:, 8:20, 10:18] = 255  # a 12 x 8 block of ink stands in for a digit
+    >>> digits = {"train_x": x[:20], "train_y": np.arange(20) % 10,
+    ...           "test_x": x[20:], "test_y": np.arange(10)}
+    >>> canvases = CanvasConfig(train=8, val=4, test=4, val_digits=5)
+    >>> splits = make_splits(canvases, digits)
+    >>> config = SegConfig(epochs=2, batch_size=4, net=SegNetConfig(widths=(4, 8)))
+    >>> model = SegNet.from_config(config.net)
+    >>> _ = declare(model, "un")
+    >>> history = fit(model, config, splits["train"], splits["val"])
+    >>> [(h["epoch"], round(h["lr"], 4)) for h in history]
+    [(1, 0.03), (2, 0.0285)]
+    >>> sorted(k for k in history[-1] if k.startswith("val_"))
+    ['val_class_avg_acc', 'val_global_acc', 'val_mean_iou']
     """
     from ..optim import InvariantSGD
     from .config import ExpDecay, StoppingRule
@@ -468,6 +822,45 @@ def train(config: SegConfig, splits: dict | None = None, log=None,
 
     Returns the run's record (config, history, ``val``/``test`` metrics, wall time, and the
     predicted labels of the first ``examples`` test canvases) and the trained model.
+
+    Parameters
+    ----------
+    config : SegConfig
+        The run.
+    splits : dict, optional
+        :func:`make_splits` of ``config.data`` (made, from MNIST, if not given).
+    log : callable, optional
+        Called with one line per epoch.
+    examples : int, optional
+        Test canvases whose predictions the record keeps (default 4).
+
+    Returns
+    -------
+    (dict, SegNet)
+        The record (``config``, ``history``, ``diverged``, ``val``, ``test`` (``None``
+        if diverged), ``wall_time_s``, ``torch_threads``, ``examples``) and the model.
+
+    Examples
+    --------
+    One epoch on tiny stand-in canvases:
+
+    >>> from manifold_nets.experiments.segmentation import (CanvasConfig, SegConfig,
+    ...                                                     make_splits, train)
+    >>> from manifold_nets.nets import SegNetConfig
+    >>> import numpy as np
+    >>> x = np.zeros((30, 28, 28), np.uint8)
+    >>> x[:, 8:20, 10:18] = 255  # a 12 x 8 block of ink stands in for a digit
+    >>> digits = {"train_x": x[:20], "train_y": np.arange(20) % 10,
+    ...           "test_x": x[20:], "test_y": np.arange(10)}
+    >>> canvases = CanvasConfig(train=8, val=4, test=4, val_digits=5)
+    >>> splits = make_splits(canvases, digits)
+    >>> config = SegConfig(epochs=1, batch_size=4, net=SegNetConfig(widths=(4, 8)),
+    ...                    data=canvases)
+    >>> record, model = train(config, splits, examples=2)
+    >>> record["diverged"], sorted(record["test"]), len(record["history"])
+    (False, ['class_avg_acc', 'global_acc', 'mean_iou'], 1)
+    >>> np.array(record["examples"]).shape
+    (2, 32, 32)
     """
     splits = make_splits(config.data) if splits is None else splits
     start = time.perf_counter()
@@ -494,9 +887,38 @@ def train(config: SegConfig, splits: dict | None = None, log=None,
 def filter_scaling(model: SegNet, generator: torch.Generator, low: float = 0.2,
                    high: float = 5.0, sign: float = 1.0) -> Rescaling:
     r"""Random per-filter factors :math:`\alpha_{l,o}` (log-uniform in ``[low, high]``,
-    times ``sign``) for every conv followed by batch norm: a :class:`Rescaling` of
-    :mod:`manifold_nets.symmetry` (``sign=-1`` gives the negative control, which is no
-    symmetry)."""
+    times ``sign``) for every conv followed by batch norm: a
+    :class:`~manifold_nets.symmetry.groups.Rescaling` of :mod:`manifold_nets.symmetry`
+    (``sign=-1`` gives the negative control, which is no symmetry).
+
+    Parameters
+    ----------
+    model : SegNet
+        The net; its ``named_filters()`` are scaled.
+    generator : torch.Generator
+        The source of the factors.
+    low, high : float, optional
+        The range of the factors (default 0.2 and 5).
+    sign : float, optional
+        1 (a symmetry) or -1 (the negative control).
+
+    Returns
+    -------
+    Rescaling
+        The group element; ``.apply(model)`` gives the scaled copy.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import filter_scaling
+    >>> from manifold_nets.nets import SegNet
+    >>> model = SegNet(widths=(4, 8), bn_eps=1e-30).double()
+    >>> element = filter_scaling(model, torch.Generator().manual_seed(0))
+    >>> tuple(element.scales["encoder.1.0.conv.weight"][0].shape)  # one factor per filter
+    (8,)
+    >>> x = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    >>> torch.allclose(element.apply(model)(x), model(x))  # batch norm in training mode
+    True
+    """
     scales = {}
     for name, w in model.named_filters():
         u = torch.rand(w.shape[0], generator=generator, dtype=torch.float64)
@@ -525,6 +947,19 @@ class SymmetryReport:
     step_gap : dict
         per update, ``|L(step(A W)) - L(step(W))|`` after one step on the same batch
         (~0 for ``sm`` and ``un``, large for ``bsgd``: the negative control)
+
+    Parameters
+    ----------
+    loss, loss_gap, negative_loss_gap, grad_alignment, step_gap
+        The attributes above.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import SymmetryReport
+    >>> r = SymmetryReport(loss=9.9, loss_gap=7e-15, negative_loss_gap=0.05,
+    ...                    grad_alignment=8e-14, step_gap={"bsgd": 0.18, "sm": 2e-15, "un": 0.0})
+    >>> r.holds()
+    True
     """
 
     loss: float
@@ -535,7 +970,32 @@ class SymmetryReport:
 
     def holds(self, atol: float = 1e-8) -> bool:
         """Loss invariance and SM/UN update invariance hold, and both negative controls
-        fail, with tolerance ``atol`` relative to the loss."""
+        fail, with tolerance ``atol`` relative to the loss.
+
+        The gradient alignment must be below ``sqrt(atol)``; a negative control "fails"
+        when its gap exceeds ``1000`` times the tolerance. An update missing from
+        ``step_gap`` is not checked (``bsgd`` included).
+
+        Parameters
+        ----------
+        atol : float, optional
+            The tolerance, relative to ``max(1, |loss|)`` (default ``1e-8``).
+
+        Returns
+        -------
+        bool
+            Whether every check passes.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.segmentation import SymmetryReport
+        >>> r = SymmetryReport(loss=9.9, loss_gap=7e-15, negative_loss_gap=0.05,
+        ...                    grad_alignment=8e-14, step_gap={"bsgd": 0.18, "un": 1e-3})
+        >>> r.holds()  # the UN step is not invariant here
+        False
+        >>> SymmetryReport(9.9, 7e-15, 0.05, 8e-14, {"bsgd": 0.18, "un": 0.0}).holds()
+        True
+        """
         tol = atol * max(1.0, abs(self.loss))
         return (self.loss_gap < tol and self.grad_alignment < atol ** 0.5
                 and self.negative_loss_gap > 1e3 * tol
@@ -551,6 +1011,37 @@ def symmetry_report(model: SegNet, images: torch.Tensor, labels: torch.Tensor, *
     The model is copied (never modified). Batch norm runs in training mode (batch
     statistics), where the invariance holds up to its ``eps``; set ``bn_eps=1e-30`` for an
     exact check in float64.
+
+    Parameters
+    ----------
+    model : SegNet
+        The net (not modified).
+    images, labels : torch.Tensor
+        One batch: ``(N, 1, H, W)`` images and ``(N, H, W)`` classes.
+    lr : float, optional
+        The rate of the one step of every update (default 0.1).
+    seed : int, optional
+        Seeds the scaling factors (:func:`filter_scaling`).
+    updates : sequence of str, optional
+        The updates to step (default all three of Table 1).
+
+    Returns
+    -------
+    SymmetryReport
+        The measured gaps; :meth:`SymmetryReport.holds` says whether the symmetry and its
+        negative controls behave as the paper says.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.segmentation import symmetry_report
+    >>> from manifold_nets.nets import SegNet
+    >>> model = SegNet(widths=(4, 8), bn_eps=1e-30)
+    >>> x, y = torch.rand(2, 1, 32, 32), torch.randint(0, 11, (2, 32, 32))
+    >>> report = symmetry_report(model, x, y, updates=("bsgd", "un"))
+    >>> report.loss_gap < 1e-10, report.step_gap["un"] < 1e-10, report.step_gap["bsgd"] > 1e-4
+    (True, True, True)
+    >>> report.holds()
+    True
     """
     base = copy.deepcopy(model).double().train()
     x, y = images.double(), labels

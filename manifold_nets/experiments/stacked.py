@@ -46,7 +46,29 @@ __all__ = ["StackedNet", "error_rates", "update_of"]
 
 def update_of(model: torch.nn.Module) -> str:
     """The update a paper net was declared for (:func:`manifold_nets.declare`), read from
-    the manifold of its first filter bank: ``"un"``, ``"sm"`` or ``"bsgd"``."""
+    the manifold of its first filter bank: ``"un"``, ``"sm"`` or ``"bsgd"``.
+
+    Parameters
+    ----------
+    model : Arch1 or Arch2
+        A paper net, declared or not.
+
+    Returns
+    -------
+    str
+        ``"un"`` (an :class:`~manifold_nets.ObliqueManifold`), ``"sm"`` (a
+        :class:`~manifold_nets.DiagScaledEuclidean`) or ``"bsgd"`` (anything else, e.g. an
+        undeclared net).
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch1, declare
+    >>> from manifold_nets.experiments.stacked import update_of
+    >>> nets = [Arch1(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+    >>> _ = declare(nets[0], "un"), declare(nets[1], "sm")
+    >>> [update_of(net) for net in nets]
+    ['un', 'sm', 'bsgd']
+    """
     manifold = getattr(model.layers[0].linear.weight, "manifold", None)
     if isinstance(manifold, ObliqueManifold):
         return "un"
@@ -66,6 +88,14 @@ _KINDS = {
 class StackedNet:
     r"""``R`` networks of one architecture and depth, every tensor with a leading run dim.
 
+    Build one with :meth:`from_models` (or :meth:`from_state_dict`) rather than from its
+    tensors.
+
+    Parameters
+    ----------
+    W, theta, gamma, beta, running_mean, running_var, bn_eps, bn_momentum, updates
+        The attributes below.
+
     Attributes
     ----------
     W : list of torch.Tensor
@@ -80,6 +110,29 @@ class StackedNet:
         batch-norm settings (as in ``nn.BatchNorm1d``)
     updates : list of str
         every run's update, ``"bsgd"``, ``"sm"`` or ``"un"`` (default: all ``"bsgd"``)
+
+    Raises
+    ------
+    ValueError
+        If ``updates`` is not one label of ``"bsgd"``, ``"sm"`` and ``"un"`` per run.
+
+    Examples
+    --------
+    Three Arch2 nets declared for the three updates of Table 1, as one stack; every run
+    computes what its own net computes:
+
+    >>> from manifold_nets import Arch2, declare
+    >>> from manifold_nets.experiments.stacked import StackedNet
+    >>> models = [Arch2(depth=2, width=4, in_features=6, num_classes=3) for _ in range(3)]
+    >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+    ...     _ = declare(m, u)
+    >>> net = StackedNet.from_models(models)
+    >>> net.runs, net.updates, [tuple(W.shape) for W in net.W], tuple(net.theta.shape)
+    (3, ['un', 'sm', 'bsgd'], [(3, 4, 6), (3, 4, 2)], (3, 3, 2))
+    >>> x = torch.rand(5, 6)
+    >>> logits = net.forward(x)
+    >>> all(torch.allclose(logits[r], m.eval()(x), atol=1e-6) for r, m in enumerate(models))
+    True
     """
 
     W: list[torch.Tensor]
@@ -102,14 +155,56 @@ class StackedNet:
 
     @property
     def runs(self) -> int:
+        """The number of runs ``R`` (the leading dim of every tensor).
+
+        Returns
+        -------
+        int
+            ``theta.shape[0]``.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> StackedNet.from_models([Arch1(1, 4, 6, 3) for _ in range(5)]).runs
+        5
+        """
         return self.theta.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the stack's tensors (and of the rates :meth:`step` takes).
+
+        Returns
+        -------
+        torch.dtype
+            ``theta.dtype``.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> StackedNet.from_models([Arch1(1, 4, 6, 3).double()]).dtype
+        torch.float64
+        """
         return self.theta.dtype
 
     @property
     def batch_norm(self) -> bool:
+        """Whether the runs have batch norm (Arch2) or not (Arch1).
+
+        Returns
+        -------
+        bool
+            ``True`` when ``gamma`` is not empty.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1, Arch2
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> [StackedNet.from_models([cls(1, 4, 6, 3)]).batch_norm for cls in (Arch1, Arch2)]
+        [False, True]
+        """
         return bool(self.gamma)
 
     @classmethod
@@ -118,6 +213,36 @@ class StackedNet:
 
         The models must share architecture, depth and width; their weights are copied, and
         every run's update is the one its model was declared for (:func:`update_of`).
+
+        Parameters
+        ----------
+        models : sequence of Arch1 or Arch2
+            The runs, in order; one model may appear several times (e.g. the same initial
+            weights for several candidate rates).
+
+        Returns
+        -------
+        StackedNet
+            A new stack; the models are not modified or shared.
+
+        Raises
+        ------
+        ValueError
+            If ``models`` is empty or the models differ in configuration.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1, Arch2
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> a = Arch1(depth=1, width=4, in_features=6, num_classes=3)
+        >>> net = StackedNet.from_models([a, a])
+        >>> net.runs, torch.equal(net.W[0][1], a.layers[0].linear.weight)
+        (2, True)
+        >>> StackedNet.from_models([a, Arch2(depth=1, width=4, in_features=6, num_classes=3)])
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot stack models of different configurations: ...
         """
         if not models:
             raise ValueError("StackedNet.from_models needs at least one model")
@@ -151,11 +276,38 @@ class StackedNet:
         return net
 
     def parameters(self) -> list[torch.Tensor]:
-        """Every trained tensor: the filters, batch-norm scale and shift, the classifier."""
+        """Every trained tensor: the filters, batch-norm scale and shift, the classifier.
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``[*W, *gamma, *beta, theta]``, leaf tensors that require grad.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> net = StackedNet.from_models([Arch2(2, 4, 6, 3)] * 2)
+        >>> [tuple(p.shape) for p in net.parameters()]
+        [(2, 4, 6), (2, 4, 2), (2, 4), (2, 4), (2, 4), (2, 4), (2, 3, 2)]
+        """
         return [*self.W, *self.gamma, *self.beta, self.theta]
 
     def tensors(self) -> list[torch.Tensor]:
-        """The parameters, then the running statistics: everything a run's state holds."""
+        """The parameters, then the running statistics: everything a run's state holds.
+
+        Returns
+        -------
+        list of torch.Tensor
+            :meth:`parameters`, then ``[*running_mean, *running_var]``.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1, Arch2
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> [len(StackedNet.from_models([cls(2, 4, 6, 3)]).tensors()) for cls in (Arch1, Arch2)]
+        [3, 11]
+        """
         return [*self.parameters(), *self.running_mean, *self.running_var]
 
     def _rebuild(self, tensors: list[torch.Tensor], updates: list[str]) -> StackedNet:
@@ -176,7 +328,31 @@ class StackedNet:
         return cls(W, theta, gamma, beta, rm, rv, bn_eps, bn_momentum, list(updates))
 
     def select(self, index: Sequence[int]) -> StackedNet:
-        """A new stack holding runs ``index`` (in that order), copied."""
+        """A new stack holding runs ``index`` (in that order), copied.
+
+        Parameters
+        ----------
+        index : sequence of int
+            The runs to keep, in their new order (a run may be repeated).
+
+        Returns
+        -------
+        StackedNet
+            A new stack of ``len(index)`` runs with copies of their tensors and their
+            updates; this stack is not modified.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> sub = net.select([2, 0])
+        >>> sub.runs, sub.updates, torch.equal(sub.theta[1], net.theta[0])
+        (2, ['bsgd', 'un'], True)
+        """
         idx = torch.as_tensor(list(index), dtype=torch.long)
         n_par = len(self.parameters())
         out = []
@@ -186,18 +362,81 @@ class StackedNet:
         return self._rebuild(out, [self.updates[i] for i in index])
 
     def snapshot(self) -> list[torch.Tensor]:
-        """Copies of every tensor (for the bold driver's undo)."""
+        """Copies of every tensor (for the bold driver's undo).
+
+        Returns
+        -------
+        list of torch.Tensor
+            Detached clones of :meth:`tensors`, for :meth:`restore`.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> net = StackedNet.from_models([Arch1(1, 4, 6, 3)] * 2)
+        >>> saved = net.snapshot()
+        >>> len(saved) == len(net.tensors()), saved[0] is net.W[0]
+        (True, False)
+        """
         return [t.detach().clone() for t in self.tensors()]
 
     @torch.no_grad()
     def restore(self, snapshot: list[torch.Tensor], runs: Sequence[int]) -> None:
-        """Put runs ``runs`` back to ``snapshot``; the other runs keep their state."""
+        """Put runs ``runs`` back to ``snapshot``; the other runs keep their state.
+
+        Parameters
+        ----------
+        snapshot : list of torch.Tensor
+            What :meth:`snapshot` returned (for a stack of the same runs).
+        runs : sequence of int
+            The runs to put back.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> net = StackedNet.from_models([Arch1(1, 4, 6, 3)] * 2)
+        >>> saved = net.snapshot()
+        >>> with torch.no_grad():
+        ...     _ = net.theta.add_(1.0)
+        >>> net.restore(saved, [1])
+        >>> torch.equal(net.theta[0], saved[-1][0]), torch.equal(net.theta[1], saved[-1][1])
+        (False, True)
+        """
         idx = torch.as_tensor(list(runs), dtype=torch.long)
         for t, s in zip(self.tensors(), snapshot, strict=True):
             t.index_copy_(0, idx, s.index_select(0, idx))
 
     def model(self, run: int) -> Arch1 | Arch2:
-        """Run ``run`` as an ordinary (undeclared) :class:`Arch1` / :class:`Arch2` module."""
+        """Run ``run`` as an ordinary (undeclared) :class:`~manifold_nets.Arch1` /
+        :class:`~manifold_nets.Arch2` module.
+
+        Parameters
+        ----------
+        run : int
+            The run's index in the stack.
+
+        Returns
+        -------
+        Arch1 or Arch2
+            A new module with copies of the run's weights and running statistics, in the
+            stack's dtype; declare it (:func:`manifold_nets.declare`) to train it on.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> model = net.model(1)
+        >>> type(model).__name__, torch.equal(model.theta, net.theta[1])
+        ('Arch2', True)
+        >>> x = torch.rand(4, 6)
+        >>> torch.allclose(model.eval()(x), net.forward(x)[1], atol=1e-6)
+        True
+        """
         width, in_features = self.W[0].shape[1:]
         K = self.theta.shape[1]
         kw = dict(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum) if self.batch_norm else {}
@@ -232,6 +471,31 @@ class StackedNet:
         ``train=False`` (the default): batch norm with the running statistics, as a model
         in ``eval()`` mode. ``train=True``: batch statistics, and the running statistics are
         updated, as a model in ``train()`` mode. No gradients: see :meth:`loss_and_grad`.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, in)`` images, the same for every run.
+        train : bool, optional
+            Training-mode batch norm (default ``False``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(R, B, K)`` logits.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> x = torch.rand(5, 6)
+        >>> logits = net.forward(x)
+        >>> logits.shape, torch.allclose(logits[0], models[0].eval()(x), atol=1e-6)
+        (torch.Size([3, 5, 3]), True)
         """
         if train:
             return self._forward_train(*self._groups(x, None))[0].transpose(1, 2)
@@ -319,6 +583,11 @@ class StackedNet:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One training-mode forward and backward pass of summed cross-entropy, per run.
 
+        Sets ``.grad`` of every parameter to the gradient of its own run's loss
+        :math:`L_r = \sum_{b} \mathrm{CE}(f_r(x_b), y_b)` (back-propagation written out
+        for this network: the result equals autograd's, ``tests/test_stacked.py``) and
+        updates the batch-norm running statistics.
+
         Parameters
         ----------
         x : torch.Tensor
@@ -333,15 +602,39 @@ class StackedNet:
             mini-batch per run (``S = R``). Each range's first layer is one matrix
             product.
 
-        Sets ``.grad`` of every parameter to the gradient of its own run's loss
-        :math:`L_r = \sum_{b} \mathrm{CE}(f_r(x_b), y_b)` (back-propagation written out
-        for this network: the result equals autograd's, ``tests/test_batched.py``) and
-        updates the batch-norm running statistics.
-
         Returns
         -------
         (torch.Tensor, torch.Tensor)
             ``(R,)`` losses and ``(R,)`` numbers of misclassified images of the batch.
+
+        Raises
+        ------
+        ValueError
+            If a 3-D ``x`` without ``groups`` does not hold one mini-batch per run, or if
+            ``groups`` does not split the runs in order.
+
+        Examples
+        --------
+        Each run's gradient is the gradient of its own model's summed loss:
+
+        >>> import torch.nn.functional as F
+        >>> from manifold_nets import Arch2
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=2, width=4, in_features=6, num_classes=3) for _ in range(2)]
+        >>> net = StackedNet.from_models(models)
+        >>> x, y = torch.rand(8, 6), torch.randint(0, 3, (8,))
+        >>> loss, wrong = net.loss_and_grad(x, y)
+        >>> loss.shape, wrong.shape
+        (torch.Size([2]), torch.Size([2]))
+        >>> F.cross_entropy(models[1].train()(x), y, reduction="sum").backward()
+        >>> torch.allclose(net.W[0].grad[1], models[1].layers[0].linear.weight.grad, atol=1e-5)
+        True
+
+        Two mini-batches, one per range of runs:
+
+        >>> xs, ys = torch.rand(2, 8, 6), torch.randint(0, 3, (2, 8))
+        >>> net.loss_and_grad(xs, ys, groups=[(0, 1), (1, 2)])[0].shape
+        torch.Size([2])
         """
         x, groups = self._groups(x, groups)
         logits, m, saved = self._forward_train(x, groups)  # logits (R, K, B)
@@ -405,6 +698,30 @@ class StackedNet:
         slice of runs with one update is one call of
         :func:`manifold_nets.optim.invariant_sgd` with the slice's rates; keep the runs of
         one update side by side so that there are few slices.
+
+        Parameters
+        ----------
+        rate : torch.Tensor
+            ``(R,)`` learning rates, one per run.
+
+        Examples
+        --------
+        After a step at rate 0.1 the UN run's filters still have unit norm, and a run at
+        rate 0 has not moved:
+
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> before = net.snapshot()
+        >>> _ = net.loss_and_grad(torch.rand(8, 6), torch.randint(0, 3, (8,)))
+        >>> net.step(torch.tensor([0.1, 0.1, 0.0]))
+        >>> torch.allclose(net.W[0][0].norm(dim=1), torch.ones(4))
+        True
+        >>> torch.equal(net.W[0][2], before[0][2]), torch.equal(net.W[0][1], before[0][1])
+        (True, False)
         """
         rate = rate.to(self.dtype)
         for update, a, b in _segments(self.updates):
@@ -417,7 +734,26 @@ class StackedNet:
                           weight_decay=0.0, nesterov=False, foreach=False)
 
     def state_dict(self) -> dict:
-        """Every tensor and setting, to rebuild the stack with :meth:`from_state_dict`."""
+        """Every tensor and setting, to rebuild the stack with :meth:`from_state_dict`.
+
+        Returns
+        -------
+        dict
+            ``tensors`` (copies of :meth:`tensors`), ``depth``, ``batch_norm``, ``bn_eps``,
+            ``bn_momentum`` and ``updates``; :func:`torch.save` writes it as it is.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> state = net.state_dict()
+        >>> state["depth"], state["batch_norm"], state["updates"], len(state["tensors"])
+        (1, True, ['un', 'sm', 'bsgd'], 6)
+        """
         return {"tensors": [t.detach().clone() for t in self.tensors()],
                 "depth": len(self.W), "batch_norm": self.batch_norm,
                 "bn_eps": self.bn_eps, "bn_momentum": self.bn_momentum,
@@ -425,7 +761,30 @@ class StackedNet:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> StackedNet:
-        """The stack that :meth:`state_dict` saved."""
+        """The stack that :meth:`state_dict` saved.
+
+        Parameters
+        ----------
+        state : dict
+            What :meth:`state_dict` returned.
+
+        Returns
+        -------
+        StackedNet
+            A new stack with copies of the saved tensors (the parameters require grad).
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch2, declare
+        >>> from manifold_nets.experiments.stacked import StackedNet
+        >>> models = [Arch2(depth=1, width=4, in_features=6, num_classes=3) for _ in range(3)]
+        >>> for m, u in zip(models, ["un", "sm", "bsgd"]):
+        ...     _ = declare(m, u)
+        >>> net = StackedNet.from_models(models)
+        >>> again = StackedNet.from_state_dict(net.state_dict())
+        >>> again.updates, all(torch.equal(a, b) for a, b in zip(again.tensors(), net.tensors()))
+        (['un', 'sm', 'bsgd'], True)
+        """
         L, bn = state["depth"], state["batch_norm"]
         n_par = L * (3 if bn else 1) + 1
         tensors = [t.clone().requires_grad_() if k < n_par else t.clone()
@@ -456,6 +815,31 @@ def error_rates(net: StackedNet, x: torch.Tensor, y: torch.Tensor,
     :func:`~manifold_nets.experiments.engines.error_rate`: non-finite logits count as
     errors. All runs see the same images; ``chunk`` images at a time (default: about 16 MB
     of activations).
+
+    Parameters
+    ----------
+    net : StackedNet
+        The runs.
+    x, y : torch.Tensor
+        ``(n, in)`` images and ``(n,)`` labels.
+    chunk : int, optional
+        Images per forward pass.
+
+    Returns
+    -------
+    list of float
+        One error rate per run, in the order of ``net``.
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.experiments.engines import error_rate
+    >>> from manifold_nets.experiments.stacked import StackedNet, error_rates
+    >>> models = [Arch1(depth=1, width=4, in_features=6, num_classes=3) for _ in range(2)]
+    >>> x, y = torch.rand(50, 6), torch.randint(0, 3, (50,))
+    >>> rates = error_rates(StackedNet.from_models(models), x, y, chunk=16)
+    >>> rates == [error_rate(m, x, y) for m in models]
+    True
     """
     if chunk is None:
         chunk = min(10000, max(256, 2**22 // (net.runs * net.W[0].shape[1])))
