@@ -117,7 +117,8 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
           groups: Sequence[RescalingGroup], rules: Sequence[UpdateRule] = UPDATE_RULES, *,
           controls: Sequence[tuple[str, Rescaling, bool]] = (), steps: int = 3,
           log_scale: float = 1.0, seed: int = 0, arch: str = "model") -> list[AuditRow]:
-    r"""Measure every group against every update rule; compare with :func:`predict`.
+    r"""Measure every group against every update rule; compare with
+    :func:`~manifold_nets.symmetry.invariance.predict`.
 
     For each group, one random element (log-scale ``log_scale``) is drawn and measured for:
     loss and output invariance (expected: invariant), orbit orthogonality over all
