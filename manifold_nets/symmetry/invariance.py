@@ -316,8 +316,8 @@ class UpdateRule:
     update : str
         The declaration of :func:`manifold_nets.declare`: ``"bsgd"``, ``"sm"`` or ``"un"``.
     optimizer : str
-        ``"sgd"`` (``geoopt.optim.RiemannianSGD``) or ``"adam"``
-        (``geoopt.optim.RiemannianAdam``).
+        ``"sgd"`` (:class:`geoopt.optim.RiemannianSGD`) or ``"adam"``
+        (:class:`geoopt.optim.RiemannianAdam`).
     lr : float
         The learning rate.
     options : dict
@@ -354,7 +354,7 @@ class UpdateRule:
         Returns
         -------
         torch.optim.Optimizer
-            A ``geoopt.optim.RiemannianSGD`` or ``geoopt.optim.RiemannianAdam`` over
+            A :class:`geoopt.optim.RiemannianSGD` or :class:`geoopt.optim.RiemannianAdam` over
             ``model.parameters()``.
 
         Examples
