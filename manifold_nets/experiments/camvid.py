@@ -735,6 +735,30 @@ class CamVidConfig:
         horizontal flips of the training images
     seed : int
         initial weights, batch order and flips
+
+    Parameters
+    ----------
+    update, lr, epochs, batch_size, momentum, weight_decay
+        The attributes of the same names.
+    height, width, filters, class_weights, flip, seed
+        The attributes of the same names.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``update`` or ``class_weights``, a rate that is not positive, a
+        count below 1, or a side below 16 (SegNet-Basic pools four times).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.camvid import CamVidConfig
+    >>> config = CamVidConfig(update="sm", lr=0.01)
+    >>> config.size, config.filters, config.class_weights
+    ((180, 240), 32, 'published')
+    >>> CamVidConfig(height=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: SegNet-Basic pools 4 times: height and width must be >= 16, got 8 x 240
     """
 
     update: str = "un"
@@ -766,13 +790,44 @@ class CamVidConfig:
 
     @property
     def size(self) -> tuple[int, int]:
+        """``(height, width)``, the resolution of training and evaluation.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> CamVidConfig(height=360, width=480).size
+        (360, 480)
+        """
         return (self.height, self.width)
 
     @property
     def net(self) -> SegNetConfig:
+        """The network: SegNet-Basic with ``filters`` per conv and the 11 classes.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> net = CamVidConfig(filters=16).net
+        >>> net.widths, net.num_classes, net.kernel_size
+        ((16, 16, 16, 16), 11, 7)
+        """
         return SegNetConfig.basic(self.filters, len(CLASSES))
 
     def to_dict(self) -> dict:
+        """The configuration as plain data (saved with results and weights).
+
+        Returns
+        -------
+        dict
+            Every field by name; ``CamVidConfig(**d)`` rebuilds it.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> d = CamVidConfig(seed=3).to_dict()
+        >>> len(d), d["seed"], CamVidConfig(**d) == CamVidConfig(seed=3)
+        (12, 3, True)
+        """
         return asdict(self)
 
 
@@ -809,7 +864,33 @@ def bn_statistics(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) 
     """Set every batch norm's running statistics to their average over ``images`` (in
     training mode, batch by batch), as SegNet's ``compute_bn_statistics.py`` does before
     testing: the running averages of training (momentum 0.1 over batches of 4 correlated
-    road scenes) are far from the data's statistics."""
+    road scenes) are far from the data's statistics.
+
+    The model is restored to its mode and the batch norms to their momentum afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its batch norms' running statistics are replaced in place.
+    images : torch.Tensor
+        ``uint8 (N, 3, H, W)`` images (converted to float batch by batch).
+    chunk : int
+        Images per forward pass.
+
+    Examples
+    --------
+    With equal chunks the running mean is the mean over all images:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import bn_statistics
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    >>> images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    >>> bn_statistics(model, images, chunk=2)
+    >>> with torch.no_grad():
+    ...     mean = model[0](images.float()).mean((0, 2, 3))
+    >>> torch.allclose(model[1].running_mean, mean, atol=1e-4), model[1].momentum
+    (True, 0.1)
+    """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -833,7 +914,41 @@ def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
     """Global accuracy, class-average accuracy, mean IoU and ``per_class_iou`` (a list,
     ``None`` for a class absent from the ground truth) over the non-void pixels of
     ``data``, with the model's batch-norm statistics as they are (see
-    :func:`bn_statistics`)."""
+    :func:`bn_statistics`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps float ``(N, 3, H, W)`` images to ``(N, 11, H, W)`` scores; run in eval mode,
+        8 images at a time, on the device of its parameters.
+    data : CamVid
+        The images and labels.
+
+    Returns
+    -------
+    dict
+        ``global_acc``, ``class_avg_acc`` and ``mean_iou`` (fractions, over the classes
+        present; see
+        :func:`~manifold_nets.experiments.segmentation.segmentation_metrics`) and
+        ``per_class_iou``.
+
+    Examples
+    --------
+    A "model" that calls every pixel Road (class 3), on 7 non-void pixels of which 5
+    are Road and 2 Sky:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import VOID, CamVid, evaluate
+    >>> road = torch.nn.Conv2d(3, 11, 1)
+    >>> with torch.no_grad():
+    ...     _ = road.weight.zero_(), road.bias.zero_(), road.bias[3].fill_(1.0)
+    >>> labels = torch.tensor([[[0, 0, 3, 3], [3, 3, 3, VOID]]])
+    >>> m = evaluate(road, CamVid(torch.zeros(1, 3, 2, 4, dtype=torch.uint8), labels, ["a"]))
+    >>> round(m["global_acc"], 4), m["class_avg_acc"], round(m["mean_iou"], 4)
+    (0.7143, 0.5, 0.3571)
+    >>> [None if v is None else round(v, 4) for v in m["per_class_iou"][:4]]
+    [0.0, None, None, 0.7143]
+    """
     from .segmentation import confusion_matrix, segmentation_metrics
 
     pred, target = predict(model, data.images), data.labels
@@ -883,8 +998,9 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     Parameters
     ----------
     config : CamVidConfig
+        The run.
     data : dict
-        ``{"train": CamVid, "val": CamVid}`` at ``config.size``.
+        ``{"train": CamVid, "val": CamVid}`` at ``config.size`` (``"val"`` optional).
     checkpoint : path, optional
         Saved after every epoch; if it exists, the run continues from it (refused, naming
         the difference, if it was made with another configuration).
@@ -903,6 +1019,29 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         ``config``, per-epoch ``history``, ``diverged``, final ``val`` metrics,
         ``wall_time_s`` (this process's share if resumed), ``torch_threads``.
     model : SegNet
+        The trained model, with its batch-norm statistics recomputed over the training
+        images (:func:`bn_statistics`) unless the run diverged.
+
+    Raises
+    ------
+    ValueError
+        If the training images are not at ``config.size``, or the checkpoint was made with
+        another configuration.
+
+    Examples
+    --------
+    One epoch of a 2-filter SegNet-Basic on four random 16 x 16 images (a real run takes
+    hours):
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid, CamVidConfig, train
+    >>> config = CamVidConfig(filters=2, height=16, width=16, epochs=1, batch_size=2)
+    >>> def split(n):
+    ...     return CamVid(torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8),
+    ...                   torch.randint(0, 12, (n, 16, 16)), [f"{i}.png" for i in range(n)])
+    >>> record, model = train(config, {"train": split(4), "val": split(2)}, progress=False)
+    >>> record["diverged"], len(record["history"]), sorted(record["val"])
+    (False, 1, ['class_avg_acc', 'global_acc', 'mean_iou', 'per_class_iou'])
     """
     from tqdm.auto import tqdm
 
@@ -979,7 +1118,38 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
 def save_weights(path: str | os.PathLike, model: SegNet, config: CamVidConfig,
                  metrics: dict | None = None) -> Path:
     """Write a run's final weights (``state_dict`` in float32, its configuration and, if
-    given, its test metrics) atomically."""
+    given, its test metrics) atomically.
+
+    Parameters
+    ----------
+    path : path
+        The file to write (replaced atomically).
+    model : SegNet
+        The trained model.
+    config : CamVidConfig
+        Its configuration.
+    metrics : dict, optional
+        Its test metrics, stored beside the weights.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import (CamVidConfig, build_model, load_weights,
+    ...                                               save_weights)
+    >>> config = CamVidConfig(filters=2, height=16, width=16)
+    >>> path = save_weights(os.path.join(tempfile.mkdtemp(), "un.pt"), build_model(config),
+    ...                     config, {"mean_iou": 0.5})
+    >>> model, loaded, metrics = load_weights(path)
+    >>> loaded == config, metrics
+    (True, {'mean_iou': 0.5})
+    """
     payload = {"format": ("manifold-nets-camvid-weights", 1), "config": config.to_dict(),
                "model": {k: v.detach().as_subclass(torch.Tensor).clone()
                          for k, v in model.state_dict().items()},
@@ -990,10 +1160,44 @@ def save_weights(path: str | os.PathLike, model: SegNet, config: CamVidConfig,
 def load_weights(path: str | os.PathLike) -> tuple[SegNet, CamVidConfig, dict | None]:
     """The model, configuration and stored test metrics of :func:`save_weights`'s file.
 
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save_weights`.
+
+    Returns
+    -------
+    model : SegNet
+        The model (declared for ``config.update``) with the stored weights.
+    config : CamVidConfig
+        Its configuration.
+    metrics : dict or None
+        The stored test metrics.
+
     Raises
     ------
     ValueError
         If the file is unreadable or not such a file.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import (CamVidConfig, build_model, load_weights,
+    ...                                               save_weights)
+    >>> config = CamVidConfig(update="sm", filters=2, height=16, width=16)
+    >>> saved = build_model(config)
+    >>> path = save_weights(os.path.join(tempfile.mkdtemp(), "sm.pt"), saved, config)
+    >>> model, _, metrics = load_weights(path)
+    >>> state = saved.state_dict()
+    >>> all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), metrics
+    (True, None)
+    >>> try:
+    ...     load_weights(os.path.join(tempfile.mkdtemp(), "missing.pt"))
+    ... except ValueError as err:
+    ...     print(str(err).endswith("does not exist"))
+    True
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -1013,7 +1217,26 @@ def load_weights(path: str | os.PathLike) -> tuple[SegNet, CamVidConfig, dict | 
 
 
 def colorize(labels: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``(..., H, W)`` labels as ``(..., H, W, 3)`` ``uint8`` RGB in CamVid's :data:`COLORS`."""
+    """``(..., H, W)`` labels as ``(..., H, W, 3)`` ``uint8`` RGB in CamVid's :data:`COLORS`.
+
+    Parameters
+    ----------
+    labels : torch.Tensor or numpy.ndarray
+        Integer labels 0 .. 11 (:data:`VOID` is drawn black).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` RGB, one more trailing dimension of size 3.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import colorize
+    >>> rgb = colorize(torch.tensor([[3, 11]]))  # Road, void
+    >>> rgb.shape, rgb[0, 0].tolist(), rgb[0, 1].tolist()
+    ((1, 2, 3), [128, 64, 128], [0, 0, 0])
+    """
     return np.asarray(COLORS, dtype=np.uint8)[np.asarray(labels)]
 
 
