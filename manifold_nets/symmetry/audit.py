@@ -213,9 +213,10 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     r"""The invariance audit of Arch1 or Arch2 on random Gaussian data.
 
     Groups: Arch1's paper group and full group, or Arch2's group; plus the group found by
-    :func:`~manifold_nets.symmetry.discover.discover`. Controls that must *break* the loss: an untied pooling pair and a
-    negative :math:`\beta` (Arch1); negative row scalings and, with ``eps = 1e-5``, rows
-    scaled by ``1e-3`` (Arch2), beside the same scaling with ``eps = 1e-30`` (invariant).
+    :func:`~manifold_nets.symmetry.discover.discover`. Controls that must *break* the
+    loss: an untied pooling pair and a negative :math:`\beta` (Arch1); negative row
+    scalings and, with ``eps = 1e-5``, rows scaled by ``1e-3`` (Arch2), beside the same
+    scaling with ``eps = 1e-30`` (invariant).
 
     Parameters
     ----------
