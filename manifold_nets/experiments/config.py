@@ -42,8 +42,29 @@ __all__ = [
     "subseed",
 ]
 
+#: The networks of Section 4: ``TrainConfig.arch``.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.config import ARCHS
+#: >>> ARCHS
+#: ('arch1', 'arch2')
 ARCHS = ("arch1", "arch2")
+#: The learning-rate protocols: ``TrainConfig.protocol``.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.config import PROTOCOLS
+#: >>> PROTOCOLS
+#: ('exp-decay', 'bold-driver')
 PROTOCOLS = ("exp-decay", "bold-driver")
+#: Where the stopping criteria apply: ``TrainConfig.stopping``.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.config import STOPPING
+#: >>> STOPPING
+#: ('all', 'bold-driver', 'none')
 STOPPING = ("all", "bold-driver", "none")
 
 # --------------------------------------------------------------------------------------
@@ -51,7 +72,26 @@ STOPPING = ("all", "bold-driver", "none")
 
 
 def exp_decay(lr: float, gamma: float = 0.95) -> float:
-    r"""Exponential decay, one epoch: :math:`\eta \leftarrow \gamma \eta`."""
+    r"""Exponential decay, one epoch: :math:`\eta \leftarrow \gamma \eta`.
+
+    Parameters
+    ----------
+    lr : float
+        The rate :math:`\eta` used in the epoch.
+    gamma : float
+        The decay factor :math:`\gamma` (paper: 0.95).
+
+    Returns
+    -------
+    float
+        The next epoch's rate.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import exp_decay
+    >>> round(exp_decay(0.1), 6), round(exp_decay(0.1, gamma=0.5), 6)
+    (0.095, 0.05)
+    """
     return lr * gamma
 
 
@@ -82,11 +122,26 @@ def bold_driver(
     previous : float or None
         The cost it is compared with: the previous epoch's (released code) or the last
         accepted one (textbook, with undo).
+    increase : float
+        The factor when the cost did not rise (released code: 1.1).
+    decrease : float
+        The factor when the cost rose or is not finite (0.5).
 
     Returns
     -------
     (float, bool)
         The next rate, and whether the epoch is accepted (``False``: the cost rose).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import bold_driver
+    >>> bold_driver(0.1, cost=2.0, previous=1.0)  # the cost rose: halve
+    (0.05, False)
+    >>> lr, accepted = bold_driver(0.1, cost=1.0, previous=2.0)
+    >>> round(lr, 6), accepted
+    (0.11, True)
+    >>> bold_driver(0.1, cost=float("nan"), previous=1.0)
+    (0.05, False)
     """
     if previous is None:
         return lr, math.isfinite(cost)
@@ -96,15 +151,67 @@ def bold_driver(
 
 
 class Decision(NamedTuple):
-    """A schedule's verdict after an epoch: the next rate, and whether to undo the epoch."""
+    """A schedule's verdict after an epoch: the next rate, and whether to undo the epoch.
 
+    Parameters
+    ----------
+    lr : float
+        The next epoch's rate.
+    undo : bool
+        Whether to restore the weights from before the epoch.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import BoldDriver
+    >>> lr, undo = BoldDriver.textbook().step(0.1, cost=2.0, previous=1.0)
+    >>> lr, undo
+    (0.05, True)
+    """
+
+    #: The next epoch's rate.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.experiments.config import Decision
+    #: >>> Decision(0.05, False).lr
+    #: 0.05
     lr: float
+    #: Whether to restore the weights from before the epoch.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.experiments.config import Decision
+    #: >>> Decision(0.05, True).undo
+    #: True
     undo: bool
 
 
 @dataclass(frozen=True)
 class ExpDecay:
-    """Exponential decay: multiply the rate by ``gamma`` after every epoch (paper: 0.95)."""
+    """Exponential decay: multiply the rate by ``gamma`` after every epoch (paper: 0.95).
+
+    Parameters
+    ----------
+    gamma : float
+        The decay factor, ``0 < gamma <= 1``.
+
+    Attributes
+    ----------
+    gamma : float
+        The decay factor.
+
+    Raises
+    ------
+    ValueError
+        If ``gamma`` is not in ``(0, 1]``.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import ExpDecay
+    >>> lr, undo = ExpDecay(0.5).step(0.1, cost=1.0, previous=None)
+    >>> lr, undo
+    (0.05, False)
+    """
 
     gamma: float = 0.95
 
@@ -113,6 +220,28 @@ class ExpDecay:
             raise ValueError(f"Invalid decay factor gamma: {self.gamma} (need 0 < gamma <= 1)")
 
     def step(self, lr: float, cost: float, previous: float | None) -> Decision:
+        """The decision after an epoch: :func:`exp_decay`, never undo.
+
+        Parameters
+        ----------
+        lr : float
+            The rate used in the epoch.
+        cost : float
+            The epoch's mean mini-batch cost (not used).
+        previous : float or None
+            The cost compared with (not used).
+
+        Returns
+        -------
+        Decision
+            ``(gamma * lr, False)``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import ExpDecay
+        >>> ExpDecay(0.5).step(0.2, cost=3.0, previous=1.0)
+        Decision(lr=0.1, undo=False)
+        """
         return Decision(exp_decay(lr, self.gamma), False)
 
 
@@ -125,6 +254,35 @@ class BoldDriver:
     previous epoch and never undoing it. :meth:`textbook` gives the usual variant: ``x1.05``
     / ``x0.5``, and a rejected epoch is undone (weights restored, compared against the last
     accepted cost).
+
+    Parameters
+    ----------
+    increase : float
+        The factor when the cost did not rise, ``>= 1``.
+    decrease : float
+        The factor when it rose, in ``(0, 1)``.
+    undo : bool
+        Undo a rejected epoch.
+
+    Attributes
+    ----------
+    increase, decrease : float
+        The two factors.
+    undo : bool
+        Whether a rejected epoch is undone.
+
+    Raises
+    ------
+    ValueError
+        If ``increase < 1`` or ``decrease`` is not in ``(0, 1)``.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import BoldDriver
+    >>> BoldDriver().step(0.1, cost=2.0, previous=1.0)
+    Decision(lr=0.05, undo=False)
+    >>> BoldDriver.textbook().step(0.1, cost=2.0, previous=1.0)
+    Decision(lr=0.05, undo=True)
     """
 
     increase: float = 1.1
@@ -139,9 +297,47 @@ class BoldDriver:
 
     @classmethod
     def textbook(cls) -> BoldDriver:
+        """The textbook bold driver: ``x1.05`` / ``x0.5``, rejected epochs undone.
+
+        Returns
+        -------
+        BoldDriver
+            ``BoldDriver(increase=1.05, decrease=0.5, undo=True)``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import BoldDriver
+        >>> BoldDriver.textbook()
+        BoldDriver(increase=1.05, decrease=0.5, undo=True)
+        """
         return cls(increase=1.05, decrease=0.5, undo=True)
 
     def step(self, lr: float, cost: float, previous: float | None) -> Decision:
+        """The decision after an epoch: :func:`bold_driver`, and undo a rejected epoch if
+        ``undo`` (never the first one, which has nothing to compare with).
+
+        Parameters
+        ----------
+        lr : float
+            The rate used in the epoch.
+        cost : float
+            The epoch's mean mini-batch cost.
+        previous : float or None
+            The cost it is compared with (``None`` in the first epoch).
+
+        Returns
+        -------
+        Decision
+            The next rate, and whether to undo the epoch.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import BoldDriver
+        >>> BoldDriver().step(0.1, cost=1.0, previous=None)
+        Decision(lr=0.1, undo=False)
+        >>> BoldDriver(undo=True).step(0.1, cost=2.0, previous=1.0)
+        Decision(lr=0.05, undo=True)
+        """
         new_lr, accepted = bold_driver(lr, cost, previous, self.increase, self.decrease)
         return Decision(new_lr, self.undo and not accepted and previous is not None)
 
@@ -158,6 +354,35 @@ class StoppingRule:
     error is higher than ``lookback`` (5) epochs earlier; (iii) two successive validation
     errors differ by less than ``val_change`` (1e-5). Training always stops after
     ``max_epochs``. With ``enabled=False`` only ``max_epochs`` applies.
+
+    Parameters
+    ----------
+    min_epochs, max_epochs, train_error, val_change, lookback, enabled
+        The attributes of the same names.
+
+    Attributes
+    ----------
+    min_epochs : int
+        The first epoch at which the criteria apply (25).
+    max_epochs : int
+        The last epoch (60).
+    train_error : float
+        Criterion (i): stop when the training error falls below it.
+    val_change : float
+        Criterion (iii): stop when two successive validation errors differ by less.
+    lookback : int
+        Criterion (ii): compare the validation error with this many epochs earlier.
+    enabled : bool
+        Whether the criteria apply at all.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import StoppingRule
+    >>> rule = StoppingRule(min_epochs=2, max_epochs=5)
+    >>> print(rule.reason([0.1], [0.2]))
+    None
+    >>> rule.reason([0.1, 0.05], [0.2, 0.2])
+    'val-plateau'
     """
 
     min_epochs: int = 25
@@ -172,6 +397,30 @@ class StoppingRule:
 
         ``val_errors`` holds one error per epoch (or is empty when there is no validation
         set, and then only criterion (i) and ``max_epochs`` apply).
+
+        Parameters
+        ----------
+        train_errors : sequence of float
+            The training error of every epoch so far.
+        val_errors : sequence of float
+            The validation error of every epoch so far, or empty.
+
+        Returns
+        -------
+        str or None
+            ``"train-error"``, ``"val-increase"``, ``"val-plateau"`` or ``"max-epochs"``,
+            the first that applies; ``None`` to go on.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import StoppingRule
+        >>> rule = StoppingRule(min_epochs=2, max_epochs=5)
+        >>> rule.reason([0.1, 1e-6], [0.2, 0.1])
+        'train-error'
+        >>> rule.reason([0.1] * 5, [])
+        'max-epochs'
+        >>> StoppingRule(min_epochs=2, enabled=False).reason([0.1, 1e-6], [0.2, 0.1]) is None
+        True
         """
         e = len(train_errors)
         v = val_errors
@@ -193,12 +442,55 @@ class Divergence:
 
     Collapse: the validation error exceeds ``collapse_error`` at an epoch
     ``e >= collapse_epoch``. ``collapse_error=None`` turns the collapse check off.
+
+    Parameters
+    ----------
+    collapse_error : float or None
+        The validation error above which a run has collapsed (0.5; ``None``: never).
+    collapse_epoch : int
+        The first epoch at which collapse is checked (10).
+
+    Attributes
+    ----------
+    collapse_error : float or None
+        The collapse threshold.
+    collapse_epoch : int
+        The first epoch checked.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import Divergence
+    >>> rule = Divergence()
+    >>> rule.reason(float("nan"), []), rule.reason(1.0, [0.9] * 10), rule.reason(1.0, [0.1] * 10)
+    ('nan', 'collapse', None)
     """
 
     collapse_error: float | None = 0.5
     collapse_epoch: int = 10
 
     def reason(self, cost: float, val_errors: Sequence[float]) -> str | None:
+        """Why the run has diverged after ``len(val_errors)`` epochs, or ``None``.
+
+        Parameters
+        ----------
+        cost : float
+            The last epoch's mean mini-batch cost.
+        val_errors : sequence of float
+            The validation error of every epoch so far (or empty).
+
+        Returns
+        -------
+        str or None
+            ``"nan"`` (a non-finite cost), ``"collapse"``, or ``None``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import Divergence
+        >>> Divergence(collapse_epoch=2).reason(1.0, [0.6, 0.7])
+        'collapse'
+        >>> print(Divergence(collapse_error=None).reason(1.0, [0.9] * 20))
+        None
+        """
         if not math.isfinite(cost):
             return "nan"
         if (
@@ -253,6 +545,36 @@ class TrainConfig:
         The thresholds of :class:`StoppingRule`.
     collapse_error, collapse_epoch
         :class:`Divergence`.
+
+    Parameters
+    ----------
+    arch, depth, width, update, protocol, dataset, seed, batch_size, lr
+        The attributes of the same names.
+    lr_grid, select_train, select_val, select_epochs, train_size, val_size, test_size
+        The attributes of the same names.
+    min_epochs, max_epochs, decay, bold_increase, bold_decrease, bold_undo, stopping
+        The attributes of the same names.
+    stop_train_error, stop_val_change, stop_lookback, collapse_error, collapse_epoch
+        The attributes of the same names.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``arch``, ``update``, ``protocol`` or ``stopping``, a count that is
+        not a positive integer, ``min_epochs > max_epochs``, a rate that is not positive,
+        selection subsets larger than ``train_size``, or invalid schedule factors (the
+        message names the field).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> config = TrainConfig(update="sm", protocol="exp-decay")
+    >>> config.arch, config.batch_size, config.lr_grid
+    ('arch2', 100, (0.01, 0.001, 0.0001, 1e-05))
+    >>> TrainConfig(update="adam")
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid update: 'adam'; choose one of bsgd, sm, un
     """
 
     arch: str = "arch2"
@@ -317,23 +639,110 @@ class TrainConfig:
         make_schedule(self)
 
     def to_dict(self) -> dict:
+        """The configuration as plain data (for JSON and checkpoints).
+
+        Returns
+        -------
+        dict
+            Every field by name; ``lr_grid`` as a list.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> d = TrainConfig().to_dict()
+        >>> len(d), d["update"], d["lr_grid"][:2]
+        (28, 'un', [0.01, 0.001])
+        """
         d = dataclasses.asdict(self)
         d["lr_grid"] = list(self.lr_grid)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """The configuration of :meth:`to_dict`'s output (validated again).
+
+        Parameters
+        ----------
+        d : dict
+            Fields by name; missing ones take their defaults.
+
+        Returns
+        -------
+        TrainConfig
+            The configuration.
+
+        Raises
+        ------
+        TypeError
+            On a name that is not a field.
+        ValueError
+            On an invalid value (see the class).
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> config = TrainConfig(depth=4, seed=3)
+        >>> TrainConfig.from_dict(config.to_dict()) == config
+        True
+        """
         return cls(**d)
 
 
 def make_schedule(config: TrainConfig) -> ExpDecay | BoldDriver:
-    """The schedule object of ``config.protocol``."""
+    """The schedule object of ``config.protocol``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run; ``decay`` or the ``bold_*`` fields give the factors.
+
+    Returns
+    -------
+    ExpDecay or BoldDriver
+        An object whose ``step(lr, cost, previous)`` returns a :class:`Decision`.
+
+    Raises
+    ------
+    ValueError
+        If the factors are invalid.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig, make_schedule
+    >>> make_schedule(TrainConfig(protocol="exp-decay"))
+    ExpDecay(gamma=0.95)
+    >>> make_schedule(TrainConfig(protocol="bold-driver"))
+    BoldDriver(increase=1.1, decrease=0.5, undo=False)
+    """
     if config.protocol == "exp-decay":
         return ExpDecay(config.decay)
     return BoldDriver(config.bold_increase, config.bold_decrease, config.bold_undo)
 
 
 def stopping_rule(config: TrainConfig) -> StoppingRule:
+    """The stopping rule of a run.
+
+    The criteria apply when ``config.stopping`` is ``"all"``, or ``"bold-driver"`` under
+    the bold-driver protocol; otherwise only ``max_epochs`` does.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run.
+
+    Returns
+    -------
+    StoppingRule
+        From ``min_epochs``, ``max_epochs`` and the ``stop_*`` fields.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig, stopping_rule
+    >>> stopping_rule(TrainConfig(stopping="bold-driver", protocol="exp-decay")).enabled
+    False
+    >>> stopping_rule(TrainConfig()).lookback
+    5
+    """
     enabled = config.stopping == "all" or (
         config.stopping == "bold-driver" and config.protocol == "bold-driver"
     )
@@ -354,7 +763,40 @@ def stopping_rule(config: TrainConfig) -> StoppingRule:
 
 def split_indices(config: TrainConfig, n_available: int) -> dict[str, torch.Tensor]:
     """Disjoint random index sets into the training file: train, val, select_train,
-    select_val (the last two drawn from the train part)."""
+    select_val (the last two drawn from the train part).
+
+    Seeded by ``subseed(config.seed, 1)``: the same configuration gives the same split.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The sizes (``train_size``, ``val_size``, ``select_train``, ``select_val``) and
+        the seed.
+    n_available : int
+        Images in the training file (60000 for MNIST).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``"train"``, ``"val"``, ``"select_train"`` and ``"select_val"`` index tensors.
+
+    Raises
+    ------
+    ValueError
+        If ``train_size + val_size`` exceeds ``n_available``.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import TrainConfig, split_indices
+    >>> config = TrainConfig(train_size=100, val_size=20, select_train=50, select_val=20)
+    >>> parts = split_indices(config, n_available=150)
+    >>> {k: len(v) for k, v in parts.items()}
+    {'train': 100, 'val': 20, 'select_train': 50, 'select_val': 20}
+    >>> set(parts["select_val"].tolist()) <= set(parts["train"].tolist())
+    True
+    >>> set(parts["train"].tolist()) & set(parts["val"].tolist())
+    set()
+    """
     need = config.train_size + config.val_size
     if need > n_available:
         raise ValueError(
@@ -374,7 +816,27 @@ def split_indices(config: TrainConfig, n_available: int) -> dict[str, torch.Tens
 
 
 def subseed(seed: int, stream: int) -> int:
-    """Independent seeds for the streams of one run (split, init, batch order)."""
+    """Independent seeds for the streams of one run (split, init, batch order).
+
+    Parameters
+    ----------
+    seed : int
+        The run's seed (``TrainConfig.seed``).
+    stream : int
+        The stream's number (1 is the split).
+
+    Returns
+    -------
+    int
+        ``(seed * 1000003 + stream * 7919) mod (2**63 - 1)``, a valid
+        ``torch.Generator.manual_seed`` seed.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import subseed
+    >>> subseed(0, 1), subseed(1, 1), subseed(0, 2)
+    (7919, 1007922, 15838)
+    """
     return (seed * 1_000_003 + stream * 7919) % (2**63 - 1)
 
 
@@ -382,6 +844,21 @@ def subseed(seed: int, stream: int) -> int:
 def config_diff(stored: Mapping | None, expected: Mapping, labels: tuple[str, str] = (
         "stored", "now")) -> list[str]:
     """The fields where two configurations (as dicts) differ, one readable line each.
+
+    Parameters
+    ----------
+    stored : mapping or None
+        The configuration found (e.g. in a checkpoint); ``None`` counts as empty.
+    expected : mapping
+        The configuration of the current run.
+    labels : (str, str)
+        How the two are named in the lines.
+
+    Returns
+    -------
+    list of str
+        ``"<field>: <label> <value>, <label> <value>"`` for every field that differs,
+        sorted by field; empty when they agree.
 
     Examples
     --------

@@ -55,6 +55,12 @@ __all__ = [
 
 #: The four IDX files of a data set, in the order train images, train labels, test images,
 #: test labels.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.data import FILES
+#: >>> FILES[0], len(FILES)
+#: ('train-images-idx3-ubyte', 4)
 FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -63,6 +69,12 @@ FILES = (
 )
 
 #: sha256 of the *decompressed* IDX files.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.data import DATASETS, FILES
+#: >>> sorted(DATASETS), sorted(DATASETS["mnist"]) == sorted(FILES)
+#: (['fashion-mnist', 'mnist'], True)
 DATASETS: dict[str, dict[str, str]] = {
     "mnist": {
         "train-images-idx3-ubyte": (
@@ -95,6 +107,12 @@ DATASETS: dict[str, dict[str, str]] = {
 }
 
 #: Public mirrors, tried in order; each is a base URL under which ``<file>.gz`` lives.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.data import DEFAULT_MIRRORS
+#: >>> {name: len(bases) for name, bases in DEFAULT_MIRRORS.items()}
+#: {'mnist': 3, 'fashion-mnist': 2}
 DEFAULT_MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -113,7 +131,21 @@ _CHUNK = 1 << 20
 
 class DataError(RuntimeError):
     """A data file is missing, corrupted or could not be downloaded (the message says how
-    to fix it)."""
+    to fix it).
+
+    A :class:`RuntimeError`, raised by :func:`download_file`, :func:`find_dataset`,
+    :func:`read_idx` and :func:`load_dataset` (and by the CamVid loaders).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from manifold_nets.experiments.data import DataError, find_dataset
+    >>> try:
+    ...     find_dataset("mnist", tempfile.mkdtemp(), download=False)
+    ... except DataError as err:
+    ...     print("Fix:" in str(err))
+    True
+    """
 
 
 @dataclass(frozen=True)
@@ -130,6 +162,22 @@ class Dataset:
         ``(10000, 784)`` images and ``(10000,)`` labels.
     source : str
         The folder the files were read from.
+
+    Parameters
+    ----------
+    name, x_train, y_train, x_test, y_test, source
+        The attributes of the same names (``source`` defaults to ``""``).
+
+    Examples
+    --------
+    :func:`load_dataset` builds it; any tensors of the right kinds do:
+
+    >>> import torch
+    >>> from manifold_nets.experiments.data import Dataset
+    >>> ds = Dataset("mnist", torch.rand(6, 784), torch.randint(0, 10, (6,)),
+    ...              torch.rand(2, 784), torch.randint(0, 10, (2,)))
+    >>> ds.in_features, ds.num_classes, ds.source
+    (784, 10, '')
     """
 
     name: str
@@ -141,10 +189,30 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes: 10 for both data sets.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.experiments.data import Dataset
+        >>> x, y = torch.rand(2, 784), torch.zeros(2, dtype=torch.long)
+        >>> Dataset("fashion-mnist", x, y, x, y).num_classes
+        10
+        """
         return 10
 
     @property
     def in_features(self) -> int:
+        """The length of an image row (784 for 28 x 28 pixels).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.experiments.data import Dataset
+        >>> x, y = torch.rand(2, 784), torch.zeros(2, dtype=torch.long)
+        >>> Dataset("mnist", x, y, x, y).in_features
+        784
+        """
         return int(self.x_train.shape[1])
 
 
@@ -277,6 +345,27 @@ def download_file(
     DataError
         If no mirror gave a file with the right checksum; the message lists what each
         mirror did and how to fix it.
+    ValueError
+        If ``name`` is not a known data set.
+    KeyError
+        If ``fname`` is not one of :data:`FILES`.
+
+    Examples
+    --------
+    A mirror (here an empty local folder) without the file: nothing is left behind.
+
+    >>> import os
+    >>> import tempfile
+    >>> from manifold_nets.experiments.data import DataError, download_file
+    >>> root = tempfile.mkdtemp()
+    >>> try:
+    ...     download_file("mnist", "t10k-labels-idx1-ubyte", os.path.join(root, "mnist"),
+    ...                   mirrors=[os.path.join(root, "empty-mirror")])
+    ... except DataError as err:
+    ...     print(str(err).splitlines()[0].startswith("Could not download mnist file"))
+    True
+    >>> os.listdir(os.path.join(root, "mnist"))
+    []
     """
     expected = _check_name(name)[fname]
     target = Path(target)
@@ -334,6 +423,45 @@ def find_dataset(
 
     See the module docstring for the search order. Returns the folder; does not verify
     checksums (:func:`load_dataset` does, on every load).
+
+    Parameters
+    ----------
+    name : {"mnist", "fashion-mnist"}
+        The data set.
+    data_dir : path, optional
+        The only folder to look in (directly or in ``<name>/``); missing files are
+        downloaded into ``data_dir/<name>/``.
+    mirrors : sequence of str, optional
+        Base URLs to download from (see :func:`load_dataset`).
+    download : bool
+        Whether to download missing files.
+
+    Returns
+    -------
+    pathlib.Path
+        The first folder holding all four files (raw or gzipped), or the folder they were
+        downloaded into.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known data set.
+    DataError
+        If the files are nowhere and ``download`` is off, or a download fails.
+
+    Examples
+    --------
+    A folder in the expected layout (empty files: the checksums are not read here):
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from manifold_nets.experiments.data import FILES, find_dataset
+    >>> root = Path(tempfile.mkdtemp())
+    >>> (root / "mnist").mkdir()
+    >>> for fname in FILES:
+    ...     _ = (root / "mnist" / (fname + ".gz")).write_bytes(b"")
+    >>> find_dataset("mnist", root, download=False) == root / "mnist"
+    True
     """
     _check_name(name)
     roots = _candidate_roots(data_dir)
@@ -358,10 +486,49 @@ def find_dataset(
 def read_idx(path: str | os.PathLike, expected_sha256: str | None = None) -> np.ndarray:
     """Read an IDX file (gzip or raw) into a ``uint8`` array, checking its sha256.
 
+    Parameters
+    ----------
+    path : path
+        The file, gzip-compressed or raw (told apart by its first two bytes).
+    expected_sha256 : str, optional
+        The sha256 of the decompressed content; ``None`` skips the check.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8``, of the shape the IDX header gives (read-only: a view of the file's
+        bytes).
+
     Raises
     ------
     DataError
         On a wrong checksum, a truncated file or a malformed header, naming the file.
+
+    Examples
+    --------
+    A tiny IDX file: magic ``0 0 8 ndim``, the shape as big-endian 32-bit integers, then
+    the bytes.
+
+    >>> import gzip
+    >>> import hashlib
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from manifold_nets.experiments.data import DataError, read_idx
+    >>> array = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
+    >>> content = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (3, 2, 2))
+    >>> content += array.tobytes()
+    >>> path = os.path.join(tempfile.mkdtemp(), "tiny-idx3-ubyte.gz")
+    >>> with gzip.open(path, "wb") as fh:
+    ...     _ = fh.write(content)
+    >>> out = read_idx(path, hashlib.sha256(content).hexdigest())
+    >>> out.shape, out.dtype.name, out[2].tolist()
+    ((3, 2, 2), 'uint8', [[8, 9], [10, 11]])
+    >>> try:
+    ...     read_idx(path, "0" * 64)
+    ... except DataError as err:
+    ...     print("is corrupted" in str(err))
+    True
     """
     path = Path(path)
     try:
@@ -419,11 +586,36 @@ def load_dataset(
     Dataset
         Images as ``float32`` rows scaled to ``[0, 1]``, labels as ``int64``.
 
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known data set.
+    DataError
+        If the files are missing (and not downloaded) or fail their checksums.
+
     Examples
     --------
+    Loading the real files needs them (or a network), which a docs build does not have,
+    so these two lines are not run:
+
     >>> ds = load_dataset("mnist")  # doctest: +SKIP
     >>> ds.x_train.shape, ds.y_test.shape  # doctest: +SKIP
     (torch.Size([60000, 784]), torch.Size([10000]))
+
+    Every file is checked against :data:`DATASETS`, so a folder of look-alike files is
+    refused, naming the file:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from manifold_nets.experiments.data import DataError, FILES, load_dataset
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for fname in FILES:
+    ...     _ = (root / fname).write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]))
+    >>> try:
+    ...     load_dataset("mnist", root, download=False)
+    ... except DataError as err:
+    ...     print(str(err).startswith(str(root / FILES[0])), "is corrupted" in str(err))
+    True True
     """
     sums = _check_name(name)
     folder = find_dataset(name, data_dir, mirrors=mirrors, download=download)

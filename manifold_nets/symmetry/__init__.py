@@ -3,16 +3,26 @@ r"""Rescaling symmetries of a network, and whether an update respects them (Sect
 One module per concept:
 
 - :mod:`~manifold_nets.symmetry.groups`: rescalings and their groups, the paper's
-  reparameterisations (eqs. (1)-(3)) as :class:`RescalingGroup` objects;
+  reparameterisations (eqs. (1)-(3)) as
+  :class:`~manifold_nets.symmetry.groups.RescalingGroup` objects;
 - :mod:`~manifold_nets.symmetry.invariance`: loss and update invariance, measured
-  (:func:`loss_invariance`, :func:`update_invariance`, :func:`orbit_orthogonality`) and
-  predicted from theory (:func:`predict`);
+  (:func:`~manifold_nets.symmetry.invariance.loss_invariance`,
+  :func:`~manifold_nets.symmetry.invariance.update_invariance`,
+  :func:`~manifold_nets.symmetry.invariance.orbit_orthogonality`) and predicted from
+  theory (:func:`~manifold_nets.symmetry.invariance.predict`);
 - :mod:`~manifold_nets.symmetry.discover`: the rescaling symmetries of any model, found
-  numerically (:func:`discover`);
+  numerically (:func:`~manifold_nets.symmetry.discover.discover`), with
+  :mod:`~manifold_nets.symmetry.structure` deriving them from the traced graph;
 - :mod:`~manifold_nets.symmetry.audit`: every update rule against every group, prediction
-  beside measurement (:func:`audit`).
+  beside measurement (:func:`~manifold_nets.symmetry.audit.audit`).
 
-Every public name is available from this package.
+Every public name is available from this package:
+
+>>> import torch
+>>> from manifold_nets.symmetry import discover
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> discover(net, torch.randn(64, 4)).dim  # one scaling per hidden unit
+8
 """
 
 from .audit import AuditRow, audit, audit_rows, format_audit

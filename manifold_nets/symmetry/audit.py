@@ -1,5 +1,11 @@
 r"""The invariance audit: every update rule against every group, prediction beside
-measurement (:func:`audit`, :func:`audit_rows`, :func:`format_audit`)."""
+measurement (:func:`audit`, :func:`audit_rows`, :func:`format_audit`).
+
+The prediction is :func:`~manifold_nets.symmetry.invariance.predict`; the measurements are
+:func:`~manifold_nets.symmetry.invariance.loss_invariance`,
+:func:`~manifold_nets.symmetry.invariance.orbit_orthogonality` and
+:func:`~manifold_nets.symmetry.invariance.update_invariance`.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +55,39 @@ class AuditRow:
     ``verdict`` is ``"invariant"``, ``"broken"`` or ``"unclear"`` from the dtype's
     tolerances; ``ok`` says whether the verdict matches the expectation (always true
     without one).
+
+    Parameters
+    ----------
+    arch, group, check, measured, expected, verdict, ok, detail
+        The attributes of the same names (``detail`` defaults to ``""``).
+
+    Attributes
+    ----------
+    arch : str
+        The network, e.g. ``"Arch1 L=2"``.
+    group : str
+        The group's name (or a control's label).
+    check : str
+        ``"loss+outputs"``, ``"<grad L, xi(w)>"``, ``"update <rule>"`` or ``"dimension"``.
+    measured : float
+        The relative gap (or, for ``"dimension"``, the discovered count).
+    expected : bool or None
+        The prediction: ``True`` invariant, ``False`` broken, ``None`` none.
+    verdict : str
+        ``"invariant"``, ``"broken"`` or ``"unclear"``
+        (:data:`~manifold_nets.symmetry.invariance.TOLERANCES` of the dtype).
+    ok : bool
+        Whether the verdict matches the expectation.
+    detail : str
+        The numbers behind the gap, for the table.
+
+    Examples
+    --------
+    >>> from manifold_nets.symmetry import AuditRow
+    >>> row = AuditRow("Arch1 L=2", "Arch1 paper group", "update SM", 1e-16, True,
+    ...                "invariant", True)
+    >>> row.ok, row.detail
+    (True, '')
     """
 
     arch: str
@@ -78,13 +117,59 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
           groups: Sequence[RescalingGroup], rules: Sequence[UpdateRule] = UPDATE_RULES, *,
           controls: Sequence[tuple[str, Rescaling, bool]] = (), steps: int = 3,
           log_scale: float = 1.0, seed: int = 0, arch: str = "model") -> list[AuditRow]:
-    r"""Measure every group against every update rule; compare with :func:`predict`.
+    r"""Measure every group against every update rule; compare with
+    :func:`~manifold_nets.symmetry.invariance.predict`.
 
     For each group, one random element (log-scale ``log_scale``) is drawn and measured for:
     loss and output invariance (expected: invariant), orbit orthogonality over all
     generators (expected: zero), and ``steps`` steps of every rule
-    (:func:`update_invariance`, expected: :func:`predict`). ``controls`` are extra
+    (:func:`~manifold_nets.symmetry.invariance.update_invariance`, expected:
+    :func:`~manifold_nets.symmetry.invariance.predict`). ``controls`` are extra
     ``(label, element, expected_invariant)`` loss checks, e.g. negative scalings.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (not modified).
+    inputs : torch.Tensor
+        The batch of every check; its dtype selects the verdict tolerances.
+    targets : torch.Tensor
+        Its labels.
+    groups : sequence of RescalingGroup
+        The groups to measure.
+    rules : sequence of UpdateRule
+        The update rules (default: all of
+        :data:`~manifold_nets.symmetry.invariance.UPDATE_RULES`).
+    controls : sequence of (str, Rescaling, bool)
+        Extra loss checks: a label, an element and whether the loss should be invariant.
+    steps : int
+        Optimiser steps per update check.
+    log_scale : float
+        The group elements have log-scales ``log_scale * N(0, 1)``.
+    seed : int
+        Seeds the group elements.
+    arch : str
+        The model's name in the rows.
+
+    Returns
+    -------
+    list of AuditRow
+        Per group: one loss row, one orbit row and one row per rule; then one row per
+        control.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import UPDATE_RULES, arch1_paper_group, audit
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
+    >>> x = torch.randn(16, 3, dtype=torch.float64)
+    >>> y = torch.randint(0, 2, (16,))
+    >>> rules = [r for r in UPDATE_RULES if r.name in ("B-SGD", "SM")]
+    >>> rows = audit(net, x, y, [arch1_paper_group(net)], rules)
+    >>> [(r.check, r.verdict, r.ok) for r in rows]  # doctest: +NORMALIZE_WHITESPACE
+    [('loss+outputs', 'invariant', True), ('<grad L, xi(w)>', 'invariant', True),
+     ('update B-SGD', 'broken', True), ('update SM', 'invariant', True)]
     """
     dtype = inputs.dtype
     gen = torch.Generator().manual_seed(seed)
@@ -128,9 +213,10 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     r"""The invariance audit of Arch1 or Arch2 on random Gaussian data.
 
     Groups: Arch1's paper group and full group, or Arch2's group; plus the group found by
-    :func:`discover`. Controls that must *break* the loss: an untied pooling pair and a
-    negative :math:`\beta` (Arch1); negative row scalings and, with ``eps = 1e-5``, rows
-    scaled by ``1e-3`` (Arch2), beside the same scaling with ``eps = 1e-30`` (invariant).
+    :func:`~manifold_nets.symmetry.discover.discover`. Controls that must *break* the
+    loss: an untied pooling pair and a negative :math:`\beta` (Arch1); negative row
+    scalings and, with ``eps = 1e-5``, rows scaled by ``1e-3`` (Arch2), beside the same
+    scaling with ``eps = 1e-30`` (invariant).
 
     Parameters
     ----------
@@ -139,7 +225,8 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     batch : int
         mini-batch size of the checks (standard Gaussian inputs, random labels). Gaussian
         rather than pixel-like inputs: all-positive inputs make each pooling pair's winner
-        almost constant, which adds spurious directions to :func:`discover`.
+        almost constant, which adds spurious directions to
+        :func:`~manifold_nets.symmetry.discover.discover`.
     steps : int
         optimiser steps per update check
     dtype, device
@@ -154,11 +241,38 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
         ``3e-4`` (relative) for log-scales of order 1, which is a real but small breaking
         of eq. (3). The ``eps`` rows use ``1e-5`` and ``1e-30``.
     discover_inputs : int
-        inputs for :func:`discover` (default: enough for the candidate count)
+        inputs for :func:`~manifold_nets.symmetry.discover.discover` (default: enough for
+        the candidate count)
+    rules : sequence of UpdateRule
+        the update rules (default: all of
+        :data:`~manifold_nets.symmetry.invariance.UPDATE_RULES`)
 
     Returns
     -------
     list of AuditRow
+        The rows of :func:`audit` for every group and control, the ``eps`` rows (Arch2)
+        and a last ``"dimension"`` row: the discovered count beside the theory's.
+
+    Raises
+    ------
+    ValueError
+        If ``arch`` is neither 1 nor 2.
+
+    Notes
+    -----
+    With few inputs or a small ``in_features``, a pooling pair's winner may never change
+    on the batch; the untied-pair control is then a symmetry of that batch and its rows
+    are not ``ok``. Keep ``batch`` and ``in_features`` large enough (the defaults are).
+
+    Examples
+    --------
+    A tiny Arch1 against two rules; every expectation holds:
+
+    >>> from manifold_nets.symmetry import UPDATE_RULES, audit_rows, format_audit
+    >>> rules = [r for r in UPDATE_RULES if r.name in ("B-SGD", "SM")]
+    >>> rows = audit_rows(1, 2, width=4, in_features=8, num_classes=3, batch=64, rules=rules)
+    >>> print(format_audit(rows).splitlines()[-1])
+    15/15 expectations hold (1 rows reported without a prediction)
     """
     from ..nets import Arch1, Arch2
 
@@ -240,7 +354,30 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
 
 
 def format_audit(rows: Sequence[AuditRow]) -> str:
-    """The audit as a fixed-width table, one line per row, with a summary line."""
+    """The audit as a fixed-width table, one line per row, with a summary line.
+
+    Parameters
+    ----------
+    rows : sequence of AuditRow
+        The rows of :func:`audit` or :func:`audit_rows`.
+
+    Returns
+    -------
+    str
+        A header, one line per row (``ok`` is ``yes``, ``NO`` or ``-`` without a
+        prediction) and ``"<held>/<predicted> expectations hold ..."``.
+
+    Examples
+    --------
+    >>> from manifold_nets.symmetry import AuditRow, format_audit
+    >>> rows = [AuditRow("Arch1 L=2", "paper", "update SM", 1e-16, True, "invariant", True),
+    ...         AuditRow("Arch1 L=2", "paper", "update B-SGD", 0.5, False, "broken", True)]
+    >>> print(format_audit(rows))
+    arch       group  check         gap      expected   measured   ok   detail
+    Arch1 L=2  paper  update SM     1.0e-16  invariant  invariant  yes
+    Arch1 L=2  paper  update B-SGD  5.0e-01  broken     broken     yes
+    2/2 expectations hold (0 rows reported without a prediction)
+    """
     head = ("arch", "group", "check", "gap", "expected", "measured", "ok", "detail")
     cells = [(r.arch, r.group, r.check, f"{r.measured:.1e}",
               {True: "invariant", False: "broken", None: "-"}[r.expected], r.verdict,

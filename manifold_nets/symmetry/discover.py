@@ -25,12 +25,22 @@ __all__ = [
 class Discovery:
     """What :func:`discover` found.
 
+    Built by :func:`discover`; the constructor takes the attributes below, in order.
+
+    Parameters
+    ----------
+    dim, basis, singular_values, threshold, gap, candidates, rank, space
+        The attributes of the same names.
+    method, families, unsupported, notes, verified
+        The attributes of the same names (defaults: ``"dense"``, empty lists, ``nan``).
+
     Attributes
     ----------
     dim : int
         number of independent rescaling symmetries, counted in parameter space
     basis : torch.Tensor
-        ``(space.dim, dim)`` generators in :class:`ScalingSpace` coordinates, orthonormal as
+        ``(space.dim, dim)`` generators in
+        :class:`~manifold_nets.symmetry.groups.ScalingSpace` coordinates, orthonormal as
         parameter-space vectors
     singular_values : torch.Tensor
         dense method: relative singular values (largest 1) of the output Jacobian
@@ -42,10 +52,12 @@ class Discovery:
         one below it (``inf`` when the last is exactly zero, and for the structural
         method); a large gap means a clean count
     candidates : int
-        number of candidate generators (coordinates of :class:`ScalingSpace`)
+        number of candidate generators (coordinates of
+        :class:`~manifold_nets.symmetry.groups.ScalingSpace`)
     rank : int
         dimension of their span in parameter space
     space : ScalingSpace
+        the coordinates of ``basis``
     method : str
         ``"structural"`` or ``"dense"``
     families : list of Family
@@ -59,6 +71,23 @@ class Discovery:
     verified : float or None
         structural method: relative change of the outputs under a random element of the
         found group (``nan`` when not checked)
+
+    Examples
+    --------
+    The hidden units of a ReLU network can be scaled one by one, the next layer's columns
+    compensating: 8 symmetries, one family.
+
+    >>> import torch
+    >>> from manifold_nets.symmetry import discover
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> found = discover(net, torch.randn(64, 4))
+    >>> found.dim, found.method, found.candidates, tuple(found.basis.shape)
+    (8, 'structural', 23, (23, 8))
+    >>> print(found.families[0])
+    units between 0 and 2 (8): not resolved by UN, not resolved by SM
+    >>> found.verified < 1e-12
+    True
     """
 
     dim: int
@@ -76,19 +105,93 @@ class Discovery:
     verified: float = math.nan
 
     def group(self, model: nn.Module) -> RescalingGroup:
-        """The discovered group, acting on ``model`` (or any model with the same names)."""
+        """The discovered group, acting on ``model`` (or any model with the same names).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model the group acts on.
+
+        Returns
+        -------
+        RescalingGroup
+            Named ``"discovered"``, with ``basis`` as its generators.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import discover
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 3))
+        >>> found = discover(net, torch.randn(64, 4))
+        >>> group = found.group(net)
+        >>> group.dim
+        8
+        >>> g = group.sample(0.5, torch.Generator().manual_seed(0))
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+        True
+        """
         return RescalingGroup(model, self.basis, "discovered", space=self.space)
 
     def family_group(self, model: nn.Module, family) -> RescalingGroup:
         """The subgroup of one family (a :class:`~manifold_nets.symmetry.structure.Family`
-        or its label)."""
+        or its label).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model the group acts on.
+        family : Family or str
+            One of ``families``, or its label.
+
+        Returns
+        -------
+        RescalingGroup
+            Named after the family, with its columns of ``basis`` as generators.
+
+        Raises
+        ------
+        StopIteration
+            If no family has the label ``family``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import discover
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 3))
+        >>> found = discover(net, torch.randn(64, 4))
+        >>> found.family_group(net, "units between 0 and 2")
+        RescalingGroup('units between 0 and 2', dim=8)
+        """
         if isinstance(family, str):
             family = next(f for f in self.families if f.label == family)
         return RescalingGroup(model, self.basis[:, family.columns], family.label,
                               space=self.space)
 
     def to_dict(self) -> dict:
-        """The result as plain data (without the basis)."""
+        """The result as plain data (without the basis).
+
+        Returns
+        -------
+        dict
+            ``dim``, ``method``, ``candidates``, ``rank``, ``gap``, ``verified``,
+            ``families`` (one dict each: ``kind``, ``label``, ``size``, ``layers``,
+            ``resolves``), ``unsupported`` and ``notes``; ready for :func:`json.dumps`
+            (``gap`` may be ``inf`` and ``verified`` ``nan``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import discover
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 3))
+        >>> found = discover(net, torch.randn(64, 4))
+        >>> d = found.to_dict()
+        >>> d["dim"], d["families"][0]["layers"], d["families"][0]["resolves"]
+        (8, ['0', '2'], {'un': False, 'sm': False})
+        """
         return {"dim": self.dim, "method": self.method, "candidates": self.candidates,
                 "rank": self.rank, "gap": self.gap, "verified": self.verified,
                 "families": [{"kind": f.kind, "label": f.label, "size": f.size,
@@ -119,7 +222,8 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
              chunk: int = 64, verify: bool = True) -> Discovery:
     r"""Find the rescaling symmetries of a model: their number, a basis and their families.
 
-    The candidates are the directions of :class:`ScalingSpace`: the scaling of every row
+    The candidates are the directions of
+    :class:`~manifold_nets.symmetry.groups.ScalingSpace`: the scaling of every row
     (with its bias) and every column of every weight matrix (``Linear``, ``ConvNd``,
     ``Embedding``, ``MultiheadAttention``'s in- and out-projections), and of every
     channel's (weight, bias) pair of every affine normalisation. The count is the
@@ -150,6 +254,7 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
         ``dtype``; integer inputs (token ids) pass untouched. The dense method needs at
         least as many output values as candidates (else :class:`ValueError`)
     method : {"auto", "structural", "dense"}
+        how to count (see above)
     threshold : float
         dense method: relative singular value below which a direction counts as a
         symmetry. Batch norm with ``eps > 0`` is only approximately invariant (relative
@@ -163,12 +268,13 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
         dense method: JVPs per vectorised batch
     verify : bool
         structural method: apply a random group element and report the relative change
-        of the outputs (:attr:`Discovery.verified`); a change above ``1e-6`` (plus the
+        of the outputs (``verified`` of :class:`Discovery`); a change above ``1e-6`` (plus the
         batch norms' ``eps`` effect) raises
 
     Returns
     -------
     Discovery
+        The count, a basis and, for the structural method, the families.
 
     Raises
     ------
@@ -186,8 +292,21 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
 
     Examples
     --------
+    A 2-layer ReLU network: each hidden unit can be scaled, the next layer's column
+    compensating.
+
     >>> import torch
     >>> from manifold_nets.symmetry import discover
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> found = discover(mlp, torch.randn(64, 4))
+    >>> found.dim, found.candidates, found.method
+    (8, 23, 'structural')
+    >>> print(found.families[0])
+    units between 0 and 2 (8): not resolved by UN, not resolved by SM
+
+    With a batch norm after the first layer, its rows can also be scaled freely (eq. (3)):
+
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
     ...                           torch.nn.ReLU(), torch.nn.Linear(8, 3))
     >>> found = discover(net, torch.randn(64, 4))

@@ -21,12 +21,16 @@ per column of every ``Linear``/``ConvNd`` weight). A group element is
 model, batch-norm running statistics included (mean times :math:`a_i`, variance times
 :math:`a_i^2`), so eval mode is covered.
 
-Measurements (numbers, not pass/fail): :func:`loss_invariance`,
-:func:`update_invariance` (``k`` optimiser steps from :math:`w` and from :math:`g.w`) and
-:func:`orbit_orthogonality` (:math:`\langle \nabla L, \xi(w)\rangle`). :func:`predict`
-derives from a group's generators whether an update *should* be equivariant, and
-:func:`audit` compares the prediction with the measurement. :func:`discover` finds the
-rescaling symmetries of any model numerically.
+Measurements (numbers, not pass/fail):
+:func:`~manifold_nets.symmetry.invariance.loss_invariance`,
+:func:`~manifold_nets.symmetry.invariance.update_invariance` (``k`` optimiser steps from
+:math:`w` and from :math:`g.w`) and
+:func:`~manifold_nets.symmetry.invariance.orbit_orthogonality`
+(:math:`\langle \nabla L, \xi(w)\rangle`).
+:func:`~manifold_nets.symmetry.invariance.predict` derives from a group's generators whether
+an update *should* be equivariant, and :func:`~manifold_nets.symmetry.audit.audit` compares
+the prediction with the measurement. :func:`~manifold_nets.symmetry.discover.discover` finds
+the rescaling symmetries of any model numerically.
 """
 
 from __future__ import annotations
@@ -71,6 +75,33 @@ def rescale_weight(w: torch.Tensor, left: torch.Tensor | None = None,
 
     For a ``ConvNd`` weight ``(out, in, *kernel)`` a row is an output filter and a column an
     input channel. ``None`` means all ones.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        ``(rows, cols, *kernel)``: a ``Linear`` or ``ConvNd`` weight :math:`W`.
+    left : torch.Tensor, optional
+        ``(rows,)``: the row scalings :math:`a` (default: all ones).
+    right : torch.Tensor, optional
+        ``(cols,)``: the column scalings :math:`c` (default: all ones).
+
+    Returns
+    -------
+    torch.Tensor
+        :math:`\tilde W`, a new tensor of the shape of ``w`` (``w`` itself when both scalings
+        are ``None``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry import rescale_weight
+    >>> w = torch.randn(3, 2)
+    >>> a, c = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 4.0])
+    >>> torch.allclose(rescale_weight(w, a, c), torch.diag(a) @ w @ torch.diag(c))
+    True
+    >>> conv = torch.ones(4, 3, 5, 5)  # column j: input channel j of every filter
+    >>> rescale_weight(conv, right=torch.tensor([1.0, 2.0, 3.0]))[0, :, 0, 0].tolist()
+    [1.0, 2.0, 3.0]
     """
     if left is not None:
         w = w * _along(left, 0, w.dim())
@@ -83,6 +114,36 @@ def scaling_tangent(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.
     r"""Generator of a rescaling at :math:`W`: :math:`\xi(W)_{ij} = (r_i + c_j) W_{ij}`.
 
     The derivative at :math:`t = 0` of :math:`\mathrm{Diag}(e^{t r}) W \mathrm{Diag}(e^{t c})`.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        ``(rows, cols, *kernel)``: the weight :math:`W`.
+    r : torch.Tensor
+        ``(rows,)``: the row log-scales.
+    c : torch.Tensor
+        ``(cols,)``: the column log-scales.
+
+    Returns
+    -------
+    torch.Tensor
+        :math:`\xi(W)`, of the shape of ``w``.
+
+    Examples
+    --------
+    The tangent is the derivative of :func:`rescale_weight` along
+    :math:`t \mapsto (e^{t r}, e^{t c})`:
+
+    >>> import torch
+    >>> from manifold_nets.symmetry import rescale_weight, scaling_tangent
+    >>> w = torch.randn(3, 2, dtype=torch.float64)
+    >>> r = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    >>> c = torch.tensor([-0.1, 0.4], dtype=torch.float64)
+    >>> t0, dt = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+    >>> _, d = torch.func.jvp(lambda t: rescale_weight(w, (t * r).exp(), (t * c).exp()),
+    ...                       (t0,), (dt,))
+    >>> torch.allclose(d, scaling_tangent(w, r, c))
+    True
     """
     return (_along(r, 0, w.dim()) + _along(c, 1, w.dim())) * w
 
@@ -120,6 +181,39 @@ class ScalingSpace:
     A batch norm is attached to the closest preceding ``Linear``/``ConvNd`` whose number of
     outputs equals its ``num_features`` (true for ``conv -> bn`` blocks and for Arch2);
     its running statistics follow that weight's row scalings.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose weights are rescaled; only its structure and shapes are read.
+
+    Attributes
+    ----------
+    sites : list
+        One record per weight, in ``named_modules`` order: the parameter names of the
+        weight and of its bias, the number of rows and columns, the offsets of its row and
+        column log-scales in a coordinate vector, the attached batch norm and the kind
+        (``"matrix"`` or ``"norm"``).
+    dim : int
+        The number of coordinates: the sum of rows and columns over all sites.
+
+    Raises
+    ------
+    ValueError
+        If the model holds a transposed convolution (not supported), or no ``Linear``,
+        ``ConvNd``, ``Embedding`` or ``MultiheadAttention`` weight at all.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(4, 2))
+    >>> space = ScalingSpace(net)
+    >>> space.dim  # (4 rows + 3 columns) + (2 rows + 4 columns)
+    13
+    >>> [(s.weight, s.rows, s.cols) for s in space.sites]
+    [('0.weight', 4, 3), ('2.weight', 2, 4)]
     """
 
     def __init__(self, model: nn.Module):
@@ -168,6 +262,34 @@ class ScalingSpace:
         self._by_weight = {s.weight: s for s in sites}
 
     def site(self, weight: str) -> _Site:
+        """The record of one weight: its shape, its offsets in ``v``, its bias and batch norm.
+
+        Parameters
+        ----------
+        weight : str
+            The parameter name of the weight, e.g. ``"0.weight"``.
+
+        Returns
+        -------
+        object
+            A frozen record with the fields ``weight``, ``module``, ``rows``, ``cols``,
+            ``row_offset``, ``col_offset``, ``bias``, ``batchnorm`` and ``kind``.
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not a rescalable weight of the model (the message lists them).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> s = ScalingSpace(net).site("2.weight")
+        >>> s.rows, s.cols, s.row_offset, s.col_offset, s.bias
+        (2, 4, 7, 9, '2.bias')
+        """
         try:
             return self._by_weight[weight]
         except KeyError:
@@ -175,23 +297,140 @@ class ScalingSpace:
                              f"{list(self._by_weight)}") from None
 
     def split(self, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{weight name: (r, c)}`` from a coordinate vector."""
+        """``{weight name: (r, c)}`` from a coordinate vector.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            ``(dim,)``: log-scales in the coordinates of this space.
+
+        Returns
+        -------
+        dict
+            ``{weight name: (r, c)}``: views of ``v`` holding the row log-scales ``r`` and
+            the column log-scales ``c`` of every weight (``c`` is empty for a
+            normalisation).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> space = ScalingSpace(net)
+        >>> r, c = space.split(torch.arange(13.0))["2.weight"]
+        >>> r.tolist(), c.tolist()
+        ([7.0, 8.0], [9.0, 10.0, 11.0, 12.0])
+        """
         return {s.weight: (v[s.row_offset:s.row_offset + s.rows],
                            v[s.col_offset:s.col_offset + s.cols]) for s in self.sites}
 
     def rows(self, weight: str, index=slice(None)) -> torch.Tensor:
-        """Indices (in ``v``) of rows ``index`` of ``weight``."""
+        """Indices (in ``v``) of rows ``index`` of ``weight``.
+
+        Parameters
+        ----------
+        weight : str
+            The parameter name of the weight.
+        index : int, slice or sequence of int
+            Which rows (default: all).
+
+        Returns
+        -------
+        torch.Tensor
+            The coordinates of those rows' log-scales (a 0-d tensor for an ``int``).
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not a rescalable weight of the model.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> ScalingSpace(net).rows("0.weight").tolist()
+        [0, 1, 2, 3]
+        >>> ScalingSpace(net).rows("2.weight", slice(0, 1)).tolist()
+        [7]
+        """
         s = self.site(weight)
         return torch.arange(s.row_offset, s.row_offset + s.rows)[index]
 
     def cols(self, weight: str, index=slice(None)) -> torch.Tensor:
-        """Indices (in ``v``) of columns ``index`` of ``weight``."""
+        """Indices (in ``v``) of columns ``index`` of ``weight``.
+
+        Parameters
+        ----------
+        weight : str
+            The parameter name of the weight.
+        index : int, slice or sequence of int
+            Which columns (default: all).
+
+        Returns
+        -------
+        torch.Tensor
+            The coordinates of those columns' log-scales (a 0-d tensor for an ``int``).
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not a rescalable weight of the model.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> ScalingSpace(net).cols("2.weight").tolist()
+        [9, 10, 11, 12]
+        """
         s = self.site(weight)
         return torch.arange(s.col_offset, s.col_offset + s.cols)[index]
 
     def tangent(self, v: torch.Tensor, params: dict[str, torch.Tensor]) -> dict:
         r"""The parameter-space vector :math:`\xi_v(w)` (weights and biases only), with the
-        keys in the order of ``params`` (the structure :func:`torch.func.jvp` compares)."""
+        keys in the order of ``params`` (the structure :func:`torch.func.jvp` compares).
+
+        Per matrix weight :math:`\xi_v(W)_{ij} = (r_i + c_j) W_{ij}` (see
+        :func:`scaling_tangent`) and :math:`\xi_v(b)_i = r_i b_i`; per affine normalisation
+        :math:`g_k \gamma_k` and :math:`g_k \beta_k`.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            ``(dim,)``: a direction in the coordinates of this space.
+        params : dict of str to torch.Tensor
+            The model's parameters by name (e.g. ``dict(model.named_parameters())``).
+
+        Returns
+        -------
+        dict
+            ``{parameter name: tensor}`` for every weight and bias that ``v`` can move, in
+            the order of ``params``.
+
+        Examples
+        --------
+        Scaling all rows of the first layer by :math:`e^t` moves its weight and bias along
+        themselves:
+
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> space = ScalingSpace(net)
+        >>> params = {k: p.detach() for k, p in net.named_parameters()}
+        >>> v = torch.zeros(space.dim)
+        >>> v[space.rows("0.weight")] = 1.0
+        >>> xi = space.tangent(v, params)
+        >>> list(xi)
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+        >>> torch.equal(xi["0.weight"], params["0.weight"]), float(xi["2.weight"].abs().max())
+        (True, 0.0)
+        """
         out = {}
         for s, (r, c) in zip(self.sites, self.split(v).values(), strict=True):
             w = params[s.weight]
@@ -212,6 +451,32 @@ class ScalingSpace:
         Per weight, with :math:`Q_{ij} = \sum_k W_{ijk}^2`:
         :math:`\begin{pmatrix} \mathrm{Diag}(Q 1 + b^2) & Q \\ Q^T & \mathrm{Diag}(Q^T 1)
         \end{pmatrix}`; different weights are orthogonal.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            The model's parameters by name.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(dim, dim)``: the inner products of the generators :math:`\xi_{e_k}(w)` in
+            parameter space, in the dtype and on the device of the parameters.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> space = ScalingSpace(net)
+        >>> params = {k: p.detach() for k, p in net.named_parameters()}
+        >>> g = space.gram(params)
+        >>> e = torch.zeros(space.dim)
+        >>> e[0] = 1.0  # row 0 of the first weight, with its bias
+        >>> xi = torch.cat([t.reshape(-1) for t in space.tangent(e, params).values()])
+        >>> tuple(g.shape), torch.allclose(g[0, 0], xi @ xi)
+        ((13, 13), True)
         """
         w0 = params[self.sites[0].weight]
         g = torch.zeros(self.dim, self.dim, dtype=w0.dtype, device=w0.device)
@@ -251,11 +516,49 @@ class Rescaling:
     label : str
         a description for printing
 
+    Attributes
+    ----------
+    space : ScalingSpace
+        The coordinates, as given.
+    scales : dict
+        ``{weight name: (a, c)}`` as float64 vectors (or ``None``), checked.
+    bn_scales : dict
+        ``{batch-norm name: d}``: per-feature factors measured by :meth:`calibrate`
+        (empty until then).
+    label : str
+        The description.
+
+    Raises
+    ------
+    ValueError
+        If a name is not a rescalable weight, a vector has the wrong length, or an entry
+        is zero, not finite, or negative without ``allow_negative`` (the message names
+        the weight and the entry).
+
     Notes
     -----
     :meth:`apply` returns a transformed deep copy: weights, biases (times :math:`a`) and
     the running statistics of the attached batch norm (mean times :math:`a`, variance times
     :math:`a^2`).
+
+    Examples
+    --------
+    Scaling the hidden units of a ReLU network by 2 and the next layer's columns by 1/2
+    changes nothing:
+
+    >>> import torch
+    >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(4, 2))
+    >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 2.0), None),
+    ...                                   "2.weight": (None, torch.full((4,), 0.5))})
+    >>> x = torch.randn(5, 3)
+    >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-6)
+    True
+    >>> Rescaling(ScalingSpace(net), {"0.weight": (-torch.ones(4), None)})
+    Traceback (most recent call last):
+    ...
+    ValueError: 0.weight row scaling 0 is -1.0: scalings must be positive; ...
     """
 
     def __init__(self, space: ScalingSpace, scales: dict, *, allow_negative: bool = False,
@@ -288,6 +591,30 @@ class Rescaling:
         factor :math:`d_k` is measured instead, as the least-squares slope of the
         transformed batch-norm input against the original one (train mode, on copies), and
         used by :meth:`apply`. Returns ``self``.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model the element will be applied to (not modified).
+        inputs : torch.Tensor
+            A batch to run through copies of ``model`` before and after the element.
+
+        Returns
+        -------
+        Rescaling
+            ``self``, with ``bn_scales`` filled (unchanged when the model has no batch
+            norm).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 3.0), None)})
+        >>> g = g.calibrate(net, torch.randn(16, 3))
+        >>> [round(d, 4) for d in g.bn_scales["1"].tolist()]
+        [3.0, 3.0, 3.0, 3.0]
         """
         names = {m: n for n, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -313,7 +640,34 @@ class Rescaling:
 
     @classmethod
     def from_log(cls, space: ScalingSpace, v: torch.Tensor, label: str = "") -> Rescaling:
-        """The element :math:`\\exp(v)` for a coordinate vector ``v``."""
+        """The element :math:`\\exp(v)` for a coordinate vector ``v``.
+
+        Parameters
+        ----------
+        space : ScalingSpace
+            The coordinates of ``v``.
+        v : torch.Tensor
+            ``(space.dim,)``: log-scales.
+        label : str
+            A description for printing.
+
+        Returns
+        -------
+        Rescaling
+            Rows scaled by :math:`e^{r}`, columns by :math:`e^{c}`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> space = ScalingSpace(net)
+        >>> v = torch.zeros(space.dim)
+        >>> v[space.rows("2.weight")] = torch.tensor([0.0, 1.0])
+        >>> [round(a, 4) for a in Rescaling.from_log(space, v).scales["2.weight"][0].tolist()]
+        [1.0, 2.7183]
+        """
         v = v.to(torch.float64)
         return cls(space, {n: (r.exp(), c.exp()) for n, (r, c) in space.split(v).items()},
                    label=label)
@@ -328,7 +682,29 @@ class Rescaling:
 
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> nn.Module:
-        """Transform ``model`` in place (see :meth:`apply`)."""
+        """Transform ``model`` in place (see :meth:`apply`).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model with the weight names of ``space``; modified in place.
+
+        Returns
+        -------
+        torch.nn.Module
+            ``model`` itself, now :math:`g.w`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> w0 = net[0].weight.detach().clone()
+        >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 2.0), None)})
+        >>> g.apply_(net) is net, torch.allclose(net[0].weight, 2 * w0)
+        (True, True)
+        """
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())
         for name, (a, c) in self.scales.items():
@@ -358,7 +734,30 @@ class Rescaling:
             bn.running_var.mul_(_like(d, bn.running_var).square())
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """A transformed deep copy of ``model``: :math:`g.w`."""
+        """A transformed deep copy of ``model``: :math:`g.w`.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model with the weight names of ``space``; not modified.
+
+        Returns
+        -------
+        torch.nn.Module
+            The copy, with weights, biases and batch-norm running statistics transformed.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 2.0), None),
+        ...                                   "2.weight": (None, torch.full((4,), 0.5))})
+        >>> moved = g.apply(net)
+        >>> torch.allclose(moved[0].weight, 2 * net[0].weight)
+        True
+        """
         return self.apply_(copy.deepcopy(model))
 
 
@@ -402,9 +801,30 @@ class RescalingGroup:
         a short name for tables
     labels : sequence of str, optional
         one name per generator
+    space : ScalingSpace, optional
+        the coordinates of ``basis``, if already built on ``model`` (default: built here)
+
+    Attributes
+    ----------
+    space : ScalingSpace
+        The coordinates of the generators.
+    basis : torch.Tensor
+        ``(space.dim, d)`` float64: the generators, one per column.
+    name : str
+        The short name.
+    labels : list of str
+        One name per generator (default ``xi_0``, ``xi_1``, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``basis`` is not a matrix with ``space.dim`` rows.
 
     Examples
     --------
+    The paper's groups (:func:`arch1_paper_group` and the others) build their basis from
+    the model; ``element`` takes the paper's parameters:
+
     >>> from manifold_nets import Arch1
     >>> from manifold_nets.symmetry import arch1_paper_group
     >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
@@ -429,24 +849,95 @@ class RescalingGroup:
 
     @property
     def dim(self) -> int:
+        """The dimension of the group: the number of generators ``d``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import RescalingGroup, ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> RescalingGroup(net, torch.zeros(ScalingSpace(net).dim, 2), "two").dim
+        2
+        """
         return self.basis.shape[1]
 
     def __repr__(self) -> str:
         return f"RescalingGroup({self.name!r}, dim={self.dim})"
 
     def from_coords(self, coords: torch.Tensor, label: str = "") -> Rescaling:
-        """The element :math:`\\exp(\\sum_k t_k \\xi_k)` for group coordinates ``t``."""
+        """The element :math:`\\exp(\\sum_k t_k \\xi_k)` for group coordinates ``t``.
+
+        Parameters
+        ----------
+        coords : torch.Tensor or sequence of float
+            ``(d,)``: the coordinates :math:`t_k`, one per generator.
+        label : str
+            A description for printing (default: the group's name).
+
+        Returns
+        -------
+        Rescaling
+            The group element.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.symmetry import arch1_paper_group
+        >>> group = arch1_paper_group(Arch1(depth=2, width=4, in_features=3, num_classes=2))
+        >>> g = group.from_coords([0.0, 1.0, 0.0])  # beta_1 = e
+        >>> [round(c, 4) for c in g.scales["classifier.weight"][1].tolist()]
+        [0.3679, 1.0]
+        """
         coords = torch.as_tensor(coords, dtype=torch.float64).reshape(-1)
         return Rescaling.from_log(self.space, self.basis @ coords, label or self.name)
 
     def sample(self, log_scale: float = 1.0, generator: torch.Generator | None = None
                ) -> Rescaling:
-        """A random element: coordinates ``log_scale * N(0, 1)`` (scales ``e^{+-log_scale}``)."""
+        """A random element: coordinates ``log_scale * N(0, 1)`` (scales ``e^{+-log_scale}``).
+
+        Parameters
+        ----------
+        log_scale : float
+            The standard deviation of the coordinates.
+        generator : torch.Generator, optional
+            The source of randomness (default: torch's global one).
+
+        Returns
+        -------
+        Rescaling
+            The element, labelled with the group's name and ``log_scale``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.symmetry import arch1_paper_group
+        >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
+        >>> g = arch1_paper_group(net).sample(0.5, torch.Generator().manual_seed(0))
+        >>> x = torch.randn(6, 3)
+        >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+        True
+        """
         t = torch.randn(self.dim, generator=generator, dtype=torch.float64) * log_scale
         return self.from_coords(t, f"{self.name}, log-scale {log_scale:g}")
 
     def generators(self) -> list[torch.Tensor]:
-        """The generator vectors (columns of :attr:`basis`)."""
+        """The generator vectors (columns of ``basis``).
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``d`` vectors of length ``space.dim``.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.symmetry import arch1_paper_group
+        >>> group = arch1_paper_group(Arch1(depth=2, width=4, in_features=3, num_classes=2))
+        >>> [tuple(xi.shape) for xi in group.generators()]
+        [(17,), (17,), (17,)]
+        """
         return list(self.basis.T)
 
 
@@ -515,6 +1006,39 @@ def arch1_paper_group(model) -> RescalingGroup:
     and inversely all columns of :math:`\theta`; :math:`\beta_k` scales rows
     :math:`2k, 2k+1` of :math:`W_L` and inversely column :math:`k` of :math:`\theta`.
     The scaled metric (SM) is exactly equivariant under it.
+
+    Parameters
+    ----------
+    model : manifold_nets.Arch1
+        The network (any depth; ``width`` even).
+
+    Returns
+    -------
+    RescalingGroup
+        :math:`L - 1 + \mathrm{width}/2` generators labelled ``alpha_l`` and ``beta_k``;
+        its ``element(alpha, beta_s)`` builds the element of eqs. (1)-(2) from the
+        :math:`L - 1` scalars :math:`\alpha_l` and the ``width/2`` pair scalings
+        :math:`\beta_s`.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is not an Arch1/Arch2 network (use
+        :func:`~manifold_nets.symmetry.discover.discover` for other models).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_paper_group
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
+    >>> group = arch1_paper_group(net)
+    >>> group.labels
+    ['alpha_1', 'beta_1', 'beta_2']
+    >>> g = group.element(alpha=[3.0], beta_s=[0.5, 2.0])
+    >>> x = torch.randn(6, 3)
+    >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+    True
     """
     names, theta, width = _paper_net(model)
     depth, half = len(names), width // 2
@@ -537,6 +1061,37 @@ def arch1_full_group(model) -> RescalingGroup:
     column :math:`k` of :math:`W_{l+1}` (of :math:`\theta` for :math:`l = L`): ``width/2``
     per layer. SM is *not* equivariant under it at depth >= 2 (column scalings change the
     row norms of :math:`W_{l+1}`).
+
+    Parameters
+    ----------
+    model : manifold_nets.Arch1
+        The network (any depth; ``width`` even).
+
+    Returns
+    -------
+    RescalingGroup
+        :math:`L \cdot \mathrm{width}/2` generators labelled ``A_l,k``; its
+        ``element(A_s)`` takes the :math:`L` vectors :math:`A_{l,s}` (one entry per pooling
+        pair).
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is not an Arch1/Arch2 network.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_full_group
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
+    >>> group = arch1_full_group(net)
+    >>> group.dim, group.labels[:2]
+    (4, ['A_1,1', 'A_1,2'])
+    >>> g = group.element([[2.0, 0.5], [1.0, 3.0]])
+    >>> x = torch.randn(6, 3)
+    >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+    True
     """
     names, theta, width = _paper_net(model)
     depth, half = len(names), width // 2
@@ -555,6 +1110,38 @@ def arch2_group(model) -> RescalingGroup:
 
     A symmetry thanks to batch norm, up to its ``eps`` (exact for ``eps = 0``), and for
     *positive* scalings only.
+
+    Parameters
+    ----------
+    model : manifold_nets.Arch2
+        The network (any depth; ``width`` even).
+
+    Returns
+    -------
+    RescalingGroup
+        :math:`L \cdot \mathrm{width}` generators labelled ``A_l,i``; its ``element(A)``
+        takes the :math:`L` positive diagonals :math:`A_l` as vectors.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is not an Arch1/Arch2 network.
+
+    Examples
+    --------
+    With a negligible batch-norm ``eps`` the outputs (train mode) do not change:
+
+    >>> import torch
+    >>> from manifold_nets import Arch2
+    >>> from manifold_nets.symmetry import arch2_group
+    >>> net = Arch2(depth=2, width=4, in_features=3, num_classes=2, bn_eps=1e-30)
+    >>> group = arch2_group(net)
+    >>> group.dim
+    8
+    >>> g = group.element([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 2.0, 2.0]])
+    >>> x = torch.randn(6, 3)
+    >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+    True
     """
     names, _, width = _paper_net(model)
     cols, labels = [], []

@@ -34,11 +34,39 @@ __all__ = [
 
 
 #: ``(invariant below, broken above)``: relative gaps; in between the verdict is "unclear".
+#:
+#: Examples
+#: --------
+#: >>> import torch
+#: >>> from manifold_nets.symmetry import TOLERANCES
+#: >>> TOLERANCES[torch.float64]
+#: (1e-09, 1e-05)
 TOLERANCES = {torch.float64: (1e-9, 1e-5), torch.float32: (1e-4, 1e-2)}
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The paper's loss: cross-entropy *summed* over the mini-batch."""
+    """The paper's loss: cross-entropy *summed* over the mini-batch.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(N, C)`` (or ``(N, C, ...)``) unnormalised scores.
+    targets : torch.Tensor
+        ``(N,)`` (or ``(N, ...)``) class indices.
+
+    Returns
+    -------
+    torch.Tensor
+        The 0-d sum of the per-sample cross-entropies.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry import summed_cross_entropy
+    >>> loss = summed_cross_entropy(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    >>> round(float(loss), 4)  # 4 log 2
+    2.7726
+    """
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -67,6 +95,34 @@ def loss_invariance(model: nn.Module, element: Rescaling, inputs: torch.Tensor,
         ``loss_gap``: :math:`|L(g.w) - L(w)| / |L(w)|`; ``output_gap``: relative gap of the
         logits in eval mode (running statistics) and ``output_gap_train`` in train mode.
         ``model`` is not modified.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model at :math:`w` (not modified).
+    element : Rescaling
+        The group element :math:`g`.
+    inputs : torch.Tensor
+        A batch :math:`X`.
+    targets : torch.Tensor
+        Its labels.
+    loss : callable
+        ``loss(outputs, targets)`` (default :func:`summed_cross_entropy`).
+
+    Examples
+    --------
+    The paper's group of eqs. (1)-(2) leaves the loss of Arch1 unchanged:
+
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_paper_group, loss_invariance
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64)
+    >>> y = torch.randint(0, 2, (8,))
+    >>> g = arch1_paper_group(net).element(alpha=[3.0], beta_s=[0.5, 2.0])
+    >>> gaps = loss_invariance(net, g, x, y)
+    >>> gaps["loss_gap"] < 1e-12, gaps["output_gap"] < 1e-12
+    (True, True)
     """
     g_model = element.apply(model)
     out, out_g = _outputs(model, inputs, True), _outputs(g_model, inputs, True)
@@ -126,6 +182,42 @@ def update_invariance(model: nn.Module, element: Rescaling,
         ``param_gap``, ``output_gap`` after ``steps``; ``start_output_gap`` (before any step,
         non-zero when the declaration itself breaks the symmetry); ``gap``: the larger of
         ``param_gap`` and ``output_gap``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model at :math:`w` (not modified: both runs start from copies).
+    element : Rescaling
+        The group element :math:`g`.
+    make_optimizer : callable
+        ``make_optimizer(net)`` returns the optimiser of ``net`` (e.g.
+        :meth:`UpdateRule.make`).
+    inputs : torch.Tensor
+        The batch every step uses (full-batch steps, no randomness).
+    targets : torch.Tensor
+        Its labels.
+    steps : int
+        Optimiser steps from each start.
+    loss : callable
+        ``loss(outputs, targets)`` (default :func:`summed_cross_entropy`).
+
+    Examples
+    --------
+    SM is equivariant under the paper's group; Euclidean SGD is not (Table 1):
+
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_paper_group, update_invariance
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64)
+    >>> y = torch.randint(0, 2, (8,))
+    >>> from manifold_nets.symmetry import UPDATE_RULES
+    >>> rules = {r.name: r for r in UPDATE_RULES}
+    >>> g = arch1_paper_group(net).element(alpha=[3.0], beta_s=[0.5, 2.0])
+    >>> update_invariance(net, g, rules["SM"].make, x, y, steps=2)["gap"] < 1e-12
+    True
+    >>> update_invariance(net, g, rules["B-SGD"].make, x, y, steps=2)["gap"] > 1e-3
+    True
     """
     a = copy.deepcopy(model)
     b = element.apply(model)
@@ -153,6 +245,36 @@ def orbit_orthogonality(model: nn.Module, group: RescalingGroup, inputs: torch.T
         {\|\nabla_w L\|\, \|\xi_k(w)\|}
 
     Zero for a true symmetry (the loss is constant along the orbit); train mode, on a copy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model at :math:`w` (not modified).
+    group : RescalingGroup
+        The group whose generators :math:`\xi_k` are tested.
+    inputs : torch.Tensor
+        A batch.
+    targets : torch.Tensor
+        Its labels.
+    loss : callable
+        ``loss(outputs, targets)`` (default :func:`summed_cross_entropy`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(group.dim,)``: the cosines :math:`c_k`, in the model's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_paper_group, orbit_orthogonality
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64)
+    >>> y = torch.randint(0, 2, (8,))
+    >>> c = orbit_orthogonality(net, arch1_paper_group(net), x, y)
+    >>> tuple(c.shape), bool(c.max() < 1e-12)
+    ((3,), True)
     """
     net = copy.deepcopy(model).train()
     params = dict(net.named_parameters())
@@ -181,6 +303,35 @@ class UpdateRule:
     initialises its buffer with the *Euclidean* gradient and then adds the Riemannian one,
     so its first momentum step is :math:`\mu \nabla L + \tilde\nabla L`; a zero buffer
     gives the textbook :math:`\tilde\nabla L`.
+
+    Parameters
+    ----------
+    name, update, optimizer, lr, options, zero_buffer
+        The fields of the same names (see Attributes).
+
+    Attributes
+    ----------
+    name : str
+        The rule's name in the audit's tables, e.g. ``"SM+momentum0"``.
+    update : str
+        The declaration of :func:`manifold_nets.declare`: ``"bsgd"``, ``"sm"`` or ``"un"``.
+    optimizer : str
+        ``"sgd"`` (:class:`geoopt.optim.RiemannianSGD`) or ``"adam"``
+        (:class:`geoopt.optim.RiemannianAdam`).
+    lr : float
+        The learning rate.
+    options : dict
+        Further keyword arguments of the optimiser (``momentum``, ``nesterov``,
+        ``weight_decay``, ...).
+    zero_buffer : bool
+        Start the momentum buffers at zero.
+
+    Examples
+    --------
+    >>> from manifold_nets.symmetry import UpdateRule
+    >>> rule = UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True)
+    >>> rule.optimizer, rule.lr
+    ('sgd', 0.01)
     """
 
     name: str
@@ -191,6 +342,31 @@ class UpdateRule:
     zero_buffer: bool = False
 
     def make(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Declare ``model`` for ``update`` and build its optimiser.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model; its parameters are declared in place (a UN declaration projects
+            the filters onto the oblique manifold; the warning about the changed start is
+            silenced, since the audit measures exactly that).
+
+        Returns
+        -------
+        torch.optim.Optimizer
+            A :class:`geoopt.optim.RiemannianSGD` or :class:`geoopt.optim.RiemannianAdam` over
+            ``model.parameters()``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import UpdateRule
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> opt = UpdateRule("SM", "sm").make(net)
+        >>> type(opt).__name__, type(net[0].weight).__name__
+        ('RiemannianSGD', 'ManifoldParameter')
+        """
         with warnings.catch_warnings():  # a changed start is what the audit measures
             warnings.simplefilter("ignore", UserWarning)
             declare(model, self.update)
@@ -204,6 +380,12 @@ class UpdateRule:
 
 
 #: The update rules the audit runs.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.symmetry import UPDATE_RULES
+#: >>> [rule.name for rule in UPDATE_RULES][:3]
+#: ['B-SGD', 'SM', 'UN']
 UPDATE_RULES = (
     UpdateRule("B-SGD", "bsgd"),
     UpdateRule("SM", "sm"),
@@ -242,6 +424,34 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     - **B-SGD**, **B-Adam** and any weight decay: only the trivial group. So is SM with
       geoopt's momentum buffer (its first step adds :math:`\mu \nabla L`, see
       :class:`UpdateRule`), unless ``zero_buffer``.
+
+    Parameters
+    ----------
+    rule : UpdateRule
+        The update.
+    group : RescalingGroup
+        The group; each generator is read weight by weight.
+    model : torch.nn.Module
+        The model (a copy is declared to read the manifold of every weight).
+    tol : float
+        Entries of a generator within ``tol`` of each other (or of zero) count as equal.
+
+    Returns
+    -------
+    bool
+        ``True`` when the update is predicted to be equivariant under every element.
+
+    Examples
+    --------
+    Table 1: SM resolves the paper's group of Arch1 but not the full group:
+
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import (UPDATE_RULES, arch1_full_group,
+    ...                                     arch1_paper_group, predict)
+    >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
+    >>> sm = next(r for r in UPDATE_RULES if r.name == "SM")
+    >>> predict(sm, arch1_paper_group(net), net), predict(sm, arch1_full_group(net), net)
+    (True, False)
     """
     with warnings.catch_warnings():  # only the manifolds are read from this declaration
         warnings.simplefilter("ignore", UserWarning)

@@ -74,6 +74,11 @@ _ZERO = 0
 class Family:
     """A set of symmetries that act on the same places of a model.
 
+    Parameters
+    ----------
+    kind, label, size, layers, columns, resolves
+        The attributes of the same names (``columns`` and ``resolves`` default to empty).
+
     Attributes
     ----------
     kind : str
@@ -86,10 +91,27 @@ class Family:
     layers : list of str
         the modules whose parameters it rescales
     columns : list of int
-        its columns in :attr:`Discovery.basis <manifold_nets.symmetry.Discovery.basis>`
+        its columns in ``basis`` of :class:`~manifold_nets.symmetry.discover.Discovery`
+        (and of :class:`StructuralResult`)
     resolves : dict
         ``{"un": bool, "sm": bool}``: whether that update is equivariant under the family
-        (filled by :func:`~manifold_nets.symmetry.discover`)
+        (filled by :func:`~manifold_nets.symmetry.discover.discover`)
+
+    Examples
+    --------
+    Printed, a family names its layers, its size and what resolves it (the first layer
+    has no bias here; with one, the family would also scale that Euclidean bias and SM
+    would not resolve it either):
+
+    >>> import torch
+    >>> from manifold_nets.symmetry import discover
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> family = discover(net, torch.randn(64, 4)).families[0]
+    >>> family.kind, family.size, family.layers
+    ('units', 8, ['0', '2'])
+    >>> print(family)
+    units between 0 and 2 (8): not resolved by UN, resolved by SM
     """
 
     kind: str
@@ -107,7 +129,41 @@ class Family:
 
 @dataclass
 class StructuralResult:
-    """What :func:`structural_symmetries` derived."""
+    """What :func:`structural_symmetries` derived.
+
+    Parameters
+    ----------
+    dim, basis, families, candidate_rank, unsupported, notes
+        The attributes of the same names.
+
+    Attributes
+    ----------
+    dim : int
+        The number of independent symmetries, counted in parameter space.
+    basis : torch.Tensor
+        ``(space.dim, dim)``: the symmetries in
+        :class:`~manifold_nets.symmetry.groups.ScalingSpace` coordinates, family by family.
+    families : list of Family
+        The symmetries grouped by the places they act on (``resolves`` still empty).
+    candidate_rank : int
+        The dimension of the span of all candidate directions in parameter space.
+    unsupported : list of str
+        Operations the analysis does not model, treated as breaking every scaling
+        through them.
+    notes : list of str
+        Remarks on the inputs (e.g. embedding rows never used).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> from manifold_nets.symmetry.structure import structural_symmetries
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> result = structural_symmetries(net, (torch.randn(2, 4),), ScalingSpace(net))
+    >>> result.dim, result.candidate_rank, [f.size for f in result.families]
+    (8, 23, [8])
+    """
 
     dim: int
     basis: torch.Tensor
@@ -1023,7 +1079,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     model : nn.Module
         in the state to analyse (batch norms in training mode, dropout off)
     inputs : tuple of torch.Tensor
-        example inputs; only the first two samples are run
+        example inputs, in the dtype of ``model``; only the first two samples are run
     space : ScalingSpace
         the candidates (built on ``model``)
     dtype : torch.dtype
@@ -1031,10 +1087,33 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     tol : float
         relative threshold of the Gram-Schmidt that counts directions
 
+    Returns
+    -------
+    StructuralResult
+        The count, the basis and the families (whose ``resolves`` is left empty:
+        :func:`~manifold_nets.symmetry.discover.discover` fills it).
+
     Raises
     ------
     ValueError
-        if the model cannot be traced by :mod:`torch.fx` (the message says why)
+        if the model cannot be traced by :mod:`torch.fx`, or a rule does not fit one of its
+        operations (the message says why and where)
+
+    Examples
+    --------
+    Most users call :func:`~manifold_nets.symmetry.discover.discover`, which prepares the
+    model and checks the result; called directly:
+
+    >>> import torch
+    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> from manifold_nets.symmetry.structure import structural_symmetries
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> result = structural_symmetries(net, (torch.randn(2, 4),), ScalingSpace(net))
+    >>> result.dim, tuple(result.basis.shape)
+    (8, (23, 8))
+    >>> print(result.families[0])
+    units between 0 and 2 (8)
     """
 
     import scipy.sparse as sp
