@@ -26,12 +26,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The docs build (HTML with -W, then every doctest) runs before pytest.
+# The docs build (HTML, nitpicky, warnings as errors; then every doctest) runs before pytest.
 test: $(STAMP) lint docs
 	$(PY) -m pytest -q
 
 docs: $(STAMP)
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -q -b html docs docs/_build/html
 	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
 
 clean:
