@@ -237,3 +237,18 @@ def test_qk_rescalings_are_not_resolved_by_sm(g):
         assert_update_equivariant(_TRANSFORMER, g, _TOKENS, lambda out: out.square().mean(),
                                   update="sm", steps=3, rtol=1e-9,
                                   optimizer=lambda p: InvariantSGD(p, lr=0.1))
+
+
+def test_an_unknown_family_label_is_refused_with_the_labels():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    found = discover(net, torch.randn(64, 4))
+    with pytest.raises(ValueError, match="no family is labelled 'nope'.*units between 0 and 2"):
+        found.family_group(net, "nope")
+    assert found.family_group(net, "units between 0 and 2").dim == 8
+
+
+def test_a_resnet_with_more_than_four_stages_is_refused():
+    from manifold_nets.experiments.zoo import ResNet
+
+    with pytest.raises(ValueError, match="one to four stages, got 5"):
+        ResNet((1,) * 5, (4, 4, 4, 4, 8))

@@ -100,6 +100,11 @@ class ResNet(nn.Module):
     in_channels : int
         Channels of the input images.
 
+    Raises
+    ------
+    ValueError
+        If ``blocks`` has no stage or more than four.
+
     Attributes
     ----------
     conv1, bn1, maxpool : torch.nn.Module
@@ -121,6 +126,8 @@ class ResNet(nn.Module):
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 10,
                  in_channels: int = 3):
         super().__init__()
+        if not 1 <= len(blocks) <= 4:
+            raise ValueError(f"ResNet has one to four stages, got {len(blocks)} in blocks")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.maxpool = nn.MaxPool2d(3, 2, 1)

@@ -152,8 +152,8 @@ class Discovery:
 
         Raises
         ------
-        StopIteration
-            If no family has the label ``family``.
+        ValueError
+            If no family has the label ``family``; the message lists the labels.
 
         Examples
         --------
@@ -166,7 +166,11 @@ class Discovery:
         RescalingGroup('units between 0 and 2', dim=8)
         """
         if isinstance(family, str):
-            family = next(f for f in self.families if f.label == family)
+            matches = [f for f in self.families if f.label == family]
+            if not matches:
+                labels = "; ".join(repr(f.label) for f in self.families) or "none"
+                raise ValueError(f"no family is labelled {family!r}; the labels are: {labels}")
+            family = matches[0]
         return RescalingGroup(model, self.basis[:, family.columns], family.label,
                               space=self.space)
 
