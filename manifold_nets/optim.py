@@ -351,7 +351,7 @@ class InvariantSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, as :meth:`torch.optim.Optimizer.add_param_group`, and
+        """Add a parameter group, as ``torch.optim.Optimizer.add_param_group``, and
         record the :class:`Kind` of each of its parameters.
 
         The kinds are read again at the next :meth:`step` if a parameter's manifold has
