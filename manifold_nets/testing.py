@@ -242,9 +242,9 @@ def assert_update_equivariant(model: nn.Module, g: Rescaling, inputs, loss_fn: C
     """Assert that ``steps`` updates from :math:`w` and from :math:`g \\cdot w` give models
     with the same outputs on ``inputs`` after every step; returns the gaps.
 
-    Both copies are declared for ``update`` (:func:`~manifold_nets.declare`, as
-    :attr:`Family.resolves <manifold_nets.symmetry.structure.Family.resolves>` assumes),
-    in float64, and stepped on ``loss_fn(model(*inputs))``.
+    Both copies are declared for ``update`` (:func:`~manifold_nets.declare`, as the
+    ``resolves`` of :class:`~manifold_nets.symmetry.structure.Family` assumes), in float64,
+    and stepped on ``loss_fn(model(*inputs))``.
 
     Parameters
     ----------
