@@ -2,16 +2,36 @@
 
 The two geometries of Badrinarayanan, Mishra and Cipolla (2016) as geoopt manifolds:
 
-- :class:`ObliqueManifold`: unit-norm filters (the UN update, eq. (9));
-- :class:`DiagScaledEuclidean`: the scaled metric (the SM update, eqs. (7)-(8)).
+- :class:`~manifold_nets.ObliqueManifold`: unit-norm filters (the UN update, eq. (9));
+- :class:`~manifold_nets.DiagScaledEuclidean`: the scaled metric (the SM update,
+  eqs. (7)-(8)).
 
-Declare a model's weights with :func:`declare` and train them with
-:class:`InvariantSGD` or ``geoopt.optim.RiemannianSGD``. :mod:`manifold_nets.symmetry`
-finds and measures rescaling symmetries. The paper's experiments live apart, in
-:mod:`manifold_nets.experiments`, which imports the library and is never imported by it;
-``import manifold_nets`` loads none of it. The experiment names that used to live here
-(``train``, ``load_dataset``, ``TrainConfig``, ...) are still reachable as attributes,
-and importing them loads the experiments on first use.
+Declare a model's weights with :func:`~manifold_nets.declare` (which returns a
+:class:`~manifold_nets.Declaration`) and train them with
+:class:`~manifold_nets.InvariantSGD` or :class:`geoopt.optim.RiemannianSGD`. The paper's
+networks are :class:`~manifold_nets.Arch1` and :class:`~manifold_nets.Arch2` (configured by
+:class:`~manifold_nets.NetConfig`); SegNet is in :mod:`manifold_nets.nets`. The formulas
+are plain functions in :mod:`manifold_nets.math`; :mod:`manifold_nets.symmetry` finds and
+measures rescaling symmetries, :mod:`manifold_nets.testing` turns them into property tests,
+and :mod:`manifold_nets.distributed` keeps the manifolds through FSDP2 sharding.
+
+The paper's experiments live apart, in :mod:`manifold_nets.experiments`, which imports the
+library and is never imported by it; ``import manifold_nets`` loads none of it. The
+experiment names that used to live here (``train``, ``load_dataset``, ``Dataset``,
+``TrainConfig``, ``BoldDriver``, ``ExpDecay``, ``StoppingRule``) are still reachable as
+attributes, and importing them loads the experiments on first use.
+
+Examples
+--------
+>>> import torch
+>>> import manifold_nets as mn
+>>> net = mn.Arch2(depth=2, width=8, in_features=12, num_classes=3)
+>>> _ = mn.declare(net, "un")
+>>> opt = mn.InvariantSGD(net.parameters(), lr=0.1, momentum=0.9)
+>>> torch.nn.functional.cross_entropy(net(torch.randn(16, 12)), torch.randint(3, (16,))).backward()
+>>> opt.step()
+>>> torch.allclose(net.layers[0].linear.weight.detach().norm(dim=1), torch.ones(8))
+True
 """
 
 import importlib

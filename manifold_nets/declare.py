@@ -15,6 +15,16 @@ Every other parameter (biases, batch-norm scale and shift) stays Euclidean, i.e.
 plain SGD. A ``ConvNd`` weight ``(out, in, *kernel)`` has ``out`` filters of ``ndim =
 weight.dim() - 1`` dims each; a convolutional classifier uses
 ``DiagScaledEuclidean("right", ndim=weight.dim())`` (its columns are input channels).
+
+Examples
+--------
+>>> import torch
+>>> from manifold_nets import Arch2, InvariantSGD, declare
+>>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+>>> dec = declare(net, "un")
+>>> dec.roles["layers.0.linear.weight"], str(dec["layers.0.linear.weight"])
+('filters', 'Oblique(ndim=1) manifold')
+>>> opt = InvariantSGD(net.parameters(), lr=0.1)
 """
 
 from __future__ import annotations
@@ -33,7 +43,14 @@ from .manifolds import DiagScaledEuclidean, ObliqueManifold
 __all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier",
            "graph_classifier", "check_optimizer"]
 
-#: The updates of Table 1 that :func:`declare` knows.
+#: The updates of Table 1 that :func:`declare` knows: B-SGD (plain SGD), SM (the scaled
+#: metric, eqs. (7)-(8)) and UN (unit-norm filters, eq. (9)).
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.declare import UPDATES
+#: >>> UPDATES
+#: ('bsgd', 'sm', 'un')
 UPDATES = ("bsgd", "sm", "un")
 
 #: The model attribute that keeps the last :class:`Declaration` (read by
@@ -50,27 +67,76 @@ class Declaration(dict):
     A plain ``dict`` in ``model.named_parameters()`` order. ``str()`` gives a table of
     every parameter's manifold, role and the reason for it; :attr:`roles` and
     :attr:`reasons` hold them as data; :meth:`param_groups` gives optimiser groups per
-    role.
+    role. :func:`declare` builds it and keeps the last one on the model, where
+    :mod:`manifold_nets.distributed` reads it after sharding.
 
-    Attributes
+    Parameters
     ----------
-    update : str
-    roles : dict
-        ``"filters"``, ``"classifier"``, ``"explicit"`` or ``"other"``
-    reasons : dict
-        why each parameter got its manifold
-    shapes : dict
-    function_change : float or None
-        with ``inputs``: the relative change of the model's outputs that declaring caused
-        (``None`` without inputs)
+    update : {"bsgd", "sm", "un"}
+        the update the model was declared for, kept as the attribute ``update`` (which
+        shadows :meth:`dict.update` on instances). The other attributes, :attr:`roles`,
+        :attr:`reasons`, :attr:`shapes` and :attr:`function_change`, are filled by
+        :func:`declare` and documented below.
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch2, declare
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> dec = declare(net, "un")
+    >>> print(dec)  # doctest: +ELLIPSIS
+    update: un
+    parameter               shape  role        manifold         why
+    layers.0.linear.weight  4x3    filters     Oblique(ndim=1)  Table 1 (no inputs: not checked...
+    layers.0.bn.weight      4      other       Euclidean        BatchNorm1d scale/shift: Euclid...
+    layers.0.bn.bias        4      other       Euclidean        bias of a BatchNorm1d: Euclidea...
+    classifier.weight       2x2    classifier  Euclidean        theta: the layer whose output i...
+    >>> dec.update, dec.shapes["classifier.weight"], dec.function_change
+    ('un', (2, 2), None)
     """
 
     def __init__(self, update: str):
         super().__init__()
         self.update = update
+        #: Parameter name -> role: ``"filters"``, ``"classifier"``, ``"explicit"`` (given
+        #: in ``manifolds=``) or ``"other"`` (biases, batch-norm scale and shift, ...).
+        #:
+        #: Examples
+        #: --------
+        #: >>> from manifold_nets import Arch1, declare
+        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
+        #: >>> dec.roles
+        #: {'layers.0.linear.weight': 'filters', 'classifier.weight': 'classifier'}
         self.roles: dict[str, str] = {}
+        #: Parameter name -> why it got its manifold (the last column of ``str(dec)``).
+        #:
+        #: Examples
+        #: --------
+        #: >>> from manifold_nets import Arch1, declare
+        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
+        #: >>> dec.reasons["layers.0.linear.weight"]
+        #: "SM's left metric on the rows (eq. (7))"
         self.reasons: dict[str, str] = {}
+        #: Parameter name -> its shape.
+        #:
+        #: Examples
+        #: --------
+        #: >>> from manifold_nets import Arch1, declare
+        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
+        #: >>> dec.shapes
+        #: {'layers.0.linear.weight': (4, 3), 'classifier.weight': (2, 2)}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        #: With ``inputs``: the relative change of the model's outputs on them that
+        #: declaring caused, :math:`\|f_{after} - f_{before}\| / \|f_{before}\|`; ``None``
+        #: without inputs.
+        #:
+        #: Examples
+        #: --------
+        #: >>> import torch
+        #: >>> from manifold_nets import Arch2, declare
+        #: >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+        #: >>> dec = declare(net, "un", inputs=torch.randn(16, 3))
+        #: >>> dec.function_change < 1e-4  # batch norm makes the filter scaling a symmetry
+        #: True
         self.function_change: float | None = None
 
     def __str__(self) -> str:
@@ -91,6 +157,24 @@ class Declaration(dict):
         """Optimiser parameter groups, one per role, with ``weight_decay`` on every group
         but the oblique filters (on the unit sphere a weight decay only fights the
         projection; :doc:`/theory`).
+
+        Parameters
+        ----------
+        model : nn.Module
+            the model that was declared (its parameters are looked up by name)
+        weight_decay : float
+            weight decay of every group but the oblique filters' (which get 0)
+        **options
+            further options of every group (``lr``, ``momentum``, ...)
+
+        Returns
+        -------
+        list of dict
+            one group per role, in the order the roles first occur: ``{"params": [...],
+            "role": role, "weight_decay": ..., **options}``, ready for any
+            :class:`torch.optim.Optimizer`. A group's weight decay is that of the first
+            parameter of its role (a role mixing oblique and other parameters, e.g.
+            ``"explicit"``, gets one value for all).
 
         Examples
         --------
@@ -122,6 +206,13 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Raise unless ``optimizer`` holds the model's current parameters (every trainable
     one, and no stale one).
 
+    Parameters
+    ----------
+    model : nn.Module
+        the model
+    optimizer : torch.optim.Optimizer
+        the optimiser meant to train it
+
     Raises
     ------
     ValueError
@@ -151,7 +242,26 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 
 def filter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs whose weight holds filters: ``Linear`` and ``ConvNd``."""
+    """The ``(name, module)`` pairs whose weight holds filters: ``Linear`` and ``ConvNd``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        any model
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with its name,
+        in ``model.named_modules()`` order (transposed convolutions are not included)
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.declare import filter_modules
+    >>> [name for name, _ in filter_modules(Arch1(depth=2, width=4, in_features=3))]
+    ['layers.0.linear', 'layers.1.linear', 'classifier']
+    """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
 
 
@@ -159,7 +269,28 @@ def default_classifier(model: nn.Module) -> str | None:
     """Name of the default classifier module: the last ``nn.Linear``, else the last ``ConvNd``.
 
     Fully convolutional networks (segmentation) usually end in a 1x1 convolution that plays
-    the role of :math:`\\theta`. Returns ``None`` when the model has neither.
+    the role of :math:`\\theta`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        any model
+
+    Returns
+    -------
+    str or None
+        the module's name, or ``None`` when the model has neither
+
+    See Also
+    --------
+    graph_classifier : the classifier as the traced graph says, which :func:`declare` uses
+
+    Examples
+    --------
+    >>> from manifold_nets.declare import default_classifier
+    >>> from manifold_nets.nets import SegNet
+    >>> default_classifier(SegNet(widths=(4, 8)))
+    'classifier'
     """
     mods = filter_modules(model)
     linears = [n for n, m in mods if isinstance(m, nn.Linear)]
@@ -176,7 +307,32 @@ def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
     """The classifier as the executed graph says: the ``Linear``/``ConvNd`` whose output is
     the model's output (through reshapes and dropout). Returns ``(name, how)``, ``how``
     saying where the answer came from; when :mod:`torch.fx` cannot trace the model, the
-    last registered ``Linear`` (else ``ConvNd``), and ``how`` says so."""
+    last registered ``Linear`` (else ``ConvNd``), and ``how`` says so.
+
+    Parameters
+    ----------
+    model : nn.Module
+        any model; it is traced with ``torch.fx.symbolic_trace``, not run
+
+    Returns
+    -------
+    name : str or None
+        the classifier module's name; ``None`` when some other operation (a soft-max, an
+        activation, a sum, ...) produces the model's output
+    how : str
+        where the answer came from, for :class:`Declaration`'s reasons
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.declare import graph_classifier
+    >>> graph_classifier(Arch1(depth=1, width=4, in_features=3))
+    ('classifier', "the layer whose output is the model's output")
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1))
+    >>> graph_classifier(net)
+    (None, "no Linear/ConvNd produces the model's output")
+    """
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many kinds on dynamic control flow
@@ -400,7 +556,7 @@ def declare(
         ``inputs``, every filter (Table 1), and a warning names the filters that
         normalising changed and that no batch norm follows.
     classifier : "auto", str, nn.Module or None
-        the module (or ``"<module>.weight"``) holding :math:`	heta`. ``"auto"``
+        the module (or ``"<module>.weight"``) holding :math:`\theta`. ``"auto"``
         (default): the ``Linear``/``ConvNd`` whose output is the model's output in the
         traced graph (:func:`graph_classifier`). ``None``: no classifier.
     manifolds : mapping, optional
@@ -408,8 +564,8 @@ def declare(
         names given (``None`` or ``geoopt.Euclidean()`` means Euclidean). With ``inputs``,
         an override that changes the outputs warns with the measured change.
     inputs : torch.Tensor or tuple, optional
-        example inputs: the symmetry analysis for ``"un"``, and the measured change of the
-        outputs (:attr:`Declaration.function_change`).
+        example inputs: the symmetry analysis for ``"un"`` and ``"sm"``, and the measured
+        change of the outputs (:attr:`Declaration.function_change`).
     rtol : float
         relative change of the outputs above which a warning is given (the default leaves
         room for batch norm's ``eps``, which makes per-filter scaling a symmetry only up
@@ -425,9 +581,12 @@ def declare(
     ------
     ValueError
         unknown ``update``; a classifier that is not at least 2-D or not in the model; an
-        unknown name in ``manifolds``; a weight that does not fit its manifold, e.g. a zero
+        unknown name in ``manifolds``; a transposed convolution under ``"sm"`` or ``"un"``
+        without an explicit manifold; a weight that does not fit its manifold, e.g. a zero
         filter under ``"un"`` (the message names the parameter and the filter), or a NaN or
         infinite entry in a weight that gets a manifold.
+    TypeError
+        a ``classifier`` that is neither a name nor a module
 
     Notes
     -----

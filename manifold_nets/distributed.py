@@ -23,6 +23,9 @@ the Euclidean path in silence. Here:
   ``RiemannianAdam``) or manifold attributes (``InvariantSGD``) would step as Euclidean.
   geoopt's optimisers cannot be fixed from here: on a sharded model use ``InvariantSGD``.
 
+The examples of the functions run in one process, on a process group of one rank
+(``gloo``, CPU); on several processes the code is the same.
+
 Examples
 --------
 Each of two processes (``torchrun --nproc-per-node=2``)::
@@ -82,6 +85,27 @@ def fully_shard(module: nn.Module, **kwargs):
         what torch's ``fully_shard`` returns (the same module, now an ``FSDPModule``).
         Its sharded parameters carry their manifold (``p.manifold``; ``None`` for the
         Euclidean ones), which :class:`~manifold_nets.InvariantSGD` reads.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from manifold_nets import Arch2, InvariantSGD, declare
+    >>> from manifold_nets.distributed import fully_shard
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> _ = declare(net, "un")
+    >>> _ = fully_shard(net.layers[0])
+    >>> _ = fully_shard(net)
+    >>> w = net.layers[0].linear.weight
+    >>> type(w).__name__, str(w.manifold)
+    ('DTensor', 'Oblique(ndim=1) manifold')
+    >>> opt = InvariantSGD(net.parameters(), lr=0.1)
+    >>> net(torch.randn(8, 3)).sum().backward()
+    >>> opt.step()
+    >>> torch.allclose(w.full_tensor().detach().norm(dim=1), torch.ones(4))
+    True
+    >>> dist.destroy_process_group()
     """
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
@@ -96,11 +120,44 @@ def reattach_manifolds(model: nn.Module) -> list[str]:
     """Put back the manifolds of a model that torch's ``fully_shard`` sharded after
     :func:`~manifold_nets.declare`; returns the names of the parameters given one.
 
+    The manifolds come from the :class:`~manifold_nets.declare.Declaration` that
+    :func:`~manifold_nets.declare` kept on the model. Every sharded parameter gets its
+    manifold, or ``None`` (Euclidean); parameters that are not sharded are left alone.
+
+    Parameters
+    ----------
+    model : nn.Module
+        the declared model, after torch's ``fully_shard``
+
+    Returns
+    -------
+    list of str
+        the names of the parameters that got a (non-Euclidean) manifold, sorted
+
     Raises
     ------
     ValueError
         if the model was not declared with :func:`~manifold_nets.declare` (its
         declaration is what says which manifold each parameter had).
+
+    Examples
+    --------
+    >>> import torch.distributed as dist
+    >>> from torch.distributed.fsdp import fully_shard as torch_fully_shard
+    >>> from manifold_nets import Arch2, declare
+    >>> from manifold_nets.distributed import lost_manifolds, reattach_manifolds
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> _ = declare(net, "sm")
+    >>> _ = torch_fully_shard(net)
+    >>> lost_manifolds(net)  # doctest: +NORMALIZE_WHITESPACE
+    {'layers.0.linear.weight': 'geoopt, InvariantSGD',
+     'classifier.weight': 'geoopt, InvariantSGD'}
+    >>> reattach_manifolds(net)
+    ['classifier.weight', 'layers.0.linear.weight']
+    >>> sorted(set(lost_manifolds(net).values()))  # InvariantSGD finds them again
+    ['geoopt']
+    >>> dist.destroy_process_group()
     """
     declaration = getattr(model, DECLARATION_ATTR, None)
     if declaration is None:
@@ -119,6 +176,11 @@ def _manifold_of_declared(manifold):
 
 def lost_manifolds(model: nn.Module) -> dict[str, str]:
     """The parameters of a declared model that some optimiser would step as Euclidean.
+
+    Parameters
+    ----------
+    model : nn.Module
+        a model declared with :func:`~manifold_nets.declare`, sharded or not
 
     Returns
     -------
@@ -169,6 +231,19 @@ def check_on_manifold(model: nn.Module) -> None:
     another network. On a sharded model every rank checks its own filters and the counts
     are summed over the default process group, so every rank raises (a collective: call it
     on every rank).
+
+    Parameters
+    ----------
+    model : nn.Module
+        the model, sharded or not; only parameters that carry an
+        :class:`~manifold_nets.ObliqueManifold` are checked
+
+    Raises
+    ------
+    ValueError
+        naming each parameter (and, when sharded, the rank's shard) whose filters are off
+        the unit sphere, with the first such filter, its norm and how many are off; or
+        how many filters on other ranks are off
 
     Examples
     --------

@@ -11,6 +11,14 @@ needed (a C++ compiler and ninja; about a minute, cached under
 Without a compiler, or when the build fails, :class:`~manifold_nets.InvariantSGD` warns
 once and takes its pure-torch step (the same iterates, to rounding, slower). Set
 ``MANIFOLD_NETS_FUSED=0`` to never build or use the kernel.
+
+Examples
+--------
+Whether this machine has the kernel, and why not if it does not:
+
+>>> from manifold_nets import fused
+>>> fused.available() == (fused.reason() is None)
+True
 """
 
 from __future__ import annotations
@@ -29,6 +37,12 @@ __all__ = ["KINDS", "available", "eligible", "load", "reason"]
 #: parameters keep torch's SGD arithmetic (``InvariantSGD`` is ``torch.optim.SGD`` on them,
 #: bit for bit), which is already a few streaming passes, so the kernel's Euclidean branch
 #: (kind 0) is not used.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.fused import KINDS
+#: >>> KINDS[("oblique", "left")], KINDS[("sm", "left")], KINDS[("sm", "right")]
+#: (1, 2, 3)
 KINDS = {("oblique", "left"): 1, ("sm", "left"): 2, ("sm", "right"): 3}
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused_step.cpp"
@@ -42,7 +56,32 @@ _STATE: dict = {"module": None, "reason": None, "tried": False}
 
 def load():
     """The compiled kernel module, building it on first use; ``None`` if it cannot be had
-    (then :func:`reason` says why, and a warning was issued once)."""
+    (then :func:`reason` says why, and a warning was issued once).
+
+    The first call in a process compiles ``csrc/fused_step.cpp`` with torch's C++
+    extension tools, or loads it from torch's extension cache; later calls return the
+    same answer at once. Nothing is built when ``MANIFOLD_NETS_FUSED=0``.
+
+    Returns
+    -------
+    module or None
+        the extension module, whose ``fused_step`` performs one parameter's step; ``None``
+        when the kernel is disabled or could not be built
+
+    Warns
+    -----
+    RuntimeWarning
+        once, when the build fails (not when it is disabled)
+
+    Examples
+    --------
+    >>> from manifold_nets import fused
+    >>> module = fused.load()
+    >>> module is None or hasattr(module, "fused_step")
+    True
+    >>> (module is None) == (not fused.available())
+    True
+    """
     if _STATE["tried"]:
         return _STATE["module"]
     _STATE["tried"] = True
@@ -70,19 +109,72 @@ def load():
 
 
 def available() -> bool:
-    """Whether the fused kernel can be used (builds it on first call)."""
+    """Whether the fused kernel can be used (builds it on first call).
+
+    Returns
+    -------
+    bool
+        ``True`` when :func:`load` gives the kernel module
+
+    Examples
+    --------
+    >>> from manifold_nets import fused
+    >>> fused.available() in (True, False)
+    True
+    """
     return load() is not None
 
 
 def reason() -> str | None:
-    """Why the kernel is not available, or ``None``."""
+    """Why the kernel is not available, or ``None``.
+
+    Returns
+    -------
+    str or None
+        ``"MANIFOLD_NETS_FUSED=0"``, or the first line of the build error, prefixed by its
+        type; ``None`` when the kernel is available
+
+    Examples
+    --------
+    >>> from manifold_nets import fused
+    >>> (fused.reason() is None) == fused.available()
+    True
+    """
     load()
     return _STATE["reason"]
 
 
 def eligible(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr) -> bool:
     """Whether one parameter can take the fused step: contiguous CPU float32 / float64
-    tensors (no sharded ones) and a float (or 0-dim Tensor) rate."""
+    tensors (no sharded ones) and a float (or 0-dim Tensor) rate.
+
+    Parameters
+    ----------
+    param : torch.Tensor
+        the parameter
+    grad : torch.Tensor
+        its gradient (dense, of the parameter's dtype)
+    buf : torch.Tensor or None
+        its momentum buffer, or ``None`` (no momentum, or not created yet)
+    lr : float or torch.Tensor
+        the learning rate; a 1-D Tensor (one rate per run) is not taken
+
+    Returns
+    -------
+    bool
+        whether :class:`~manifold_nets.InvariantSGD` may give this parameter to the kernel;
+        the others take the pure-torch step
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.fused import eligible
+    >>> w, g = torch.randn(4, 3), torch.randn(4, 3)
+    >>> eligible(w, g, None, 0.1)
+    True
+    >>> eligible(w.t(), g.t(), None, 0.1), eligible(w, g, None, torch.tensor([0.1, 0.2]))
+    (False, False)
+    """
     return (param.device.type == "cpu" and param.dtype in (torch.float32, torch.float64)
             and param.is_contiguous()
             and grad.is_contiguous() and grad.dtype == param.dtype and not grad.is_sparse

@@ -12,8 +12,20 @@ optimization in deep networks* (ICLR 2016 workshop), Table 1 and eqs. (7)-(9).
 :mod:`manifold_nets.manifolds` wraps them in :class:`geoopt.Manifold` classes.
 
 None of these functions synchronises with the device: there are no Python branches on
-tensor values. Degenerate points (zero filters) are handled with :func:`torch.where` and
+tensor values. Degenerate points (zero filters) are handled with ``torch.where`` and
 documented per function.
+
+Examples
+--------
+The rows of a ``Linear`` weight are its filters (``ndim=1``); the UN step keeps them on
+the unit sphere:
+
+>>> import torch
+>>> from manifold_nets import math
+>>> w = math.oblique_projx(torch.randn(4, 3))
+>>> u = math.oblique_proju(w, torch.randn(4, 3))
+>>> torch.allclose(math.oblique_retr(w, -0.1 * u).norm(dim=1), torch.ones(4))
+True
 """
 
 from __future__ import annotations
@@ -48,7 +60,25 @@ EPS = {
 
 
 def filter_dims(ndim: int) -> tuple[int, ...]:
-    """Dimensions that form one filter: the trailing ``ndim`` ones."""
+    """Dimensions that form one filter: the trailing ``ndim`` ones.
+
+    Parameters
+    ----------
+    ndim : int
+        number of trailing dims that form one filter (``1`` for the rows of a ``Linear``
+        weight, ``3`` for the output filters of a ``Conv2d`` weight)
+
+    Returns
+    -------
+    tuple of int
+        ``(-ndim, ..., -1)``, the ``dim`` argument of a per-filter reduction
+
+    Examples
+    --------
+    >>> from manifold_nets.math import filter_dims
+    >>> filter_dims(1), filter_dims(3)
+    ((-1,), (-3, -2, -1))
+    """
     return tuple(range(-ndim, 0))
 
 
@@ -56,12 +86,27 @@ def filter_index(flat: int, batch_shape: torch.Size) -> int | tuple[int, ...]:
     """The readable index of filter ``flat`` (counted over the batch dims, row-major): an
     ``int`` for one batch dim, else a tuple, as error messages name a filter.
 
+    Parameters
+    ----------
+    flat : int
+        index of the filter among all filters, counted row-major over the batch dims
+    batch_shape : torch.Size
+        the batch (leading) dims of the tensor, i.e. its shape without the filter dims
+
+    Returns
+    -------
+    int or tuple of int
+        ``flat`` itself when there is at most one batch dim, else its multi-index in
+        ``batch_shape``
+
     Examples
     --------
     >>> import torch
     >>> from manifold_nets.math import filter_index
     >>> filter_index(5, torch.Size([2, 3]))
     (1, 2)
+    >>> filter_index(5, torch.Size([8]))
+    5
     """
     if len(batch_shape) <= 1:
         return flat
@@ -77,17 +122,80 @@ def column_dims(ndim: int) -> tuple[int, ...]:
 
     The trailing ``ndim >= 2`` dimensions are ``(out, in, *kernel)``; column ``j`` is
     ``theta[..., :, j, *kernel]``, so the sum runs over ``out`` and the kernel dims.
+
+    Parameters
+    ----------
+    ndim : int
+        number of trailing dims that form the matrix :math:`\theta`, at least 2
+        (``2`` for a ``Linear`` classifier, ``4`` for a ``Conv2d`` one)
+
+    Returns
+    -------
+    tuple of int
+        the ``out`` dim ``-ndim`` and the kernel dims ``-ndim + 2, ..., -1``
+
+    Examples
+    --------
+    >>> from manifold_nets.math import column_dims
+    >>> column_dims(2), column_dims(4)
+    ((-2,), (-4, -2, -1))
     """
     return (-ndim,) + tuple(range(-ndim + 2, 0))
 
 
 def filter_sqnorm(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
-    r"""Squared Euclidean norm of every filter, :math:`\|w_i\|^2`, with kept dims."""
+    r"""Squared Euclidean norm of every filter, :math:`\|w_i\|^2`, with kept dims.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        weights, filters in the trailing ``ndim`` dims
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        the squared norms, shaped like ``x`` with the filter dims of size 1 (so that they
+        broadcast against ``x``)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import filter_sqnorm
+    >>> n = filter_sqnorm(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    >>> tuple(n.shape), n.flatten().tolist()
+    ((2, 1), [25.0, 4.0])
+    """
     return torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True).square_()
 
 
 def column_sqnorm(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
-    r"""Squared norm of every column, :math:`\|\theta_{:,j}\|^2`, with kept dims."""
+    r"""Squared norm of every column, :math:`\|\theta_{:,j}\|^2`, with kept dims.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        the classifier :math:`\theta`, a matrix ``(out, in, *kernel)`` in the trailing
+        ``ndim`` dims
+    ndim : int
+        number of trailing dims that form :math:`\theta`, at least 2 (see
+        :func:`column_dims`)
+
+    Returns
+    -------
+    torch.Tensor
+        the squared column norms, shaped like ``x`` with the ``out`` and kernel dims of
+        size 1
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import column_sqnorm
+    >>> n = column_sqnorm(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    >>> tuple(n.shape), n.flatten().tolist()
+    ((1, 2), [9.0, 20.0])
+    """
     return torch.linalg.vector_norm(x, dim=column_dims(ndim), keepdim=True).square_()
 
 
@@ -110,6 +218,21 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     torch.Tensor
         a tensor whose every filter has unit norm. A zero filter stays zero (it has no
         direction); :meth:`manifold_nets.ObliqueManifold.projx` refuses such input.
+
+    See Also
+    --------
+    oblique_projx_ : the same, in place
+    oblique_projx_safe : the same, for filters whose squared norm overflows or underflows
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_projx
+    >>> w = oblique_projx(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    >>> [[round(v, 4) for v in row] for row in w.tolist()]
+    [[0.6, 0.8], [0.0, 1.0]]
+    >>> oblique_projx(torch.zeros(1, 2)).tolist()  # a zero filter stays zero
+    [[0.0, 0.0]]
     """
     norm = torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True)
     return x * norm.clamp_min_(EPS[x.dtype]).reciprocal_()  # multiply: cheaper than divide
@@ -117,7 +240,28 @@ def oblique_projx(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
 
 def oblique_projx_(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     r""":func:`oblique_projx` in place: :math:`w_i \leftarrow w_i / \|w_i\|` for every
-    filter of ``x``, which is returned. A zero filter stays zero."""
+    filter of ``x``, which is returned. A zero filter stays zero.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        weights, filters in the trailing ``ndim`` dims; overwritten
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` itself, every filter now of unit norm
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_projx_
+    >>> w = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    >>> oblique_projx_(w) is w, torch.allclose(w.norm(dim=1), torch.ones(2))
+    (True, True)
+    """
     norm = torch.linalg.vector_norm(x, dim=filter_dims(ndim), keepdim=True)
     return x.mul_(norm.clamp_min_(EPS[x.dtype]).reciprocal_())
 
@@ -133,6 +277,29 @@ def oblique_projx_safe(x: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     finite filter, so filters of norm ``1e30`` or ``1e-40`` in float32 are normalised
     exactly. It costs two more passes over ``x`` than :func:`oblique_projx`, which the
     UN step uses: there every filter of ``x + u`` has norm :math:`\ge 1`.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        weights, filters in the trailing ``ndim`` dims
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        a new tensor whose every finite non-zero filter has unit norm; a zero filter stays
+        zero
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_projx, oblique_projx_safe
+    >>> w = torch.tensor([[3e30, 4e30], [3e-40, 4e-40]])
+    >>> oblique_projx_safe(w).norm(dim=1).tolist()
+    [1.0, 1.0]
+    >>> oblique_projx(w).norm(dim=1).tolist()  # the squared norms overflow and underflow
+    [0.0, 0.0]
     """
     m = x.abs().amax(dim=filter_dims(ndim), keepdim=True)
     y = x / torch.where(m > 0, m, torch.ones_like(m))
@@ -148,6 +315,32 @@ def oblique_proju(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tens
 
     For ``x`` on the oblique manifold this is the orthogonal projection; applied to a
     Euclidean gradient it gives the Riemannian gradient of Table 1 (UN column).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        a point: every filter (trailing ``ndim`` dims) of unit norm
+    u : torch.Tensor
+        any tensor of the shape of ``x``, e.g. the Euclidean gradient
+        :math:`\nabla_W L`
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        :math:`\Pi_W(U)`: every filter orthogonal to the filter of ``x``
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_projx, oblique_proju
+    >>> w = oblique_projx(torch.randn(4, 3))
+    >>> v = oblique_proju(w, torch.randn(4, 3))
+    >>> round(float((w * v).sum(dim=1).abs().max()), 5)  # tangent: <w_i, v_i> = 0
+    0.0
+    >>> torch.allclose(oblique_proju(w, v), v)  # a projection
+    True
     """
     inner = (x * u).sum(dim=filter_dims(ndim), keepdim=True)
     return torch.addcmul(u, inner, x, value=-1)
@@ -162,6 +355,29 @@ def oblique_retr(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Tenso
 
     For tangent ``u`` every filter of ``x + u`` has norm :math:`\sqrt{1 + \|u_i\|^2} \ge 1`,
     so the division is always well defined.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        a point: every filter (trailing ``ndim`` dims) of unit norm
+    u : torch.Tensor
+        a tangent vector at ``x``, e.g. :math:`-\lambda \tilde\nabla_W L`
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        a new point: every filter of unit norm
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_projx, oblique_proju, oblique_retr
+    >>> w = oblique_projx(torch.randn(4, 3))
+    >>> u = oblique_proju(w, torch.randn(4, 3))
+    >>> torch.allclose(oblique_retr(w, u).norm(dim=1), torch.ones(4))
+    True
     """
     return oblique_projx_(x + u, ndim)  # a fresh temporary: normalise it in place
 
@@ -173,7 +389,33 @@ def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Ten
 
         \mathrm{Exp}_W(U)_i = \cos(\|u_i\|)\, w_i + \sin(\|u_i\|) \frac{u_i}{\|u_i\|}
 
-    Falls back to :func:`oblique_retr` for filters with a (near) zero step.
+    This is the true exponential map of the sphere, per filter: the filter moves a
+    geodesic distance :math:`\|u_i\|` along a great circle. It falls back to
+    :func:`oblique_retr` for filters with a (near) zero step (:math:`\|u_i\|` below the
+    square root of the dtype's ``EPS``), where the two agree to rounding.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        a point: every filter (trailing ``ndim`` dims) of unit norm
+    u : torch.Tensor
+        a tangent vector at ``x``
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        a new point: every filter of unit norm
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_dist, oblique_expmap
+    >>> w = torch.tensor([[1.0, 0.0]])
+    >>> y = oblique_expmap(w, torch.tensor([[0.0, 0.5]]))  # half a radian along the circle
+    >>> [round(v, 4) for v in y.flatten().tolist()], round(float(oblique_dist(w, y)), 4)
+    ([0.8776, 0.4794], 0.5)
     """
     norm_u = torch.linalg.vector_norm(u, dim=filter_dims(ndim), keepdim=True)
     eps = EPS[x.dtype]
@@ -185,7 +427,27 @@ def oblique_expmap(x: torch.Tensor, u: torch.Tensor, ndim: int = 1) -> torch.Ten
 def oblique_dist(x: torch.Tensor, y: torch.Tensor, ndim: int = 1) -> torch.Tensor:
     r"""Geodesic distance of every filter pair, :math:`\arccos\langle x_i, y_i\rangle`.
 
-    Returns one value per filter (the filter dims are removed).
+    Parameters
+    ----------
+    x, y : torch.Tensor
+        two points: every filter (trailing ``ndim`` dims) of unit norm
+    ndim : int
+        number of trailing dims that form one filter
+
+    Returns
+    -------
+    torch.Tensor
+        one angle in :math:`[0, \pi]` per filter (the filter dims are removed). The inner
+        product is clamped to :math:`[-1, 1]` first, so rounding never gives NaN.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import oblique_dist
+    >>> x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> y = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> [round(d, 4) for d in oblique_dist(x, y).tolist()]  # pi / 2 and 0
+    [1.5708, 0.0]
     """
     inner = (x * y).sum(dim=filter_dims(ndim))
     return torch.acos(inner.clamp(-1.0, 1.0))
@@ -223,6 +485,12 @@ def scaled_egrad2rgrad(
     ndim : int
         number of trailing dims owned by one point
 
+    Returns
+    -------
+    torch.Tensor
+        the Riemannian gradient, of the shape of ``g``: every filter (or column) of ``g``
+        multiplied by the squared norm of that filter (or column) of ``x``
+
     Notes
     -----
     A zero filter (or column) has :math:`\|w_i\|^2 = 0`: its Riemannian gradient is zero
@@ -230,6 +498,17 @@ def scaled_egrad2rgrad(
     Where :math:`\|w_i\|^2` overflows the dtype (norms above about ``1.8e19`` in
     float32) it saturates at the largest finite value: the result stays finite, and zero
     gradient entries stay zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import scaled_egrad2rgrad
+    >>> x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    >>> g = torch.ones(2, 2)
+    >>> scaled_egrad2rgrad(x, g).tolist()  # rows scaled by 25 and 4
+    [[25.0, 25.0], [4.0, 4.0]]
+    >>> scaled_egrad2rgrad(x, g, side="right", ndim=2).tolist()  # columns by 9 and 20
+    [[9.0, 20.0], [9.0, 20.0]]
     """
     return g * _scale(x, side, ndim)
 
@@ -246,19 +525,52 @@ def scaled_inner(
 
     .. math::
 
-        \langle U, V \rangle_W = \mathrm{Tr}(U^T G_W V)
-            = \sum_i \frac{\langle u_i, v_i \rangle}{\|w_i\|^2},
-        \qquad
-        \langle U, V \rangle_\theta = \mathrm{Tr}(U G_\theta V^T)
+        \begin{aligned}
+        \langle U, V \rangle_W &= \mathrm{Tr}(U^T G_W V)
+            = \sum_i \frac{\langle u_i, v_i \rangle}{\|w_i\|^2} \\
+        \langle U, V \rangle_\theta &= \mathrm{Tr}(U G_\theta V^T)
             = \sum_j \frac{\langle u_{:,j}, v_{:,j} \rangle}{\|\theta_{:,j}\|^2}
+        \end{aligned}
 
     It satisfies ``scaled_inner(x, scaled_egrad2rgrad(x, g), v) == (g * v).sum()`` for
     every ``v``: the defining identity of the Riemannian gradient.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        the point :math:`W` or :math:`\theta`
+    u, v : torch.Tensor
+        two tangent vectors at ``x`` (any tensors of its shape)
+    side : {"left", "right"}
+        ``"left"``: the metric of the filters (rows); ``"right"``: the metric of the
+        columns of :math:`\theta` (trailing ``ndim >= 2`` dims ``(out, in, *kernel)``)
+    ndim : int
+        number of trailing dims owned by one point
+    keepdim : bool
+        keep the summed dims (of size 1)
+
+    Returns
+    -------
+    torch.Tensor
+        one inner product per point: the batch (leading) dims of ``x``, plus the summed
+        dims of size 1 with ``keepdim=True``. With ``side="right"`` the sum runs over
+        the trailing ``ndim`` dims, so one value per matrix :math:`\theta`.
 
     Notes
     -----
     At a zero filter (or column) the metric is degenerate. That filter contributes zero to
     the inner product, consistently with :func:`scaled_egrad2rgrad` freezing it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import scaled_egrad2rgrad, scaled_inner
+    >>> x, g, v = torch.randn(3, 2, 4, dtype=torch.float64).unbind()
+    >>> rgrad = scaled_egrad2rgrad(x, g)
+    >>> torch.allclose(scaled_inner(x, rgrad, v).sum(), (g * v).sum())
+    True
+    >>> scaled_inner(x, rgrad, v).shape, scaled_inner(x, rgrad, v, keepdim=True).shape
+    (torch.Size([2]), torch.Size([2, 1]))
     """
     scale = _scale(x, side, ndim)
     tiny = torch.finfo(scale.dtype).tiny
@@ -267,5 +579,31 @@ def scaled_inner(
 
 
 def scaled_sqnorm(x: torch.Tensor, u: torch.Tensor, side: str = "left", ndim: int = 1):
-    """Squared norm of ``u`` under the scaled metric, :math:`\\langle u, u\\rangle_x`."""
+    r"""Squared norm of ``u`` under the scaled metric, :math:`\langle u, u\rangle_x`.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        the point :math:`W` or :math:`\theta`
+    u : torch.Tensor
+        a tangent vector at ``x``
+    side : {"left", "right"}
+        which metric, as for :func:`scaled_inner`
+    ndim : int
+        number of trailing dims owned by one point
+
+    Returns
+    -------
+    torch.Tensor
+        :func:`scaled_inner` ``(x, u, u)``: one value per row (``"left"``) or per matrix
+        (``"right"``)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import scaled_sqnorm
+    >>> x = torch.tensor([[3.0, 4.0]])
+    >>> scaled_sqnorm(x, x).tolist()  # a filter has scaled length 1 at itself
+    [1.0]
+    """
     return scaled_inner(x, u, u, side=side, ndim=ndim)

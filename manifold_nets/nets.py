@@ -24,6 +24,18 @@ Attributes are plain and stable, so that :mod:`manifold_nets.declare` and
 
 Initialisation (the paper and its released code): standard Gaussian, then every filter
 (row of :math:`W_l`) and every class vector (row of :math:`\theta`) scaled to unit norm.
+
+The convolutional networks of Section 6 live here too: :class:`SegNet` (built from
+:class:`ConvBNReLU` layers, configured by :class:`SegNetConfig`) and
+:func:`segnet_basic`.
+
+Examples
+--------
+>>> import torch
+>>> from manifold_nets.nets import NetConfig, build_net
+>>> net = build_net(NetConfig(arch=2, depth=2, width=8, in_features=12, num_classes=3))
+>>> type(net).__name__, net(torch.rand(5, 12)).shape
+('Arch2', torch.Size([5, 3]))
 """
 
 from __future__ import annotations
@@ -42,7 +54,10 @@ __all__ = ["NetConfig", "PoolLayer", "Arch1", "Arch2", "build_net", "pair_max_po
 class NetConfig:
     """Everything that defines an Arch1 / Arch2 network (saved with results).
 
-    Attributes
+    A frozen dataclass: the parameters are kept as the attributes of the same names.
+    :func:`build_net` builds the network it describes.
+
+    Parameters
     ----------
     arch : int
         ``1`` (no batch norm) or ``2`` (batch norm before every ReLU)
@@ -55,9 +70,42 @@ class NetConfig:
     num_classes : int
         number of classes :math:`K`
     bn_eps : float
-        batch-norm ``eps`` (Arch2 only)
+        batch-norm ``eps`` (Arch2 only), positive
     bn_momentum : float
         batch-norm running-statistics momentum (Arch2 only)
+
+    Attributes
+    ----------
+    arch : int
+        ``1`` or ``2``
+    depth : int
+        number of hidden layers
+    width : int
+        filters per hidden layer
+    in_features : int
+        input dimension
+    num_classes : int
+        number of classes
+    bn_eps : float
+        batch-norm ``eps``
+    bn_momentum : float
+        batch-norm momentum
+
+    Raises
+    ------
+    ValueError
+        if ``arch`` is not 1 or 2, a size is not a positive integer, ``width`` is odd, or
+        ``bn_eps`` is not positive (the message says how to fix it)
+
+    Examples
+    --------
+    >>> from manifold_nets.nets import NetConfig
+    >>> NetConfig(arch=2, depth=4).to_dict()["width"]
+    64
+    >>> NetConfig(width=7)
+    Traceback (most recent call last):
+    ...
+    ValueError: width must be even (max-pooling takes consecutive pairs of the 7 filters), ...
     """
 
     arch: int = 1
@@ -86,6 +134,20 @@ class NetConfig:
                              "scale invariance in float64")
 
     def to_dict(self) -> dict:
+        """The configuration as a plain ``dict`` (for JSON, and to save with results).
+
+        Returns
+        -------
+        dict
+            field name -> value
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import NetConfig
+        >>> d = NetConfig(depth=4).to_dict()
+        >>> list(d), d["depth"]
+        (['arch', 'depth', 'width', 'in_features', 'num_classes', 'bn_eps', 'bn_momentum'], 4)
+        """
         return asdict(self)
 
 
@@ -93,6 +155,23 @@ def pair_max_pool(r: torch.Tensor) -> torch.Tensor:
     r"""Max-pooling over consecutive pairs of the last dimension (2x1, stride 2).
 
     .. math:: m_k = \max(r_{2k}, r_{2k+1})
+
+    Parameters
+    ----------
+    r : torch.Tensor
+        activations; the last dim (of even size) holds the filters' outputs
+
+    Returns
+    -------
+    torch.Tensor
+        the pooled activations: the last dim halved
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.nets import pair_max_pool
+    >>> pair_max_pool(torch.tensor([1.0, 5.0, 3.0, 2.0])).tolist()
+    [5.0, 3.0]
     """
     return r.unflatten(-1, (r.shape[-1] // 2, 2)).amax(dim=-1)
 
@@ -110,6 +189,14 @@ class PoolLayer(nn.Module):
         put ``nn.BatchNorm1d(width, affine=True)`` between :math:`W x` and the ReLU
     bn_eps, bn_momentum : float
         batch-norm settings
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.nets import PoolLayer
+    >>> layer = PoolLayer(6, 4, batch_norm=True)
+    >>> tuple(layer.linear.weight.shape), layer(torch.randn(5, 6)).shape
+    ((4, 6), torch.Size([5, 2]))
     """
 
     def __init__(self, in_features: int, width: int, batch_norm: bool = False,
@@ -120,6 +207,25 @@ class PoolLayer(nn.Module):
                    if batch_norm else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The layer's output :math:`\mathrm{pool}(\mathrm{ReLU}([\mathrm{BN}](W x)))`.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            a batch of inputs ``(N, in_features)``
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, width // 2)``
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.nets import PoolLayer
+        >>> PoolLayer(6, 4)(torch.randn(5, 6)).shape
+        torch.Size([5, 2])
+        """
         h = self.linear(x)
         if self.bn is not None:
             h = self.bn(h)
@@ -145,6 +251,20 @@ class _PoolNet(nn.Module):
         """The paper's initialisation: Gaussian, then every row of every matrix unit-norm.
 
         Batch-norm scale and shift are reset to 1 and 0, running statistics to 0 and 1.
+
+        Parameters
+        ----------
+        generator : torch.Generator, optional
+            source of the Gaussian draws (in float64, then copied into the weights)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets import Arch1
+        >>> net = Arch1(depth=1, width=4, in_features=3, num_classes=2)
+        >>> net.reset_parameters(torch.Generator().manual_seed(0))
+        >>> torch.allclose(net.theta.detach().norm(dim=1), torch.ones(2))
+        True
         """
         for w in self.filters() + [self.classifier.weight]:
             g = torch.randn(w.shape, generator=generator, dtype=torch.float64)
@@ -154,27 +274,94 @@ class _PoolNet(nn.Module):
                 layer.bn.reset_parameters()
 
     def filters(self) -> list[nn.Parameter]:
-        r"""The filter weights :math:`W_1 .. W_L`, in order."""
+        r"""The filter weights :math:`W_1 .. W_L`, in order.
+
+        Returns
+        -------
+        list of nn.Parameter
+            the weights of ``layers[l].linear``, ``(width, in)`` each
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> [tuple(w.shape) for w in Arch1(depth=2, width=4, in_features=3).filters()]
+        [(4, 3), (4, 2)]
+        """
         return [layer.linear.weight for layer in self.layers]
 
     def named_filters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of every :math:`W_l`, names as in ``named_parameters``."""
+        """``(name, parameter)`` of every :math:`W_l`, names as in ``named_parameters``.
+
+        Returns
+        -------
+        list of (str, nn.Parameter)
+            the filters of :meth:`filters` with their names
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> [name for name, _ in Arch1(depth=2, width=4, in_features=3).named_filters()]
+        ['layers.0.linear.weight', 'layers.1.linear.weight']
+        """
         return [(f"layers.{i}.linear.weight", layer.linear.weight)
                 for i, layer in enumerate(self.layers)]
 
     @property
     def theta(self) -> nn.Parameter:
-        r"""The classifier :math:`\theta` (``num_classes x width/2``)."""
+        r"""The classifier :math:`\theta` (``num_classes x width/2``).
+
+        Returns
+        -------
+        nn.Parameter
+            ``classifier.weight``
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> Arch1(depth=2, width=8, in_features=3, num_classes=5).theta.shape
+        torch.Size([5, 4])
+        """
         return self.classifier.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch; images of any shape are flattened from dim 1 on."""
+        """Logits of a batch; images of any shape are flattened from dim 1 on.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            a batch ``(N, ...)`` of ``in_features`` values per example
+
+        Returns
+        -------
+        torch.Tensor
+            logits :math:`\\theta m_L`, ``(N, num_classes)``
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets import Arch1
+        >>> Arch1(depth=1, width=4, in_features=12, num_classes=3)(torch.rand(5, 3, 4)).shape
+        torch.Size([5, 3])
+        """
         m = x.flatten(1)
         for layer in self.layers:
             m = layer(m)
         return self.classifier(m)
 
     def extra_repr(self) -> str:
+        """The sizes shown in the network's ``repr``.
+
+        Returns
+        -------
+        str
+            depth, width, input and class counts
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> Arch1(depth=2, width=8, in_features=12, num_classes=3).extra_repr()
+        'depth=2, width=8, in_features=12, num_classes=3'
+        """
         c = self.config
         return f"depth={c.depth}, width={c.width}, in_features={c.in_features}, " \
                f"num_classes={c.num_classes}"
@@ -243,7 +430,28 @@ class Arch2(_PoolNet):
 
 
 def build_net(config: NetConfig, generator: torch.Generator | None = None) -> _PoolNet:
-    """Build :class:`Arch1` or :class:`Arch2` from a :class:`NetConfig`."""
+    """Build :class:`Arch1` or :class:`Arch2` from a :class:`NetConfig`.
+
+    Parameters
+    ----------
+    config : NetConfig
+        the network; ``config.arch`` chooses the class
+    generator : torch.Generator, optional
+        source of the Gaussian initialisation
+
+    Returns
+    -------
+    Arch1 or Arch2
+        the network, initialised as in the paper; ``net.config == config``
+
+    Examples
+    --------
+    >>> from manifold_nets.nets import NetConfig, build_net
+    >>> config = NetConfig(arch=2, depth=1, width=4, in_features=6, num_classes=3)
+    >>> net = build_net(config)
+    >>> type(net).__name__, net.config == config
+    ('Arch2', True)
+    """
     c = config
     if c.arch == 1:
         return Arch1(c.depth, c.width, c.in_features, c.num_classes, generator=generator)
@@ -259,7 +467,10 @@ def build_net(config: NetConfig, generator: torch.Generator | None = None) -> _P
 class SegNetConfig:
     r"""Everything that defines a :class:`SegNet` (saved with results).
 
-    Attributes
+    A frozen dataclass: the parameters are kept as the attributes of the same names
+    (``widths`` as a tuple). :meth:`SegNet.from_config` builds the network it describes.
+
+    Parameters
     ----------
     widths : tuple of int
         filters of every conv in encoder block ``i`` (one block per pooling level)
@@ -278,6 +489,35 @@ class SegNetConfig:
     input_lrn : bool
         local response normalisation of the input (SegNet-Basic's first layer: 5
         channels, :math:`\alpha = 10^{-4}`, :math:`\beta = 0.75`, Caffe's defaults)
+
+    Attributes
+    ----------
+    widths : tuple of int
+        filters per encoder block
+    convs_per_block : int
+        conv layers per block
+    in_channels, num_classes, kernel_size : int
+        image channels, classes and kernel size
+    bn_eps, bn_momentum : float
+        batch-norm settings
+    decoder_relu, input_lrn : bool
+        ReLU in the decoder, LRN of the input
+
+    Raises
+    ------
+    ValueError
+        if ``widths`` is empty, a size is not a positive integer, ``kernel_size`` is even,
+        or ``bn_eps`` is not positive
+
+    Examples
+    --------
+    >>> from manifold_nets.nets import SegNetConfig
+    >>> SegNetConfig(widths=[16, 32]).widths
+    (16, 32)
+    >>> SegNetConfig(kernel_size=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: kernel_size must be odd (same padding), got 4
     """
 
     widths: tuple[int, ...] = (16, 32, 64)
@@ -308,11 +548,46 @@ class SegNetConfig:
                              "scale invariance in float64")
 
     def to_dict(self) -> dict:
+        """The configuration as a plain ``dict`` (for JSON, and to save with results).
+
+        Returns
+        -------
+        dict
+            field name -> value
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNetConfig
+        >>> d = SegNetConfig.basic().to_dict()
+        >>> d["widths"], d["kernel_size"], len(d)
+        ((64, 64, 64, 64), 7, 9)
+        """
         return asdict(self)
 
     @classmethod
     def basic(cls, width: int = 64, num_classes: int = 11) -> SegNetConfig:
-        """SegNet-Basic's configuration (see :func:`segnet_basic`)."""
+        """SegNet-Basic's configuration (see :func:`segnet_basic`).
+
+        Parameters
+        ----------
+        width : int
+            filters of every 7x7 conv (64 in the reference)
+        num_classes : int
+            per-pixel classes (11 for CamVid)
+
+        Returns
+        -------
+        SegNetConfig
+            4 blocks of ``width`` filters, one 7x7 conv each, RGB input with local response
+            normalisation, no ReLU in the decoder
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNetConfig
+        >>> c = SegNetConfig.basic(width=32)
+        >>> c.widths, c.kernel_size, c.in_channels, c.decoder_relu, c.input_lrn
+        ((32, 32, 32, 32), 7, 3, False, True)
+        """
         return cls((width,) * 4, 1, 3, num_classes, 7, decoder_relu=False, input_lrn=True)
 
 
@@ -322,6 +597,25 @@ class ConvBNReLU(nn.Module):
 
     ``conv.weight`` has shape ``(out, in, k, k)``; each of its ``out`` filters is a point
     of the oblique manifold under UN (``ObliqueManifold(3)``).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        channels in and filters out
+    kernel_size : int
+        odd square kernel; the padding ``kernel_size // 2`` keeps height and width
+    bn_eps, bn_momentum : float
+        batch-norm settings
+    relu : bool
+        apply the ReLU (default ``True``)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.nets import ConvBNReLU
+    >>> layer = ConvBNReLU(3, 8)
+    >>> tuple(layer.conv.weight.shape), layer(torch.randn(2, 3, 5, 5)).shape
+    ((8, 3, 3, 3), torch.Size([2, 8, 5, 5]))
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
@@ -333,10 +627,43 @@ class ConvBNReLU(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The layer's output :math:`\max(\mathrm{BN}(W * x), 0)` (no max with ``relu=False``).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            images ``(N, in_channels, H, W)``
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, out_channels, H, W)``
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.nets import ConvBNReLU
+        >>> bool((ConvBNReLU(3, 8)(torch.randn(2, 3, 5, 5)) >= 0).all())
+        True
+        """
         x = self.bn(self.conv(x))
         return torch.relu(x) if self.relu else x
 
     def extra_repr(self) -> str:
+        """What the layer's ``repr`` adds to its submodules: ``relu=False`` when it has no
+        ReLU.
+
+        Returns
+        -------
+        str
+            ``""`` or ``"relu=False"``
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import ConvBNReLU
+        >>> ConvBNReLU(3, 8).extra_repr(), ConvBNReLU(3, 8, relu=False).extra_repr()
+        ('', 'relu=False')
+        """
         return "" if self.relu else "relu=False"
 
 
@@ -380,8 +707,15 @@ class SegNet(nn.Module):
     ----------
     widths, convs_per_block, in_channels, num_classes, kernel_size, bn_eps, bn_momentum
         see :class:`SegNetConfig`
+    decoder_relu, input_lrn : bool
+        see :class:`SegNetConfig`
     generator : torch.Generator, optional
         source of the Gaussian initialisation
+
+    Raises
+    ------
+    ValueError
+        for a configuration that :class:`SegNetConfig` refuses
 
     Examples
     --------
@@ -427,6 +761,27 @@ class SegNet(nn.Module):
     @classmethod
     def from_config(cls, config: SegNetConfig,
                     generator: torch.Generator | None = None) -> SegNet:
+        """Build the network a :class:`SegNetConfig` describes.
+
+        Parameters
+        ----------
+        config : SegNetConfig
+            the network
+        generator : torch.Generator, optional
+            source of the Gaussian initialisation
+
+        Returns
+        -------
+        SegNet
+            the network, initialised as in the paper; ``net.config == config``
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet, SegNetConfig
+        >>> config = SegNetConfig(widths=(4, 8))
+        >>> SegNet.from_config(config).config == config
+        True
+        """
         c = config
         return cls(c.widths, c.convs_per_block, c.in_channels, c.num_classes, c.kernel_size,
                    bn_eps=c.bn_eps, bn_momentum=c.bn_momentum, decoder_relu=c.decoder_relu,
@@ -434,7 +789,24 @@ class SegNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Gaussian, then every filter unit-norm; batch norm reset to scale 1, shift 0."""
+        """Gaussian, then every filter unit-norm; batch norm reset to scale 1, shift 0.
+
+        Every filter ``weight[o]`` of every conv, the classifier included, gets unit norm.
+
+        Parameters
+        ----------
+        generator : torch.Generator, optional
+            source of the Gaussian draws (in float64, then copied into the weights)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.nets import SegNet
+        >>> net = SegNet(widths=(4, 8))
+        >>> net.reset_parameters(torch.Generator().manual_seed(0))
+        >>> torch.allclose(net.filters()[1].detach().flatten(1).norm(dim=1), torch.ones(8))
+        True
+        """
         for w in self.filters() + [self.classifier.weight]:
             g = torch.randn(w.shape, generator=generator, dtype=torch.float64)
             w.copy_(g / g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1))))
@@ -442,27 +814,105 @@ class SegNet(nn.Module):
             m.bn.reset_parameters()
 
     def conv_layers(self) -> list[ConvBNReLU]:
-        """Every conv-BN-ReLU layer: the encoder's in order, then the decoder's as run."""
+        """Every conv-BN-ReLU layer: the encoder's in order, then the decoder's as run.
+
+        Returns
+        -------
+        list of ConvBNReLU
+            ``2 * len(widths) * convs_per_block`` layers (the classifier is not one)
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet
+        >>> [m.conv.out_channels for m in SegNet(widths=(4, 8)).conv_layers()]
+        [4, 8, 4, 4]
+        """
         enc = [m for block in self.encoder for m in block]
         dec = [m for block in reversed(self.decoder) for m in block]
         return enc + dec
 
     def named_filters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, weight)`` of every conv followed by batch norm, as in ``named_parameters``."""
+        """``(name, weight)`` of every conv followed by batch norm, as in ``named_parameters``.
+
+        Returns
+        -------
+        list of (str, nn.Parameter)
+            in the order of :meth:`conv_layers`
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet
+        >>> net = SegNet(widths=(4, 8))
+        >>> [name for name, _ in net.named_filters()]  # doctest: +NORMALIZE_WHITESPACE
+        ['encoder.0.0.conv.weight', 'encoder.1.0.conv.weight', 'decoder.1.0.conv.weight',
+         'decoder.0.0.conv.weight']
+        """
         names = {id(m): n for n, m in self.named_modules()}
         return [(f"{names[id(m)]}.conv.weight", m.conv.weight) for m in self.conv_layers()]
 
     def filters(self) -> list[nn.Parameter]:
-        """The conv weights followed by batch norm (not the classifier), in run order."""
+        """The conv weights followed by batch norm (not the classifier), in run order.
+
+        Returns
+        -------
+        list of nn.Parameter
+            ``(out, in, k, k)`` each: the weights of :meth:`named_filters`
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet
+        >>> [tuple(w.shape) for w in SegNet(widths=(4, 8)).filters()][:2]
+        [(4, 1, 3, 3), (8, 4, 3, 3)]
+        """
         return [w for _, w in self.named_filters()]
 
     @property
     def theta(self) -> nn.Parameter:
-        r"""The 1x1 classifier :math:`\theta` (``num_classes x widths[0] x 1 x 1``)."""
+        r"""The 1x1 classifier :math:`\theta` (``num_classes x widths[0] x 1 x 1``).
+
+        Returns
+        -------
+        nn.Parameter
+            ``classifier.weight``
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet
+        >>> SegNet(widths=(4, 8)).theta.shape
+        torch.Size([11, 4, 1, 1])
+        """
         return self.classifier.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel logits ``(N, num_classes, H, W)`` of images ``(N, in_channels, H, W)``."""
+        """Per-pixel logits ``(N, num_classes, H, W)`` of images ``(N, in_channels, H, W)``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            images ``(N, in_channels, H, W)``, ``H`` and ``W`` at least ``2 ** len(widths)``
+
+        Returns
+        -------
+        torch.Tensor
+            logits ``(N, num_classes, H, W)``
+
+        Raises
+        ------
+        ValueError
+            if ``x`` is not 4-D or is smaller than ``2 ** len(widths)``
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.nets import SegNet
+        >>> net = SegNet(widths=(4, 8))
+        >>> net(torch.rand(2, 1, 18, 10)).shape  # 18 -> 9 -> 4 -> 9 -> 18
+        torch.Size([2, 11, 18, 10])
+        >>> net(torch.rand(1, 1, 3, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: SegNet needs images (N, C, H, W) with H and W at least 4 (2 pooling levels), ...
+        """
         _check_segnet_input(x, len(self.encoder))
         if self.lrn is not None:
             x = self.lrn(x)
@@ -478,6 +928,19 @@ class SegNet(nn.Module):
         return self.classifier(x)
 
     def extra_repr(self) -> str:
+        """The sizes shown in the network's ``repr``.
+
+        Returns
+        -------
+        str
+            widths, convs per block and classes
+
+        Examples
+        --------
+        >>> from manifold_nets.nets import SegNet
+        >>> SegNet(widths=(4, 8)).extra_repr()
+        'widths=(4, 8), convs_per_block=1, num_classes=11'
+        """
         c = self.config
         return f"widths={c.widths}, convs_per_block={c.convs_per_block}, " \
                f"num_classes={c.num_classes}"
@@ -503,6 +966,11 @@ def segnet_basic(width: int = 64, num_classes: int = 11, *,
         per-pixel classes (CamVid: 11, the void label is ignored)
     generator : torch.Generator, optional
         source of the Gaussian initialisation
+
+    Returns
+    -------
+    SegNet
+        built from :meth:`SegNetConfig.basic`
 
     Examples
     --------

@@ -9,8 +9,10 @@ scale and shift, the classifier :math:`\theta` under UN) get plain SGD, exactly 
 
 The module follows :mod:`torch.optim.sgd`: the class validates its arguments and gathers
 tensors; :func:`invariant_sgd` is the functional core, implemented twice
-(:func:`_single_tensor_invariant_sgd` and :func:`_multi_tensor_invariant_sgd`), and a
-float64 test proves the two equal.
+(``_single_tensor_invariant_sgd`` and ``_multi_tensor_invariant_sgd``), and a float64 test
+proves the two equal. Two more paths share the single-tensor arithmetic: the fused C++
+kernel (:mod:`manifold_nets.fused`) and the step on sharded parameters
+(:mod:`manifold_nets.distributed`).
 """
 
 from __future__ import annotations
@@ -40,11 +42,64 @@ __all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of"]
 class Kind(NamedTuple):
     """How one parameter is updated: ``name`` in ``{"euclidean", "oblique", "sm"}``, the
     dims that one norm (a filter, or a column of :math:`\\theta`) reduces over, and the
-    manifold's ``ndim`` and ``side`` (SM)."""
+    manifold's ``ndim`` and ``side`` (SM).
 
+    :func:`kind_of` reads it from a parameter's manifold; :class:`InvariantSGD` records it
+    once per parameter, and :func:`invariant_sgd` groups parameters by it.
+
+    Parameters
+    ----------
+    name : {"euclidean", "oblique", "sm"}
+        the update: plain SGD, UN (:class:`~manifold_nets.ObliqueManifold`) or SM
+        (:class:`~manifold_nets.DiagScaledEuclidean`)
+    dims : tuple of int
+        the dims one norm reduces over: :func:`~manifold_nets.math.filter_dims` for UN and
+        the left SM metric, :func:`~manifold_nets.math.column_dims` for the right one;
+        ``()`` for Euclidean parameters
+    ndim : int
+        the manifold's ``ndim`` (trailing dims owned by one point)
+    side : {"left", "right"}
+        the SM metric's side (``"left"`` for the other kinds)
+
+    Examples
+    --------
+    >>> from manifold_nets.optim import Kind
+    >>> Kind("oblique", (-3, -2, -1), ndim=3)  # the filters of a Conv2d weight under UN
+    Kind(name='oblique', dims=(-3, -2, -1), ndim=3, side='left')
+    """
+
+    #: The update: ``"euclidean"``, ``"oblique"`` (UN) or ``"sm"``.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.optim import Kind
+    #: >>> Kind("sm", (-1,)).name
+    #: 'sm'
     name: str
+    #: The dims that one norm (of a filter, or of a column of :math:`\theta`) reduces over.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.optim import Kind
+    #: >>> Kind("sm", (-2,), ndim=2, side="right").dims
+    #: (-2,)
     dims: tuple[int, ...] = ()
+    #: The manifold's ``ndim``: trailing dims owned by one point.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.optim import Kind
+    #: >>> Kind("oblique", (-3, -2, -1), ndim=3).ndim
+    #: 3
     ndim: int = 1
+    #: The SM metric's side, ``"left"`` (filters) or ``"right"`` (columns of
+    #: :math:`\theta`); ``"left"`` for the other kinds.
+    #:
+    #: Examples
+    #: --------
+    #: >>> from manifold_nets.optim import Kind
+    #: >>> Kind("euclidean").side
+    #: 'left'
     side: str = "left"
 
 
@@ -57,6 +112,25 @@ def kind_of(param: Tensor) -> Kind:
     Plain tensors and :class:`geoopt.Euclidean` parameters are Euclidean. Any other manifold
     raises :class:`ValueError`: use :class:`geoopt.optim.RiemannianSGD` for it.
 
+    Parameters
+    ----------
+    param : torch.Tensor
+        a parameter: a plain tensor, a :class:`geoopt.ManifoldParameter`, or any tensor
+        with a ``manifold`` attribute (e.g. a sharded parameter, see
+        :mod:`manifold_nets.distributed`)
+
+    Returns
+    -------
+    Kind
+        how :class:`InvariantSGD` updates it
+
+    Raises
+    ------
+    ValueError
+        for a manifold other than :class:`~manifold_nets.ObliqueManifold`,
+        :class:`~manifold_nets.DiagScaledEuclidean` and :class:`geoopt.Euclidean`, and for
+        a sharded parameter (``DTensor``) that carries no manifold
+
     Examples
     --------
     >>> import geoopt, torch
@@ -65,6 +139,8 @@ def kind_of(param: Tensor) -> Kind:
     >>> w = geoopt.ManifoldParameter(torch.eye(3), manifold=ObliqueManifold())
     >>> kind_of(w)
     Kind(name='oblique', dims=(-1,), ndim=1, side='left')
+    >>> kind_of(torch.zeros(3)).name
+    'euclidean'
     """
     if _is_dtensor(param) and not hasattr(param, "manifold"):
         raise ValueError(
@@ -171,6 +247,18 @@ class InvariantSGD(torch.optim.Optimizer):
         use the multi-tensor (``torch._foreach_*``) implementation. ``None`` (default)
         picks it on CPU and CUDA, as it is faster there for every model we measured.
 
+    Raises
+    ------
+    ValueError
+        a negative or NaN learning rate, momentum, dampening or weight decay; a Tensor
+        rate that is not floating or has more than one dim; ``nesterov`` without momentum
+        or with dampening; a parameter on a manifold it cannot update (:func:`kind_of`)
+    TypeError
+        a Tensor ``momentum``, ``dampening`` or ``weight_decay``; ``foreach`` or
+        ``fused`` other than ``True``, ``False`` or ``None``
+    RuntimeError
+        ``fused=True`` when the fused kernel is not available
+
     Notes
     -----
     **Difference from geoopt's first momentum step.** :class:`geoopt.optim.RiemannianSGD`
@@ -263,6 +351,34 @@ class InvariantSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as ``torch.optim.Optimizer.add_param_group``, and
+        record the :class:`Kind` of each of its parameters.
+
+        The kinds are read again at the next :meth:`step` if a parameter's manifold has
+        changed since (e.g. :func:`~manifold_nets.declare` called after the optimiser
+        was built).
+
+        Parameters
+        ----------
+        param_group : dict
+            ``{"params": ..., **options}``; options not given take the optimiser's defaults
+
+        Raises
+        ------
+        ValueError
+            if a parameter is on a manifold that :class:`InvariantSGD` cannot update
+
+        Examples
+        --------
+        >>> import torch, geoopt
+        >>> from manifold_nets import DiagScaledEuclidean, InvariantSGD
+        >>> opt = InvariantSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+        >>> sm = DiagScaledEuclidean("right")
+        >>> theta = geoopt.ManifoldParameter(torch.randn(3, 4), manifold=sm)
+        >>> opt.add_param_group({"params": [theta], "lr": 0.01})
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.1, 0.01]
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._kinds.append([kind_of(p) for p in group["params"]])
@@ -284,7 +400,44 @@ class InvariantSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step. ``closure`` re-evaluates the model and returns
-        the loss, as for :class:`torch.optim.SGD`."""
+        the loss, as for :class:`torch.optim.SGD`.
+
+        Every parameter with a gradient is updated in place according to its
+        :class:`Kind` (the algorithm is in the class docstring); parameters without one
+        are skipped. ``.grad`` is never modified.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            re-evaluates the model (with gradients enabled) and returns the loss
+
+        Returns
+        -------
+        torch.Tensor or None
+            the loss ``closure`` returned, or ``None`` without a closure
+
+        Raises
+        ------
+        RuntimeError
+            for a sparse gradient
+
+        Examples
+        --------
+        The SM step of the :class:`~manifold_nets.DiagScaledEuclidean` example, with a
+        closure:
+
+        >>> import torch, geoopt
+        >>> from manifold_nets import DiagScaledEuclidean, InvariantSGD
+        >>> w = geoopt.ManifoldParameter(torch.tensor([[3.0, 4.0]]), manifold=DiagScaledEuclidean())
+        >>> opt = InvariantSGD([w], lr=0.01)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (w * torch.tensor([[1.0, 0.0]])).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> float(opt.step(closure).detach()), w.detach().tolist()  # lr * ||w||^2 * grad
+        (3.0, [[2.75, 4.0]])
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -345,6 +498,42 @@ def invariant_sgd(
     runs of a stacked model; rate 0 freezes a run). ``fused``: take the fused kernel's
     step (:mod:`manifold_nets.fused`) for the parameters it takes (``None``: if it is
     available; ``False``, the default here: never).
+
+    Parameters
+    ----------
+    params : list of torch.Tensor
+        the parameters, updated in place
+    grads : list of torch.Tensor
+        their Euclidean gradients (not modified)
+    momentum_buffer_list : list of torch.Tensor or None
+        one buffer per parameter when ``momentum != 0`` (``None`` entries are filled with
+        new buffers); may be empty when ``momentum == 0``
+    kinds : list of Kind
+        how each parameter is updated
+    lr : float or torch.Tensor
+        learning rate :math:`\lambda`: a float, a 0-dim Tensor, or a 1-D Tensor of one
+        rate per index of the leading dim
+    momentum : float
+        momentum factor :math:`\mu`
+    dampening : float
+        dampening :math:`\tau`
+    weight_decay : float
+        L2 penalty :math:`\lambda_{wd}`, added to the Euclidean gradient
+    nesterov : bool
+        Nesterov momentum
+    maximize : bool
+        maximise instead of minimise
+    foreach : bool, optional
+        the multi-tensor implementation; ``None``: when every parameter is on CPU or CUDA
+    fused : bool, optional
+        the fused kernel for the parameters it takes; ``None``: when it is available;
+        ``False`` (default): never
+
+    Raises
+    ------
+    NotImplementedError
+        for a sharded parameter whose filters span ranks (only the right SM metric's
+        columns may)
 
     The single-tensor path is the reference: it calls the functions of
     :mod:`manifold_nets.math` (:func:`~manifold_nets.math.oblique_proju`,

@@ -69,7 +69,30 @@ def _double(inputs) -> tuple:
 def tolerance(model: nn.Module) -> float:
     """The relative tolerance of the assertions for ``model``: round-off of its dtype
     (``1e-9`` for float64, ``1e-4`` for float32, computed in float64 either way) plus
-    ``100 * eps`` of its normalisations."""
+    ``100 * eps`` of its normalisations.
+
+    Parameters
+    ----------
+    model : nn.Module
+        the model; its first parameter's dtype and the largest ``eps`` of its batch,
+        layer and group norms are read
+
+    Returns
+    -------
+    float
+        the default ``rtol`` of :func:`assert_loss_invariant` and
+        :func:`assert_update_equivariant`
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.testing import tolerance
+    >>> tolerance(torch.nn.Linear(3, 2)), tolerance(torch.nn.Linear(3, 2).double())
+    (0.0001, 1e-09)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    >>> round(tolerance(net), 6)  # 1e-4 + 100 * 1e-5
+    0.0011
+    """
     p = next(model.parameters())
     eps = max([m.eps for m in model.modules() if isinstance(
         m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))] + [0.0])
@@ -84,10 +107,12 @@ def rescalings(model: nn.Module, inputs, update: str | None = None, *,
     Parameters
     ----------
     model : nn.Module
+        the model whose symmetries are drawn
     inputs : torch.Tensor or tuple
         example inputs for :func:`~manifold_nets.symmetry.discover` (run once, here)
     update : {"un", "sm"}, optional
-        only the families that this update resolves (``Family.resolves``)
+        only the families that this update resolves (the ``resolves`` of
+        :class:`~manifold_nets.symmetry.structure.Family`)
     families : sequence of str, optional
         only the families with these labels
     log_scale : float
@@ -95,6 +120,15 @@ def rescalings(model: nn.Module, inputs, update: str | None = None, *,
         ``[1/e, e]``)
     method : str
         passed to :func:`~manifold_nets.symmetry.discover`
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        a strategy of :class:`~manifold_nets.symmetry.groups.Rescaling` elements: a random
+        combination of the chosen families' directions, its largest log-scale drawn in
+        ``[log_scale / 4, log_scale]``. Its attribute ``families`` lists the families it
+        draws from, ``discovery`` the whole result of
+        :func:`~manifold_nets.symmetry.discover`.
 
     Raises
     ------
@@ -104,7 +138,6 @@ def rescalings(model: nn.Module, inputs, update: str | None = None, *,
     Examples
     --------
     >>> import torch
-    >>> from hypothesis import given
     >>> from manifold_nets.testing import rescalings
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4),
     ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -155,16 +188,41 @@ def assert_loss_invariant(model: nn.Module, g: Rescaling, inputs, loss_fn: Calla
     model : nn.Module
         not modified (copies are used; batch norms as the model has them)
     g : Rescaling
+        the group element (:class:`~manifold_nets.symmetry.groups.Rescaling`), e.g. drawn
+        from :func:`rescalings`
     inputs : torch.Tensor or tuple
+        the model's inputs (floating ones are converted to float64)
     loss_fn : callable
         ``loss_fn(outputs) -> scalar``
     rtol : float, optional
         default :func:`tolerance`
 
+    Returns
+    -------
+    float
+        the relative gap :math:`|L(w) - L(g \\cdot w)| / |L(w)|`
+
     Raises
     ------
     AssertionError
         with the two losses and the relative gap
+
+    Examples
+    --------
+    Batch norm makes the loss invariant under the scaling of the filters before it:
+
+    >>> import torch
+    >>> from hypothesis import given, settings
+    >>> from manifold_nets.testing import assert_loss_invariant, rescalings
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4),
+    ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> x = torch.randn(32, 3)
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(g=rescalings(net, x))
+    ... def test_loss_is_invariant(g):
+    ...     assert_loss_invariant(net, g, x, lambda out: out.square().mean())
+    >>> test_loss_is_invariant()
     """
     rtol = tolerance(model) if rtol is None else rtol
     net = copy.deepcopy(model).double()
@@ -184,30 +242,65 @@ def assert_update_equivariant(model: nn.Module, g: Rescaling, inputs, loss_fn: C
     """Assert that ``steps`` updates from :math:`w` and from :math:`g \\cdot w` give models
     with the same outputs on ``inputs`` after every step; returns the gaps.
 
-    Both copies are declared for ``update`` (:func:`~manifold_nets.declare`, as
-    :attr:`Family.resolves <manifold_nets.symmetry.structure.Family.resolves>` assumes),
-    in float64, and stepped on ``loss_fn(model(*inputs))``.
+    Both copies are declared for ``update`` (:func:`~manifold_nets.declare`, as the
+    ``resolves`` of :class:`~manifold_nets.symmetry.structure.Family` assumes), in float64,
+    and stepped on ``loss_fn(model(*inputs))``.
 
     Parameters
     ----------
     model : nn.Module
         not modified
     g : Rescaling
+        the group element (:class:`~manifold_nets.symmetry.groups.Rescaling`), e.g. drawn
+        from :func:`rescalings`
     inputs : torch.Tensor or tuple
+        the model's inputs (floating ones are converted to float64)
     loss_fn : callable
         ``loss_fn(outputs) -> scalar``
     update : {"bsgd", "sm", "un"}
+        the update both copies are declared for
     steps : int
+        number of optimiser steps (default 3)
     optimizer : callable, optional
         ``optimizer(params) -> torch.optim.Optimizer`` (default:
         :class:`~manifold_nets.InvariantSGD` with ``lr=1e-2``)
     rtol : float, optional
         default :func:`tolerance`
 
+    Returns
+    -------
+    list of float
+        the relative gap of the two models' outputs before the first step and after each
+        step (``steps + 1`` values)
+
     Raises
     ------
     AssertionError
         naming the first step at which the outputs part, with the measured gap
+
+    Examples
+    --------
+    UN is equivariant under the filter scaling that batch norm makes a symmetry; B-SGD,
+    the negative control, is not:
+
+    >>> import torch
+    >>> from hypothesis import find
+    >>> from manifold_nets import InvariantSGD
+    >>> from manifold_nets.testing import assert_update_equivariant, rescalings
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4),
+    ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> x = torch.randn(32, 3)
+    >>> g = find(rescalings(net, x, update="un"), lambda g: True)  # the simplest element
+    >>> loss_fn = lambda out: out.square().mean()
+    >>> sgd = lambda params: InvariantSGD(params, lr=0.1)
+    >>> gaps = assert_update_equivariant(net, g, x, loss_fn, update="un", optimizer=sgd)
+    >>> len(gaps), max(gaps) < 1e-12
+    (4, True)
+    >>> assert_update_equivariant(net, g, x, loss_fn, update="bsgd", optimizer=sgd)
+    Traceback (most recent call last):
+    ...
+    AssertionError: bsgd is not equivariant under per-filter scaling of 0: after 1 step ...
     """
     from .optim import InvariantSGD
 
@@ -248,7 +341,34 @@ def _seeds() -> st.SearchStrategy[int]:
 def oblique_points(shape: Sequence[int], ndim: int = 1,
                    dtype: torch.dtype = torch.float64) -> st.SearchStrategy[torch.Tensor]:
     """Points of :class:`~manifold_nets.ObliqueManifold` (``ndim`` trailing dims per
-    filter, each of unit norm)."""
+    filter, each of unit norm).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        the points' shape, at least ``ndim`` dims
+    ndim : int
+        number of trailing dims that form one filter
+    dtype : torch.dtype
+        the points' dtype (default float64)
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        a strategy of tensors: Gaussian draws (from a seed that hypothesis chooses and
+        shrinks) with every filter normalised
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hypothesis import given, settings
+    >>> from manifold_nets.testing import oblique_points
+    >>> @settings(max_examples=5, database=None)
+    ... @given(w=oblique_points((8, 3, 5, 5), ndim=3))
+    ... def test_unit_filters(w):
+    ...     assert torch.allclose(w.flatten(1).norm(dim=1), torch.ones(8, dtype=w.dtype))
+    >>> test_unit_filters()
+    """
     manifold = ObliqueManifold(ndim)
 
     def point(seed: int) -> torch.Tensor:
@@ -261,7 +381,50 @@ def oblique_points(shape: Sequence[int], ndim: int = 1,
 def scaled_points(shape: Sequence[int], side: str = "left", ndim: int = 1,
                   dtype: torch.dtype = torch.float64) -> st.SearchStrategy[torch.Tensor]:
     """Points of :class:`~manifold_nets.DiagScaledEuclidean`: weights whose filters (or
-    columns, ``side="right"``) have norms spread over two orders of magnitude."""
+    columns, ``side="right"``) have norms spread over two orders of magnitude.
+
+    A Gaussian tensor whose filters (``"left"``) or whose slices along the last dim
+    (``"right"``) are scaled by factors :math:`e^{s}`, :math:`s` uniform in
+    :math:`[-2.3, 2.3]` (about 0.1 to 10). For ``"right"`` with ``ndim=2`` the last dim
+    indexes the columns of :math:`\\theta`; for ``ndim > 2`` (a convolutional
+    :math:`\\theta`) it is the last kernel dim instead.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        the points' shape, at least ``ndim`` dims
+    side : {"left", "right"}
+        which metric the points are for
+    ndim : int
+        the manifold's ``ndim``; at least 2 for ``"right"`` (the default 1 is refused
+        there)
+    dtype : torch.dtype
+        the points' dtype (default float64)
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        a strategy of tensors
+
+    Raises
+    ------
+    ValueError
+        if ``side`` and ``ndim`` do not make a :class:`~manifold_nets.DiagScaledEuclidean`
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hypothesis import given, settings
+    >>> from manifold_nets import DiagScaledEuclidean
+    >>> from manifold_nets.testing import scaled_points
+    >>> sm = DiagScaledEuclidean("right")
+    >>> @settings(max_examples=5, database=None)
+    ... @given(theta=scaled_points((3, 4), side="right", ndim=2))
+    ... def test_rgrad_identity(theta):
+    ...     g, v = torch.randn(2, 3, 4, dtype=theta.dtype).unbind()
+    ...     assert torch.allclose(sm.inner(theta, sm.egrad2rgrad(theta, g), v), (g * v).sum())
+    >>> test_rgrad_identity()
+    """
     DiagScaledEuclidean(side, ndim)  # validates the arguments
 
     def point(seed: int) -> torch.Tensor:
@@ -276,7 +439,34 @@ def scaled_points(shape: Sequence[int], side: str = "left", ndim: int = 1,
 
 
 def tangent_vectors(manifold, point: torch.Tensor) -> st.SearchStrategy[torch.Tensor]:
-    """Tangent vectors of ``manifold`` at ``point`` (Gaussian, projected)."""
+    """Tangent vectors of ``manifold`` at ``point`` (Gaussian, projected).
+
+    Parameters
+    ----------
+    manifold : geoopt.Manifold
+        the manifold; its ``proju`` projects the Gaussian draw
+    point : torch.Tensor
+        a point of ``manifold``; the vectors have its shape and dtype
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        a strategy of tangent vectors at ``point``
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hypothesis import given, settings
+    >>> from manifold_nets import ObliqueManifold
+    >>> from manifold_nets.testing import tangent_vectors
+    >>> oblique = ObliqueManifold()
+    >>> w = oblique.projx(torch.randn(4, 3, dtype=torch.float64))
+    >>> @settings(max_examples=5, database=None)
+    ... @given(u=tangent_vectors(oblique, w))
+    ... def test_tangent(u):
+    ...     assert float((w * u).sum(dim=1).abs().max()) < 1e-12
+    >>> test_tangent()
+    """
     def vector(seed: int) -> torch.Tensor:
         u = torch.randn(point.shape, generator=torch.Generator().manual_seed(seed),
                         dtype=point.dtype)
