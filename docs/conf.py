@@ -59,7 +59,8 @@ autodoc_default_options = {"show-inheritance": True}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
-# Attributes become targets that :attr: references resolve to.
+# An Attributes section renders as a table; attributes that references point at carry
+# their own ``#:`` doc comment instead.
 numpydoc_attributes_as_param_list = False
 # Every documented public callable has its parameters, its returns and an example.
 numpydoc_validation_checks = {"PR01", "PR02", "RT01", "EX01"}
