@@ -300,12 +300,13 @@ def default_classifier(model: nn.Module) -> str | None:
 
 
 _THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "transpose",
-            "permute", "dropout", "getitem"}
+            "permute", "dropout", "getitem", "softmax", "log_softmax"}
 
 
 def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
     """The classifier as the executed graph says: the ``Linear``/``ConvNd`` whose output is
-    the model's output (through reshapes and dropout). Returns ``(name, how)``, ``how``
+    the model's output (through reshapes, dropout and a final soft-max, which :math:`\theta`
+    feeds in the paper's networks). Returns ``(name, how)``, ``how``
     saying where the answer came from; when :mod:`torch.fx` cannot trace the model, the
     last registered ``Linear`` (else ``ConvNd``), and ``how`` says so.
 
@@ -317,8 +318,8 @@ def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
     Returns
     -------
     name : str or None
-        the classifier module's name; ``None`` when some other operation (a soft-max, an
-        activation, a sum, ...) produces the model's output
+        the classifier module's name; ``None`` when some other operation (an activation,
+        a sum, ...) produces the model's output
     how : str
         where the answer came from, for :class:`Declaration`'s reasons
 
@@ -330,6 +331,9 @@ def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
     >>> graph_classifier(Arch1(depth=1, width=4, in_features=3))
     ('classifier', "the layer whose output is the model's output")
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1))
+    >>> graph_classifier(net)
+    ('0', "the layer whose output is the model's output")
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Sigmoid())
     >>> graph_classifier(net)
     (None, "no Linear/ConvNd produces the model's output")
     """
@@ -349,7 +353,8 @@ def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
             mod = modules[node.target]
             if isinstance(mod, (nn.Linear, *_CONV)):
                 return node.target, "the layer whose output is the model's output"
-            if not isinstance(mod, (nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd)):
+            if not isinstance(mod, (nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd,
+                                    nn.Softmax, nn.LogSoftmax)):
                 break
         elif node.op in ("call_method", "call_function"):
             name = node.target if isinstance(node.target, str) else node.target.__name__
@@ -612,6 +617,12 @@ def declare(
         raise ValueError(f"unknown update {update!r}; choose one of {', '.join(UPDATES)}")
     if isinstance(classifier, str) and classifier == "auto":
         classifier, how = graph_classifier(model)
+        if classifier is None and update in ("un", "sm") and inputs is None:
+            warnings.warn(
+                f"declare(..., {update!r}): no classifier found ({how}), so every Linear "
+                f"and ConvNd weight is treated as filters; pass classifier= to name the "
+                f"layer holding theta, or classifier=None to say there is none",
+                stacklevel=2)
     else:
         how = "given"
         classifier = _resolve_classifier(model, classifier)

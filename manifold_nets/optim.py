@@ -197,9 +197,10 @@ class InvariantSGD(torch.optim.Optimizer):
     .. math::
 
         \begin{aligned}
-            &\textbf{input}: \lambda \text{ (lr)},\ x_0 \text{ (params)},\ f \text{ (objective)},
-                \ \lambda_{wd} \text{ (weight decay)},\ \mu \text{ (momentum)},
-                \ \tau \text{ (dampening)},\ \textit{nesterov} \\
+            &\textbf{input}: \lambda \text{ (lr)},\ x_0 \text{ (params)},
+                \ f \text{ (objective)},\ \lambda_{wd} \text{ (weight decay)}, \\
+            &\qquad\quad \mu \text{ (momentum)},\ \tau \text{ (dampening)},
+                \ \textit{nesterov} \\
             &\textbf{for}\ t = 1 \textbf{ to } \ldots \textbf{ do} \\
             &\quad g_t \leftarrow \nabla_x f_t(x_{t-1}) + \lambda_{wd}\, x_{t-1} \\
             &\quad r_t \leftarrow \mathrm{rgrad}_{x_{t-1}}(g_t) \\
@@ -210,7 +211,7 @@ class InvariantSGD(torch.optim.Optimizer):
                 \quad \textbf{else}:\ r_t \leftarrow b_t \\
             &\quad x_t \leftarrow R_{x_{t-1}}(-\lambda\, r_t) \\
             &\quad \textbf{if}\ \mu \neq 0:\ b_t \leftarrow \Pi_{x_t}(b_t)
-                \quad \text{(UN only: transport by projection; identity otherwise)} \\
+                \quad \text{(UN: transport by projection; else identity)} \\
             &\textbf{return}\ x_t
         \end{aligned}
 

@@ -1,5 +1,7 @@
 """declare(): which parameter gets which manifold, and that RiemannianSGD then does Table 1."""
 
+import warnings
+
 import geoopt
 import pytest
 import torch
@@ -351,3 +353,24 @@ def test_sm_with_inputs_places_its_metrics_where_the_symmetries_act():
     assert dec.function_change == 0.0
     dec = declare(net, "sm")  # without inputs: Table 1, the control
     assert dec["0.weight"].side == "left"
+
+
+def test_the_layer_before_a_final_softmax_is_the_classifier():
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False),
+                          nn.Softmax(dim=1))
+    dec = declare(model, "sm")
+    assert dec.roles["2.weight"] == "classifier"
+    assert model[2].weight.manifold.side == "right"
+
+
+def test_no_classifier_found_is_said_not_guessed():
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False),
+                          nn.Sigmoid())
+    with pytest.warns(UserWarning, match="no classifier found.*pass classifier="):
+        dec = declare(model, "sm")
+    assert dec.roles["2.weight"] == "filters"
+    quiet = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False),
+                          nn.Sigmoid())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declare(quiet, "sm", classifier=None)   # said explicitly: no warning
