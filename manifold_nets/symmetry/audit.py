@@ -336,7 +336,9 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
             rows.append(_row(label, f"rows x 1e-3, eps={eps:g}", "loss+outputs",
                              max(li["loss_gap"], li["output_gap"]), expected, dtype,
                              f"loss {li['loss']:.4g} -> {li['loss_g']:.4g}"))
-    theory = depth * (width // 2 if arch == 1 else width)
+    # Arch1: one scale per pooling pair and layer (the full group). Arch2: one per filter,
+    # and its batch norms' channels per pooling pair against the next layer's columns.
+    theory = depth * (width // 2 if arch == 1 else width + width // 2)
     local = found.dim - theory
     for r in rows:
         if "discovered" in r.group:
