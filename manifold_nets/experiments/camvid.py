@@ -1559,11 +1559,11 @@ def run_report_cli(args) -> int:
         print(weights_table(train_labels))
     if args.curves:
         plot_curves(results, args.curves)
-        print(f"\ncurves written to {args.curves}")
+        print(f"curves written to {args.curves}", file=sys.stderr)
     if args.figure and data is not None:
         c = next(iter(results.values()))[1][0]["config"]
         test = load_camvid("test", (c["height"], c["width"]), folder=data)
         missing = plot_predictions(folder, test, args.figure)
-        print(f"\nfigure written to {args.figure}"
-              + (f" (no weights of {', '.join(missing)})" if missing else ""))
+        print(f"figure written to {args.figure}"
+              + (f" (no weights of {', '.join(missing)})" if missing else ""), file=sys.stderr)
     return 0
