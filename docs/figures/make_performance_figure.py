@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     found = panels(result)
     fig, axes = plt.subplots(len(found), 1, figsize=(7.2, 1.25 + 1.45 * len(found)),
                              dpi=150, sharex=True)
-    for ax, (title, baseline, ratios) in zip(axes, found):
+    for ax, (title, baseline, ratios) in zip(axes, found, strict=True):
         names = list(ratios)
         for i, name in enumerate(names):
             r = ratios[name]

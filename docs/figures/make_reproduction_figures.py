@@ -49,9 +49,10 @@ def findings(path: Path) -> dict[tuple[str, str, str], tuple[str, str]]:
 
 
 def comparison(first: str, second: str) -> str:
-    """'Arch1, 2 layers, exp. decay, B-SGD' vs 'Arch2, ...' -> the part that differs."""
+    """What two compared cells share ('2 layers, exp. decay, B-SGD' for Arch1 against
+    Arch2 in that cell); 'all cells' when nothing is shared."""
     a, b = first.split(", "), second.split(", ")
-    shared = [x for x, y in zip(a, b) if x == y]
+    shared = [x for x, y in zip(a, b, strict=False) if x == y]
     return ", ".join(shared) if shared else "all cells"
 
 
@@ -59,7 +60,7 @@ def write_verdicts(out: Path) -> int:
     grids = {name: findings(path) for name, path in GRIDS.items()}
     first = grids["this grid"]
     rows = []
-    for key, (verdict, interval) in first.items():
+    for key in first:
         if all(g.get(key, ("",))[0] == "holds" for g in grids.values()):
             rows.append([key[0], comparison(key[1], key[2]) or "all cells"]
                         + [g[key][1] for g in grids.values()])
