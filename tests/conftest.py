@@ -80,6 +80,12 @@ def _rank_main(rank: int, world: int, port: int, queue, work, args) -> None:
         queue.put((rank, work(rank, *args)))
     finally:
         dist.destroy_process_group()
+    # The result is sent; leave without the interpreter's teardown, where torch 2.13's gloo
+    # threads can abort the process ("terminate called without an active exception") after
+    # the work has finished. A failing ``work`` raises above and still exits non-zero.
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 def run_on_ranks(work, *args, world: int = 2, timeout: float = 300) -> dict:
