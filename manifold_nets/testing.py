@@ -430,11 +430,13 @@ def scaled_points(shape: Sequence[int], side: str = "left", ndim: int = 1,
     def point(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(tuple(shape), generator=gen, dtype=dtype)
-        lead = x.dim() - ndim if side == "left" else x.dim() - 1
-        scale = torch.exp(torch.empty(x.shape[:lead] if side == "left" else x.shape[-1:],
-                                      dtype=dtype).uniform_(-2.3, 2.3, generator=gen))
-        view = scale.reshape(*scale.shape, *([1] * ndim)) if side == "left" else scale
-        return x * view
+        if side == "left":  # one scale per filter: the leading (batch) dims
+            size = x.shape[:x.dim() - ndim]
+        else:  # one per column of theta: the second of the trailing ndim dims
+            size = x.shape[x.dim() - ndim + 1:x.dim() - ndim + 2]
+        scale = torch.exp(torch.empty(size, dtype=dtype).uniform_(-2.3, 2.3, generator=gen))
+        trailing = ndim if side == "left" else ndim - 2
+        return x * scale.reshape(*scale.shape, *([1] * trailing))
     return _seeds().map(point)
 
 
