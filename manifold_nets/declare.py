@@ -172,9 +172,8 @@ class Declaration(dict):
         list of dict
             one group per role, in the order the roles first occur: ``{"params": [...],
             "role": role, "weight_decay": ..., **options}``, ready for any
-            :class:`torch.optim.Optimizer`. A group's weight decay is that of the first
-            parameter of its role (a role mixing oblique and other parameters, e.g.
-            ``"explicit"``, gets one value for all).
+            :class:`torch.optim.Optimizer`. A role that mixes oblique and other
+            parameters (``"explicit"``) gets two groups, without and with decay.
 
         Examples
         --------
@@ -187,12 +186,12 @@ class Declaration(dict):
         >>> opt = InvariantSGD(groups, lr=0.1)
         """
         params = dict(model.named_parameters())
-        groups: dict[str, dict] = {}
+        groups: dict[tuple[str, bool], dict] = {}
         for name, manifold in self.items():
-            role = self.roles[name]
-            g = groups.setdefault(role, {"params": [], "role": role, **options,
-                                         "weight_decay": 0.0 if isinstance(
-                                             manifold, ObliqueManifold) else weight_decay})
+            role, oblique = self.roles[name], isinstance(manifold, ObliqueManifold)
+            g = groups.setdefault((role, oblique), {
+                "params": [], "role": role, **options,
+                "weight_decay": 0.0 if oblique else weight_decay})
             g["params"].append(params[name])
         return list(groups.values())
 

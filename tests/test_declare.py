@@ -374,3 +374,16 @@ def test_no_classifier_found_is_said_not_guessed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         declare(quiet, "sm", classifier=None)   # said explicitly: no warning
+
+
+def test_param_groups_put_no_decay_on_any_oblique_filter():
+    from manifold_nets import ObliqueManifold
+
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    dec = declare(model, "bsgd", classifier=None,
+                  manifolds={"2.weight": DiagScaledEuclidean(), "0.weight": ObliqueManifold()})
+    groups = dec.param_groups(model, weight_decay=1e-3)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(model[0].weight)] == 0.0        # explicit, oblique
+    assert decay[id(model[2].weight)] == 1e-3       # explicit, not oblique
+    assert {g["role"] for g in groups} == {"explicit"}
