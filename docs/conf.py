@@ -22,7 +22,7 @@ import manifold_nets  # noqa: E402
 
 project = "manifold-nets"
 author = "manifold-nets developers"
-copyright = "2025, manifold-nets developers"
+copyright = "2026, manifold-nets developers"
 release = manifold_nets.__version__
 version = release
 
@@ -41,6 +41,8 @@ if importlib.util.find_spec("sphinx-mathjax-offline") is not None:
 templates_path: list[str] = []
 exclude_patterns = ["_build", "figures", "inventories"]
 root_doc = "index"
+# `single backticks` are code, as in the error messages the docs quote.
+default_role = "code"
 nitpicky = True
 
 # -- intersphinx, offline -----------------------------------------------------------------

@@ -8,7 +8,7 @@ update     filter weights (``Linear``/``ConvNd``)   classifier :math:`\theta`
 =========  ======================================  =========================================
 ``bsgd``   Euclidean                               Euclidean
 ``sm``     ``DiagScaledEuclidean("left")``         ``DiagScaledEuclidean("right")``
-``un``     ``ObliqueManifold``                     Euclidean (Table 1, released code)
+``un``     ``ObliqueManifold``                     Euclidean (Table 1; so does the authors' code)
 =========  ======================================  =========================================
 
 Every other parameter (biases, batch-norm scale and shift) stays Euclidean, i.e. gets

@@ -1,8 +1,8 @@
 r"""The two symmetry-invariant geometries of the paper as :class:`geoopt.Manifold` classes.
 
 Declare a weight as ``geoopt.ManifoldParameter(w, manifold=...)`` with one of these and
-:class:`geoopt.optim.RiemannianSGD` (or :class:`geoopt.optim.RiemannianAdam`) performs
-the paper's update:
+:class:`geoopt.optim.RiemannianSGD` (with ``momentum=0``) performs the paper's update
+(:class:`geoopt.optim.RiemannianAdam` also runs on them, but is not the paper's update):
 
 ================================  ==========================================  ===========
 update                            manifold                                    paper

@@ -1,7 +1,8 @@
 r"""A fused symmetry-invariant SGD: the UN and SM updates without geoopt's per-parameter loop.
 
 :class:`InvariantSGD` performs the same step as :class:`geoopt.optim.RiemannianSGD` with the
-manifolds of :mod:`manifold_nets.manifolds` (identical iterates when ``momentum=0``), but
+manifolds of :mod:`manifold_nets.manifolds` (with ``momentum=0`` the same iterates up to
+rounding: geoopt rounds :math:`x - \lambda r` in two steps, this step in one), but
 groups the parameters by manifold, filter dims, device and dtype and updates every group
 with a handful of ``torch._foreach_*`` kernels. Parameters without a manifold (batch-norm
 scale and shift, the classifier :math:`\theta` under UN) get plain SGD, exactly as
