@@ -1,5 +1,5 @@
-"""The testing toolkit as a user writes with it: the documented test file, its negative
-controls, and the strategies for manifold points."""
+"""The testing toolkit: the negative controls of the documented test file
+(``test_my_model.py``), its errors, and the strategies for manifold points."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
-from manifold_nets import DiagScaledEuclidean, InvariantSGD, ObliqueManifold
+from manifold_nets import DiagScaledEuclidean, ObliqueManifold
 from manifold_nets.testing import (
     assert_loss_invariant,
     assert_update_equivariant,
@@ -19,37 +18,7 @@ from manifold_nets.testing import (
     tangent_vectors,
 )
 
-torch.manual_seed(0)
-model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, eps=1e-12),
-                      nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, bias=False),
-                      nn.BatchNorm2d(4, eps=1e-12), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                      nn.Flatten(), nn.Linear(4, 3))
-inputs = torch.randn(16, 3, 8, 8)
-labels = torch.randint(0, 3, (16,))
-
-
-def loss_fn(outputs):
-    return nn.functional.cross_entropy(outputs, labels)
-
-
-def momentum_sgd(params):
-    return InvariantSGD(params, lr=1e-2, momentum=0.9)
-
-
-# -- the user's test file (docs/testing.rst shows it) --------------------------------------
-@settings(max_examples=5, deadline=None)
-@given(g=rescalings(model, inputs, update="sm"))   # symmetry-group elements that SM resolves
-def test_sm_is_update_invariant(g):
-    assert_loss_invariant(model, g, inputs, loss_fn)      # loss_fn(outputs) -> scalar
-    assert_update_equivariant(model, g, inputs, loss_fn, update="sm", steps=3,
-                              optimizer=momentum_sgd)
-
-
-@settings(max_examples=5, deadline=None)
-@given(g=rescalings(model, inputs, update="un"))
-def test_un_is_update_invariant(g):
-    assert_update_equivariant(model, g, inputs, loss_fn, update="un", steps=3,
-                              optimizer=momentum_sgd)
+from .test_my_model import inputs, loss_fn, model, momentum_sgd
 
 
 # -- negative controls: the same checks fail where the theory says they must -------------
