@@ -253,3 +253,11 @@ def test_one_epoch_smoke_train_on_a_tiny_slice():
         h = fit(m, SegConfig(update=update, lr=0.01, epochs=1, batch_size=8,
                              net=cfg.net, data=cfg.data), splits["train"])
         assert np.isfinite(h[0]["cost"])
+
+
+def test_a_report_without_its_negative_control_does_not_hold():
+    from manifold_nets.experiments.segmentation import SymmetryReport
+
+    ran = SymmetryReport(9.9, 7e-15, 0.05, 8e-14, {"bsgd": 0.18, "sm": 0.0, "un": 0.0})
+    assert ran.holds()
+    assert not SymmetryReport(9.9, 7e-15, 0.05, 8e-14, {"sm": 0.0, "un": 0.0}).holds()

@@ -973,8 +973,9 @@ class SymmetryReport:
         fail, with tolerance ``atol`` relative to the loss.
 
         The gradient alignment must be below ``sqrt(atol)``; a negative control "fails"
-        when its gap exceeds ``1000`` times the tolerance. An update missing from
-        ``step_gap`` is not checked (``bsgd`` included).
+        when its gap exceeds ``1000`` times the tolerance. SM or UN missing from
+        ``step_gap`` is not checked; B-SGD, the negative control, must be there: without
+        it the report does not hold.
 
         Parameters
         ----------
@@ -995,12 +996,14 @@ class SymmetryReport:
         False
         >>> SymmetryReport(9.9, 7e-15, 0.05, 8e-14, {"bsgd": 0.18, "un": 0.0}).holds()
         True
+        >>> SymmetryReport(9.9, 7e-15, 0.05, 8e-14, {"un": 0.0}).holds()  # no control run
+        False
         """
         tol = atol * max(1.0, abs(self.loss))
         return (self.loss_gap < tol and self.grad_alignment < atol ** 0.5
                 and self.negative_loss_gap > 1e3 * tol
                 and all(self.step_gap[u] < tol for u in ("sm", "un") if u in self.step_gap)
-                and self.step_gap.get("bsgd", np.inf) > 1e3 * tol)
+                and self.step_gap.get("bsgd", 0.0) > 1e3 * tol)
 
 
 def symmetry_report(model: SegNet, images: torch.Tensor, labels: torch.Tensor, *,
