@@ -486,6 +486,7 @@ class ObliqueManifold(Manifold):
         >>> torch.allclose(y.norm(dim=1), torch.ones(4))
         True
         """
+        _check_filter_shapes(x, u, self.ndim, "ObliqueManifold")
         return math.oblique_retr(x, u, self.ndim)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -525,6 +526,7 @@ class ObliqueManifold(Manifold):
         >>> torch.allclose(oblique.dist(w, oblique.expmap(w, u)), u.norm(dim=1), atol=1e-5)
         True
         """
+        _check_filter_shapes(x, u, self.ndim, "ObliqueManifold")
         return math.oblique_expmap(x, u, self.ndim)
 
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -597,6 +599,8 @@ class ObliqueManifold(Manifold):
         """
         if v is None:
             v = u
+        _check_filter_shapes(x, u, self.ndim, "ObliqueManifold")
+        _check_filter_shapes(x, v, self.ndim, "ObliqueManifold")
         inner = (u * v).sum(dim=math.filter_dims(self.ndim), keepdim=keepdim)
         target = torch.broadcast_shapes(
             x.shape[: x.dim() - self.ndim] + (1,) * self.ndim * keepdim, inner.shape
@@ -631,6 +635,7 @@ class ObliqueManifold(Manifold):
         >>> ObliqueManifold().dist(x, y, keepdim=True).shape
         torch.Size([2, 1])
         """
+        _check_filter_shapes(x, y, self.ndim, "ObliqueManifold")
         d = math.oblique_dist(x, y, self.ndim)
         return d.reshape(d.shape + (1,) * self.ndim) if keepdim else d
 
