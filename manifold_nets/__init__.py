@@ -35,6 +35,16 @@ True
 """
 
 import importlib
+import warnings
+
+# geoopt 0.5 decorates its helpers with torch.jit.script, which torch deprecates since
+# 2.10: importing it emits dozens of DeprecationWarnings (an error under
+# ``-W error::DeprecationWarning``). They are geoopt's, not the user's, so they are
+# silenced for this one import; every other warning filter is left as it was.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script(_method)?` is deprecated",
+                            category=DeprecationWarning)
+    import geoopt  # noqa: F401
 
 from .declare import Declaration, declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold

@@ -88,24 +88,47 @@ def load():
     if os.environ.get("MANIFOLD_NETS_FUSED", "1") == "0":
         _STATE["reason"] = "MANIFOLD_NETS_FUSED=0"
         return None
-    try:
-        from torch.utils import cpp_extension
+    if shutil.which("ninja") is None:  # the ninja wheel installs next to the interpreter
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                              os.environ.get("PATH", "")])
+    cause, fix = _missing()
+    if cause is None:
+        try:
+            from torch.utils import cpp_extension
 
-        if shutil.which("ninja") is None:  # the ninja wheel installs next to the interpreter
-            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
-                                                  os.environ.get("PATH", "")])
-        _STATE["module"] = cpp_extension.load(
-            name="manifold_nets_fused", sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # no compiler, no ninja, a failed build: say so, go on
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        _STATE["reason"] = f"{type(err).__name__}: {first}"
-        warnings.warn(
-            f"manifold-nets: the fused UN/SM step could not be built ({_STATE['reason']}); "
-            "InvariantSGD takes its pure-torch step instead (the same iterates, slower). "
-            "Fix: install a C++ compiler and ninja, or set MANIFOLD_NETS_FUSED=0 to use "
-            "the pure-torch step without this warning.", RuntimeWarning, stacklevel=3)
+            _STATE["module"] = cpp_extension.load(
+                name="manifold_nets_fused", sources=[str(_SOURCE)],
+                extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+            return _STATE["module"]
+        except Exception as err:  # a failed build: say so, go on
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            cause = f"the build failed: {type(err).__name__}: {first}"
+            fix = ("see the compiler's messages with `python -c \"import "
+                   "torch.utils.cpp_extension as c; c.load('manifold_nets_fused', "
+                   f"['{_SOURCE}'], extra_cflags={_CFLAGS}, extra_ldflags=['-fopenmp'], "
+                   "verbose=True)\"`")
+    _STATE["reason"] = cause
+    warnings.warn(
+        f"manifold-nets: the fused UN/SM step is not available ({cause}); InvariantSGD "
+        f"takes its pure-torch step instead (the same iterates, slower). Fix: {fix}, or "
+        "set MANIFOLD_NETS_FUSED=0 to use the pure-torch step without this warning.",
+        RuntimeWarning, stacklevel=3)
     return _STATE["module"]
+
+
+def _missing() -> tuple[str | None, str | None]:
+    """What the build lacks, checked before it starts: ``(cause, fix)``, or ``(None,
+    None)``."""
+    if not _SOURCE.is_file():
+        return (f"the kernel source {_SOURCE} is missing from the installed package",
+                "reinstall manifold-nets from a wheel or sdist of version 0.2 or newer")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (f"no C++ compiler: {compiler!r} is not on PATH",
+                "install one (e.g. `apt-get install g++`) or point CXX at it")
+    if shutil.which("ninja") is None:
+        return ("ninja is not on PATH", "`pip install ninja` (a dependency of manifold-nets)")
+    return None, None
 
 
 def available() -> bool:

@@ -279,6 +279,27 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
                  progress=False)
 
 
+def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
+    config, data = _tiny(tmp_path, epochs=5, val_every=2)
+    whole, _ = cv.train(config, data, progress=False)
+    assert [h["epoch"] for h in whole["history"] if "val_mean_iou" in h] == [2, 4, 5]
+    ckpt = tmp_path / "run.ckpt"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_3(line):
+        if line.startswith("epoch 3 "):
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_3, progress=False)
+    resumed, _ = cv.train(config, data, checkpoint=ckpt, progress=False)
+    assert resumed["history"] == whole["history"]
+    with pytest.raises(ValueError, match="val_every must be >= 1"):
+        cv.CamVidConfig(val_every=0)
+
+
 def test_flips_mirror_image_and_labels_together():
     x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
     y = torch.arange(2 * 2 * 4).view(2, 2, 4)

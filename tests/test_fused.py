@@ -94,10 +94,9 @@ def test_without_the_kernel_one_warning_and_the_reference_step(monkeypatch):
     # a build that fails warns once, naming the cause, and falls back too
     monkeypatch.setattr(kernel, "_STATE", {"module": None, "reason": None, "tried": False})
     monkeypatch.delenv("MANIFOLD_NETS_FUSED")
-    monkeypatch.setattr(kernel, "_SOURCE", kernel._SOURCE.with_name("missing.cpp"))
     monkeypatch.setattr("torch.utils.cpp_extension.load", _failing_build)
-    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no "
-                                            r"compiler here\).*pure-torch step"):
+    with pytest.warns(RuntimeWarning, match=r"not available \(the build failed: RuntimeError: "
+                                            r"no space left\).*pure-torch step"):
         c, _ = _run("sm", None, steps=3, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
@@ -106,8 +105,28 @@ def test_without_the_kernel_one_warning_and_the_reference_step(monkeypatch):
         torch.testing.assert_close(c[k], a[k], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("cause,match", [
+    ("source", r"the kernel source .*missing\.cpp is missing from the installed package.*"
+               r"Fix: reinstall manifold-nets"),
+    ("compiler", r"no C\+\+ compiler: 'no-such-c\+\+' is not on PATH.*Fix: install one"),
+])
+def test_the_fallback_warning_names_the_real_cause(monkeypatch, cause, match):
+    """A package without its kernel source, and a machine without a compiler, are told
+    apart from a failed build, each with its own fix; the build is not attempted."""
+    monkeypatch.setattr(kernel, "_STATE", {"module": None, "reason": None, "tried": False})
+    monkeypatch.delenv("MANIFOLD_NETS_FUSED", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", _failing_build)
+    if cause == "source":
+        monkeypatch.setattr(kernel, "_SOURCE", kernel._SOURCE.with_name("missing.cpp"))
+    else:
+        monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.warns(RuntimeWarning, match=match):
+        assert kernel.load() is None
+    assert "build failed" not in kernel.reason()
+
+
 def _failing_build(*args, **kwargs):
-    raise RuntimeError("no compiler here")
+    raise RuntimeError("no space left")
 
 
 class _ResBlock(torch.nn.Module):

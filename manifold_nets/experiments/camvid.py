@@ -42,6 +42,7 @@ per-class IoU, over every non-void test pixel at the evaluated resolution
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -734,12 +735,16 @@ class CamVidConfig:
         horizontal flips of the training images
     seed : int
         initial weights, batch order and flips
+    val_every : int
+        validate after every ``val_every``-th epoch and after the last (validation
+        recomputes the batch-norm statistics over the training images, so it costs about
+        half an epoch)
 
     Parameters
     ----------
     update, lr, epochs, batch_size, momentum, weight_decay
         The attributes of the same names.
-    height, width, filters, class_weights, flip, seed
+    height, width, filters, class_weights, flip, seed, val_every
         The attributes of the same names.
 
     Raises
@@ -772,13 +777,14 @@ class CamVidConfig:
     class_weights: str = "published"
     flip: bool = True
     seed: int = 0
+    val_every: int = 1
 
     def __post_init__(self):
         if self.update not in UPDATES:
             raise ValueError(f"unknown update {self.update!r}; choose one of {UPDATES}")
         if not self.lr > 0:
             raise ValueError(f"Invalid learning rate: {self.lr}")
-        for name in ("epochs", "batch_size", "height", "width", "filters"):
+        for name in ("epochs", "batch_size", "height", "width", "filters", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.height < 16 or self.width < 16:
@@ -1074,7 +1080,12 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         if log is not None:
             log(f"resumed from {checkpoint} after epoch {state.epoch}")
 
+    epochs = itertools.count((state.epoch if state is not None else 0) + 1)
+
     def validate(_, ids):
+        epoch = next(epochs)  # the epoch that just ended; the last one is always validated
+        if epoch % config.val_every and epoch != config.epochs:
+            return {}
         bn_statistics(model, train_set.images)
         m = evaluate(model, val_set)
         return {f"val_{k}": [v] for k, v in m.items() if k != "per_class_iou"}
@@ -1263,7 +1274,7 @@ def _config(args, **changes) -> CamVidConfig:
                 batch_size=args.batch_size, momentum=args.momentum,
                 weight_decay=args.weight_decay, height=args.height, width=args.width,
                 filters=args.filters, class_weights=args.class_weights, flip=args.flip,
-                seed=args.seeds[0])
+                seed=args.seeds[0], val_every=args.val_every)
     base.update(changes)
     return CamVidConfig(**base)
 
@@ -1525,9 +1536,11 @@ def plot_curves(results: dict[str, tuple[dict, list[dict]]], path: str | os.Path
             label = _NAMES[update] if j == 0 else None
             a.plot(e, [h["cost"] for h in r["history"]], color=colors[update], label=label,
                    alpha=0.8)
-            if "val_mean_iou" in r["history"][0]:
-                b.plot(e, [100 * h["val_mean_iou"] for h in r["history"]],
-                       color=colors[update], label=label, alpha=0.8)
+            val = [h for h in r["history"] if "val_mean_iou" in h]
+            if val:
+                b.plot([h["epoch"] for h in val], [100 * h["val_mean_iou"] for h in val],
+                       color=colors[update], label=label, alpha=0.8, marker="." if
+                       len(val) < len(e) else None)
     a.set(xlabel="epoch", ylabel="training loss (weighted CE)", title="training loss")
     b.set(xlabel="epoch", ylabel="validation mean IoU (%)", title="validation mean IoU")
     for ax in (a, b):

@@ -662,6 +662,9 @@ def _camvid_parsers(sub) -> None:
                    help="random horizontal flips (default: on)")
     t.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
                    help="seeds, space-separated; the first selects the rate (default: 0)")
+    t.add_argument("--val-every", type=positive_int, default=d.val_every, metavar="N",
+                   help="validate after every N-th epoch and the last (each validation "
+                        f"costs about half an epoch; default: {d.val_every})")
     t.add_argument("--out", required=True, metavar="DIR",
                    help="folder of the records, weights and checkpoints (one sub-folder "
                         "per update)")
