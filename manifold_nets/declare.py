@@ -41,7 +41,7 @@ from torch import nn
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 
 __all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier",
-           "graph_classifier", "check_optimizer"]
+           "graph_classifier", "check_optimizer", "declaration_of"]
 
 #: The updates of Table 1 that :func:`declare` knows: B-SGD (plain SGD), SM (the scaled
 #: metric, eqs. (7)-(8)) and UN (unit-norm filters, eq. (9)).
@@ -695,6 +695,10 @@ def declare(
         declaration.reasons[name] = why
         declaration.shapes[name] = tuple(p.shape)
     object.__setattr__(model, DECLARATION_ATTR, declaration)
+    if not getattr(model, _HOOKED, False):
+        model.register_state_dict_post_hook(_record_declaration)
+        model.register_load_state_dict_pre_hook(_check_declaration)
+        object.__setattr__(model, _HOOKED, True)
 
     if before is not None:
         after = _outputs(model, inputs)
@@ -714,6 +718,107 @@ def declare(
             "oblique manifold (and to measure the change), or manifolds= to choose.",
             stacklevel=2)
     return declaration
+
+
+_HOOKED = "_manifold_nets_hooked"
+#: The key of a declared model's entry in its state dict's metadata.
+_META = "manifold_nets"
+
+
+def _record(model: nn.Module) -> dict | None:
+    from .optim import kind_of, kind_tag
+
+    declaration = getattr(model, DECLARATION_ATTR, None)
+    if declaration is None:
+        return None
+    return {"update": declaration.update,
+            "manifolds": {n: kind_tag(kind_of(p)) for n, p in model.named_parameters()}}
+
+
+def _record_declaration(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook of a declared model: its declaration in the metadata."""
+    record = _record(module)
+    if record is not None:
+        local_metadata[_META] = record
+
+
+def _check_declaration(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of a declared model: refuse, before anything is copied,
+    weights written by a model declared otherwise, and, from an undeclared model, oblique
+    filters that are not on their manifold."""
+    now = _record(module)
+    if now is None:
+        return
+    saved = local_metadata.get(_META)
+    name = type(module).__name__
+    if saved is not None:
+        wrong = [f"`{n}` was {t}, is {now['manifolds'][n]}"
+                 for n, t in saved["manifolds"].items()
+                 if n in now["manifolds"] and now["manifolds"][n] != t]
+        if saved["update"] != now["update"] or wrong:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict was written by a model declared "
+                f"{saved['update']!r}; this one is declared {now['update']!r}"
+                f"{': ' + '; '.join(wrong[:6]) if wrong else ''}. Fix: declare this model "
+                f"with manifold_nets.declare(model, {saved['update']!r}, ...) before "
+                "loading, or load into an undeclared model and declare it afterwards.")
+        return
+    params = dict(module.named_parameters())
+    for n, p in params.items():
+        manifold = getattr(p, "manifold", None)
+        value = state_dict.get(prefix + n)
+        if (isinstance(manifold, ObliqueManifold) and isinstance(value, torch.Tensor)
+                and value.shape == p.shape and not _is_sharded(value)):
+            ok, why = manifold.check_point_on_manifold(value.to(p.dtype), explain=True)
+            if not ok:
+                raise RuntimeError(
+                    f"{name}.load_state_dict: `{n}`: its filters are not unit-norm ({why}), "
+                    "so the state dict was not written by a model declared 'un', and this "
+                    "model is. Fix: load into an undeclared model and declare it afterwards "
+                    "(declare projects the filters and keeps what the model computes).")
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from .optim import _is_dtensor
+
+    return _is_dtensor(t)
+
+
+def declaration_of(state_dict: Mapping) -> dict | None:
+    """The declaration that a model's state dict records, or ``None`` if the model that
+    wrote it was not declared.
+
+    :func:`declare` makes the model record ``{"update": ..., "manifolds": {name: kind}}``
+    in its state dict's metadata (kept by :func:`torch.save`), and refuse, in
+    ``load_state_dict``, weights written by a model declared otherwise, or oblique filters
+    that are not unit-norm.
+
+    Parameters
+    ----------
+    state_dict : Mapping
+        a model's ``state_dict()``, as saved
+
+    Returns
+    -------
+    dict or None
+        ``{"update": "un" | "sm" | "bsgd", "manifolds": {parameter name: kind}}``, the
+        kinds as :func:`~manifold_nets.optim.kind_tag` writes them
+
+    Examples
+    --------
+    >>> from manifold_nets import Arch2, declare
+    >>> from manifold_nets.declare import declaration_of
+    >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
+    >>> declaration_of(net.state_dict()) is None
+    True
+    >>> _ = declare(net, "un")
+    >>> record = declaration_of(net.state_dict())
+    >>> record["update"], record["manifolds"]["layers.0.linear.weight"]
+    ('un', 'oblique(ndim=1)')
+    """
+    meta = getattr(state_dict, "_metadata", None) or {}
+    return (meta.get("") or {}).get(_META)
 
 
 def _other_reason(name: str, modules: dict) -> str:

@@ -6,7 +6,9 @@ torch's (foreach) kernels they take a dozen passes over the parameters; the kern
 so the parameter, its gradient and its momentum buffer are each read and written once,
 as for SGD with momentum. It is built with torch's extension tools the first time it is
 needed (a C++ compiler and ninja; about a minute, cached under
-``~/.cache/torch_extensions``) and runs on contiguous CPU tensors of float32 or float64.
+``~/.cache/torch_extensions``) and runs on CPU tensors of float32 or float64 whose
+filters are contiguous blocks (contiguous tensors, and ``channels_last`` conv weights;
+see :func:`refusal`).
 
 Without a compiler, or when the build fails, :class:`~manifold_nets.InvariantSGD` warns
 once and takes its pure-torch step (the same iterates, to rounding, slower). Set
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KINDS", "available", "eligible", "load", "reason"]
+__all__ = ["KINDS", "available", "eligible", "load", "reason", "refusal"]
 
 #: The kernel's kinds, by :class:`~manifold_nets.optim.Kind` name and side. Euclidean
 #: parameters keep torch's SGD arithmetic (``InvariantSGD`` is ``torch.optim.SGD`` on them,
@@ -121,7 +123,7 @@ def _missing() -> tuple[str | None, str | None]:
     None)``."""
     if not _SOURCE.is_file():
         return (f"the kernel source {_SOURCE} is missing from the installed package",
-                "reinstall manifold-nets from a wheel or sdist of version 0.2 or newer")
+                "reinstall manifold-nets from a wheel or sdist that ships csrc/fused_step.cpp")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return (f"no C++ compiler: {compiler!r} is not on PATH",
@@ -167,9 +169,9 @@ def reason() -> str | None:
     return _STATE["reason"]
 
 
-def eligible(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr) -> bool:
-    """Whether one parameter can take the fused step: contiguous CPU float32 / float64
-    tensors (no sharded ones) and a float (or 0-dim Tensor) rate.
+def eligible(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr,
+             kind=None) -> bool:
+    """Whether one parameter can take the fused step (:func:`refusal` gives no reason).
 
     Parameters
     ----------
@@ -181,6 +183,8 @@ def eligible(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, 
         its momentum buffer, or ``None`` (no momentum, or not created yet)
     lr : float or torch.Tensor
         the learning rate; a 1-D Tensor (one rate per run) is not taken
+    kind : manifold_nets.optim.Kind, optional
+        the parameter's update (default: UN on the last dim)
 
     Returns
     -------
@@ -198,8 +202,97 @@ def eligible(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, 
     >>> eligible(w.t(), g.t(), None, 0.1), eligible(w, g, None, torch.tensor([0.1, 0.2]))
     (False, False)
     """
-    return (param.device.type == "cpu" and param.dtype in (torch.float32, torch.float64)
-            and param.is_contiguous()
-            and grad.is_contiguous() and grad.dtype == param.dtype and not grad.is_sparse
-            and (buf is None or buf.is_contiguous())
-            and not (isinstance(lr, torch.Tensor) and lr.dim() > 0))
+    return refusal(param, grad, buf, lr, kind) is None
+
+
+def refusal(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr,
+            kind=None) -> str | None:
+    """Why the fused kernel cannot take one parameter's step, or ``None`` if it can.
+
+    The kernel takes CPU float32 / float64 tensors with a float or 0-dim
+    Tensor rate, where each filter is one contiguous block of memory and the gradient
+    and momentum buffer are laid out as the parameter. Every contiguous tensor qualifies,
+    and so does a ``channels_last`` conv weight under UN or SM's left metric (each filter
+    ``(in, kh, kw)`` is still one block, its entries in another order, which per-filter
+    sums do not see). SM's right metric reduces over columns and needs contiguous tensors.
+
+    Parameters
+    ----------
+    param, grad, buf, lr
+        as for :func:`eligible`
+    kind : manifold_nets.optim.Kind, optional
+        the parameter's update (default: UN on the last dim)
+
+    Returns
+    -------
+    str or None
+        the reason, in words, or ``None``
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.fused import refusal
+    >>> from manifold_nets.optim import Kind
+    >>> un = Kind("oblique", (-3, -2, -1), ndim=3)
+    >>> w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    >>> refusal(w, torch.randn_like(w), None, 0.1, un) is None
+    True
+    >>> refusal(w.bfloat16(), torch.randn_like(w).bfloat16(), None, 0.1, un)
+    'the kernel takes float32 and float64 parameters, not torch.bfloat16'
+    """
+    ndim = kind.ndim if kind is not None else 1
+    right = kind is not None and kind.name == "sm" and kind.side == "right"
+    if load() is None:
+        return f"the kernel is not available ({reason()})"
+    if param.device.type != "cpu":
+        return f"the kernel runs on the CPU, the parameter is on {param.device}"
+    if param.dtype not in (torch.float32, torch.float64):
+        return f"the kernel takes float32 and float64 parameters, not {param.dtype}"
+    if isinstance(lr, torch.Tensor) and lr.dim() > 0:
+        return "a 1-D Tensor rate (one rate per run) is not taken"
+    if grad.is_sparse or grad.dtype != param.dtype:
+        return "the gradient is sparse or of another dtype"
+    if right and not (param.is_contiguous() and grad.is_contiguous()
+                      and (buf is None or buf.is_contiguous())):
+        return "SM's right metric needs contiguous tensors"
+    if not _filter_blocks(param, ndim):
+        return (f"its filters are not contiguous blocks of memory (strides "
+                f"{param.stride()}); call .contiguous() on it")
+    for name, t in (("gradient", grad), ("momentum buffer", buf)):
+        if t is not None and not _same_layout(param, t):
+            return (f"its {name} is laid out otherwise (strides {t.stride()}, the "
+                    f"parameter's {param.stride()})")
+    return None
+
+
+def _filter_blocks(t: torch.Tensor, ndim: int) -> bool:
+    """Whether every filter (the last ``ndim`` dims) of ``t`` is one contiguous block of
+    memory, the blocks in the row-major order of the leading dims."""
+    if not _dense(t):
+        return False
+    lead = max(t.dim() - ndim, 0)
+    expected = 1
+    for d in range(lead, t.dim()):
+        expected *= t.size(d)
+    for d in reversed(range(lead)):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s entries fill a block of memory without gaps or overlaps (in any
+    order of its dims)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True)
+                               if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` has ``a``'s shape and its entries in the same places in memory."""
+    return a.shape == b.shape and a.stride() == b.stride()

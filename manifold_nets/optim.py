@@ -18,6 +18,8 @@ kernel (:mod:`manifold_nets.fused`) and the step on sharded parameters
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -37,7 +39,7 @@ from .math import (
     scaled_egrad2rgrad,
 )
 
-__all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of"]
+__all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of", "kind_tag"]
 
 
 class Kind(NamedTuple):
@@ -169,18 +171,80 @@ def kind_of(param: Tensor) -> Kind:
     )
 
 
-def _check_lr(lr) -> None:
-    """A learning rate is a float, a 0-dim Tensor, or a 1-D Tensor of one rate per run."""
+def _check_lr(lr, values: bool = True) -> None:
+    """A learning rate is a finite non-negative float, a 0-dim Tensor, or a 1-D Tensor of
+    one rate per run. ``values=False`` checks a Tensor's type and shape only (reading its
+    values would wait for the device)."""
     if isinstance(lr, Tensor):
         if lr.dim() > 1 or not lr.is_floating_point():
             raise ValueError(
                 f"Invalid learning rate: a Tensor of shape {tuple(lr.shape)} and dtype "
                 f"{lr.dtype}; pass a float, a 0-dim floating Tensor, or a 1-D one with one "
                 "rate per run (the leading dim of every parameter).")
-        if not bool((lr >= 0).all()):
+        if values and not bool(((lr >= 0) & torch.isfinite(lr)).all()):
             raise ValueError(f"Invalid learning rate: {lr}")
-    elif not lr >= 0.0:  # also rejects NaN
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"Invalid learning rate: {lr!r}; pass a float or a Tensor.")
+    elif not (lr >= 0.0 and math.isfinite(lr)):  # also rejects NaN
         raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_hyper(lr, momentum, dampening, weight_decay, nesterov, where: str = "",
+                 values: bool = True) -> None:
+    """The rules of :class:`InvariantSGD`'s arguments, for the constructor and for every
+    group at every step (a scheduler or a hand-edited group may have changed them)."""
+    try:
+        _check_lr(lr, values)
+        for name, value in (("momentum value", momentum), ("dampening value", dampening),
+                            ("weight_decay value", weight_decay)):
+            if isinstance(value, Tensor):
+                raise TypeError(f"Invalid {name}: a Tensor ({value!r}); pass a Python float.")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"Invalid {name}: {value!r}; pass a Python float.")
+            if not (value >= 0.0 and math.isfinite(value)):  # also rejects NaN
+                raise ValueError(f"Invalid {name}: {value}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Nesterov momentum requires a momentum and zero dampening "
+                f"(got momentum={momentum}, dampening={dampening})"
+            )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err}{where}") from None
+
+
+def _param_name(group: dict[str, Any], index: int, j: int, p: Tensor) -> str:
+    """How an error names parameter ``j`` of group ``index``: by the name the optimiser
+    was given (``model.named_parameters()``), else by its place and shape."""
+    names = group.get("param_names")
+    if names is not None and j < len(names):
+        return f"`{names[j]}`"
+    return f"parameter {j} of group {index} (shape {tuple(p.shape)})"
+
+
+def kind_tag(kind: Kind) -> str:
+    """A short, stable text for a :class:`Kind`, as checkpoints record it.
+
+    Parameters
+    ----------
+    kind : Kind
+        how a parameter is updated
+
+    Returns
+    -------
+    str
+        ``"euclidean"``, ``"oblique(ndim=N)"`` or ``"sm(SIDE, ndim=N)"``
+
+    Examples
+    --------
+    >>> from manifold_nets.optim import Kind, kind_tag
+    >>> kind_tag(Kind("oblique", (-3, -2, -1), ndim=3)), kind_tag(Kind("euclidean"))
+    ('oblique(ndim=3)', 'euclidean')
+    """
+    if kind.name == "euclidean":
+        return "euclidean"
+    if kind.name == "oblique":
+        return f"oblique(ndim={kind.ndim})"
+    return f"sm({kind.side}, ndim={kind.ndim})"
 
 
 class InvariantSGD(torch.optim.Optimizer):
@@ -322,18 +386,7 @@ class InvariantSGD(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ):
-        _check_lr(lr)
-        for name, value in (("momentum value", momentum), ("dampening value", dampening),
-                            ("weight_decay value", weight_decay)):
-            if isinstance(value, Tensor):
-                raise TypeError(f"Invalid {name}: a Tensor ({value!r}); pass a Python float.")
-            if not value >= 0.0:  # also rejects NaN
-                raise ValueError(f"Invalid {name}: {value}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                f"Nesterov momentum requires a momentum and zero dampening "
-                f"(got momentum={momentum}, dampening={dampening})"
-            )
+        _check_hyper(lr, momentum, dampening, weight_decay, nesterov)
         if foreach not in (None, True, False):
             raise TypeError(f"Invalid foreach: {foreach!r}; pass True, False or None.")
         if fused not in (None, True, False):
@@ -418,10 +471,17 @@ class InvariantSGD(torch.optim.Optimizer):
         torch.Tensor or None
             the loss ``closure`` returned, or ``None`` without a closure
 
+        Every group's hyper-parameters and every gradient are checked before any
+        parameter or buffer is written: a refused step changes nothing.
+
         Raises
         ------
+        ValueError, TypeError
+            a group's hyper-parameter breaks the constructor's rules (a scheduler or a hand
+            edit set it since); with ``fused=True``, a UN or SM parameter that the kernel
+            cannot take (named, with the reason)
         RuntimeError
-            for a sparse gradient
+            a sparse gradient, or one whose dtype, shape or device is not its parameter's
 
         Examples
         --------
@@ -444,25 +504,12 @@ class InvariantSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            all_kinds = self._group_kinds(index, group)
-            params, grads, bufs, kinds = [], [], [], []
+        # Every group and gradient is checked before any parameter or buffer is written,
+        # so that a refused step changes nothing.
+        work = _checked(self._gather(index, group) for index, group in
+                        enumerate(self.param_groups))
+        for group, params, grads, bufs, kinds in work:
             momentum = group["momentum"]
-            for p, kind in zip(group["params"], all_kinds, strict=True):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"InvariantSGD does not support sparse gradients (parameter of shape "
-                        f"{tuple(p.shape)}); use dense gradients."
-                    )
-                params.append(p)
-                grads.append(p.grad)
-                kinds.append(kind)
-                if momentum != 0:
-                    bufs.append(self.state[p].get("momentum_buffer"))
-            if not params:
-                continue
             invariant_sgd(
                 params, grads, bufs, kinds,
                 lr=group["lr"], momentum=momentum, dampening=group["dampening"],
@@ -474,6 +521,180 @@ class InvariantSGD(torch.optim.Optimizer):
                 for p, buf in zip(params, bufs, strict=True):
                     self.state[p]["momentum_buffer"] = buf
         return loss
+
+    def _gather(self, index: int, group: dict[str, Any]):
+        """Group ``index``'s parameters with gradients, their gradients, buffers and kinds,
+        after checking the group's hyper-parameters and every gradient (writes nothing)."""
+        where = f" (parameter group {index})"
+        lr = group["lr"]
+        _check_hyper(lr, group["momentum"], group["dampening"], group["weight_decay"],
+                     group["nesterov"], where,
+                     values=not (isinstance(lr, Tensor) and lr.device.type != "cpu"))
+        all_kinds = self._group_kinds(index, group)
+        params, grads, bufs, kinds = [], [], [], []
+        momentum = group["momentum"]
+        fused = group.get("fused", False)
+        for j, (p, kind) in enumerate(zip(group["params"], all_kinds, strict=True)):
+            g = p.grad
+            if g is None:
+                continue
+            problem = _grad_problem(p, g)
+            if problem is not None:
+                raise RuntimeError(f"InvariantSGD: {_param_name(group, index, j, p)}: "
+                                   f"{problem}; the step changed nothing.")
+            buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
+            if fused and kind.name != "euclidean":
+                from . import fused as kernel
+
+                why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
+                       else kernel.refusal(p, g, buf, lr, kind))
+                if why is not None:
+                    raise ValueError(
+                        f"InvariantSGD(fused=True): the fused kernel cannot take "
+                        f"{_param_name(group, index, j, p)}: {why}; the step changed "
+                        "nothing. Fix: pass fused=None to take the pure-torch step for such "
+                        "parameters.")
+            params.append(p)
+            grads.append(g)
+            kinds.append(kind)
+            if momentum != 0:
+                bufs.append(buf)
+        return group, params, grads, bufs, kinds
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state, as ``torch.optim.Optimizer.state_dict``, with each
+        parameter's update recorded beside its momentum buffer (``"manifold"``, as
+        :func:`kind_tag` writes it), so that :meth:`load_state_dict` can check it. The
+        record is part of each parameter's state, so it travels through
+        ``torch.distributed.checkpoint`` too.
+
+        Returns
+        -------
+        dict
+            ``{"state": {index: {"momentum_buffer": ..., "manifold": ...}},
+            "param_groups": [...]}``
+
+        Examples
+        --------
+        >>> import torch, geoopt
+        >>> from manifold_nets import InvariantSGD, ObliqueManifold
+        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
+        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, 2)
+        >>> opt.step()
+        >>> opt.state_dict()["state"][0]["manifold"]
+        'oblique(ndim=1)'
+        """
+        state = super().state_dict()
+        tags = [kind_tag(k) for i, g in enumerate(self.param_groups)
+                for k in self._group_kinds(i, g)]
+        state["state"] = {i: {**v, _MANIFOLD: tags[i]} if isinstance(i, int) and i < len(tags)
+                          else v for i, v in state["state"].items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by :meth:`state_dict`, after checking that every parameter
+        with a state is on the manifold it was on when the state was written.
+
+        A momentum buffer of UN or SM is a tangent vector of its manifold: loaded into a
+        parameter that is Euclidean, or on another manifold, it would silently turn the
+        run into another update. Nothing is loaded when a parameter differs. A state whose
+        buffers carry no record of their manifolds (written by another optimiser) loads with a
+        warning.
+
+        Parameters
+        ----------
+        state_dict : dict
+            as returned by :meth:`state_dict`
+
+        Raises
+        ------
+        ValueError
+            naming the parameters whose manifold differs from the recorded one, with the
+            fix: declare the model as it was (:func:`~manifold_nets.declare`) before
+            building the optimiser and loading its state
+
+        Warns
+        -----
+        UserWarning
+            when buffers record no manifold
+
+        Examples
+        --------
+        A UN state loaded into an optimiser of the same parameter left Euclidean:
+
+        >>> import torch, geoopt
+        >>> from manifold_nets import InvariantSGD, ObliqueManifold
+        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
+        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, 2)
+        >>> opt.step()
+        >>> plain = torch.nn.Parameter(torch.eye(2))
+        >>> InvariantSGD([plain], lr=0.1, momentum=0.9).load_state_dict(opt.state_dict())
+        Traceback (most recent call last):
+        ...
+        ValueError: InvariantSGD.load_state_dict: the state was written for other manifolds: ...
+        """
+        import warnings
+
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        here = [(index, j, p, kind) for index, g in enumerate(self.param_groups)
+                for j, (p, kind) in enumerate(zip(g["params"], self._group_kinds(index, g),
+                                                  strict=True))]
+        wrong, saved_kinds, unrecorded = [], set(), 0
+        for saved_id, (index, j, p, kind) in zip(saved_ids, here, strict=False):
+            entry = state_dict["state"].get(saved_id)
+            if not entry:
+                continue
+            was = entry.get(_MANIFOLD)
+            if was is None:
+                unrecorded += 1
+            elif was != kind_tag(kind):
+                saved_kinds.add(was.split("(")[0])
+                wrong.append(f"{_param_name(self.param_groups[index], index, j, p)} was "
+                             f"{was}, is {kind_tag(kind)}")
+        if wrong:
+            hint = ", ".join(repr({"oblique": "un", "sm": "sm"}[k])
+                             for k in sorted(saved_kinds - {"euclidean"}))
+            raise ValueError(
+                "InvariantSGD.load_state_dict: the state was written for other manifolds: "
+                f"{'; '.join(wrong[:6])}"
+                f"{f'; and {len(wrong) - 6} more' if len(wrong) > 6 else ''}. Nothing was "
+                "loaded. Fix: declare the model as it was when the state was written "
+                f"(manifold_nets.declare(model, {hint or repr('bsgd')}, ...)) before "
+                "building the optimiser and loading its state.")
+        if unrecorded:
+            warnings.warn(
+                f"InvariantSGD.load_state_dict: {unrecorded} parameter states record no "
+                "manifold (written by another optimiser, e.g. torch.optim.SGD), so it "
+                "cannot be checked that each is on the manifold its momentum was "
+                "accumulated on.", stacklevel=2)
+        state_dict = dict(state_dict)
+        state_dict["state"] = {i: {k: v for k, v in entry.items() if k != _MANIFOLD}
+                               for i, entry in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+
+
+#: The key of each parameter's update in :meth:`InvariantSGD.state_dict`'s state.
+_MANIFOLD = "manifold"
+
+
+def _grad_problem(p: Tensor, g: Tensor) -> str | None:
+    """Why ``g`` cannot be ``p``'s gradient in a step, or ``None``."""
+    if g.is_sparse:
+        return "its gradient is sparse, which InvariantSGD does not support (use dense gradients)"
+    if g.dtype != p.dtype:
+        return f"its gradient is {g.dtype}, the parameter {p.dtype}"
+    if g.shape != p.shape:
+        return f"its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
+    if g.device != p.device:
+        return f"its gradient is on {g.device}, the parameter on {p.device}"
+    return None
+
+
+def _checked(gathered) -> list:
+    """Every group gathered (and so checked) before the first is stepped."""
+    return [w for w in gathered if w[1]]
 
 
 def invariant_sgd(
@@ -842,13 +1063,13 @@ def _fused_invariant_sgd(
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffer_list[i] if momentum != 0 else None
         key = (kinds[i].name, kinds[i].side if kinds[i].name == "sm" else "left")
-        if key not in kernel.KINDS or not kernel.eligible(p, g, buf, lr):
+        if key not in kernel.KINDS or not kernel.eligible(p, g, buf, lr, kinds[i]):
             rest.append(i)
             continue
         init = momentum != 0 and buf is None
         if init:
-            buf = momentum_buffer_list[i] = torch.empty_like(
-                p, memory_format=torch.contiguous_format)
+            buf = momentum_buffer_list[i] = torch.empty_like(  # laid out as p
+                p, memory_format=torch.preserve_format)
         module.fused_step(p.detach(), g, buf if buf is not None else p.detach(),
                           kernel.KINDS[key], kinds[i].ndim, rate, momentum, dampening,
                           weight_decay, nesterov, maximize, init)

@@ -96,8 +96,8 @@ def test_the_wheel_and_the_sdist_carry_every_file_the_package_reads(dists):
 
 
 def test_a_wheel_without_the_kernel_source_fails_the_probe_and_says_why(dists, tmp_path):
-    """The control: the same probe on a wheel that lacks the kernel source (as the wheels
-    of 0.1.0 did) fails, and the warning names the missing file."""
+    """The control: the same probe on a wheel that lacks the kernel source fails, and the
+    warning names the missing file and the fix."""
     broken = tmp_path / dists["wheel"].name
     with zipfile.ZipFile(dists["wheel"]) as src, zipfile.ZipFile(broken, "w") as dst:
         for item in src.infolist():

@@ -154,11 +154,18 @@ std::vector<T> column_sqnorms(const T* x, int64_t batch, int64_t out, int64_t co
 void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor buf, int64_t kind,
                 int64_t ndim, double lr, double momentum, double dampening, double wd,
                 bool nesterov, bool maximize, bool init) {
-  TORCH_CHECK(param.device().is_cpu() && param.is_contiguous() && grad.is_contiguous(),
-              "fused_step: contiguous CPU tensors only");
+  // Rows are read as blocks of n entries from data_ptr: each filter must be one block of
+  // memory, with the gradient and buffer laid out alike (manifold_nets.fused.refusal checks
+  // the rest: the blocks' order, and contiguity for SM's right metric).
+  TORCH_CHECK(param.device().is_cpu() && param.is_non_overlapping_and_dense() &&
+                  grad.strides() == param.strides() && grad.sizes() == param.sizes(),
+              "fused_step: dense CPU tensors, the gradient laid out as the parameter");
+  TORCH_CHECK(kind != SM_RIGHT || param.is_contiguous(),
+              "fused_step: SM's right metric needs a contiguous parameter");
   TORCH_CHECK(param.scalar_type() == grad.scalar_type(), "fused_step: dtypes differ");
-  TORCH_CHECK(momentum == 0 || (buf.is_contiguous() && buf.sizes() == param.sizes()),
-              "fused_step: the momentum buffer must be contiguous and shaped like param");
+  TORCH_CHECK(momentum == 0 || (buf.strides() == param.strides() &&
+                                buf.sizes() == param.sizes()),
+              "fused_step: the momentum buffer must be laid out as the parameter");
   const int64_t dims = param.dim();
   int64_t n = 1, rows = 1;
   if (kind == OBLIQUE || kind == SM_LEFT) {

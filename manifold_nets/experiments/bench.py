@@ -117,6 +117,10 @@ WEIGHT_SETS = {
     # two 4096 x 4096 Linear weights, 33.6M parameters
     "linear4096": [(4096, 4096)] * 2,
 }
+#: ResNet-18's conv weights in ``channels_last``, as a model converted with
+#: ``model.to(memory_format=torch.channels_last)`` holds them (each filter is still one
+#: block of memory, so the fused kernel takes them).
+WEIGHT_SETS["resnet18-channels-last"] = WEIGHT_SETS["resnet18"]
 
 #: name -> (update, optimiser factory(params)) of the step benchmark, momentum 0.9.
 STEP_OPTIMISERS: dict[str, tuple[str, Callable]] = {
@@ -544,16 +548,18 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
     }
 
 
-def _step_params(shapes, update: str, seed: int = 0, device: str = "cpu"
-                 ) -> list[torch.Tensor]:
+def _step_params(shapes, update: str, seed: int = 0, device: str = "cpu",
+                 channels_last: bool = False) -> list[torch.Tensor]:
     """Parameters of the given shapes, declared for ``update`` (filters: every dim after the
-    first), with fixed random gradients."""
+    first), with fixed random gradients; 4-D ones in ``channels_last`` if asked."""
     from ..manifolds import DiagScaledEuclidean
 
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
-        w = torch.randn(shape, generator=gen).to(device)
+        fmt = (torch.channels_last if channels_last and len(shape) == 4
+               else torch.contiguous_format)
+        w = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
         nd = len(shape) - 1
         if update == "un":
             m = ObliqueManifold(nd)
@@ -562,7 +568,7 @@ def _step_params(shapes, update: str, seed: int = 0, device: str = "cpu"
             p = geoopt.ManifoldParameter(w, manifold=DiagScaledEuclidean(ndim=nd))
         else:
             p = nn.Parameter(w)
-        p.grad = torch.randn(shape, generator=gen).to(device)
+        p.grad = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
         out.append(p)
     return out
 
@@ -605,7 +611,8 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
             optimisers["sgd-fused"] = ("bsgd", lambda ps: torch.optim.SGD(
                 ps, lr=1e-7, momentum=0.9, fused=True))
         for name, (update, factory) in optimisers.items():
-            params = _step_params(shapes, update, cfg.seed, cfg.device)
+            params = _step_params(shapes, update, cfg.seed, cfg.device,
+                                  channels_last=wset.endswith("-channels-last"))
             opt = factory(params)
             opt.step()  # the momentum buffers exist from here on
             runs[name] = opt

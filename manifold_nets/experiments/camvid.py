@@ -831,7 +831,7 @@ class CamVidConfig:
         >>> from manifold_nets.experiments.camvid import CamVidConfig
         >>> d = CamVidConfig(seed=3).to_dict()
         >>> len(d), d["seed"], CamVidConfig(**d) == CamVidConfig(seed=3)
-        (12, 3, True)
+        (13, 3, True)
         """
         return asdict(self)
 
