@@ -8,7 +8,8 @@ The two geometries of Badrinarayanan, Mishra and Cipolla (2016) as geoopt manifo
 
 Declare a model's weights with :func:`~manifold_nets.declare` (which returns a
 :class:`~manifold_nets.Declaration`) and train them with
-:class:`~manifold_nets.InvariantSGD` or :class:`geoopt.optim.RiemannianSGD`. The paper's
+:class:`~manifold_nets.InvariantSGD`, :class:`~manifold_nets.InvariantAdam` or
+:class:`geoopt.optim.RiemannianSGD`. The paper's
 networks are :class:`~manifold_nets.Arch1` and :class:`~manifold_nets.Arch2` (configured by
 :class:`~manifold_nets.NetConfig`); SegNet is in :mod:`manifold_nets.nets`. The formulas
 are plain functions in :mod:`manifold_nets.math`; :mod:`manifold_nets.symmetry` finds and
@@ -46,6 +47,7 @@ with warnings.catch_warnings():
                             category=DeprecationWarning)
     import geoopt  # noqa: F401
 
+from .adam import InvariantAdam
 from .declare import Declaration, declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 from .nets import Arch1, Arch2, NetConfig
@@ -62,6 +64,7 @@ __all__ = [
     "declare",
     "Declaration",
     "InvariantSGD",
+    "InvariantAdam",
     "__version__",
 ]
 

@@ -48,6 +48,7 @@ __all__ = [
     "scaled_egrad2rgrad",
     "scaled_inner",
     "scaled_sqnorm",
+    "scaled_frame",
 ]
 
 #: Norms below this are treated as zero when dividing (per dtype), as in ``geoopt.Sphere``.
@@ -607,3 +608,47 @@ def scaled_sqnorm(x: torch.Tensor, u: torch.Tensor, side: str = "left", ndim: in
     [1.0]
     """
     return scaled_inner(x, u, u, side=side, ndim=ndim)
+
+
+def scaled_frame(x: torch.Tensor, side: str = "left", ndim: int = 1) -> torch.Tensor:
+    r"""The factor that maps the SM metric's orthonormal frame at ``x`` to the parameter's
+    coordinates: :math:`\|w_i\|` per filter (left) or :math:`\|\theta_{:,j}\|` per
+    column of the classifier (right), shaped to broadcast against ``x``.
+
+    The scaled metric :math:`\langle u, v \rangle_W = \sum_i u_i^\top v_i / \|w_i\|^2`
+    (eq. (7)) has the orthonormal frame :math:`e = u_i / \|w_i\|`. In it the Riemannian
+    gradient :math:`\mathrm{Diag}(\|w_i\|^2) \nabla_W L` reads
+
+    .. math::
+
+        h_i = \|w_i\|\, \nabla_{w_i} L,
+
+    which is unchanged by the rescaling :math:`w_i \to a_i w_i` (the gradient scales by
+    :math:`1 / a_i`); a step :math:`d` taken in the frame is the step
+    :math:`\|w_i\|\, d_i` on :math:`W`, which scales by :math:`a_i`. Any update computed
+    from :math:`h` alone (Adam's moments, its :math:`\epsilon` included) is therefore
+    equivariant under the SM group; :class:`~manifold_nets.InvariantAdam` is built on it.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        the point :math:`W` or :math:`\theta`
+    side : {"left", "right"}
+        filters (rows) or the classifier's columns (trailing ``ndim >= 2`` dims)
+    ndim : int
+        number of trailing dims owned by one point
+
+    Returns
+    -------
+    torch.Tensor
+        the norms, with kept dims, saturated at the dtype's largest finite value
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.math import scaled_frame
+    >>> x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    >>> scaled_frame(x).tolist(), scaled_frame(x, "right", 2).tolist()
+    ([[5.0], [2.0]], [[3.0, 4.4721360206604]])
+    """
+    return _scale(x, side, ndim).sqrt_()

@@ -39,7 +39,7 @@ from .math import (
     scaled_egrad2rgrad,
 )
 
-__all__ = ["InvariantSGD", "Kind", "invariant_sgd", "kind_of", "kind_tag"]
+__all__ = ["InvariantSGD", "Kind", "ManifoldOptimizer", "invariant_sgd", "kind_of", "kind_tag"]
 
 
 class Kind(NamedTuple):
@@ -247,7 +247,202 @@ def kind_tag(kind: Kind) -> str:
     return f"sm({kind.side}, ndim={kind.ndim})"
 
 
-class InvariantSGD(torch.optim.Optimizer):
+#: The key of each parameter's update in :meth:`ManifoldOptimizer.state_dict`'s state.
+_MANIFOLD = "manifold"
+
+
+class ManifoldOptimizer(torch.optim.Optimizer):
+    """The base of :class:`InvariantSGD` and :class:`~manifold_nets.InvariantAdam`: an
+    optimiser that knows each parameter's :class:`Kind`.
+
+    It records the kinds when parameters are added (so that a compiled step never tests
+    a traced tensor's type), reads them again when a manifold changed (``declare`` after
+    the optimiser was built), and writes each parameter's update into its state, which
+    :meth:`load_state_dict` checks. Subclasses implement ``step``.
+
+    Parameters
+    ----------
+    params : iterable
+        parameters or parameter groups, as for :class:`torch.optim.Optimizer`
+    defaults : dict
+        the default options of a group
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import InvariantSGD
+    >>> from manifold_nets.optim import ManifoldOptimizer
+    >>> isinstance(InvariantSGD([torch.nn.Parameter(torch.zeros(2))]), ManifoldOptimizer)
+    True
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as ``torch.optim.Optimizer.add_param_group``, and
+        record the :class:`Kind` of each of its parameters.
+
+        The kinds are read again at the next :meth:`step` if a parameter's manifold has
+        changed since (e.g. :func:`~manifold_nets.declare` called after the optimiser
+        was built).
+
+        Parameters
+        ----------
+        param_group : dict
+            ``{"params": ..., **options}``; options not given take the optimiser's defaults
+
+        Raises
+        ------
+        ValueError
+            if a parameter is on a manifold that the optimiser cannot update
+
+        Examples
+        --------
+        >>> import torch, geoopt
+        >>> from manifold_nets import DiagScaledEuclidean, InvariantSGD
+        >>> opt = InvariantSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+        >>> sm = DiagScaledEuclidean("right")
+        >>> theta = geoopt.ManifoldParameter(torch.randn(3, 4), manifold=sm)
+        >>> opt.add_param_group({"params": [theta], "lr": 0.01})
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.1, 0.01]
+        """
+        if "_kinds" not in self.__dict__:
+            self._kinds: list[list[Kind]] = []
+            self._manifolds: dict[int, list[int]] = {}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._kinds.append([kind_of(p) for p in group["params"]])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._kinds = [[kind_of(p) for p in g["params"]] for g in self.param_groups]
+        self._manifolds = {}
+
+    def _group_kinds(self, index: int, group: dict[str, Any]) -> list[Kind]:
+        kinds = self._kinds[index]
+        manifolds = [id(getattr(p, "manifold", None)) for p in group["params"]]
+        if len(kinds) != len(group["params"]) or manifolds != self._manifolds.get(index):
+            # params edited by hand, or declared (in place) after this optimiser was built
+            kinds = self._kinds[index] = [kind_of(p) for p in group["params"]]
+            self._manifolds[index] = manifolds
+        return kinds
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state, as ``torch.optim.Optimizer.state_dict``, with each
+        parameter's update recorded beside its momentum buffer (``"manifold"``, as
+        :func:`kind_tag` writes it), so that :meth:`load_state_dict` can check it. The
+        record is part of each parameter's state, so it travels through
+        ``torch.distributed.checkpoint`` too.
+
+        Returns
+        -------
+        dict
+            ``{"state": {index: {"momentum_buffer": ..., "manifold": ...}},
+            "param_groups": [...]}``
+
+        Examples
+        --------
+        >>> import torch, geoopt
+        >>> from manifold_nets import InvariantSGD, ObliqueManifold
+        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
+        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, 2)
+        >>> opt.step()
+        >>> opt.state_dict()["state"][0]["manifold"]
+        'oblique(ndim=1)'
+        """
+        state = super().state_dict()
+        tags = [kind_tag(k) for i, g in enumerate(self.param_groups)
+                for k in self._group_kinds(i, g)]
+        state["state"] = {i: {**v, _MANIFOLD: tags[i]} if isinstance(i, int) and i < len(tags)
+                          else v for i, v in state["state"].items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by :meth:`state_dict`, after checking that every parameter
+        with a state is on the manifold it was on when the state was written.
+
+        A momentum buffer of UN or SM is a tangent vector of its manifold: loaded into a
+        parameter that is Euclidean, or on another manifold, it would silently turn the
+        run into another update. Nothing is loaded when a parameter differs. A state whose
+        buffers carry no record of their manifolds (written by another optimiser) loads with a
+        warning.
+
+        Parameters
+        ----------
+        state_dict : dict
+            as returned by :meth:`state_dict`
+
+        Raises
+        ------
+        ValueError
+            naming the parameters whose manifold differs from the recorded one, with the
+            fix: declare the model as it was (:func:`~manifold_nets.declare`) before
+            building the optimiser and loading its state
+
+        Warns
+        -----
+        UserWarning
+            when buffers record no manifold
+
+        Examples
+        --------
+        A UN state loaded into an optimiser of the same parameter left Euclidean:
+
+        >>> import torch, geoopt
+        >>> from manifold_nets import InvariantSGD, ObliqueManifold
+        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
+        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, 2)
+        >>> opt.step()
+        >>> plain = torch.nn.Parameter(torch.eye(2))
+        >>> InvariantSGD([plain], lr=0.1, momentum=0.9).load_state_dict(opt.state_dict())
+        Traceback (most recent call last):
+        ...
+        ValueError: InvariantSGD.load_state_dict: the state was written for other manifolds: ...
+        """
+        import warnings
+
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        here = [(index, j, p, kind) for index, g in enumerate(self.param_groups)
+                for j, (p, kind) in enumerate(zip(g["params"], self._group_kinds(index, g),
+                                                  strict=True))]
+        wrong, saved_kinds, unrecorded = [], set(), 0
+        for saved_id, (index, j, p, kind) in zip(saved_ids, here, strict=False):
+            entry = state_dict["state"].get(saved_id)
+            if not entry:
+                continue
+            was = entry.get(_MANIFOLD)
+            if was is None:
+                unrecorded += 1
+            elif was != kind_tag(kind):
+                saved_kinds.add(was.split("(")[0])
+                wrong.append(f"{_param_name(self.param_groups[index], index, j, p)} was "
+                             f"{was}, is {kind_tag(kind)}")
+        if wrong:
+            hint = ", ".join(repr({"oblique": "un", "sm": "sm"}[k])
+                             for k in sorted(saved_kinds - {"euclidean"}))
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state was written for other "
+                "manifolds: "
+                f"{'; '.join(wrong[:6])}"
+                f"{f'; and {len(wrong) - 6} more' if len(wrong) > 6 else ''}. Nothing was "
+                "loaded. Fix: declare the model as it was when the state was written "
+                f"(manifold_nets.declare(model, {hint or repr('bsgd')}, ...)) before "
+                "building the optimiser and loading its state.")
+        if unrecorded:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: {unrecorded} parameter states "
+                "record no "
+                "manifold (written by another optimiser, e.g. torch.optim.SGD), so it "
+                "cannot be checked that each is on the manifold its momentum was "
+                "accumulated on.", stacklevel=2)
+        state_dict = dict(state_dict)
+        state_dict["state"] = {i: {k: v for k, v in entry.items() if k != _MANIFOLD}
+                               for i, entry in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+
+
+class InvariantSGD(ManifoldOptimizer):
     r"""Symmetry-invariant SGD: the UN and SM updates of Table 1, fused across parameters.
 
     Each parameter is updated according to its manifold (read once, when it is added):
@@ -401,56 +596,7 @@ class InvariantSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, fused=fused)
-        self._kinds: list[list[Kind]] = []
-        self._manifolds: dict[int, list[int]] = {}
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, as ``torch.optim.Optimizer.add_param_group``, and
-        record the :class:`Kind` of each of its parameters.
-
-        The kinds are read again at the next :meth:`step` if a parameter's manifold has
-        changed since (e.g. :func:`~manifold_nets.declare` called after the optimiser
-        was built).
-
-        Parameters
-        ----------
-        param_group : dict
-            ``{"params": ..., **options}``; options not given take the optimiser's defaults
-
-        Raises
-        ------
-        ValueError
-            if a parameter is on a manifold that :class:`InvariantSGD` cannot update
-
-        Examples
-        --------
-        >>> import torch, geoopt
-        >>> from manifold_nets import DiagScaledEuclidean, InvariantSGD
-        >>> opt = InvariantSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-        >>> sm = DiagScaledEuclidean("right")
-        >>> theta = geoopt.ManifoldParameter(torch.randn(3, 4), manifold=sm)
-        >>> opt.add_param_group({"params": [theta], "lr": 0.01})
-        >>> [g["lr"] for g in opt.param_groups]
-        [0.1, 0.01]
-        """
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._kinds.append([kind_of(p) for p in group["params"]])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._kinds = [[kind_of(p) for p in g["params"]] for g in self.param_groups]
-        self._manifolds = {}
-
-    def _group_kinds(self, index: int, group: dict[str, Any]) -> list[Kind]:
-        kinds = self._kinds[index]
-        manifolds = [id(getattr(p, "manifold", None)) for p in group["params"]]
-        if len(kinds) != len(group["params"]) or manifolds != self._manifolds.get(index):
-            # params edited by hand, or declared (in place) after this optimiser was built
-            kinds = self._kinds[index] = [kind_of(p) for p in group["params"]]
-            self._manifolds[index] = manifolds
-        return kinds
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -560,124 +706,6 @@ class InvariantSGD(torch.optim.Optimizer):
             if momentum != 0:
                 bufs.append(buf)
         return group, params, grads, bufs, kinds
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimiser's state, as ``torch.optim.Optimizer.state_dict``, with each
-        parameter's update recorded beside its momentum buffer (``"manifold"``, as
-        :func:`kind_tag` writes it), so that :meth:`load_state_dict` can check it. The
-        record is part of each parameter's state, so it travels through
-        ``torch.distributed.checkpoint`` too.
-
-        Returns
-        -------
-        dict
-            ``{"state": {index: {"momentum_buffer": ..., "manifold": ...}},
-            "param_groups": [...]}``
-
-        Examples
-        --------
-        >>> import torch, geoopt
-        >>> from manifold_nets import InvariantSGD, ObliqueManifold
-        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
-        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
-        >>> w.grad = torch.ones(2, 2)
-        >>> opt.step()
-        >>> opt.state_dict()["state"][0]["manifold"]
-        'oblique(ndim=1)'
-        """
-        state = super().state_dict()
-        tags = [kind_tag(k) for i, g in enumerate(self.param_groups)
-                for k in self._group_kinds(i, g)]
-        state["state"] = {i: {**v, _MANIFOLD: tags[i]} if isinstance(i, int) and i < len(tags)
-                          else v for i, v in state["state"].items()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state written by :meth:`state_dict`, after checking that every parameter
-        with a state is on the manifold it was on when the state was written.
-
-        A momentum buffer of UN or SM is a tangent vector of its manifold: loaded into a
-        parameter that is Euclidean, or on another manifold, it would silently turn the
-        run into another update. Nothing is loaded when a parameter differs. A state whose
-        buffers carry no record of their manifolds (written by another optimiser) loads with a
-        warning.
-
-        Parameters
-        ----------
-        state_dict : dict
-            as returned by :meth:`state_dict`
-
-        Raises
-        ------
-        ValueError
-            naming the parameters whose manifold differs from the recorded one, with the
-            fix: declare the model as it was (:func:`~manifold_nets.declare`) before
-            building the optimiser and loading its state
-
-        Warns
-        -----
-        UserWarning
-            when buffers record no manifold
-
-        Examples
-        --------
-        A UN state loaded into an optimiser of the same parameter left Euclidean:
-
-        >>> import torch, geoopt
-        >>> from manifold_nets import InvariantSGD, ObliqueManifold
-        >>> w = geoopt.ManifoldParameter(torch.eye(2), manifold=ObliqueManifold())
-        >>> opt = InvariantSGD([w], lr=0.1, momentum=0.9)
-        >>> w.grad = torch.ones(2, 2)
-        >>> opt.step()
-        >>> plain = torch.nn.Parameter(torch.eye(2))
-        >>> InvariantSGD([plain], lr=0.1, momentum=0.9).load_state_dict(opt.state_dict())
-        Traceback (most recent call last):
-        ...
-        ValueError: InvariantSGD.load_state_dict: the state was written for other manifolds: ...
-        """
-        import warnings
-
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        here = [(index, j, p, kind) for index, g in enumerate(self.param_groups)
-                for j, (p, kind) in enumerate(zip(g["params"], self._group_kinds(index, g),
-                                                  strict=True))]
-        wrong, saved_kinds, unrecorded = [], set(), 0
-        for saved_id, (index, j, p, kind) in zip(saved_ids, here, strict=False):
-            entry = state_dict["state"].get(saved_id)
-            if not entry:
-                continue
-            was = entry.get(_MANIFOLD)
-            if was is None:
-                unrecorded += 1
-            elif was != kind_tag(kind):
-                saved_kinds.add(was.split("(")[0])
-                wrong.append(f"{_param_name(self.param_groups[index], index, j, p)} was "
-                             f"{was}, is {kind_tag(kind)}")
-        if wrong:
-            hint = ", ".join(repr({"oblique": "un", "sm": "sm"}[k])
-                             for k in sorted(saved_kinds - {"euclidean"}))
-            raise ValueError(
-                "InvariantSGD.load_state_dict: the state was written for other manifolds: "
-                f"{'; '.join(wrong[:6])}"
-                f"{f'; and {len(wrong) - 6} more' if len(wrong) > 6 else ''}. Nothing was "
-                "loaded. Fix: declare the model as it was when the state was written "
-                f"(manifold_nets.declare(model, {hint or repr('bsgd')}, ...)) before "
-                "building the optimiser and loading its state.")
-        if unrecorded:
-            warnings.warn(
-                f"InvariantSGD.load_state_dict: {unrecorded} parameter states record no "
-                "manifold (written by another optimiser, e.g. torch.optim.SGD), so it "
-                "cannot be checked that each is on the manifold its momentum was "
-                "accumulated on.", stacklevel=2)
-        state_dict = dict(state_dict)
-        state_dict["state"] = {i: {k: v for k, v in entry.items() if k != _MANIFOLD}
-                               for i, entry in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-
-
-#: The key of each parameter's update in :meth:`InvariantSGD.state_dict`'s state.
-_MANIFOLD = "manifold"
-
 
 def _grad_problem(p: Tensor, g: Tensor) -> str | None:
     """Why ``g`` cannot be ``p``'s gradient in a step, or ``None``."""
