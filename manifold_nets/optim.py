@@ -280,7 +280,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         """Add a parameter group, as ``torch.optim.Optimizer.add_param_group``, and
         record the :class:`Kind` of each of its parameters.
 
-        The kinds are read again at the next :meth:`step` if a parameter's manifold has
+        The kinds are read again at the next ``step`` if a parameter's manifold has
         changed since (e.g. :func:`~manifold_nets.declare` called after the optimiser
         was built).
 

@@ -57,6 +57,8 @@ TORCH = {
     "torch.optim.sgd": ("module", "generated/torch.optim.SGD.html", "torch.optim.SGD"),
     "torch.optim.SGD": ("class", "generated/torch.optim.SGD.html", None),
     "torch.optim.Adam": ("class", "generated/torch.optim.Adam.html", None),
+    "torch.optim.AdamW": ("class", "generated/torch.optim.AdamW.html", None),
+    "torch.optim.adam.adam": ("function", "generated/torch.optim.Adam.html", "torch.optim.Adam"),
     "torch.optim.Optimizer": ("class", "optim.html", None),
     "torch.optim.optimizer.Optimizer": ("class", "optim.html", "torch.optim.Optimizer"),
     "torch.fx": ("module", "fx.html", "module-torch.fx"),

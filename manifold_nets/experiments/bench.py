@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adam import InvariantAdam
 from ..declare import UPDATES, declare
 from ..manifolds import ObliqueManifold
 from ..nets import Arch2
@@ -133,6 +134,15 @@ STEP_OPTIMISERS: dict[str, tuple[str, Callable]] = {
     "ours-sm-foreach": ("sm", lambda ps: InvariantSGD(ps, lr=1e-7, momentum=0.9,
                                                       fused=False)),
     "geoopt-un": ("un", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=1e-7, momentum=0.9)),
+}
+#: name -> (update, optimiser factory(params)) of the Adam step benchmark
+#: (``--step-family adam``): torch's AdamW against InvariantAdam and geoopt's RiemannianAdam.
+ADAM_STEP_OPTIMISERS: dict[str, tuple[str, Callable]] = {
+    "adamw-foreach": ("bsgd", lambda ps: torch.optim.AdamW(ps, lr=1e-7, foreach=True)),
+    "ours-adam-un": ("un", lambda ps: InvariantAdam(ps, lr=1e-7)),
+    "ours-adam-sm": ("sm", lambda ps: InvariantAdam(ps, lr=1e-7)),
+    "ours-adam-un-loop": ("un", lambda ps: InvariantAdam(ps, lr=1e-7, foreach=False)),
+    "geoopt-adam-un": ("un", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=1e-7)),
 }
 
 
@@ -345,6 +355,10 @@ weight_sets, step_threads, step_rounds, device, extra
     weight_sets, step_threads, step_rounds, device
         The step benchmark: weight sets (``"resnet18"``, ``"linear4096"``), thread
         counts, interleaved rounds, and ``"cpu"`` or ``"cuda"``.
+    step_family : {"sgd", "adam"}
+        The step benchmark's optimisers: :data:`STEP_OPTIMISERS` against
+        ``torch.optim.SGD(foreach=True, momentum=0.9)``, or :data:`ADAM_STEP_OPTIMISERS`
+        against ``torch.optim.AdamW(foreach=True)``.
     extra : dict
         Anything else to save with the results.
 
@@ -379,6 +393,7 @@ weight_sets, step_threads, step_rounds, device, extra
     step_threads: tuple[int, ...] = (1, 2)
     step_rounds: int = 7
     device: str = "cpu"
+    step_family: str = "sgd"
     extra: dict = field(default_factory=dict)
 
 
@@ -606,8 +621,15 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
         numel = sum(math.prod(s) for s in shapes)
         out[wset] = {"parameters": numel, "threads": {}}
         runs = {}
-        optimisers = dict(STEP_OPTIMISERS)
-        if cfg.device == "cuda":  # torch's fused CUDA SGD, the GPU's floor
+        adam = cfg.step_family == "adam"
+        optimisers = dict(ADAM_STEP_OPTIMISERS if adam else STEP_OPTIMISERS)
+        base = "adamw-foreach" if adam else "sgd-foreach"
+        key = f"vs_{base.replace('-', '_')}"
+        out[wset]["base"] = base
+        if cfg.device == "cuda" and adam:  # torch's fused CUDA AdamW, the GPU's floor
+            optimisers["adamw-fused"] = ("bsgd", lambda ps: torch.optim.AdamW(
+                ps, lr=1e-7, fused=True))
+        elif cfg.device == "cuda":  # torch's fused CUDA SGD, the GPU's floor
             optimisers["sgd-fused"] = ("bsgd", lambda ps: torch.optim.SGD(
                 ps, lr=1e-7, momentum=0.9, fused=True))
         for name, (update, factory) in optimisers.items():
@@ -636,13 +658,13 @@ def bench_steps(cfg: BenchConfig, log=print) -> dict:
                     _sync(cfg.device)
                     times[name].append((time.perf_counter() - t0) / calls)
             rows = {name: {"step_ms": 1e3 * statistics.median(t),
-                           "vs_sgd_foreach": _median_ratio(times, name, "sgd-foreach"),
+                           key: _median_ratio(times, name, base),
                            "step_ms_all": [1e3 * v for v in t],
                            "step_peak_bytes": memory[name]}
                     for name, t in times.items()}
             out[wset]["threads"][threads] = rows
             log(f"  steps {wset} ({numel / 1e6:.1f}M parameters), {threads} thread(s): "
-                + ", ".join(f"{k} {v['vs_sgd_foreach']['median']:.2f}x"
+                + ", ".join(f"{k} {v[key]['median']:.2f}x"
                             for k, v in rows.items()))
     torch.set_num_threads(threads_before)
     return out
@@ -751,12 +773,17 @@ def format_table(result: dict) -> str:
                      f"sequential {t['sequential']:.3f}; throughput stacked / sequential "
                      f"{_fmt_ratio(sp)}")
     for wset, res in result.get("steps", {}).items():
+        base = res.get("base", "sgd-foreach")
+        key = f"vs_{base.replace('-', '_')}"
         for threads, rows in res["threads"].items():
             lines.append("")
             lines.append(f"steps: {wset} ({res['parameters'] / 1e6:.1f}M parameters), "
-                         f"momentum 0.9, {threads} thread(s); floor: 1.0 (SGD's 5 passes)")
-            table = [("optimiser", "step ms", "step / sgd-foreach", "step peak MiB")]
-            table += [(name, f"{r['step_ms']:.2f}", _fmt_ratio(r["vs_sgd_foreach"]),
+                         + ("AdamW's moments" if base.startswith("adamw") else
+                            "momentum 0.9") + f", {threads} thread(s)"
+                         + ("" if base.startswith("adamw") else "; floor: 1.0 (SGD's 5 "
+                                                                  "passes)"))
+            table = [("optimiser", "step ms", f"step / {base}", "step peak MiB")]
+            table += [(name, f"{r['step_ms']:.2f}", _fmt_ratio(r[key]),
                        f"{r['step_peak_bytes'] / 2**20:.1f}") for name, r in rows.items()]
             widths = [max(len(row[i]) for row in table) for i in range(4)]
             for row in table:
@@ -810,7 +837,7 @@ def run_cli(args: argparse.Namespace) -> int:
                       threads=args.threads, data_dir=args.data_dir,
                       weight_sets=tuple(args.weight_sets),
                       step_threads=tuple(args.step_threads), step_rounds=args.step_rounds,
-                      device=args.device)
+                      device=args.device, step_family=args.step_family)
     log = (lambda *a, **k: None) if args.json else print
     result = run_bench(cfg, log=log)
     if args.output:

@@ -451,6 +451,9 @@ def _bench_parser(sub) -> None:
                    help="interleaved rounds of the step benchmark (default: 7)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device of the step benchmark (default: cpu)")
+    p.add_argument("--step-family", choices=("sgd", "adam"), default="sgd",
+                   help="optimisers of the step benchmark: SGD's (against torch.optim.SGD) "
+                        "or Adam's (against torch.optim.AdamW) (default: sgd)")
     p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), choices=OPTIMISERS,
                    metavar="NAME",
                    help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
