@@ -300,6 +300,35 @@ def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
         cv.CamVidConfig(val_every=0)
 
 
+def test_evaluation_at_another_resolution_upsamples_the_predictions():
+    """A 'model' that calls the left half of every image Sky (0) and the right half Road
+    (3), scored at twice the resolution against labels that differ from the upsampled
+    prediction in exactly one pixel."""
+
+    class Halves(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            out = torch.zeros(n, 11, h, w)
+            out[:, 0, :, : w // 2] = 1
+            out[:, 3, :, w // 2:] = 1
+            return out
+
+    small = cv.CamVid(torch.zeros(1, 3, 2, 4, dtype=torch.uint8),
+                      torch.zeros(1, 2, 4, dtype=torch.long), ["a"])
+    full = torch.zeros(1, 4, 8, dtype=torch.long)
+    full[:, :, 4:] = 3
+    full[0, 0, 0] = 3  # one Road pixel where the upsampled prediction says Sky
+    m = cv.evaluate(Halves(), small, labels=full)
+    assert m["global_acc"] == pytest.approx(31 / 32)
+    assert m["per_class_iou"][0] == pytest.approx(15 / 16)
+    with pytest.raises(ValueError, match="2 labels for 1 images"):
+        cv.evaluate(Halves(), small, labels=full.repeat(2, 1, 1))
+
+
 def test_flips_mirror_image_and_labels_together():
     x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
     y = torch.arange(2 * 2 * 4).view(2, 2, 4)

@@ -70,6 +70,7 @@ __all__ = [
     "ARCHIVE_URL",
     "CLASSES",
     "COLORS",
+    "FULL_SIZE",
     "PUBLISHED_WEIGHTS",
     "SEGNET_PAPER",
     "SHA256SUMS_SHA256",
@@ -108,6 +109,14 @@ CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", 
 #: >>> VOID == len(CLASSES)
 #: True
 VOID = 11
+#: CamVid's own resolution ``(height, width)``, at which published figures are measured.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.experiments.camvid import FULL_SIZE
+#: >>> FULL_SIZE
+#: (360, 480)
+FULL_SIZE = (360, 480)
 #: The splits and their sizes.
 #:
 #: Examples
@@ -608,7 +617,7 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     names = sorted(p.name for p in (folder / split).glob("*.png"))
     if not names:
         raise DataError(f"{folder / split} holds no PNG images")
-    h, w = size if size is not None else (360, 480)
+    h, w = size if size is not None else FULL_SIZE
     images = np.empty((len(names), h, w, 3), dtype=np.uint8)
     labels = np.empty((len(names), h, w), dtype=np.uint8)
     for i, name in enumerate(names):
@@ -915,11 +924,16 @@ def bn_statistics(model: torch.nn.Module, images: torch.Tensor, chunk: int = 8) 
         model.train(was)
 
 
-def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
+def evaluate(model: torch.nn.Module, data: CamVid, labels: torch.Tensor | None = None) -> dict:
     """Global accuracy, class-average accuracy, mean IoU and ``per_class_iou`` (a list,
     ``None`` for a class absent from the ground truth) over the non-void pixels of
     ``data``, with the model's batch-norm statistics as they are (see
     :func:`bn_statistics`).
+
+    With ``labels`` (the same images' labels at another resolution, e.g. CamVid's own
+    360 x 480), the predictions made at ``data``'s resolution are upsampled to theirs by
+    nearest neighbour and scored against them: the figures then sit on the same pixels
+    as published ones.
 
     Parameters
     ----------
@@ -928,6 +942,8 @@ def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
         8 images at a time, on the device of its parameters.
     data : CamVid
         The images and labels.
+    labels : torch.Tensor, optional
+        ``(N, H, W)`` labels of the same images at the resolution to score at.
 
     Returns
     -------
@@ -957,6 +973,12 @@ def evaluate(model: torch.nn.Module, data: CamVid) -> dict:
     from .segmentation import confusion_matrix, segmentation_metrics
 
     pred, target = predict(model, data.images), data.labels
+    if labels is not None:
+        if labels.shape[0] != pred.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {pred.shape[0]} images")
+        pred = F.interpolate(pred[:, None].float(), size=tuple(labels.shape[-2:]),
+                             mode="nearest")[:, 0].long()
+        target = labels
     keep = target != VOID
     conf = confusion_matrix(pred[keep], target[keep], len(CLASSES))
     metrics = segmentation_metrics(conf)
@@ -1371,16 +1393,24 @@ def run_evaluate_cli(args) -> int:
     print(f"{args.weights}: SegNet-Basic ({config.filters} filters), update {config.update}, "
           f"seed {config.seed}, at {config.height}x{config.width}")
     print(f"{args.split} ({len(test)} images): {_fmt(m)}")
-    print("per-class IoU: " + ", ".join(
-        f"{c} {'-' if v is None else f'{100 * v:.1f}'}" for c, v in zip(CLASSES,
-                                                                        m["per_class_iou"],
-                                                                        strict=True)))
+    print("per-class IoU: " + _per_class(m))
+    if config.size != FULL_SIZE:
+        full = load_camvid(args.split, None, args.data_dir).labels
+        f = evaluate(model, test, labels=full)
+        print(f"{args.split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} (predictions upsampled "
+              f"by nearest neighbour): {_fmt(f)}")
+        print("per-class IoU: " + _per_class(f))
     if stored is not None and args.split == "test":
         same = all(abs(m[k] - stored[k]) < 1e-6 for k in ("global_acc", "class_avg_acc",
                                                          "mean_iou"))
         print("matches the metrics stored with the weights" if same else
               f"differs from the metrics stored with the weights: {_fmt(stored)}")
     return 0
+
+
+def _per_class(m: dict) -> str:
+    return ", ".join(f"{c} {'-' if v is None else f'{100 * v:.1f}'}"
+                     for c, v in zip(CLASSES, m["per_class_iou"], strict=True))
 
 
 _NAMES = {"un": "UN", "sm": "SM", "bsgd": "B-SGD"}
