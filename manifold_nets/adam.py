@@ -149,6 +149,12 @@ class InvariantAdam(ManifoldOptimizer):
         the Euclidean ones, and the multi-tensor one on CPU and CUDA for the others
     second_moment : {"filter", "entry"}
         UN's second moment: one per filter (default) or one per entry
+    fused : bool, optional
+        the fused per-filter C++ kernel (:mod:`manifold_nets.fused`) for the UN and SM
+        parameters it takes (CPU float32 / float64, each filter a block of memory, a float
+        or 0-dim rate). ``None`` (default): where it can, with one warning if the kernel
+        cannot be built; ``True``: require it, raising for a UN or SM parameter it cannot
+        take; ``False``: never
 
     Raises
     ------
@@ -177,13 +183,21 @@ class InvariantAdam(ManifoldOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None,
-                 second_moment: str = "filter"):
+                 second_moment: str = "filter", fused: bool | None = None):
         _check_adam(lr, betas, eps, weight_decay, second_moment)
-        if foreach not in (None, True, False):
-            raise TypeError(f"Invalid foreach: {foreach!r}; pass True, False or None.")
+        for name, value in (("foreach", foreach), ("fused", fused)):
+            if value not in (None, True, False):
+                raise TypeError(f"Invalid {name}: {value!r}; pass True, False or None.")
+        if fused:
+            from . import fused as kernel
+
+            if not kernel.available():
+                raise RuntimeError(f"InvariantAdam(fused=True): the fused kernel is not "
+                                   f"available ({kernel.reason()}); pass fused=None or "
+                                   "False.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-                        second_moment=second_moment)
+                        second_moment=second_moment, fused=fused)
         super().__init__(params, defaults)
 
     def _gather(self, index: int, group: dict[str, Any]):
@@ -204,6 +218,16 @@ class InvariantAdam(ManifoldOptimizer):
             if problem is not None:
                 raise RuntimeError(f"InvariantAdam: {_param_name(group, index, j, p)}: "
                                    f"{problem}; the step changed nothing.")
+            if group.get("fused") and kind.name != "euclidean":
+                from . import fused as kernel
+
+                why = kernel.refusal(p, p.grad, None, lr, kind)
+                if why is not None:
+                    raise ValueError(
+                        f"InvariantAdam(fused=True): the fused kernel cannot take "
+                        f"{_param_name(group, index, j, p)}: {why}; the step changed "
+                        "nothing. Fix: pass fused=None to take the pure-torch step for such "
+                        "parameters.")
             rows.append((p, kind))
         return group, rows
 
@@ -296,7 +320,8 @@ class InvariantAdam(ManifoldOptimizer):
             ps, gs, ms, vs, vmaxs, steps, kinds = lists[False]
             if ps:
                 invariant_adam(ps, gs, ms, vs, vmaxs if group["amsgrad"] else [], steps,
-                               kinds, foreach=group["foreach"], **hyper)
+                               kinds, foreach=group["foreach"], fused=group.get("fused"),
+                               **hyper)
         return loss
 
 
@@ -304,7 +329,8 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
                    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
                    state_steps: list[Tensor], kinds: list[Kind], *, amsgrad: bool,
                    beta1: float, beta2: float, lr: float | Tensor, weight_decay: float,
-                   eps: float, maximize: bool, foreach: bool | None = None) -> None:
+                   eps: float, maximize: bool, foreach: bool | None = None,
+                   fused: bool | None = False) -> None:
     r"""Functional core of :class:`InvariantAdam` for UN and SM parameters (the class
     gives Euclidean ones to :func:`torch.optim.adam.adam`); see the class for the
     algorithm.
@@ -329,6 +355,9 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
         as for :class:`InvariantAdam`
     foreach : bool, optional
         the multi-tensor implementation; ``None``: when every parameter is on CPU or CUDA
+    fused : bool, optional
+        the fused kernel for the parameters it takes (``None``: if it is available;
+        ``False``, the default here: never)
 
     Raises
     ------
@@ -355,12 +384,17 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     if any(k.name == "euclidean" for k in kinds):
         raise ValueError("invariant_adam updates UN and SM parameters; give Euclidean ones "
                          "to torch.optim.adam.adam(..., decoupled_weight_decay=True)")
+    hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=_value(lr),
+                 weight_decay=weight_decay, eps=eps, maximize=maximize)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kinds]
+    if fused is not False:
+        rest = _impl("fused")(*lists, **hyper)
+        if not rest:
+            return
+        lists = [[lst[i] for i in rest] if lst else lst for lst in lists]
     if foreach is None:
-        foreach = all(p.device.type in ("cpu", "cuda") for p in params)
-    func = _impl("multi" if foreach else "single")
-    func(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kinds,
-         amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=_value(lr),
-         weight_decay=weight_decay, eps=eps, maximize=maximize)
+        foreach = all(p.device.type in ("cpu", "cuda") for p in lists[0])
+    _impl("multi" if foreach else "single")(*lists, **hyper)
 
 
 def _single_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -460,7 +494,37 @@ def _multi_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             torch._foreach_add_(xs, ds)
 
 
-_IMPLS = {"single": _single_tensor_invariant_adam, "multi": _multi_tensor_invariant_adam}
+def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          kinds, *, amsgrad, beta1, beta2, lr, weight_decay, eps,
+                          maximize) -> list[int]:
+    """The fused kernel's step for every parameter it takes; returns the indices of the
+    others (all of them when the kernel is not available)."""
+    from . import fused as kernel
+
+    module = kernel.load()
+    if module is None:
+        return list(range(len(params)))
+    rest = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        kind, v = kinds[i], exp_avg_sqs[i]
+        key = (kind.name, kind.side if kind.name == "sm" else "left")
+        per_entry = v.shape == p.shape
+        if (key not in kernel.KINDS or kernel.refusal(p, g, exp_avgs[i], lr, kind) is not None
+                or not (v.stride() == p.stride() if per_entry else v.is_contiguous())):
+            rest.append(i)
+            continue
+        t = state_steps[i]
+        t += 1
+        step = float(t)
+        module.fused_adam_step(p.detach(), g, exp_avgs[i], v,
+                               max_exp_avg_sqs[i] if amsgrad else v, kernel.KINDS[key],
+                               kind.ndim, lr, beta1, beta2, eps, weight_decay, amsgrad,
+                               maximize, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step))
+    return rest
+
+
+_IMPLS = {"single": _single_tensor_invariant_adam, "multi": _multi_tensor_invariant_adam,
+          "fused": _fused_invariant_adam}
 #: Under :func:`torch.compile` the UN and SM updates run eagerly (a graph break around
 #: them), as :class:`~manifold_nets.InvariantSGD`'s do; Euclidean parameters take torch's
 #: compilable Adam.

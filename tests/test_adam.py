@@ -96,7 +96,7 @@ def test_single_and_multi_tensor_paths_are_equal(update, second_moment, options)
     for foreach in (False, True):
         params = _manifold_params(update)
         opt = InvariantAdam(params, lr=1e-2, foreach=foreach, second_moment=second_moment,
-                            **options)
+                            fused=False, **options)
         g = torch.Generator().manual_seed(5)
         for _ in range(6):
             for p in params:
@@ -304,3 +304,67 @@ def test_state_round_trip_and_the_manifold_check():
     plain = InvariantAdam(_conv_net().parameters(), lr=1e-2)
     with pytest.raises(ValueError, match=r"was sm\(left, ndim=3\), is euclidean"):
         plain.load_state_dict(saved[1])
+
+
+# --------------------------------------------------------------------------------------
+# The fused kernel.
+
+from manifold_nets import fused as kernel  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not kernel.available(),
+                                  reason=f"the fused kernel is not available: {kernel.reason()}")
+
+
+def _counting(module, calls: list):
+    """A stand-in for the kernel module that records the shape of every parameter its
+    Adam step takes."""
+
+    class Counting:
+        def fused_adam_step(self, *args):
+            calls.append(args[0].shape)
+            return module.fused_adam_step(*args)
+
+    counting = Counting()
+    return lambda: counting
+
+
+@needs_kernel
+@pytest.mark.parametrize("update,second_moment", [("un", "filter"), ("un", "entry"),
+                                                  ("sm", "filter")])
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "maximize": True}],
+                         ids=["plain", "amsgrad-maximize"])
+def test_the_fused_kernel_equals_the_reference(update, second_moment, options, monkeypatch):
+    results = []
+    for fused in (True, False):
+        params = _manifold_params(update)
+        opt = InvariantAdam(params, lr=1e-2, fused=fused, foreach=False,
+                            second_moment=second_moment, weight_decay=0.05, **options)
+        calls: list = []
+        if fused:
+            monkeypatch.setattr(kernel, "load", _counting(kernel.load(), calls))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        monkeypatch.undo()
+        if fused:  # every parameter, every step, went through the kernel
+            assert calls == [p.shape for p in params] * 6
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+
+
+@needs_kernel
+def test_fused_true_refuses_what_the_kernel_cannot_take():
+    oblique = ObliqueManifold(ndim=1)
+    w = geoopt.ManifoldParameter(oblique.projx(torch.randn(4, 3)).bfloat16(), manifold=oblique)
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    opt = InvariantAdam([w], lr=1e-2, fused=True)
+    with pytest.raises(ValueError, match=r"InvariantAdam\(fused=True\): the fused kernel "
+                                         r"cannot take parameter 0 .*bfloat16"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state[w]
+    InvariantAdam([w], lr=1e-2).step()  # fused=None: the pure-torch step
+    assert not torch.equal(w.detach(), before)
