@@ -368,3 +368,36 @@ def test_fused_true_refuses_what_the_kernel_cannot_take():
     assert torch.equal(w.detach(), before) and not opt.state[w]
     InvariantAdam([w], lr=1e-2).step()  # fused=None: the pure-torch step
     assert not torch.equal(w.detach(), before)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile of the step.
+
+def test_compiled_step_is_the_eager_step():
+    """The compiled step (inductor) on UN, SM (left and right) and Euclidean parameters
+    together: the UN and SM updates run eagerly inside it (as InvariantSGD's), the
+    Euclidean ones through torch's compiled Adam; the iterates equal the eager ones."""
+    from .test_optim import _all_kinds
+
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        params = _all_kinds()
+        opt = InvariantAdam(params.values(), lr=1e-2, weight_decay=1e-3)
+        step = torch.compile(opt.step) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=gen)
+            step()
+        runs.append({k: p.detach().clone() for k, p in params.items()})
+    eager, compiled = runs
+    for k in eager:
+        if k == "beta":  # torch's compiled Adam fuses its arithmetic: rounding differs
+            torch.testing.assert_close(compiled[k], eager[k], atol=1e-6, rtol=1e-5, msg=k)
+        else:
+            torch.testing.assert_close(compiled[k], eager[k], atol=0, rtol=0, msg=k)
+    norms = compiled["un_conv"].flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert not torch.allclose(compiled["un_conv"], _all_kinds()["un_conv"].detach(), atol=1e-3)
+    torch._dynamo.reset()

@@ -323,7 +323,7 @@ class BenchConfig:
     ----------
     nets, optimisers, repeats, blocks, mlp_images, conv_images, batch, lr, step_calls, \
 step_lr, grid_images, grid_arch, grid_depth, grid_seeds, threads, seed, data_dir, \
-weight_sets, step_threads, step_rounds, device, extra
+weight_sets, step_threads, step_rounds, device, step_family, extra
         The attributes below.
 
     Attributes
@@ -359,8 +359,8 @@ weight_sets, step_threads, step_rounds, device, extra
         The step benchmark: weight sets (``"resnet18"``, ``"linear4096"``), thread
         counts, interleaved rounds, and ``"cpu"`` or ``"cuda"``.
     step_family : {"sgd", "adam"}
-        The step benchmark's optimisers: :data:`STEP_OPTIMISERS` against
-        ``torch.optim.SGD(foreach=True, momentum=0.9)``, or :data:`ADAM_STEP_OPTIMISERS`
+        The step benchmark's optimisers: ``STEP_OPTIMISERS`` against
+        ``torch.optim.SGD(foreach=True, momentum=0.9)``, or ``ADAM_STEP_OPTIMISERS``
         against ``torch.optim.AdamW(foreach=True)``.
     extra : dict
         Anything else to save with the results.
