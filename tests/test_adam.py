@@ -156,6 +156,25 @@ def test_sm_adam_is_equivariant_and_adamw_and_riemannian_adam_are_not(g):
                                   optimizer=riemannian_adam)
 
 
+def adamp(params):
+    """AdamP (the ``adamp`` package): Adam with the radial part of the step projected out
+    where a weight looks scale-invariant (a cosine test each step)."""
+    from adamp import AdamP
+
+    return AdamP(params, lr=1e-2, weight_decay=1e-2)
+
+
+@settings(max_examples=3, deadline=None)
+@given(g=rescalings(model, inputs, update="sm"))
+def test_adamp_is_not_equivariant_either(g):
+    """The comparison: AdamP keeps the filters' norms from growing, but its step on a
+    filter does not scale with the filter, so the run from g.w is not g applied to the run
+    from w (on the same elements that InvariantAdam's SM passes above)."""
+    with pytest.raises(AssertionError, match="bsgd is not equivariant"):
+        assert_update_equivariant(model, g, inputs, loss_fn, update="bsgd", steps=4,
+                                  optimizer=adamp)
+
+
 @settings(max_examples=3, deadline=None)
 @given(g=rescalings(model, inputs, update="un"))
 def test_un_adam_is_equivariant_and_adamw_is_not(g):
