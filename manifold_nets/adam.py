@@ -50,7 +50,14 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
-from .math import filter_dims, oblique_proju, oblique_projx_, scaled_frame
+from .math import (
+    column_sqnorm,
+    filter_dims,
+    filter_sqnorm,
+    oblique_proju,
+    oblique_projx_,
+    scaled_frame,
+)
 from .optim import (
     Kind,
     ManifoldOptimizer,
@@ -60,6 +67,7 @@ from .optim import (
     _grad_problem,
     _is_dtensor,
     _param_name,
+    _reducer,
 )
 
 __all__ = ["InvariantAdam", "invariant_adam"]
@@ -88,6 +96,21 @@ def _check_adam(lr, betas, eps, weight_decay, second_moment, where: str = "",
                              f"{', '.join(SECOND_MOMENTS)}")
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err}{where}") from None
+
+
+def _per_filter_zeros(p: Tensor, ndim: int) -> Tensor:
+    """Zeros with one entry per filter of ``p`` (its filter dims of size 1); for a sharded
+    ``p``, sharded as ``p`` (FSDP2 shards dim 0, so each rank holds its filters')."""
+    shape = p.shape[:p.dim() - ndim] + (1,) * ndim
+    if not _is_dtensor(p):
+        return p.new_zeros(shape)
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local()
+    zeros = local.new_zeros(local.shape[:local.dim() - ndim] + (1,) * ndim)
+    return DTensor.from_local(zeros, p.device_mesh, p.placements, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride(),
+                              run_check=False)
 
 
 def _value(lr) -> float:
@@ -213,15 +236,14 @@ class InvariantAdam(ManifoldOptimizer):
             if p.grad is None:
                 continue
             problem = _grad_problem(p, p.grad)
-            if problem is None and _is_dtensor(p):
-                problem = "sharded parameters are not supported by InvariantAdam yet"
             if problem is not None:
                 raise RuntimeError(f"InvariantAdam: {_param_name(group, index, j, p)}: "
                                    f"{problem}; the step changed nothing.")
             if group.get("fused") and kind.name != "euclidean":
                 from . import fused as kernel
 
-                why = kernel.refusal(p, p.grad, None, lr, kind)
+                why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
+                       else kernel.refusal(p, p.grad, None, lr, kind))
                 if why is not None:
                     raise ValueError(
                         f"InvariantAdam(fused=True): the fused kernel cannot take "
@@ -241,8 +263,7 @@ class InvariantAdam(ManifoldOptimizer):
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if kind.name == "oblique" and group["second_moment"] == "filter":
-                shape = p.shape[:p.dim() - kind.ndim] + (1,) * kind.ndim
-                state["exp_avg_sq"] = p.new_zeros(shape)
+                state["exp_avg_sq"] = _per_filter_zeros(p, kind.ndim)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"]:
@@ -387,6 +408,9 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=_value(lr),
                  weight_decay=weight_decay, eps=eps, maximize=maximize)
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kinds]
+    if any(_is_dtensor(p) for p in params):
+        _impl("sharded")(*lists, **hyper)
+        return
     if fused is not False:
         rest = _impl("fused")(*lists, **hyper)
         if not rest:
@@ -399,7 +423,7 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
 
 def _single_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                   state_steps, kinds, *, amsgrad, beta1, beta2, lr,
-                                  weight_decay, eps, maximize) -> None:
+                                  weight_decay, eps, maximize, reducers=None) -> None:
     for i, x in enumerate(params):
         kind = kinds[i]
         g = grads[i] if not maximize else -grads[i]
@@ -416,7 +440,12 @@ def _single_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_
                 v.mul_(beta2).add_(r.square().mean(filter_dims(kind.ndim), keepdim=True),
                                    alpha=1 - beta2)
         else:
-            s = scaled_frame(x, kind.side, kind.ndim)
+            reduce = None if reducers is None else reducers[i]
+            if reduce is None:
+                s = scaled_frame(x, kind.side, kind.ndim)
+            else:  # the squared norms summed over the ranks that hold parts of them
+                sqnorm = filter_sqnorm if kind.side == "left" else column_sqnorm
+                s = reduce(sqnorm(x, kind.ndim)).clamp_max_(torch.finfo(x.dtype).max).sqrt_()
             h = g * s
             if weight_decay != 0:
                 x.mul_(1 - lr * weight_decay)
@@ -494,6 +523,25 @@ def _multi_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             torch._foreach_add_(xs, ds)
 
 
+def _sharded_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                            state_steps, kinds, **hyper) -> None:
+    """The single-tensor step on each rank's shard of sharded (DTensor) parameters: UN,
+    its per-filter second moment and SM's left metric act filter by filter, and FSDP2
+    keeps every filter on one rank; the right metric's column norms are summed across the
+    shard group first (:class:`~manifold_nets.InvariantSGD`'s rule)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    reducers = [_reducer(p, k) if isinstance(p, DTensor) else None
+                for p, k in zip(params, kinds, strict=True)]
+    _single_tensor_invariant_adam(
+        [local(p) for p in params], [local(g) for g in grads], [local(m) for m in exp_avgs],
+        [local(v) for v in exp_avg_sqs], [local(v) for v in max_exp_avg_sqs], state_steps,
+        kinds, reducers=reducers, **hyper)
+
+
 def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                           kinds, *, amsgrad, beta1, beta2, lr, weight_decay, eps,
                           maximize) -> list[int]:
@@ -524,7 +572,7 @@ def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
 
 
 _IMPLS = {"single": _single_tensor_invariant_adam, "multi": _multi_tensor_invariant_adam,
-          "fused": _fused_invariant_adam}
+          "sharded": _sharded_invariant_adam, "fused": _fused_invariant_adam}
 #: Under :func:`torch.compile` the UN and SM updates run eagerly (a graph break around
 #: them), as :class:`~manifold_nets.InvariantSGD`'s do; Euclidean parameters take torch's
 #: compilable Adam.

@@ -157,6 +157,52 @@ def test_right_metric_needs_the_column_norms_of_all_ranks(fsdp_results):
     assert (got["4.weight"] - want["4.weight"]).abs().max().item() > 1e-6
 
 
+# -- InvariantAdam on the sharded model ----------------------------------------------------
+
+def _adam(model, amsgrad=False):
+    from manifold_nets import InvariantAdam
+
+    return InvariantAdam(model.parameters(), lr=1e-2, weight_decay=1e-2, amsgrad=amsgrad)
+
+
+def _adam_worker(rank: int) -> dict:
+    from manifold_nets import distributed as mnd
+
+    x, y = _batches()
+    shard = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for update in UPDATES:
+        model = _model(update)
+        for layer in (model[0], model[2], model[4]):
+            mnd.fully_shard(layer)
+        mnd.fully_shard(model)
+        _train(model, _adam(model, amsgrad=update == "sm"), x[:, shard], y[:, shard])
+        out[update] = {k: v.numpy() for k, v in _full(model).items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def adam_results():
+    return run_on_ranks(_adam_worker, world=WORLD)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_sharded_invariant_adam_equals_one_process(adam_results, update):
+    """InvariantAdam on FSDP2 shards (UN with its per-filter second moment, SM with the
+    right metric's column norms summed across ranks, AdamW on the biases): the iterates
+    equal one process's on the whole batch (float64)."""
+    model = _model(update)
+    x, y = _batches()
+    _train(model, _adam(model, amsgrad=update == "sm"), x, y)
+    want = _full(model)
+    for rank in range(WORLD):
+        got = {k: torch.from_numpy(v) for k, v in adam_results[rank][update].items()}
+        for name in want:
+            gap = (got[name] - want[name]).abs().max().item()
+            assert gap <= 1e-10, f"rank {rank} {name}: {gap:.2e}"
+    assert (want["4.weight"] - _full(_model(update))["4.weight"]).abs().max() > 1e-3
+
+
 # -- distributed checkpoints ----------------------------------------------------------------
 
 SAVED_AT = 3  # steps before the checkpoint; the rest of the 5 follow it
