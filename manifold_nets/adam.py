@@ -549,6 +549,8 @@ def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
     others (all of them when the kernel is not available)."""
     from . import fused as kernel
 
+    if not any(p.device.type == "cpu" for p in params):
+        return list(range(len(params)))  # the kernel is for CPU tensors: do not build it
     module = kernel.load()
     if module is None:
         return list(range(len(params)))

@@ -1083,6 +1083,8 @@ def _fused_invariant_sgd(
     others (all of them when the kernel is not available)."""
     from . import fused as kernel
 
+    if not any(p.device.type == "cpu" for p in params):
+        return list(range(len(params)))  # the kernel is for CPU tensors: do not build it
     module = kernel.load()
     if module is None or (isinstance(lr, Tensor) and lr.dim() > 0):
         return list(range(len(params)))
