@@ -8,7 +8,7 @@ batch 128, the last 10,000 training images held out for validation. Reported: th
 validation and test error after the last epoch and the training time per epoch, mean and
 standard deviation over the seeds.
 
-    python benchmarks/adam_second_moment.py --epochs 8 --seeds 0 1 2 \
+    python benchmarks/adam_second_moment.py --epochs 4 --seeds 0 1 \
         --out benchmarks/results/adam-second-moment-2026-12-01.txt
 """
 
