@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from manifold_nets import DiagScaledEuclidean, InvariantAdam, ObliqueManifold, declare
+from manifold_nets import Arch2, DiagScaledEuclidean, InvariantAdam, ObliqueManifold, declare
 from manifold_nets.experiments import zoo
 from manifold_nets.testing import assert_loss_invariant, assert_update_equivariant, rescalings
 
@@ -216,6 +216,28 @@ def test_where_geoopts_riemannian_adam_keeps_the_sm_invariance_and_where_not():
     assert _scaled_runs(theirs, 0.1) > 1e-3
     adamw = lambda ps, wd: torch.optim.AdamW(ps, lr=0.1, weight_decay=wd)  # noqa: E731
     assert _scaled_runs(adamw, 0.0) > 1e-3
+
+
+# The paper's Arch2 (batch norm before each ReLU and pooling pair), in float64.
+torch.manual_seed(0)
+arch2 = Arch2(depth=2, width=8, in_features=10, num_classes=3, bn_eps=1e-12).double()
+arch2_x = torch.randn(32, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+arch2_y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(5))
+
+
+def arch2_loss(out):
+    return nn.functional.cross_entropy(out, arch2_y)
+
+
+@settings(max_examples=3, deadline=None)
+@given(g=rescalings(arch2, arch2_x, update="sm"))
+def test_on_arch2_sm_adam_is_equivariant_and_adamw_is_not(g):
+    gaps = assert_update_equivariant(arch2, g, arch2_x, arch2_loss, update="sm", steps=4,
+                                     optimizer=adam)
+    assert max(gaps) < max(4 * gaps[0], 1e-12)
+    with pytest.raises(AssertionError, match="bsgd is not equivariant"):
+        assert_update_equivariant(arch2, g, arch2_x, arch2_loss, update="bsgd", steps=4,
+                                  optimizer=adamw)
 
 
 # Families that discover finds on models of the zoo: a ResNet and a pre-LN transformer.

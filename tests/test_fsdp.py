@@ -317,3 +317,59 @@ def test_checkpoint_off_the_manifold_is_refused_on_every_rank(dcp_results):
     _, results = dcp_results
     assert "filter 0 of `0.weight` (rank 1's shard) has norm 2" in results[1]["off"]
     assert "1 filters on other ranks are off the oblique manifold" in results[0]["off"]
+
+
+def _adam_dcp_worker(rank: int, root: str) -> dict:
+    from pathlib import Path
+
+    x, y = _batches()
+    shard = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for update in UPDATES:
+        path = Path(root) / f"adam-{update}"
+        model = _shard(_model(update))
+        opt = _adam(model)
+        _train(model, opt, x[:SAVED_AT, shard], y[:SAVED_AT, shard])
+        _save(path, model, opt)
+        _train(model, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+        out[update, "uninterrupted"] = {k: v.numpy() for k, v in _full(model).items()}
+        resumed = _shard(_model(update))
+        opt = _adam(resumed)
+        _load(path, resumed, opt)
+        _train(resumed, opt, x[SAVED_AT:, shard], y[SAVED_AT:, shard])
+        out[update, "resumed"] = {k: v.numpy() for k, v in _full(resumed).items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def adam_dcp_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcp-adam")
+    return root, run_on_ranks(_adam_dcp_worker, str(root), world=WORLD)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # 1 process
+@pytest.mark.parametrize("update", UPDATES)
+def test_invariant_adam_checkpoint_resumes_on_two_ranks_and_on_one(adam_dcp_results, update):
+    """InvariantAdam's state (moments, per-filter second moments, step counts, the
+    manifold record) through torch.distributed.checkpoint: resumed on 2 ranks, bit for bit;
+    in one process on the whole batches, equal to 1e-10; a fresh optimiser cannot."""
+    root, results = adam_dcp_results
+    want = {k: torch.from_numpy(v) for k, v in results[0][update, "uninterrupted"].items()}
+    for rank in range(WORLD):
+        got = results[rank][update, "resumed"]
+        for name in want:
+            torch.testing.assert_close(torch.from_numpy(got[name]), want[name], atol=0, rtol=0)
+    model = _model(update)
+    opt = _adam(model)
+    _load(root / f"adam-{update}", model, opt)
+    assert all(len(s) >= 3 for s in opt.state.values())  # step, exp_avg, exp_avg_sq
+    x, y = _batches()
+    _train(model, opt, x[SAVED_AT:], y[SAVED_AT:])
+    for name, p in model.named_parameters():
+        gap = (p.detach() - want[name]).abs().max().item()
+        assert gap <= 1e-10, f"{name}: {gap:.2e}"
+    control = _model(update)
+    _load(root / f"adam-{update}", control, _adam(control))
+    _train(control, _adam(control), x[SAVED_AT:], y[SAVED_AT:])
+    assert max((p.detach() - want[n]).abs().max().item()
+               for n, p in control.named_parameters()) > 1e-6
