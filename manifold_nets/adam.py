@@ -61,7 +61,9 @@ from .math import (
 from .optim import (
     Kind,
     ManifoldOptimizer,
+    _check_fused,
     _check_lr,
+    _check_switches,
     _filter_inner,
     _foreach_normalise_,
     _grad_problem,
@@ -208,16 +210,7 @@ class InvariantAdam(ManifoldOptimizer):
                  maximize: bool = False, foreach: bool | None = None,
                  second_moment: str = "filter", fused: bool | None = None):
         _check_adam(lr, betas, eps, weight_decay, second_moment)
-        for name, value in (("foreach", foreach), ("fused", fused)):
-            if value not in (None, True, False):
-                raise TypeError(f"Invalid {name}: {value!r}; pass True, False or None.")
-        if fused:
-            from . import fused as kernel
-
-            if not kernel.available():
-                raise RuntimeError(f"InvariantAdam(fused=True): the fused kernel is not "
-                                   f"available ({kernel.reason()}); pass fused=None or "
-                                   "False.")
+        _check_switches("InvariantAdam", foreach, fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         second_moment=second_moment, fused=fused)
@@ -240,16 +233,7 @@ class InvariantAdam(ManifoldOptimizer):
                 raise RuntimeError(f"InvariantAdam: {_param_name(group, index, j, p)}: "
                                    f"{problem}; the step changed nothing.")
             if group.get("fused") and kind.name != "euclidean":
-                from . import fused as kernel
-
-                why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
-                       else kernel.refusal(p, p.grad, None, lr, kind))
-                if why is not None:
-                    raise ValueError(
-                        f"InvariantAdam(fused=True): the fused kernel cannot take "
-                        f"{_param_name(group, index, j, p)}: {why}; the step changed "
-                        "nothing. Fix: pass fused=None to take the pure-torch step for such "
-                        "parameters.")
+                _check_fused("InvariantAdam", group, index, j, p, None, kind)
             rows.append((p, kind))
         return group, rows
 

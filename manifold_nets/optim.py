@@ -582,17 +582,7 @@ class InvariantSGD(ManifoldOptimizer):
         fused: bool | None = None,
     ):
         _check_hyper(lr, momentum, dampening, weight_decay, nesterov)
-        if foreach not in (None, True, False):
-            raise TypeError(f"Invalid foreach: {foreach!r}; pass True, False or None.")
-        if fused not in (None, True, False):
-            raise TypeError(f"Invalid fused: {fused!r}; pass True, False or None.")
-        if fused:
-            from . import fused as kernel
-
-            if not kernel.available():
-                raise RuntimeError(f"InvariantSGD(fused=True): the fused kernel is not "
-                                   f"available ({kernel.reason()}). Fix: install a C++ "
-                                   "compiler and ninja, or pass fused=None or False.")
+        _check_switches("InvariantSGD", foreach, fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, fused=fused)
@@ -690,22 +680,42 @@ class InvariantSGD(ManifoldOptimizer):
                                    f"{problem}; the step changed nothing.")
             buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
             if fused and kind.name != "euclidean":
-                from . import fused as kernel
-
-                why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
-                       else kernel.refusal(p, g, buf, lr, kind))
-                if why is not None:
-                    raise ValueError(
-                        f"InvariantSGD(fused=True): the fused kernel cannot take "
-                        f"{_param_name(group, index, j, p)}: {why}; the step changed "
-                        "nothing. Fix: pass fused=None to take the pure-torch step for such "
-                        "parameters.")
+                _check_fused("InvariantSGD", group, index, j, p, buf, kind)
             params.append(p)
             grads.append(g)
             kinds.append(kind)
             if momentum != 0:
                 bufs.append(buf)
         return group, params, grads, bufs, kinds
+
+def _check_switches(owner: str, foreach, fused) -> None:
+    """``foreach`` and ``fused`` are ``True``, ``False`` or ``None``; ``fused=True`` needs
+    the kernel."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value not in (None, True, False):
+            raise TypeError(f"Invalid {name}: {value!r}; pass True, False or None.")
+    if fused:
+        from . import fused as kernel
+
+        if not kernel.available():
+            raise RuntimeError(f"{owner}(fused=True): the fused kernel is not available "
+                               f"({kernel.reason()}). Fix: install a C++ compiler and ninja, "
+                               "or pass fused=None or False.")
+
+
+def _check_fused(owner: str, group: dict[str, Any], index: int, j: int, p: Tensor,
+                 buf: Tensor | None, kind: Kind) -> None:
+    """With ``fused=True``: raise, naming the parameter, unless the kernel takes it."""
+    from . import fused as kernel
+
+    why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
+           else kernel.refusal(p, p.grad, buf, group["lr"], kind))
+    if why is not None:
+        raise ValueError(
+            f"{owner}(fused=True): the fused kernel cannot take "
+            f"{_param_name(group, index, j, p)}: {why}; the step changed nothing. Fix: pass "
+            "fused=None to take the pure-torch step for such parameters.")
+
 
 def _grad_problem(p: Tensor, g: Tensor) -> str | None:
     """Why ``g`` cannot be ``p``'s gradient in a step, or ``None``."""
