@@ -83,6 +83,9 @@ def _check_adam(lr, betas, eps, weight_decay, second_moment, where: str = "",
     """The rules of :class:`InvariantAdam`'s arguments (torch's Adam rules, and finite)."""
     try:
         _check_lr(lr, values)
+        if isinstance(lr, Tensor) and lr.dim() > 0:
+            raise ValueError(f"Invalid learning rate: a Tensor of shape {tuple(lr.shape)}; "
+                             "InvariantAdam takes a float or a 0-dim Tensor.")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r}; pass two floats in [0, 1).")
         for name, value, high in (("beta parameter at index 0", betas[0], 1.0),

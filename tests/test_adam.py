@@ -299,6 +299,8 @@ def test_on_a_transformer_the_prediction_holds_for_adam_too(g):
     ({"weight_decay": -0.1}, ValueError, r"Invalid weight_decay value"),
     ({"second_moment": "row"}, ValueError, r"Invalid second_moment: 'row'"),
     ({"foreach": "yes"}, TypeError, r"Invalid foreach"),
+    ({"lr": torch.tensor([1e-3, 1e-2])}, ValueError, r"a Tensor of shape \(2,\); InvariantAdam "
+                                                    r"takes a float or a 0-dim Tensor"),
 ])
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
