@@ -55,6 +55,13 @@ def _check_dtype(x: torch.Tensor, name: str = "x") -> None:
         )
 
 
+def _tolerances(x: torch.Tensor, atol: float, rtol: float) -> tuple[float, float]:
+    """The checks' tolerances, never finer than four units of rounding in ``x``'s dtype
+    (geoopt's 1e-5 is finer than bfloat16 and float16 can hold a unit norm)."""
+    floor = 4 * torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+    return max(atol, floor), max(rtol, floor)
+
+
 def _check_ndim(ndim: int, minimum: int, cls: str) -> int:
     if not isinstance(ndim, int) or isinstance(ndim, bool) or ndim < minimum:
         raise ValueError(f"{cls}: ndim must be an integer >= {minimum}, got {ndim!r}")
@@ -343,13 +350,17 @@ class ObliqueManifold(Manifold):
         super().assert_check_point(x)
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
-        norm = math.filter_sqnorm(x, self.ndim).sqrt()
+        atol, rtol = _tolerances(x, atol, rtol)
+        norm = math.filter_sqnorm(x.float() if x.itemsize < 4 else x, self.ndim).sqrt()
         ok = torch.allclose(norm, torch.ones_like(norm), atol=atol, rtol=rtol)
         if not ok:
             return False, f"some filters do not have unit norm (atol={atol}, rtol={rtol})"
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        atol, rtol = _tolerances(x, atol, rtol)
+        if x.itemsize < 4:
+            x, u = x.float(), u.float()
         inner = (x * u).sum(dim=math.filter_dims(self.ndim))
         ok = torch.allclose(inner, torch.zeros_like(inner), atol=atol, rtol=rtol)
         if not ok:

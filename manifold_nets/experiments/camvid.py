@@ -621,7 +621,8 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow comes with matplotlib
-        raise ImportError("reading CamVid needs Pillow: pip install pillow") from None
+        raise ImportError("reading CamVid needs Pillow: pip install "
+                          "'manifold-nets[experiments]'") from None
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     folder = Path(folder) if folder is not None else find_camvid(data_dir)

@@ -661,8 +661,8 @@ def write_report(store, out: str | os.PathLike, dataset: str) -> dict[str, Path]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("matplotlib is not installed, so trajectories.png is not drawn; "
-              "pip install matplotlib, then rerun with --report-only", file=sys.stderr)
+        print("matplotlib is not installed, so trajectories.png is not drawn; pip install "
+              "'manifold-nets[experiments]', then rerun with --report-only", file=sys.stderr)
         return paths
     if records and plot_trajectories(records, png):
         paths["figure"] = png

@@ -2,8 +2,9 @@
 
 They are what users bring: a ResNet with torchvision's BasicBlock layout (residual blocks,
 downsampling with a 1x1 conv and batch norm), a pre-LN transformer (token and position
-embeddings, multi-head attention, a ReLU MLP, a final layer norm) and a residual MLP with
-biases everywhere. The symmetry analysis, the examples and the tests try the library on
+embeddings, multi-head attention, a ReLU MLP, a final layer norm), a ViT on the same
+blocks (patch embedding, GELU MLPs, mean pooling) and a residual MLP with biases
+everywhere. The symmetry analysis, the examples and the tests try the library on
 them; ``manifold-nets discover manifold_nets.experiments.zoo:resnet18`` does too.
 """
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 __all__ = ["BasicBlock", "PreLNBlock", "PreLNTransformer", "ResNet", "ResidualMLP",
-           "gpt2_block", "pre_ln_transformer", "residual_mlp", "resnet18", "small_resnet"]
+           "VisionTransformer", "gpt2_block", "pre_ln_transformer", "residual_mlp", "resnet18", "small_resnet"]
 
 
 class BasicBlock(nn.Module):
@@ -379,6 +380,91 @@ def pre_ln_transformer(**kwargs) -> PreLNTransformer:
     (1, (2, 16, 100))
     """
     return PreLNTransformer(**kwargs)
+
+
+class VisionTransformer(nn.Module):
+    """A ViT: non-overlapping patches embedded by a strided conv, learned position
+    embeddings, pre-LN blocks, a final layer norm, the mean over tokens, a linear head.
+
+    Parameters
+    ----------
+    image : int
+        Height and width of the (square) input images.
+    patch : int
+        Height and width of a patch (``image`` must be divisible by ``patch``).
+    in_channels : int
+        Channels of the input images.
+    d, heads, mlp, layers : int
+        Width, attention heads, MLP hidden units and :class:`PreLNBlock` count.
+    num_classes : int
+        Outputs of the head.
+    activation : type
+        The MLPs' activation class (default ``torch.nn.GELU``, as in ViT).
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not a multiple of ``patch``.
+
+    Attributes
+    ----------
+    embed : torch.nn.Conv2d
+        The patch embedding (kernel and stride ``patch``).
+    pos : torch.nn.Parameter
+        ``(tokens, d)`` position embeddings.
+    blocks : torch.nn.ModuleList
+        The pre-LN blocks.
+    ln_f, head : torch.nn.Module
+        The final layer norm and the classifier.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.zoo import VisionTransformer
+    >>> net = VisionTransformer(image=28, patch=7, in_channels=1, d=16, heads=2, mlp=32,
+    ...                         layers=1, num_classes=10)
+    >>> tuple(net(torch.randn(2, 1, 28, 28)).shape), tuple(net.pos.shape)
+    ((2, 10), (16, 16))
+    """
+
+    def __init__(self, image: int = 28, patch: int = 7, in_channels: int = 1, d: int = 64,
+                 heads: int = 4, mlp: int = 128, layers: int = 3, num_classes: int = 10,
+                 activation: type[nn.Module] = nn.GELU):
+        super().__init__()
+        if image % patch:
+            raise ValueError(f"image size {image} is not a multiple of the patch {patch}")
+        self.embed = nn.Conv2d(in_channels, d, patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn((image // patch) ** 2, d))
+        self.blocks = nn.ModuleList(PreLNBlock(d, heads, mlp, activation)
+                                    for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(N, in_channels, image, image)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, num_classes)`` logits.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.experiments.zoo import VisionTransformer
+        >>> net = VisionTransformer(d=8, heads=2, mlp=16, layers=1)
+        >>> tuple(net(torch.randn(3, 1, 28, 28)).shape)
+        (3, 10)
+        """
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(1))
 
 
 def gpt2_block(d: int = 768, heads: int = 12, mlp: int = 3072) -> nn.Module:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -182,6 +182,10 @@ class ScalingSpace:
     outputs equals its ``num_features`` (true for ``conv -> bn`` blocks and for Arch2);
     its running statistics follow that weight's row scalings.
 
+    A weight tensor that several modules share (tied input and output embeddings) is one
+    site, under its first name, with one set of log-scales; :meth:`site` answers to every
+    name.
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -229,14 +233,28 @@ class ScalingSpace:
                 lname, lmod = last
                 if lmod.weight.shape[0] == mod.num_features and lname not in pending:
                     pending[lname] = name
+        first: dict[int, int] = {}  # id of a weight tensor -> its site's index
+        aliases: dict[str, int] = {}  # a tied weight's second name -> the site's index
         for name, mod in model.named_modules():
             prefix = f"{name}." if name else ""
             if isinstance(mod, _FILTER + (nn.Embedding,)):
                 rows, cols = mod.weight.shape[:2]
                 bias = getattr(mod, "bias", None)
+                bias_name = prefix + "bias" if bias is not None else None
+                k = first.get(id(mod.weight))
+                if k is not None:  # tied: one tensor, one set of log-scales
+                    if sites[k].bias is not None and bias_name is not None:
+                        raise ValueError(
+                            f"{prefix}weight is tied with {sites[k].weight} and both uses "
+                            "have a bias; ScalingSpace supports a tied weight with at most "
+                            "one bias")
+                    if bias_name is not None:
+                        sites[k] = replace(sites[k], bias=bias_name)
+                    aliases[prefix + "weight"] = k
+                    continue
+                first[id(mod.weight)] = len(sites)
                 sites.append(_Site(prefix + "weight", name, rows, cols, offset, offset + rows,
-                                   prefix + "bias" if bias is not None else None,
-                                   pending.get(name)))
+                                   bias_name, pending.get(name)))
                 offset += rows + cols
             elif isinstance(mod, nn.MultiheadAttention):
                 packed = [("in_proj_weight", "in_proj_bias")] if mod.in_proj_weight is not None \
@@ -260,6 +278,7 @@ class ScalingSpace:
         self.sites = sites
         self.dim = offset
         self._by_weight = {s.weight: s for s in sites}
+        self._by_weight.update({alias: sites[k] for alias, k in aliases.items()})
 
     def site(self, weight: str) -> _Site:
         """The record of one weight: its shape, its offsets in ``v``, its bias and batch norm.
