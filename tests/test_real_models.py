@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import find
 from torch import nn
 from transformers import (
     BertConfig,
@@ -246,6 +245,15 @@ def _models():
         torch.randn(32, 5, dtype=torch.float64)
 
 
+def _exact(models):
+    """Normalisations with ``eps`` 1e-12, so that the float64 checks are tight (1e-9)."""
+    for name, model, x in models:
+        for m in model.modules():
+            if hasattr(m, "eps") and isinstance(m.eps, float):
+                m.eps = 1e-12
+        yield name, model, x
+
+
 def _measured(model, g, x, update) -> bool:
     def loss(out):
         return out.square().mean()
@@ -256,7 +264,7 @@ def _measured(model, g, x, update) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name, model, x", list(_models()), ids=lambda v: v
+@pytest.mark.parametrize("name, model, x", list(_exact(_models())), ids=lambda v: v
                          if isinstance(v, str) else "")
 def test_every_familys_predicted_resolves_is_what_is_measured(name, model, x):
     found = discover(model, x)
@@ -270,6 +278,25 @@ def test_every_familys_predicted_resolves_is_what_is_measured(name, model, x):
             assert measured == fam.resolves[update], (name, str(fam), update)
             outcomes.add(measured)
     assert outcomes == {True, False}  # both answers occur: the comparison can fail
+
+
+def test_in_eval_mode_un_still_resolves_a_biased_filter_and_sm_does_not():
+    """On running statistics the bias matters, but only less the running mean, which UN's
+    projection moves with the filter (discover analyses training mode, so the family is
+    taken from there and measured on the model in eval mode)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, eps=1e-12), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    fam = next(f for f in discover(net.eval(), x).families if f.kind == "per-filter")
+    assert fam.resolves == {"un": True, "sm": False}
+    found = discover(net, x)
+    v = found.basis[:, fam.columns] @ torch.randn(len(fam.columns), dtype=torch.float64)
+    g = Rescaling.from_log(found.space, v / v.abs().max(), label=fam.label)
+    assert _measured(net, g, x, "un") and not _measured(net, g, x, "sm")
 
 
 def test_the_testing_toolkit_takes_the_most_ordinary_model():

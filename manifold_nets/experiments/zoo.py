@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 __all__ = ["BasicBlock", "PreLNBlock", "PreLNTransformer", "ResNet", "ResidualMLP",
-           "VisionTransformer", "gpt2_block", "pre_ln_transformer", "residual_mlp", "resnet18", "small_resnet"]
+           "VisionTransformer", "gpt2_block", "pre_ln_transformer", "residual_mlp", "resnet18",
+           "small_resnet"]
 
 
 class BasicBlock(nn.Module):

@@ -316,12 +316,10 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
     >>> found = discover(net, torch.randn(64, 4))
     >>> found.dim
     17
-    >>> print(found.families[0])
-    per-filter scaling of 0 (8): not resolved by UN, not resolved by SM
-    >>> found = discover(torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), *net[1:]),
-    ...                  torch.randn(64, 4))
-    >>> print(found.families[0])  # without the bias, UN and SM resolve it (Table 1)
+    >>> print(found.families[0])  # the bias's shift is absorbed: its gradient is zero
     per-filter scaling of 0 (8): resolved by UN, resolved by SM
+    >>> print(discover(net.eval(), torch.randn(64, 4)).families[0])  # running statistics
+    per-filter scaling of 0 (8): resolved by UN, not resolved by SM
     """
     if method not in ("auto", "structural", "dense"):
         raise ValueError(f"unknown method {method!r}; choose auto, structural or dense")

@@ -419,7 +419,9 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
       (its second moment is the per-filter norm :math:`\|w_i\|^2 \|\nabla_{w_i}\|^2`).
     - A Euclidean bias may be scaled with its rows where a batch norm on batch statistics
       follows its layer: the normalisation absorbs its shift, so its gradient is zero and
-      it never moves.
+      it never moves. Under UN also where the batch norm uses running statistics: only
+      the bias less the running mean counts, and the projection, which moves the running
+      mean with the filter, makes it the same from :math:`w` and from :math:`g.w`.
     - **UN**: the projection removes row scalings of the oblique weights, so the start
       :math:`P(g.w) = w` iff every oblique weight has :math:`c` constant and every
       Euclidean parameter (:math:`\theta`) is left alone; then every optimiser follows the
@@ -463,10 +465,12 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
         rule.options.get("momentum", 0) > 0 and not rule.zero_buffer)
     trivial_only = rule.update == "bsgd" or (rule.update == "sm" and euclidean_mixed)
     # a batch norm on batch statistics absorbs the shift of the bias before it: that
-    # bias's gradient is zero, it never moves, and scaling it breaks nothing
-    batch_stats = {name for name, m in model.named_modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                   and (m.training or not m.track_running_stats)}
+    # bias's gradient is zero, it never moves, and scaling it breaks nothing. On running
+    # statistics, only the bias less the running mean counts, and UN's projection (which
+    # moves the running mean with the filter) makes that the same from w and from g.w
+    absorbing = {name for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and (rule.update == "un" or m.training or not m.track_running_stats)}
     for xi in group.generators():
         for name, (r, c) in group.space.split(xi).items():
             site, manifold = group.space.site(name), dec[name]
@@ -474,8 +478,8 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
                 if float(r.abs().max()) > tol:
                     return False  # normalisation parameters are Euclidean
                 continue
-            if site.bias is not None and float(r.abs().max()) > tol and not (
-                    site.batchnorm in batch_stats):
+            if (site.bias is not None and float(r.abs().max()) > tol
+                    and site.batchnorm not in absorbing):
                 return False  # biases are Euclidean: their rows must not be scaled
             moves = not (_constant(r, tol) and _constant(c, tol)
                          and abs(float(r[0] + c[0])) <= tol)
