@@ -306,3 +306,128 @@ def test_the_testing_toolkit_takes_the_most_ordinary_model():
     x = torch.randn(32, 6, dtype=torch.float64)
     strategy = rescalings(model, x, update="sm")
     assert "per-filter scaling of 0" in [f.label for f in strategy.families]
+
+
+# --------------------------------------------------------------------------------------
+# Depthwise and grouped convolutions, functional pooling, RMSNorm: the structural count
+# equals the dense one.
+
+class FunctionalResNet(zoo.ResNet):
+    """torchvision's ResNet layout with the pooling written functionally."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv, channels-last layer norm, an inverted MLP, layer scale."""
+
+    def __init__(self, d: int = 8, activation: type[nn.Module] = nn.GELU):
+        super().__init__()
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Linear(d, 4 * d)
+        self.act = activation()
+        self.pw2 = nn.Linear(4 * d, d)
+        self.gamma = nn.Parameter(0.1 * torch.ones(d))
+
+    def forward(self, x):
+        h = self.pw2(self.act(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return x + (h * self.gamma).permute(0, 3, 1, 2)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, depthwise 3x3, 1x1 projection, batch norms,
+    ReLU6, the residual."""
+
+    def __init__(self, d: int = 8, t: int = 3):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(d, t * d, 1, bias=False),
+                                    nn.BatchNorm2d(t * d), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(t * d, t * d, 3, padding=1, groups=t * d,
+                                          bias=False), nn.BatchNorm2d(t * d), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(t * d, d, 1, bias=False), nn.BatchNorm2d(d))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class Stem(nn.Module):
+    def __init__(self, block: nn.Module, d: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 3, padding=1)
+        self.block = block
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def _counts(model, x) -> tuple[int, int]:
+    structural = discover(model, x, method="structural")
+    assert not structural.unsupported, structural.unsupported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dense = discover(model, x, method="dense")
+    assert dense.gap > 1e2, dense.gap  # a clean count
+    return structural.dim, dense.dim
+
+
+def _images(n, size=8):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+
+
+def test_functional_pooling_counts_as_the_modules_do():
+    torch.manual_seed(0)
+    functional = FunctionalResNet((1, 1), (8, 16), 3).double()
+    modules = zoo.ResNet((1, 1), (8, 16), 3).double()
+    modules.load_state_dict(functional.state_dict())
+    x = _images(96, 16)
+    assert _counts(functional, x) == (120, 120)
+    assert discover(modules, x, method="structural").dim == 120
+
+
+@pytest.mark.parametrize("groups, expected", [(2, 26), (8, 32)])
+def test_grouped_convolutions(groups, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=groups), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).double()
+    assert _counts(model, _images(256, 6)) == (expected, expected)
+
+
+def test_a_convnext_block():
+    """With ReLU, the dense method gives a clean count to compare with; with GELU (whose
+    near-linear regime leaves the dense method without a gap) the 32 MLP units go, as
+    derived."""
+    torch.manual_seed(0)
+    relu = Stem(ConvNeXtBlock(activation=nn.ReLU)).double()
+    assert _counts(relu, _images(256)) == (50, 50)
+    gelu = Stem(ConvNeXtBlock()).double()
+    found = discover(gelu, _images(64), method="structural")
+    assert found.dim == 50 - 32 and not found.unsupported
+
+
+def test_a_mobilenet_v2_inverted_residual():
+    """Batch-norm scales large enough that ReLU6 saturates on the data (where it does
+    not, ReLU6 acts as a ReLU there and the dense method counts that data's symmetries)."""
+    torch.manual_seed(0)
+    model = Stem(InvertedResidual()).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(4.0, 8.0)
+    assert _counts(model, _images(256)) == (64, 64)
+
+
+def test_rms_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    x = torch.randn(128, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert _counts(model, x) == (17, 17)

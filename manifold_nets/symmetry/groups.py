@@ -56,7 +56,8 @@ __all__ = [
 
 _FILTER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 # -- pure functions ---------------------------------------------------------------------
@@ -161,6 +162,52 @@ class _Site:
     bias: str | None      # parameter name of the bias, scaled with the rows
     batchnorm: str | None  # module name of the batch norm that normalises the rows
     kind: str = "matrix"  # "matrix" (rows and columns) or "norm" (channels, no columns)
+    groups: int = 1       # a grouped conv: its columns are the input channels of all groups
+
+
+def block_diagonal(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight ``(out, in / groups, *kernel)`` as the dense weight
+    ``(out, in, *kernel)`` it acts as: group ``g``'s filters on its own input channels,
+    zeros elsewhere.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        The grouped weight.
+    groups : int
+        The conv's ``groups``.
+
+    Returns
+    -------
+    torch.Tensor
+        The block-diagonal weight (``w`` itself for ``groups=1``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry.groups import block_diagonal
+    >>> w = torch.arange(1.0, 5.0).reshape(4, 1)  # depthwise: 4 filters, 1 channel each
+    >>> block_diagonal(w, 4).tolist()[1]
+    [0.0, 2.0, 0.0, 0.0]
+    """
+    if groups == 1:
+        return w
+    out, per = w.shape[:2]
+    dense = w.new_zeros(out, per * groups, *w.shape[2:])
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows:(g + 1) * rows, g * per:(g + 1) * per] = w[g * rows:(g + 1) * rows]
+    return dense
+
+
+def _grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`block_diagonal`: the blocks on the diagonal."""
+    if groups == 1:
+        return dense
+    out, per = dense.shape[0], dense.shape[1] // groups
+    rows = out // groups
+    return torch.cat([dense[g * rows:(g + 1) * rows, g * per:(g + 1) * per]
+                      for g in range(groups)])
 
 
 class ScalingSpace:
@@ -181,6 +228,10 @@ class ScalingSpace:
     A batch norm is attached to the closest preceding ``Linear``/``ConvNd`` whose number of
     outputs equals its ``num_features`` (true for ``conv -> bn`` blocks and for Arch2);
     its running statistics follow that weight's row scalings.
+
+    A grouped convolution (``groups > 1``, depthwise ones included) has one column
+    log-scale per input channel, as the dense block-diagonal weight it acts as
+    (:func:`block_diagonal`).
 
     A weight tensor that several modules share (tied input and output embeddings) is one
     site, under its first name, with one set of log-scales; :meth:`site` answers to every
@@ -239,6 +290,8 @@ class ScalingSpace:
             prefix = f"{name}." if name else ""
             if isinstance(mod, _FILTER + (nn.Embedding,)):
                 rows, cols = mod.weight.shape[:2]
+                groups = getattr(mod, "groups", 1)
+                cols *= groups
                 bias = getattr(mod, "bias", None)
                 bias_name = prefix + "bias" if bias is not None else None
                 k = first.get(id(mod.weight))
@@ -254,7 +307,7 @@ class ScalingSpace:
                     continue
                 first[id(mod.weight)] = len(sites)
                 sites.append(_Site(prefix + "weight", name, rows, cols, offset, offset + rows,
-                                   bias_name, pending.get(name)))
+                                   bias_name, pending.get(name), groups=groups))
                 offset += rows + cols
             elif isinstance(mod, nn.MultiheadAttention):
                 packed = [("in_proj_weight", "in_proj_bias")] if mod.in_proj_weight is not None \
@@ -459,7 +512,8 @@ class ScalingSpace:
                 if s.bias is not None:
                     out[s.bias] = r.view(w.shape) * params[s.bias]
                 continue
-            out[s.weight] = scaling_tangent(w, r, c.to(w.dtype))
+            out[s.weight] = _grouped(scaling_tangent(block_diagonal(w, s.groups), r,
+                                                     c.to(w.dtype)), s.groups)
             if s.bias is not None:
                 out[s.bias] = r * params[s.bias]
         return {k: out[k] for k in params if k in out}
@@ -508,6 +562,7 @@ class ScalingSpace:
                     d = d + params[s.bias].square().reshape(-1)
                 g[r, r] = torch.diag(d)
                 continue
+            w = block_diagonal(w, s.groups)
             q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
             rd = q.sum(1) + (params[s.bias].square() if s.bias else 0)
             r = slice(s.row_offset, s.row_offset + s.rows)
@@ -735,7 +790,8 @@ class Rescaling:
                     if site.bias is not None:
                         params[site.bias].mul_(_like(a, w).view(w.shape))
                 continue
-            w.copy_(rescale_weight(w, _like(a, w), _like(c, w)))
+            w.copy_(_grouped(rescale_weight(block_diagonal(w, site.groups), _like(a, w),
+                                            _like(c, w)), site.groups))
             if a is None:
                 continue
             if site.bias is not None:

@@ -16,16 +16,19 @@ constrains its operands and defines its result:
 - ``Linear``/``ConvNd`` with rows :math:`r`, columns :math:`c` and bias :math:`b`: for
   every position :math:`p` (a pattern of input entries), :math:`s_{x,p,i} + c_i = u_p`
   for every input channel :math:`i` it reads, and the output has
-  :math:`s_{y,p,o} = r_o + u_p`, :math:`\delta_y = W \delta_x - u_p b`;
+  :math:`s_{y,p,o} = r_o + u_p`, :math:`\delta_y = W \delta_x - u_p b`; a grouped
+  (or depthwise) conv is one such rule per group, with its own :math:`u`, and one column
+  log-scale per input channel;
 - ``Embedding``: :math:`s_{y,p,d} = r_{t_p} + c_d` (the rows of the tokens present are
   tied; rows of absent tokens change nothing);
 - batch norm (batch statistics): its input scale is constant per channel and its shift
   is absorbed; layer norm: its input scale is constant over the normalised dims of each
-  position and the uniform part of its shift is absorbed; group norm likewise per group;
+  position and the uniform part of its shift is absorbed; ``nn.RMSNorm`` likewise, with
+  no shift absorbed; group norm likewise per group;
   the output of an affine normalisation has :math:`s_k = g_k` (its own candidate);
 - ReLU, LeakyReLU, dropout (off): :math:`s` passes, :math:`\delta = 0`; max- and
-  average-pooling, means, sums and maxima over dimensions: the scales in a window are
-  equal and pass;
+  average-pooling (modules or ``torch.nn.functional``), means, sums and maxima over
+  dimensions: the scales in a window are equal and pass;
 - addition: both operands have the same scale, shifts add; a product adds scales;
 - attention (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``): query and
   key dimensions pair, :math:`s_{q,d} + s_{k,d} = 0`; the key's shift is absorbed by the
@@ -63,7 +66,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import ScalingSpace
+from .groups import ScalingSpace, block_diagonal
 
 __all__ = ["Family", "StructuralResult", "structural_symmetries"]
 
@@ -382,6 +385,8 @@ class _Analysis(torch.fx.Interpreter):
             return self.norm(n, name, mod, x, result, kind="batch")
         if isinstance(mod, nn.LayerNorm):
             return self.norm(n, name, mod, x, result, kind="layer")
+        if isinstance(mod, _RMS_NORM):
+            return self.norm(n, name, mod, x, result, kind="rms")
         if isinstance(mod, nn.GroupNorm):
             return self.norm(n, name, mod, x, result, kind="group")
         if isinstance(mod, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
@@ -455,9 +460,19 @@ class _Analysis(torch.fx.Interpreter):
         if name in ("mean", "sum", "amax", "max", "amin", "min") or t in (
                 torch.mean, torch.sum, torch.amax, torch.max, torch.amin, torch.min):
             return self.reduce(n, name, result, args, kwargs)
-        if t in (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d):
-            return self.fail(n, f"functional {name}; use the module", _flatten(args)) or \
-                _zero_out(result)
+        pool = _POOL_MODULES.get(t)
+        if pool is not None and isinstance(x, _Sym):
+            pos, kw = torch.fx.node.map_arg((n.args[1:], n.kwargs), lambda a: self.env[a])
+            names = _POOL_ARGS[pool.__name__.replace("1d", "").replace("2d", "")]
+            try:
+                mod = pool(**dict(zip(names, pos, strict=False)), **kw)
+            except TypeError as err:
+                return self.fail(n, f"functional {name} ({err})", _flatten(args)) or \
+                    _zero_out(result)
+            if isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+                return self.adaptive_pool(n, mod, x, result)
+            return self.pool(n, mod, x, result)
         if name in ("matmul", "bmm", "__matmul__") or t in (torch.matmul, torch.bmm,
                                                            operator.matmul):
             return self.matmul(n, result, args)
@@ -605,7 +620,7 @@ class _Analysis(torch.fx.Interpreter):
 
     # -- layers with candidates -------------------------------------------------------------
     def _affine(self, n, site_weight, patterns, inverse, channel_of, rows_idx, shift_fn,
-                x_shifts, tag="out"):
+                x_shifts, tag="out", cols_idx=None):
         """The rule of a Linear/ConvNd/in-projection on input patterns.
 
         ``patterns`` ``(P, E)``: input scale ids per entry (``-1``: padding), ``channel_of``
@@ -614,8 +629,8 @@ class _Analysis(torch.fx.Interpreter):
         shifts, and the ``u`` variable of every pattern (for the bias shift ``-u b``).
         """
         space, sys = self.space, self.sys
-        site = space.site(site_weight)
-        n_in = site.cols
+        cols_idx = space.cols(site_weight) if cols_idx is None else cols_idx
+        n_in = len(cols_idx)
         # entries of one channel in one pattern share a scale
         P, E = patterns.shape
         order = torch.argsort(channel_of, stable=True)
@@ -636,7 +651,6 @@ class _Analysis(torch.fx.Interpreter):
         u0 = int(sys.new("u", self.label(n))[0])
         for v in a[p0][a[p0] > 0].tolist():
             self.consumers.setdefault(v, set()).add(self.label(n))
-        cols_idx = space.cols(site_weight)
         self.assign(cols_idx, [{u0: 1.0, int(roots[p0, i]): -1.0} if roots[p0, i] > 0
                                else {u0: 1.0} if roots[p0, i] == 0 else {}
                                for i in range(n_in)])
@@ -703,8 +717,6 @@ class _Analysis(torch.fx.Interpreter):
         nd = mod.weight.dim() - 2
         if nd not in (1, 2):
             return self.fail(n, "Conv3d", [x]) or _zero_like(result)
-        if mod.groups != 1:
-            return self.fail(n, "grouped convolution", [x]) or _zero_like(result)
         if mod.padding_mode != "zeros":
             return self.fail(n, f"padding mode {mod.padding_mode!r}", [x]) or \
                 _zero_like(result)
@@ -719,25 +731,37 @@ class _Analysis(torch.fx.Interpreter):
             pad = list(_as_2d(mod.padding, nd, 0))
         ids = x.ids if nd == 2 else x.ids.unsqueeze(-2)
         N = ids.shape[0]
-        padded = F.pad(ids.to(self.dtype), (pad[1], pad[1], pad[0], pad[0]), value=-1.0)
-        cols = F.unfold(padded, k, dilation=dl, stride=st)  # (N, C*K, L)
-        L = cols.shape[-1]
-        flat = cols.transpose(1, 2).reshape(N * L, -1).round().long()
-        patterns, inverse = torch.unique(flat, dim=0, return_inverse=True)
-        channel_of = torch.arange(mod.in_channels).repeat_interleave(k[0] * k[1])
+        G = mod.groups  # a grouped conv is G convs side by side; the columns are shared
+        c_in, c_out = mod.in_channels // G, mod.out_channels // G
         w = mod.weight.detach().to(self.dtype)
         fn = F.conv2d if nd == 2 else F.conv1d
+        rows = self.space.rows(f"{name}.weight")
+        out_ids, shifts = [], []
+        for g in range(G):
+            ins, outs = slice(g * c_in, (g + 1) * c_in), slice(g * c_out, (g + 1) * c_out)
+            padded = F.pad(ids[:, ins].to(self.dtype), (pad[1], pad[1], pad[0], pad[0]),
+                           value=-1.0)
+            cols = F.unfold(padded, k, dilation=dl, stride=st)  # (N, c_in*K, L)
+            L = cols.shape[-1]
+            flat = cols.transpose(1, 2).reshape(N * L, -1).round().long()
+            patterns, inverse = torch.unique(flat, dim=0, return_inverse=True)
+            channel_of = torch.arange(c_in).repeat_interleave(k[0] * k[1])
 
-        def shift_fn(c):
-            return fn(c, w, None, mod.stride, mod.padding, mod.dilation)
-        ids_o, shifts, u_at = self._affine(n, f"{name}.weight", patterns,
-                                           inverse.reshape(N, L), channel_of,
-                                           self.space.rows(f"{name}.weight"), shift_fn,
-                                           x.shifts)
-        out_ids = ids_o.movedim(-1, 1).reshape(result.shape)
-        u_at = u_at.reshape(N, *result.shape[2:])
-        shifts += self._bias_shifts(u_at, mod.bias, 1, result.shape)
-        return _Sym(out_ids, _merge(shifts))
+            def shift_fn(c, ins=ins, outs=outs):
+                return fn(c[:, ins], w[outs], None, mod.stride, mod.padding, mod.dilation)
+            ids_o, sh, u_at = self._affine(n, f"{name}.weight", patterns,
+                                           inverse.reshape(N, L), channel_of, rows[outs],
+                                           shift_fn, x.shifts,
+                                           cols_idx=self.space.cols(f"{name}.weight", ins))
+            shape_g = (result.shape[0], c_out, *result.shape[2:])
+            out_ids.append(ids_o.movedim(-1, 1).reshape(shape_g))
+            u_at = u_at.reshape(N, *result.shape[2:])
+            bias = None if mod.bias is None else mod.bias[outs]
+            for f, c in sh + self._bias_shifts(u_at, bias, 1, shape_g):
+                full = torch.zeros(result.shape, dtype=self.dtype)
+                full[:, outs] = c
+                shifts.append((f, full))
+        return _Sym(torch.cat(out_ids, 1), _merge(shifts))
 
     def embedding(self, n, name, mod, tokens, result):
         space, sys = self.space, self.sys
@@ -765,14 +789,17 @@ class _Analysis(torch.fx.Interpreter):
             for v in first[first > 0].tolist():
                 self.consumers.setdefault(v, set()).add(self.label(n))
             shape_g = [1, C] + [1] * (x.ids.dim() - 2)
-        elif kind == "layer":
+        elif kind in ("layer", "rms"):
             k = len(mod.normalized_shape)
             flat = x.ids.reshape(-1, math.prod(mod.normalized_shape))
             for v in torch.unique(sys.union_rows(flat)).tolist():
                 if v > 0:
                     self.consumers.setdefault(v, set()).add(self.label(n))
             dims = list(range(x.ids.dim() - k, x.ids.dim()))
-            self.kill(x.shifts, center=lambda c: c - c.mean(dims, keepdim=True))
+            if kind == "rms":  # no centring: every shift must vanish
+                self.kill(x.shifts)
+            else:
+                self.kill(x.shifts, center=lambda c: c - c.mean(dims, keepdim=True))
             shape_g = [1] * (x.ids.dim() - k) + list(mod.normalized_shape)
         else:
             N, C = x.ids.shape[:2]
@@ -946,6 +973,23 @@ class _Analysis(torch.fx.Interpreter):
         return _Sym(torch.full(result.shape, out_vars[0], dtype=torch.long))
 
 
+# the functional pooling of torch.nn.functional, as the module with the same arguments
+_POOL_MODULES = {
+    F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d,
+    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d,
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
+    torch.max_pool1d: nn.MaxPool1d, torch.max_pool2d: nn.MaxPool2d,
+    torch.avg_pool1d: nn.AvgPool1d, torch.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+}
+_POOL_ARGS = {  # the functionals' positional arguments after the input
+    "MaxPool": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "AvgPool": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                "divisor_override"),
+    "AdaptiveAvgPool": ("output_size",), "AdaptiveMaxPool": ("output_size", "return_indices"),
+}
+_RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
 _PASS = {"contiguous", "clone", "detach", "float", "double", "to", "type_as", "dropout",
          "identity"}
 _SHAPE_OPS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze",
@@ -1052,7 +1096,7 @@ def _gram_blocks(space: ScalingSpace, params: dict) -> list[tuple[int, int, torc
     """Per site, its coordinate range and the Gram matrix of its candidate directions."""
     blocks = []
     for s in space.sites:
-        w = params[s.weight].detach().to(torch.float64)
+        w = block_diagonal(params[s.weight].detach().to(torch.float64), s.groups)
         b = params[s.bias].detach().to(torch.float64) if s.bias else None
         lo, hi = s.row_offset, s.col_offset + s.cols
         if s.kind == "norm":
@@ -1308,7 +1352,7 @@ def _candidate_rank(space: ScalingSpace, params: dict) -> int:
 
     total = 0
     for s in space.sites:
-        w = params[s.weight].detach()
+        w = block_diagonal(params[s.weight].detach(), s.groups)
         b = params[s.bias].detach().reshape(-1) if s.bias else None
         if s.kind == "norm":
             nz = w.reshape(-1) != 0
