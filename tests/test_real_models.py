@@ -431,3 +431,35 @@ def test_rms_norm():
                           nn.Linear(8, 3)).double()
     x = torch.randn(128, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert _counts(model, x) == (17, 17)
+
+
+class EncoderViT(nn.Module):
+    """A ViT-like model on torch's own ``nn.TransformerEncoderLayer`` (pre-LN)."""
+
+    def __init__(self, activation: str = "relu", d: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(12, d)
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(
+            d, 2, 32, dropout=0.0, activation=activation, batch_first=True,
+            norm_first=True)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x).mean(1))
+
+
+@pytest.mark.parametrize("activation, expected", [("relu", 4 * 16 + 32 + 16 + 1),
+                                                  ("gelu", 4 * 16 + 16 + 1)])
+def test_torchs_transformer_encoder_layer(activation, expected):
+    """The derived count of the pre-LN transformer, L (4 d + d_mlp) + d + 1 (no MLP units
+    with GELU), on torch's own layer, whose fused fast path is off while tracing."""
+    torch.manual_seed(0)
+    model = EncoderViT(activation).double()
+    x = torch.randn(256, 5, 12, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    assert _counts(model, x) == (expected, expected)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after tracing

@@ -1168,7 +1168,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
         sig = list(inspect.signature(model.forward).parameters.values())
         concrete = {p.name: p.default for p in sig[len(inputs):]
                     if p.default is not inspect.Parameter.empty}
-        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+        gm = _trace(model, concrete or None)
     except Exception as err:  # fx raises many kinds on dynamic control flow
         raise ValueError(f"the model cannot be traced by torch.fx ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}); use method='dense'") from None
@@ -1337,6 +1337,28 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
             families.append(Family(key[0], key[1], len(cols), layers, cols))
     return StructuralResult(dim, basis, families, candidate_rank, analysis.unsupported,
                             analysis.notes)
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, entering torch's transformer layers (whose parts have rules)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, concrete: dict | None) -> torch.fx.GraphModule:
+    """The model's graph; torch's fused transformer fast path is off while tracing (its
+    checks are control flow on the inputs), so the layers trace into their modules."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    name = type(model).__name__
+    return torch.fx.GraphModule(model, graph, name)
 
 
 def _candidate_rank(space: ScalingSpace, params: dict) -> int:
