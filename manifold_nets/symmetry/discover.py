@@ -343,7 +343,7 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
                                unsupported=found.unsupported, notes=found.notes)
             _resolves(result, model)
             if verify:
-                result.verified = _verify(net, result, args)
+                result.verified = _verify(net, result, args, eps=found.eps)
             return result
     elif method == "structural":
         raise ValueError("the structural method analyses batch norm with batch statistics "
@@ -390,7 +390,8 @@ def _resolves(result: Discovery, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _verify(net: nn.Module, result: Discovery, args: tuple, log_scale: float = 0.3) -> float:
+def _verify(net: nn.Module, result: Discovery, args: tuple, log_scale: float = 0.3,
+            eps: float = 0.0) -> float:
     """Relative change of the outputs under a random element of the found group."""
     if result.dim == 0:
         return 0.0
@@ -401,7 +402,8 @@ def _verify(net: nn.Module, result: Discovery, args: tuple, log_scale: float = 0
     after = _outputs(element.apply(net)(*args))
     change = float((after - before).norm() / before.norm().clamp_min(1e-300))
     eps = max([m.eps for m in net.modules() if isinstance(
-        m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))] + [0.0])
+        m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+        and m.eps is not None] + [eps])
     if change > 1e-6 + 1e3 * eps:
         raise ValueError(
             f"discover: the structural analysis found {result.dim} symmetries, but a random "

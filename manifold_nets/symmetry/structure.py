@@ -59,6 +59,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -174,6 +175,7 @@ class StructuralResult:
     candidate_rank: int
     unsupported: list[str]
     notes: list[str]
+    eps: float = 0.0  # the largest constant taken as a normalisation's eps in the graph
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,6 +274,15 @@ class _Sym:
         return _Sym(fn(self.ids), [(f, fn(c)) for f, c in self.shifts])
 
 
+@dataclass
+class _Param:
+    """A weight with candidates, read by ``get_attr`` in an exported graph: the op that
+    uses it (linear, conv, embedding, a normalisation) applies its site's rule."""
+
+    name: str
+    value: torch.Tensor
+
+
 def _zero_like(t: torch.Tensor) -> _Sym:
     return _Sym(torch.zeros(t.shape, dtype=torch.long))
 
@@ -303,10 +314,16 @@ class _Analysis(torch.fx.Interpreter):
         self.dtype = torch.float64
         self.absorbed: set[int] = set()  # variables whose scale a normalisation removes
         self.consumers: dict[int, set[str]] = {}  # variable -> layers reading it
+        # weights and biases of the sites (what an exported graph reads by get_attr)
+        self.eps = 0.0  # the largest constant taken as a normalisation's eps
+        self.node_label: dict[torch.fx.Node, str] = {}  # an ATen op -> its module
+        self.site_params = {k for site in space.sites for k in (site.weight, site.bias) if k}
+        self.site_params |= {k for k in space._by_weight}
 
     # -- bookkeeping ----------------------------------------------------------------------
-    @staticmethod
-    def label(n: torch.fx.Node) -> str:
+    def label(self, n: torch.fx.Node) -> str:
+        if n in self.node_label:
+            return self.node_label[n]
         return n.target if n.op == "call_module" else n.name
 
     def assign(self, coords: torch.Tensor, forms: Sequence[dict[int, float]]) -> None:
@@ -340,6 +357,12 @@ class _Analysis(torch.fx.Interpreter):
         for s in syms:
             if isinstance(s, _Sym):
                 self.pin(s)
+        for s in syms:
+            if isinstance(s, _Param):
+                site = self.space.site(s.name) if s.name in self.space._by_weight else None
+                if site is not None:
+                    idx = torch.arange(site.row_offset, site.col_offset + site.cols)
+                    self.assign(idx, [{}] * len(idx))
         # parameters of an unsupported module keep their scale
         if node.op == "call_module":
             for site in self.space.sites:
@@ -360,6 +383,8 @@ class _Analysis(torch.fx.Interpreter):
         if n.op == "placeholder":
             return _zero_like(result) if isinstance(result, torch.Tensor) else None
         if n.op == "get_attr":
+            if isinstance(n.target, str) and n.target in self.site_params:
+                return _Param(n.target, result)
             return _zero_like(result) if isinstance(result, torch.Tensor) else None
         if n.op == "output":
             for s in _flatten(args):
@@ -422,6 +447,15 @@ class _Analysis(torch.fx.Interpreter):
     def function_rule(self, n, result, args, kwargs):
         t = n.target
         name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        if isinstance(t, torch._ops.OpOverload):  # an exported graph's ATen op
+            name = t.overloadpacket.__name__
+            out = self.aten_rule(n, name, result, args, kwargs)
+            if out is not _NO_RULE:
+                return out
+        params = [a for a in _flatten((args, kwargs)) if isinstance(a, _Param)]
+        if params:  # a weight used in a way no rule knows: its candidates stay put
+            return self.fail(n, f"{name} of the weight {params[0].name}",
+                             _flatten((args, kwargs))) or _zero_out(result)
         if not any(isinstance(s, _Sym) for s in _flatten((args, kwargs))):
             return _zero_out(result)  # constants
         if not any(isinstance(r, torch.Tensor) for r in _flatten(result)):
@@ -476,7 +510,7 @@ class _Analysis(torch.fx.Interpreter):
         if name in ("matmul", "bmm", "__matmul__") or t in (torch.matmul, torch.bmm,
                                                            operator.matmul):
             return self.matmul(n, result, args)
-        if t is F.scaled_dot_product_attention:
+        if t is F.scaled_dot_product_attention or name == "scaled_dot_product_attention":
             return self.sdpa(n, result, args, kwargs)
         if name == "softmax" or t in (F.softmax, torch.softmax):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -491,6 +525,134 @@ class _Analysis(torch.fx.Interpreter):
             return x
         return self.fail(n, f"unsupported operation {name}", _flatten((args, kwargs))) or \
             _zero_out(result)
+
+    # -- ATen ops (torch.export) ----------------------------------------------------------
+    def _site_of(self, p: _Param, kind: str = "matrix"):
+        site = self.space._by_weight.get(p.name)
+        if site is None or site.kind != kind:
+            return None
+        self.node_label[self.current] = site.module  # families name modules, not ops
+        return site
+
+    def aten_rule(self, n, name, result, args, kwargs):
+        """The rules of the ops an exported graph holds where they differ from the
+        functional ones; :data:`_NO_RULE` hands the op to those."""
+        values = torch.fx.node.map_arg(n.args, lambda a: self.env[a])
+        x = args[0] if args else None
+        if name == "linear" and isinstance(args[1], _Param):
+            site = self._site_of(args[1])
+            bias = args[2] if len(args) > 2 else None
+            if site is None or not isinstance(x, _Sym) or (
+                    bias is not None and (not isinstance(bias, _Param)
+                                          or bias.name != site.bias)):
+                return self.fail(n, f"linear with {args[1].name}", _flatten(args)) or \
+                    _zero_out(result)
+            return self.linear(n, site.module, x, args[1].value,
+                               None if bias is None else bias.value, site.weight)
+        if name == "embedding" and isinstance(args[0], _Param):
+            site = self._site_of(args[0])
+            if site is None:
+                return self.fail(n, f"embedding of {args[0].name}", _flatten(args)) or \
+                    _zero_out(result)
+            return self.embedding(n, site.module, None, values[1], result)
+        if name in ("conv1d", "conv2d") and isinstance(args[1], _Param):
+            site = self._site_of(args[1])
+            bias = args[2] if len(args) > 2 else None
+            if site is None or not isinstance(x, _Sym) or (
+                    bias is not None and (not isinstance(bias, _Param)
+                                          or bias.name != site.bias)):
+                return self.fail(n, f"{name} with {args[1].name}", _flatten(args)) or \
+                    _zero_out(result)
+            w = args[1].value
+            nd = w.dim() - 2
+            opts = dict(zip(("stride", "padding", "dilation", "groups"), values[3:],
+                            strict=False))
+            mod = SimpleNamespace(
+                weight=w, bias=None if bias is None else bias.value,
+                kernel_size=tuple(w.shape[2:]), stride=opts.get("stride", 1),
+                padding=opts.get("padding", 0), dilation=opts.get("dilation", 1),
+                groups=opts.get("groups", 1), in_channels=values[0].shape[1],
+                out_channels=w.shape[0], padding_mode="zeros")
+            if nd == 1:
+                mod.stride, mod.padding, mod.dilation = (
+                    tuple(v) if isinstance(v, (list, tuple)) else v
+                    for v in (mod.stride, mod.padding, mod.dilation))
+            return self.conv(n, site.module, mod, x, result)
+        if name in ("layer_norm", "rms_norm", "batch_norm", "group_norm"):
+            return self._aten_norm(n, name, values, args, x, result)
+        if name in ("pow", "rsqrt", "sqrt", "reciprocal") and isinstance(x, _Sym):
+            k = {"rsqrt": -0.5, "sqrt": 0.5, "reciprocal": -1.0}.get(name)
+            if k is None:
+                k = values[1] if isinstance(values[1], (int, float)) else None
+            if k is None:
+                return _NO_RULE
+            return self.power(n, x, float(k), result)
+        if name in ("max_pool2d", "max_pool1d", "avg_pool2d", "avg_pool1d",
+                    "adaptive_avg_pool2d", "adaptive_avg_pool1d", "max_pool2d_with_indices"):
+            cls = _POOL_MODULES.get(getattr(F, name.replace("_with_indices", ""), None))
+            if cls is None or not isinstance(x, _Sym):
+                return _NO_RULE
+            names = _POOL_ARGS[cls.__name__.replace("1d", "").replace("2d", "")]
+            mod = cls(**dict(zip(names, values[1:], strict=False)))
+            if "adaptive" in name:
+                return self.adaptive_pool(n, mod, x, result)
+            return self.pool(n, mod, x, result)
+        if name in ("_softmax", "softmax", "_safe_softmax"):
+            return self.softmax(x, values[1], result)
+        if name in ("add", "sub") and isinstance(x, _Sym) and len(values) > 1 and \
+                isinstance(values[1], (int, float)) and 0 < abs(values[1]) <= _EPS:
+            self.eps = max(self.eps, abs(float(values[1])))
+            return x  # a normalisation's eps: the scaling is a symmetry up to it
+        if name in ("slice", "select", "alias", "expand", "unsqueeze", "squeeze",
+                    "clone", "contiguous", "_to_copy", "to", "lift_fresh_copy", "detach",
+                    "detach_", "dropout", "view", "reshape", "permute", "transpose", "t",
+                    "flatten", "unflatten", "split", "chunk", "unbind", "repeat"):
+            if not isinstance(x, _Sym):
+                return _NO_RULE
+            if name in ("_to_copy", "to", "lift_fresh_copy", "detach", "detach_", "alias",
+                        "clone", "contiguous", "dropout") and \
+                    isinstance(result, torch.Tensor) and result.shape == x.ids.shape:
+                return x
+            return self.shape_op(n, result, args, kwargs)
+        return _NO_RULE
+
+    def _aten_norm(self, n, name, values, args, x, result):
+        """``layer_norm(x, shape, w, b, eps)``, ``rms_norm(x, shape, w, eps)``,
+        ``batch_norm(x, w, b, mean, var, training, ...)``, ``group_norm(x, G, w, b)``."""
+        if not isinstance(x, _Sym):
+            return _NO_RULE
+        w_at = {"layer_norm": 2, "rms_norm": 2, "batch_norm": 1, "group_norm": 2}[name]
+        w = args[w_at] if len(args) > w_at else None
+        site = self._site_of(w, "norm") if isinstance(w, _Param) else None
+        if w is not None and site is None:
+            return self.fail(n, f"{name} with the weight {getattr(w, 'name', w)}",
+                             _flatten(args)) or _zero_out(result)
+        module = site.module if site is not None else n.name
+        weight = w.value if site is not None else None
+        if name == "batch_norm":
+            mod = SimpleNamespace(training=bool(values[5]),
+                                  track_running_stats=values[3] is not None, weight=weight)
+            return self.norm(n, module, mod, x, result, kind="batch")
+        if name == "group_norm":
+            mod = SimpleNamespace(num_groups=int(values[1]), weight=weight)
+            return self.norm(n, module, mod, x, result, kind="group")
+        mod = SimpleNamespace(normalized_shape=tuple(values[1]), weight=weight)
+        return self.norm(n, module, mod, x, result,
+                         kind="layer" if name == "layer_norm" else "rms")
+
+    def power(self, n, x, k, result):
+        """``x ** k``: the scale times ``k``; a shift must vanish."""
+        self.kill(x.shifts)
+        ids, inverse = torch.unique(x.ids, return_inverse=True)
+        out = torch.empty(len(ids), dtype=torch.long)
+        for j, v in enumerate(ids.tolist()):
+            if v <= _ZERO:
+                out[j] = v
+            else:
+                w = int(self.sys.new("pow", self.label(n))[0])
+                out[j] = w
+                self.sys.row({w: 1.0, v: -k})
+        return _Sym(out[inverse].reshape(result.shape))
 
     # -- rules ----------------------------------------------------------------------------
     def shape_op(self, n, result, args, kwargs):
@@ -907,14 +1069,18 @@ class _Analysis(torch.fx.Interpreter):
     def _attention(self, n, q, k, v):
         """Scores unchanged: query and key scales pair per dimension, the query shift
         vanishes (the key's adds a constant per query row, which the soft-max absorbs)."""
-        qd = q.ids.reshape(-1, q.ids.shape[-1]).T  # (E, positions)
-        kd = k.ids.reshape(-1, k.ids.shape[-1]).T
-        for d in range(qd.shape[0]):
-            qs, ks = torch.unique(qd[d]).tolist(), torch.unique(kd[d]).tolist()
-            for a in qs:
-                for b in ks:
-                    if a >= 0 and b >= 0:
-                        self.sys.row(_add_form((1.0, a), (1.0, b)))
+        # per leading index (batch, head) and dimension: the queries' and keys' scales
+        lead = torch.broadcast_shapes(q.ids.shape[:-2], k.ids.shape[:-2])
+        qd = q.ids.expand(*lead, *q.ids.shape[-2:]).reshape(-1, *q.ids.shape[-2:])
+        kd = k.ids.expand(*lead, *k.ids.shape[-2:]).reshape(-1, *k.ids.shape[-2:])
+        done = set()
+        for i in range(qd.shape[0]):
+            for d in range(qd.shape[-1]):
+                for a in torch.unique(qd[i, :, d]).tolist():
+                    for b in torch.unique(kd[i, :, d]).tolist():
+                        if a >= 0 and b >= 0 and (a, b) not in done:
+                            done.add((a, b))
+                            self.sys.row(_add_form((1.0, a), (1.0, b)))
         self.kill(q.shifts)
 
     def _attend(self, q, k, v):
@@ -972,6 +1138,9 @@ class _Analysis(torch.fx.Interpreter):
                 self.sys.row({w: 1.0, out_vars[0]: -1.0})
         return _Sym(torch.full(result.shape, out_vars[0], dtype=torch.long))
 
+
+_NO_RULE = object()  # aten_rule: no rule of its own, the functional ones apply
+_EPS = 1e-3  # a constant this small added to a statistic is a normalisation's eps
 
 # the functional pooling of torch.nn.functional, as the module with the same arguments
 _POOL_MODULES = {
@@ -1034,8 +1203,14 @@ def _zero_out(result):
 
 def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
     """A copy to analyse: ``dtype``, batch norms on batch statistics (if ``train``),
-    dropout off."""
-    net = copy.deepcopy(model).to(dtype=dtype).train(train).requires_grad_(False)
+    everything else in eval mode: dropout off, also where a module reads its own
+    ``training`` (the attention dropout of Hugging Face models)."""
+    net = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
+    for mod in net.modules():  # torch's fused inference kernels have no forward AD
+        if isinstance(mod, (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                            nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                            nn.TransformerDecoder)):
+            mod.train()
     for mod in net.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and train:
             mod.track_running_stats = False
@@ -1170,8 +1345,15 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
                     if p.default is not inspect.Parameter.empty}
         gm = _trace(model, concrete or None)
     except Exception as err:  # fx raises many kinds on dynamic control flow
-        raise ValueError(f"the model cannot be traced by torch.fx ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]}); use method='dense'") from None
+        fx_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        try:  # the graph torch itself produces, where Python control flow stops fx
+            gm = torch.export.export(model, tuple(a[:2] for a in inputs),
+                                     strict=False).module()
+        except Exception as err2:  # noqa: BLE001 - both tracers failed: say both
+            raise ValueError(
+                f"the model cannot be traced by torch.fx ({fx_error}) nor exported by "
+                f"torch.export ({type(err2).__name__}: "
+                f"{str(err2).splitlines()[0][:200]}); use method='dense'") from None
     analysis = _Analysis(gm, space)
     analysis.seen = _seen_tokens(model, inputs)
     try:
@@ -1336,7 +1518,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
             layers = sorted({site_of(k) for k in touched})
             families.append(Family(key[0], key[1], len(cols), layers, cols))
     return StructuralResult(dim, basis, families, candidate_rank, analysis.unsupported,
-                            analysis.notes)
+                            analysis.notes, analysis.eps)
 
 
 class _Tracer(torch.fx.Tracer):
