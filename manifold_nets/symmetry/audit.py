@@ -162,6 +162,7 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     >>> import torch
     >>> from manifold_nets import Arch1
     >>> from manifold_nets.symmetry import UPDATE_RULES, arch1_paper_group, audit
+    >>> _ = torch.manual_seed(0)
     >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
     >>> x = torch.randn(16, 3, dtype=torch.float64)
     >>> y = torch.randint(0, 2, (16,))

@@ -221,6 +221,9 @@ class ScalingSpace:
       ``Linear``). A vector ``v`` holds row log-scales ``r`` then column log-scales ``c``;
       it generates :math:`(r_i + c_j) W_{ij}` and :math:`r_i b_i` for the row's bias
       (``bias``, or ``in_proj_bias``).
+    - **vectors**: every other 1-D parameter (the weight of a hand-written RMSNorm such
+      as Llama's, a layer scale), one log-scale per entry, as a normalisation without a
+      shift (listed in ``vectors``).
     - **normalisations**: ``BatchNorm*``, ``LayerNorm`` and ``GroupNorm`` with an affine
       weight: one log-scale :math:`g_k` per channel, generating :math:`g_k \gamma_k` and
       :math:`g_k \beta_k` (the pair scaled together); no columns.
@@ -325,6 +328,18 @@ class ScalingSpace:
                                    prefix + "bias" if getattr(mod, "bias", None) is not None
                                    else None, None, "norm"))
                 offset += n
+        # every other 1-D weight (an RMSNorm written by hand, a layer scale) that the
+        # model multiplies into its activations: one log-scale per entry
+        covered = {k for site in sites for k in (site.weight, site.bias) if k}
+        covered |= set(aliases)
+        self.vectors: set[str] = set()
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and p.is_floating_point() and name not in covered:
+                owner = name.rsplit(".", 1)[0] if "." in name else ""
+                sites.append(_Site(name, owner, p.numel(), 0, offset, offset + p.numel(),
+                                   None, None, "norm"))
+                self.vectors.add(name)
+                offset += p.numel()
         if not any(s.kind == "matrix" for s in sites):
             raise ValueError("model has no nn.Linear, nn.ConvNd, nn.Embedding or "
                              "nn.MultiheadAttention weight to rescale")

@@ -383,6 +383,8 @@ class _Analysis(torch.fx.Interpreter):
         if n.op == "placeholder":
             return _zero_like(result) if isinstance(result, torch.Tensor) else None
         if n.op == "get_attr":
+            if isinstance(n.target, str) and n.target in self.space.vectors:
+                return self.vector(n, result)
             if isinstance(n.target, str) and n.target in self.site_params:
                 return _Param(n.target, result)
             return _zero_like(result) if isinstance(result, torch.Tensor) else None
@@ -639,6 +641,12 @@ class _Analysis(torch.fx.Interpreter):
         mod = SimpleNamespace(normalized_shape=tuple(values[1]), weight=weight)
         return self.norm(n, module, mod, x, result,
                          kind="layer" if name == "layer_norm" else "rms")
+
+    def vector(self, n, value):
+        """A 1-D weight read into the computation: its entries are its candidates."""
+        g = self.sys.new("vector", n.target, value.numel())
+        self.assign(self.space.rows(n.target), [{int(v): 1.0} for v in g])
+        return _Sym(g.reshape(value.shape))
 
     def power(self, n, x, k, result):
         """``x ** k``: the scale times ``k``; a shift must vanish."""
