@@ -50,6 +50,7 @@ __all__ = [
     "arch1_full_group",
     "arch2_group",
     "rescale_weight",
+    "block_diagonal",
     "scaling_tangent",
 ]
 
@@ -234,7 +235,7 @@ class ScalingSpace:
 
     A grouped convolution (``groups > 1``, depthwise ones included) has one column
     log-scale per input channel, as the dense block-diagonal weight it acts as
-    (:func:`block_diagonal`).
+    (:func:`~manifold_nets.symmetry.groups.block_diagonal`).
 
     A weight tensor that several modules share (tied input and output embeddings) is one
     site, under its first name, with one set of log-scales; :meth:`site` answers to every

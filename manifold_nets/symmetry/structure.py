@@ -137,8 +137,8 @@ class StructuralResult:
 
     Parameters
     ----------
-    dim, basis, families, candidate_rank, unsupported, notes
-        The attributes of the same names.
+    dim, basis, families, candidate_rank, unsupported, notes, eps
+        The attributes of the same names (``eps`` defaults to 0).
 
     Attributes
     ----------
@@ -156,6 +156,9 @@ class StructuralResult:
         through them.
     notes : list of str
         Remarks on the inputs (e.g. embedding rows never used).
+    eps : float
+        The largest constant the analysis took as a normalisation's ``eps`` (added to a
+        statistic in an exported graph); the symmetries hold up to it.
 
     Examples
     --------
