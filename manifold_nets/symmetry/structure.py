@@ -539,19 +539,27 @@ class _Analysis(torch.fx.Interpreter):
         self.node_label[self.current] = site.module  # families name modules, not ops
         return site
 
+    def _affine_site(self, args):
+        """The site of ``op(x, weight, bias)`` and its bias, or ``(None, None)`` where the
+        input is constant or the bias is not the site's."""
+        site = self._site_of(args[1])
+        bias = args[2] if len(args) > 2 else None
+        if site is None or not isinstance(args[0], _Sym) or (
+                bias is not None and (not isinstance(bias, _Param) or bias.name != site.bias)):
+            return None, None
+        return site, bias
+
     def aten_rule(self, n, name, result, args, kwargs):
         """The rules of the ops an exported graph holds where they differ from the
         functional ones; :data:`_NO_RULE` hands the op to those."""
         values = torch.fx.node.map_arg(n.args, lambda a: self.env[a])
         x = args[0] if args else None
-        if name == "linear" and isinstance(args[1], _Param):
-            site = self._site_of(args[1])
-            bias = args[2] if len(args) > 2 else None
-            if site is None or not isinstance(x, _Sym) or (
-                    bias is not None and (not isinstance(bias, _Param)
-                                          or bias.name != site.bias)):
-                return self.fail(n, f"linear with {args[1].name}", _flatten(args)) or \
+        if name in ("linear", "conv1d", "conv2d") and isinstance(args[1], _Param):
+            site, bias = self._affine_site(args)
+            if site is None:
+                return self.fail(n, f"{name} with {args[1].name}", _flatten(args)) or \
                     _zero_out(result)
+        if name == "linear" and isinstance(args[1], _Param):
             return self.linear(n, site.module, x, args[1].value,
                                None if bias is None else bias.value, site.weight)
         if name == "embedding" and isinstance(args[0], _Param):
@@ -561,13 +569,6 @@ class _Analysis(torch.fx.Interpreter):
                     _zero_out(result)
             return self.embedding(n, site.module, None, values[1], result)
         if name in ("conv1d", "conv2d") and isinstance(args[1], _Param):
-            site = self._site_of(args[1])
-            bias = args[2] if len(args) > 2 else None
-            if site is None or not isinstance(x, _Sym) or (
-                    bias is not None and (not isinstance(bias, _Param)
-                                          or bias.name != site.bias)):
-                return self.fail(n, f"{name} with {args[1].name}", _flatten(args)) or \
-                    _zero_out(result)
             w = args[1].value
             nd = w.dim() - 2
             opts = dict(zip(("stride", "padding", "dilation", "groups"), values[3:],
