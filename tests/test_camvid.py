@@ -265,10 +265,14 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
 
     with pytest.raises(Killed):
         cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    before = torch.load(ckpt, weights_only=False)["extra"]["time"]  # what epochs 1-2 cost
     seen = []
     resumed, model2 = cv.train(config, data, checkpoint=ckpt, log=seen.append, progress=False)
     assert seen[0].startswith("resumed from") and sum(s.startswith("epoch") for s in seen) == 1
     assert resumed["history"] == whole["history"]
+    # the time of the whole run: the killed process's epochs are counted too
+    assert resumed["time_from_epoch"] == 1 and whole["time_from_epoch"] == 1
+    assert resumed["cpu_time_s"] > before["cpu"] > 0
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     if update == "un":

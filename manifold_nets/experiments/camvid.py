@@ -1028,6 +1028,13 @@ class _Flips:
         return x.to(self.device), y.to(self.device)
 
 
+def _spent(spent: dict, start: float, cpu_start: float) -> dict:
+    """The run's time so far: the earlier processes' and this one's."""
+    return {"wall": spent["wall"] + time.perf_counter() - start,
+            "cpu": spent["cpu"] + time.process_time() - cpu_start,
+            "from_epoch": spent["from_epoch"]}
+
+
 def train(config: CamVidConfig, data: dict[str, CamVid], *,
           checkpoint: str | os.PathLike | None = None, evaluate_val: bool = True,
           log: Callable[[str], None] | None = None, progress: bool = True,
@@ -1056,8 +1063,10 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     -------
     record : dict
         ``config``, per-epoch ``history``, ``diverged``, final ``val`` metrics,
-        ``wall_time_s`` and ``cpu_time_s`` (this process's share if resumed; CPU time
-        of every thread of the process), ``torch_threads``.
+        ``wall_time_s`` and ``cpu_time_s`` (summed over every process that trained the
+        run, carried in the checkpoint; CPU time of every thread of each process),
+        ``time_from_epoch`` (1, or the first epoch they cover where the run was resumed
+        from a checkpoint that did not carry the time yet), ``torch_threads``.
     model : SegNet
         The trained model, with its batch-norm statistics recomputed over the training
         images (:func:`bn_statistics`) unless the run diverged.
@@ -1105,10 +1114,13 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
                         errors=pixel_errors, augment=_Flips(flips, device))
     order = torch.Generator().manual_seed(config.seed + 1)
     state = None
+    spent = {"wall": 0.0, "cpu": 0.0, "from_epoch": 1}  # by earlier processes of this run
     if checkpoint is not None and Path(checkpoint).exists():
         saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
                                 config=config)
         state = LoopState.from_dict(saved["extra"]["loop"])
+        spent = saved["extra"].get("time") or {"wall": 0.0, "cpu": 0.0,
+                                               "from_epoch": state.epoch + 1}
         if flips is not None:
             flips.set_state(saved["extra"]["flips"])
         if log is not None:
@@ -1129,7 +1141,8 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
             save_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
                             history=st.results[0].history, config=config,
                             extra={"loop": st.to_dict(),
-                                   "flips": flips.get_state() if flips is not None else None})
+                                   "flips": flips.get_state() if flips is not None else None,
+                                   "time": _spent(spent, start, cpu_start)})
         if log is not None:
             row = st.results[0].history[-1]
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -1154,8 +1167,9 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         "diverged": result.diverged,
         "val": evaluate(model, val_set) if val_set is not None and not result.diverged
         else None,
-        "wall_time_s": time.perf_counter() - start,
-        "cpu_time_s": time.process_time() - cpu_start,
+        "wall_time_s": _spent(spent, start, cpu_start)["wall"],
+        "cpu_time_s": _spent(spent, start, cpu_start)["cpu"],
+        "time_from_epoch": spent["from_epoch"],
         "torch_threads": torch.get_num_threads(),
     }
     return record, model
@@ -1529,8 +1543,12 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
     for update, (_, runs) in results.items():
         for r in runs:
             cpu = f"{r['cpu_time_s'] / 60:.1f}" if "cpu_time_s" in r else "not recorded"
+            wall = f"{r['wall_time_s'] / 60:.1f}"
+            if r.get("time_from_epoch", 1) > 1:  # resumed before checkpoints kept the time
+                part = f" (epochs {r['time_from_epoch']}-{r['config']['epochs']} only)"
+                wall, cpu = wall + part, cpu + part
             lines.append(f"| {_NAMES[update]} | {r['config']['seed']} | {len(r['history'])} | "
-                         f"{r['wall_time_s'] / 60:.1f} | {cpu} | {r['torch_threads']} |")
+                         f"{wall} | {cpu} | {r['torch_threads']} |")
     return "\n".join(lines)
 
 
