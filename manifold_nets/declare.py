@@ -845,8 +845,9 @@ def declare(
 
     norms = _attached_norms(model)
     if before is not None:  # the outputs are kept: a filter that changes them stays off
-        for name, change in _function_keepers(model, _args(inputs), before, targets,
-                                              [n for n in targets if n not in explicit],
+        moved = [n for n, (_, data) in targets.items()  # SM's metrics change no value
+                 if n not in explicit and not torch.equal(params[n].detach(), data)]
+        for name, change in _function_keepers(model, _args(inputs), before, targets, moved,
                                               norms, rtol).items():
             del targets[name]
             plan[name] = (None, plan[name][1], f"normalising it changed the outputs on the "

@@ -1161,15 +1161,16 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
             progress=bar, start=state, on_epoch=on_epoch)[0]
     if not result.diverged:
         bn_statistics(model, train_set.images)
+    total = _spent(spent, start, cpu_start)
     record = {
         "config": config.to_dict(),
         "history": result.history,
         "diverged": result.diverged,
         "val": evaluate(model, val_set) if val_set is not None and not result.diverged
         else None,
-        "wall_time_s": _spent(spent, start, cpu_start)["wall"],
-        "cpu_time_s": _spent(spent, start, cpu_start)["cpu"],
-        "time_from_epoch": spent["from_epoch"],
+        "wall_time_s": total["wall"],
+        "cpu_time_s": total["cpu"],
+        "time_from_epoch": total["from_epoch"],
         "torch_threads": torch.get_num_threads(),
     }
     return record, model

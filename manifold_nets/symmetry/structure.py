@@ -502,9 +502,8 @@ class _Analysis(torch.fx.Interpreter):
         pool = _POOL_MODULES.get(t)
         if pool is not None and isinstance(x, _Sym):
             pos, kw = torch.fx.node.map_arg((n.args[1:], n.kwargs), lambda a: self.env[a])
-            names = _POOL_ARGS[pool.__name__.replace("1d", "").replace("2d", "")]
             try:
-                mod = pool(**dict(zip(names, pos, strict=False)), **kw)
+                mod = _pool_module(pool, pos, kw)
             except TypeError as err:
                 return self.fail(n, f"functional {name} ({err})", _flatten(args)) or \
                     _zero_out(result)
@@ -598,8 +597,7 @@ class _Analysis(torch.fx.Interpreter):
             cls = _POOL_MODULES.get(getattr(F, name.replace("_with_indices", ""), None))
             if cls is None or not isinstance(x, _Sym):
                 return _NO_RULE
-            names = _POOL_ARGS[cls.__name__.replace("1d", "").replace("2d", "")]
-            mod = cls(**dict(zip(names, values[1:], strict=False)))
+            mod = _pool_module(cls, values[1:], {})
             if "adaptive" in name:
                 return self.adaptive_pool(n, mod, x, result)
             return self.pool(n, mod, x, result)
@@ -1169,6 +1167,14 @@ _POOL_ARGS = {  # the functionals' positional arguments after the input
                 "divisor_override"),
     "AdaptiveAvgPool": ("output_size",), "AdaptiveMaxPool": ("output_size", "return_indices"),
 }
+
+
+def _pool_module(cls: type, positional, keywords: dict) -> nn.Module:
+    """The pooling module ``cls`` with a functional's arguments after its input."""
+    names = _POOL_ARGS[cls.__name__.replace("1d", "").replace("2d", "")]
+    return cls(**dict(zip(names, positional, strict=False)), **keywords)
+
+
 _RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 _PASS = {"contiguous", "clone", "detach", "float", "double", "to", "type_as", "dropout",
