@@ -1150,7 +1150,8 @@ class _Analysis(torch.fx.Interpreter):
 
 
 _NO_RULE = object()  # aten_rule: no rule of its own, the functional ones apply
-_EPS = 1e-3  # a constant this small added to a statistic is a normalisation's eps
+_EPS = 1e-5  # a constant this small added to a statistic is a normalisation's eps (as
+# large as the usual defaults; larger ones would widen the verification by 1e3 x eps)
 
 # the functional pooling of torch.nn.functional, as the module with the same arguments
 _POOL_MODULES = {
