@@ -38,6 +38,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .convert import refuse_conv1d
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 
 __all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier",
@@ -758,7 +759,9 @@ def declare(
     ------
     ValueError
         unknown ``update``; a classifier that is not at least 2-D or not in the model; an
-        unknown name in ``manifolds``; a transposed convolution under ``"sm"`` or ``"un"``
+        unknown name in ``manifolds``; a transposed convolution or a ``transformers``
+        ``Conv1D`` (GPT-2's layers: convert them with
+        :func:`~manifold_nets.convert.conv1d_to_linear`) under ``"sm"`` or ``"un"``
         without an explicit manifold; a weight that does not fit its manifold, e.g. a zero
         filter under ``"un"`` (the message names the parameter and the filter), or a NaN or
         infinite entry in a weight that gets a manifold.
@@ -799,6 +802,9 @@ def declare(
         how = "given"
         classifier = _resolve_classifier(model, classifier)
     explicit = dict(manifolds or {})
+    if update != "bsgd":
+        refuse_conv1d(model, f"declare(..., {update!r})",
+                      skip={k.rsplit(".", 1)[0] for k in explicit if k.endswith(".weight")})
     rtol = _default_rtol(model) if rtol is None else rtol
     ran: set[str] = set()
     before = _outputs(model, inputs, ran) if inputs is not None else None

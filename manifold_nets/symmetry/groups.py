@@ -42,6 +42,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..convert import refuse_conv1d
+
 __all__ = [
     "ScalingSpace",
     "Rescaling",
@@ -259,8 +261,9 @@ class ScalingSpace:
     Raises
     ------
     ValueError
-        If the model holds a transposed convolution (not supported), or no ``Linear``,
-        ``ConvNd``, ``Embedding`` or ``MultiheadAttention`` weight at all.
+        If the model holds a transposed convolution (not supported), a ``transformers``
+        ``Conv1D`` (convert it with :func:`~manifold_nets.convert.conv1d_to_linear`), or
+        no ``Linear``, ``ConvNd``, ``Embedding`` or ``MultiheadAttention`` weight at all.
 
     Examples
     --------
@@ -276,6 +279,7 @@ class ScalingSpace:
     """
 
     def __init__(self, model: nn.Module):
+        refuse_conv1d(model, "ScalingSpace")
         sites, offset, last = [], 0, None
         pending: dict[str, str] = {}
         for name, mod in model.named_modules():
