@@ -283,6 +283,25 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
                  progress=False)
 
 
+def test_b_sgd_trains_as_torchs_own_sgd_does(tmp_path):
+    """The pipeline control: the same net, data and seed under torch.optim.SGD follow
+    InvariantSGD's B-SGD step for step; UN, which is not Euclidean, does not."""
+    config, data = _tiny(tmp_path, update="bsgd")
+    ours, _ = cv.train(config, data, progress=False)
+    torchs, _ = cv.train(cv.CamVidConfig(**{**config.to_dict(), "optimizer": "torch-sgd"}),
+                         data, progress=False)
+    costs = [[h["cost"] for h in r["history"]] for r in (ours, torchs)]
+    assert costs[0] == pytest.approx(costs[1], rel=1e-5)
+    assert torchs["config"]["optimizer"] == "torch-sgd" and "optimizer" not in ours["config"]
+    un, _ = cv.train(cv.CamVidConfig(**{**config.to_dict(), "update": "un"}), data,
+                     progress=False)
+    assert [h["cost"] for h in un["history"]] != pytest.approx(costs[1], rel=1e-5)
+    with pytest.raises(ValueError, match="only with update 'bsgd'"):
+        cv.CamVidConfig(update="un", optimizer="torch-sgd")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        cv.CamVidConfig(optimizer="adam")
+
+
 def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
     config, data = _tiny(tmp_path, epochs=5, val_every=2)
     whole, _ = cv.train(config, data, progress=False)
@@ -391,7 +410,11 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["camvid", "train", "--out", str(tmp_path), "--height", "8"])
     assert exc.value.code == 2 and "must be >= 16" in capsys.readouterr().err
-    for bad in (["--lr-grid", "0"], ["--device", "tpu:x"], ["--device", "cuda:7"]):
+    with pytest.raises(SystemExit) as exc:
+        main(["camvid", "train", "--out", str(tmp_path), "--optimizer", "torch-sgd"])
+    assert exc.value.code == 2 and "only with update 'bsgd'" in capsys.readouterr().err
+    for bad in (["--lr-grid", "0"], ["--device", "tpu:x"], ["--device", "cuda:7"],
+                ["--optimizer", "adam"]):
         with pytest.raises(SystemExit) as exc:
             main(["camvid", "train", "--out", str(tmp_path), *bad])
         assert exc.value.code == 2

@@ -760,19 +760,24 @@ class CamVidConfig:
         validate after every ``val_every``-th epoch and after the last (validation
         recomputes the batch-norm statistics over the training images, so it costs about
         half an epoch)
+    optimizer : {"invariant", "torch-sgd"}
+        :class:`~manifold_nets.InvariantSGD` (default), or plain
+        :class:`torch.optim.SGD` on the same net (``update="bsgd"`` only): the
+        control that checks the training pipeline against torch's own optimiser
 
     Parameters
     ----------
     update, lr, epochs, batch_size, momentum, weight_decay
         The attributes of the same names.
-    height, width, filters, class_weights, flip, seed, val_every
+    height, width, filters, class_weights, flip, seed, val_every, optimizer
         The attributes of the same names.
 
     Raises
     ------
     ValueError
-        On an unknown ``update`` or ``class_weights``, a rate that is not positive, a
-        count below 1, or a side below 16 (SegNet-Basic pools four times).
+        On an unknown ``update``, ``class_weights`` or ``optimizer``, ``"torch-sgd"`` with
+        another update than ``"bsgd"``, a rate that is not positive, a count below 1, or
+        a side below 16 (SegNet-Basic pools four times).
 
     Examples
     --------
@@ -799,6 +804,7 @@ class CamVidConfig:
     flip: bool = True
     seed: int = 0
     val_every: int = 1
+    optimizer: str = "invariant"
 
     def __post_init__(self):
         if self.update not in UPDATES:
@@ -813,6 +819,12 @@ class CamVidConfig:
                              f"got {self.height} x {self.width}")
         if self.class_weights not in ("published", "computed", "none"):
             raise ValueError(f"unknown class_weights {self.class_weights!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        if self.optimizer == "torch-sgd" and self.update != "bsgd":
+            raise ValueError(f"optimizer 'torch-sgd' is Euclidean SGD: it runs only with "
+                             f"update 'bsgd', not {self.update!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -845,7 +857,9 @@ class CamVidConfig:
         Returns
         -------
         dict
-            Every field by name; ``CamVidConfig(**d)`` rebuilds it.
+            Every field by name, ``optimizer`` only where it is not the default (so
+            that the records and checkpoints of the runs made before it existed still
+            match); ``CamVidConfig(**d)`` rebuilds it.
 
         Examples
         --------
@@ -854,7 +868,10 @@ class CamVidConfig:
         >>> len(d), d["seed"], CamVidConfig(**d) == CamVidConfig(seed=3)
         (13, 3, True)
         """
-        return asdict(self)
+        d = asdict(self)
+        if d["optimizer"] == "invariant":
+            del d["optimizer"]
+        return d
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -1105,8 +1122,10 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
                          f"configuration says {config.size}")
     start, cpu_start = time.perf_counter(), time.process_time()
     model = build_model(config).to(device)
-    optimizer = InvariantSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                             weight_decay=config.weight_decay, fused=False)
+    make = InvariantSGD if config.optimizer == "invariant" else torch.optim.SGD
+    optimizer = make(model.parameters(), lr=config.lr, momentum=config.momentum,
+                     weight_decay=config.weight_decay,
+                     **({"fused": False} if make is InvariantSGD else {}))
     weight = class_weights(config.class_weights, train_set)
     weight = weight.to(device) if weight is not None else None
     flips = torch.Generator().manual_seed(config.seed + 2) if config.flip else None
@@ -1323,7 +1342,8 @@ def _config(args, **changes) -> CamVidConfig:
                 batch_size=args.batch_size, momentum=args.momentum,
                 weight_decay=args.weight_decay, height=args.height, width=args.width,
                 filters=args.filters, class_weights=args.class_weights, flip=args.flip,
-                seed=args.seeds[0], val_every=args.val_every)
+                seed=args.seeds[0], val_every=args.val_every,
+                optimizer=getattr(args, "optimizer", "invariant"))
     base.update(changes)
     return CamVidConfig(**base)
 
@@ -1447,7 +1467,13 @@ def _per_class(m: dict) -> str:
                      for c, v in zip(CLASSES, m["per_class_iou"], strict=True))
 
 
+OPTIMIZERS = ("invariant", "torch-sgd")
 _NAMES = {"un": "UN", "sm": "SM", "bsgd": "B-SGD"}
+
+
+def _name(update: str, config: dict) -> str:
+    """The report's name of a run: the update, and the optimiser where it is torch's."""
+    return "torch.optim.SGD" if config.get("optimizer") == "torch-sgd" else _NAMES[update]
 
 
 def _records(folder: Path) -> dict[str, tuple[dict, list[dict]]]:
@@ -1496,7 +1522,7 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
         c = runs[0]["config"]
         cells = ([cell([m[k] for m in ok]) for k in ("global_acc", "class_avg_acc", "mean_iou")]
                  if ok else ["diverged"] * 3)
-        lines.append(f"| {_NAMES[update]} | {summary['lr']:g} | {len(ok)}/{len(runs)} | "
+        lines.append(f"| {_name(update, c)} | {summary['lr']:g} | {len(ok)}/{len(runs)} | "
                      f"{c['height']}x{c['width']} | " + " | ".join(cells) + " |")
     b, p = SEGNET_BASIC, SEGNET_PAPER
     lines.append(f"| SegNet-Basic, published (64 filters) | - | - | 360x480 | "
@@ -1511,13 +1537,14 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
         for update, (_, runs) in results.items():
             full = [r["test_full"] for r in runs if "test_full" in r]
             if full:
-                lines.append(f"| {_NAMES[update]} | {len(full)} | " + " | ".join(
+                lines.append(f"| {_name(update, runs[0]['config'])} | {len(full)} | " + " | ".join(
                     cell([m[k] for m in full])
                     for k in ("global_acc", "class_avg_acc", "mean_iou")) + " |")
         lines.append(f"| SegNet-Basic, published | - | {b['global_acc']} | "
                      f"{b['class_avg_acc']} | {b['mean_iou']} |")
     lines += ["", "## Per-class test IoU, % (mean over seeds)", "",
-              "| class | " + " | ".join(_NAMES[u] for u in results) + " |",
+              "| class | " + " | ".join(_name(u, runs[0]["config"])
+                                        for u, (_, runs) in results.items()) + " |",
               "|---|" + "---|" * len(results)]
     for k, name in enumerate(CLASSES):
         row = []
@@ -1548,7 +1575,8 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
             if r.get("time_from_epoch", 1) > 1:  # resumed before checkpoints kept the time
                 part = f" (epochs {r['time_from_epoch']}-{r['config']['epochs']} only)"
                 wall, cpu = wall + part, cpu + part
-            lines.append(f"| {_NAMES[update]} | {r['config']['seed']} | {len(r['history'])} | "
+            lines.append(f"| {_name(update, r['config'])} | {r['config']['seed']} | "
+                         f"{len(r['history'])} | "
                          f"{wall} | {cpu} | {r['torch_threads']} |")
     return "\n".join(lines)
 
@@ -1616,7 +1644,7 @@ def plot_curves(results: dict[str, tuple[dict, list[dict]]], path: str | os.Path
     for update, (_, runs) in results.items():
         for j, r in enumerate(runs):
             e = [h["epoch"] for h in r["history"]]
-            label = _NAMES[update] if j == 0 else None
+            label = _name(update, r["config"]) if j == 0 else None
             a.plot(e, [h["cost"] for h in r["history"]], color=colors[update], label=label,
                    alpha=0.8)
             val = [h for h in r["history"] if "val_mean_iou" in h]

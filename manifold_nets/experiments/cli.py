@@ -661,6 +661,9 @@ def _camvid_parsers(sub) -> None:
     t.add_argument("--class-weights", choices=("published", "computed", "none"),
                    default=d.class_weights,
                    help=f"loss weights per class (default: {d.class_weights})")
+    t.add_argument("--optimizer", choices=("invariant", "torch-sgd"), default=d.optimizer,
+                   help="InvariantSGD (default), or torch.optim.SGD on the same net "
+                        "(with --update bsgd: the control of the training pipeline)")
     t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
                    help="random horizontal flips (default: on)")
     t.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",

@@ -378,11 +378,16 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
 
 
 def _resolves(result: Discovery, model: nn.Module) -> None:
-    """Fill every family's ``resolves``: is UN / SM equivariant under it?"""
+    """Fill every family's ``resolves``: is UN / SM equivariant under it? Parameters that
+    never reach the outputs on the inputs (rows of absent tokens, unused positions) get no
+    gradient and change nothing, whatever the update: every update resolves them."""
     from .invariance import UPDATE_RULES, predict
 
     rules = {r.name: r for r in UPDATE_RULES}
     for fam in result.families:
+        if fam.kind == "unused":
+            fam.resolves = {"un": True, "sm": True}
+            continue
         group = RescalingGroup(model, result.basis[:, fam.columns], fam.label,
                                space=result.space)
         fam.resolves = {"un": predict(rules["UN"], group, model),

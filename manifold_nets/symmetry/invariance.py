@@ -417,6 +417,8 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
       (:math:`r` constant); every Euclidean parameter must be left alone. Momentum and
       Nesterov keep this (the buffer transforms like the gradient); RiemannianAdam too
       (its second moment is the per-filter norm :math:`\|w_i\|^2 \|\nabla_{w_i}\|^2`).
+    - A Euclidean parameter may be scaled where it is zero (a bias at its usual initial
+      value): the scaling changes nothing.
     - A Euclidean bias may be scaled with its rows where a batch norm on batch statistics
       follows its layer: the normalisation absorbs its shift, so its gradient is zero and
       it never moves. Under UN also where the batch norm uses running statistics: only
@@ -471,16 +473,25 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     absorbing = {name for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  and (rule.update == "un" or m.training or not m.track_running_stats)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def scales_nonzero(name: str | None, r: torch.Tensor) -> bool:
+        """Does the generator scale entries of ``name`` that are not zero? (Scaling a
+        zero, a bias at its initial value, changes nothing.)"""
+        if name is None:
+            return False
+        moved = r.abs() > tol
+        return bool(moved.any()) and bool(params[name].detach()[moved].ne(0).any())
+
     for xi in group.generators():
         for name, (r, c) in group.space.split(xi).items():
             site, manifold = group.space.site(name), dec[name]
             if site.kind == "norm":
-                if float(r.abs().max()) > tol:
+                if scales_nonzero(site.weight, r) or scales_nonzero(site.bias, r):
                     return False  # normalisation parameters are Euclidean
                 continue
-            if (site.bias is not None and float(r.abs().max()) > tol
-                    and site.batchnorm not in absorbing):
-                return False  # biases are Euclidean: their rows must not be scaled
+            if site.batchnorm not in absorbing and scales_nonzero(site.bias, r):
+                return False  # biases are Euclidean: their nonzero rows must not move
             moves = not (_constant(r, tol) and _constant(c, tol)
                          and abs(float(r[0] + c[0])) <= tol)
             if trivial_only or isinstance(manifold, geoopt.Euclidean):

@@ -99,7 +99,8 @@ class Family:
         (and of :class:`StructuralResult`)
     resolves : dict
         ``{"un": bool, "sm": bool}``: whether that update is equivariant under the family
-        (filled by :func:`~manifold_nets.symmetry.discover.discover`)
+        (filled by :func:`~manifold_nets.symmetry.discover.discover`); both true for
+        parameters that never reach the outputs, which no update moves off a symmetry
 
     Examples
     --------
@@ -313,10 +314,14 @@ class _Analysis(torch.fx.Interpreter):
         self.unsupported: list[str] = []
         self.notes: list[str] = []
         self.modules = dict(gm.named_modules())
+        self.module_names: set[str] = set()  # the model's (an exported graph's labels)
         self.called: set[str] = set()
         self.dtype = torch.float64
         self.absorbed: set[int] = set()  # variables whose scale a normalisation removes
         self.consumers: dict[int, set[str]] = {}  # variable -> layers reading it
+        # the scales of both operands along the contracted dim of every product of two
+        # activations (Q K^T: a family on both sides is a Q/K scaling)
+        self.contracted: list[tuple[torch.Tensor, torch.Tensor]] = []
         # weights and biases of the sites (what an exported graph reads by get_attr)
         self.eps = 0.0  # the largest constant taken as a normalisation's eps
         self.node_label: dict[torch.fx.Node, str] = {}  # an ATen op -> its module
@@ -325,9 +330,18 @@ class _Analysis(torch.fx.Interpreter):
 
     # -- bookkeeping ----------------------------------------------------------------------
     def label(self, n: torch.fx.Node) -> str:
+        """The module a node belongs to (an exported op: the innermost module that ran
+        it, so that a family names ``norm`` rather than ``rsqrt_2``), else the node."""
         if n in self.node_label:
             return self.node_label[n]
-        return n.target if n.op == "call_module" else n.name
+        if n.op == "call_module":
+            return n.target
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            if isinstance(path, str) and path in self.module_names:
+                return path
+        return n.name
 
     def assign(self, coords: torch.Tensor, forms: Sequence[dict[int, float]]) -> None:
         for k, f in zip(coords.tolist(), forms, strict=True):
@@ -355,7 +369,14 @@ class _Analysis(torch.fx.Interpreter):
         self.sys.pin(s.ids)
         self.kill(s.shifts)
 
-    def fail(self, node: torch.fx.Node, why: str, syms: Sequence) -> None:
+    def fail(self, node: torch.fx.Node, why: str, syms) -> None:
+        syms = list(syms)  # read three times below
+        owns = node.op == "call_module" and any(
+            True for _ in self.modules[node.target].parameters())
+        if not owns and not any(isinstance(s, _Param) for s in syms) and all(
+                not isinstance(s, _Sym) or (not s.shifts and not bool(s.ids.any()))
+                for s in syms):
+            return  # an op on constants only (masks, positions, guards): a constant
         self.unsupported.append(f"{node.name} ({why})")
         for s in syms:
             if isinstance(s, _Sym):
@@ -646,7 +667,7 @@ class _Analysis(torch.fx.Interpreter):
 
     def vector(self, n, value):
         """A 1-D weight read into the computation: its entries are its candidates."""
-        g = self.sys.new("vector", n.target, value.numel())
+        g = self.sys.new("vector", self.space.site(n.target).module or n.target, value.numel())
         self.assign(self.space.rows(n.target), [{int(v): 1.0} for v in g])
         return _Sym(g.reshape(value.shape))
 
@@ -1083,6 +1104,7 @@ class _Analysis(torch.fx.Interpreter):
         lead = torch.broadcast_shapes(q.ids.shape[:-2], k.ids.shape[:-2])
         qd = q.ids.expand(*lead, *q.ids.shape[-2:]).reshape(-1, *q.ids.shape[-2:])
         kd = k.ids.expand(*lead, *k.ids.shape[-2:]).reshape(-1, *k.ids.shape[-2:])
+        self.contracted.append((torch.unique(qd), torch.unique(kd)))
         done = set()
         for i in range(qd.shape[0]):
             for d in range(qd.shape[-1]):
@@ -1132,6 +1154,7 @@ class _Analysis(torch.fx.Interpreter):
         ra = ra.reshape(*a.ids.shape[:-2], a.ids.shape[-1])  # (..., k)
         rb = rb.reshape(*b.ids.shape[:-2], b.ids.shape[-2])  # (..., k)
         ra, rb = torch.broadcast_tensors(ra, rb)
+        self.contracted.append((torch.unique(ra), torch.unique(rb)))
         pairs = torch.unique(torch.stack([ra.reshape(-1, ra.shape[-1]),
                                           rb.reshape(-1, rb.shape[-1])], -1).reshape(
             -1, ra.shape[-1], 2), dim=0)
@@ -1248,8 +1271,9 @@ def _inputs(inputs, device, dtype) -> tuple:
                  for a in args)
 
 
-
-_FAMILY_ORDER = ("unused", "per-filter", "units", "stream", "qk", "vo", "coupled", "bias")
+# the order of the Gram-Schmidt: a family keeps its own directions where none comes
+# before it, so those that touch only rows (what UN and SM can resolve) come first
+_FAMILY_ORDER = ("unused", "per-filter", "qk", "vo", "units", "stream", "coupled", "bias")
 
 
 def _names(nodes) -> str:
@@ -1259,12 +1283,15 @@ def _names(nodes) -> str:
 
 
 def _family_of(origins: set[tuple[str, str]], absorbed: bool,
-               consumers: set[str]) -> tuple[str, str]:
-    """``(kind, label)`` of a set of variable classes from where they were created and the
-    layers that read them."""
+               consumers: set[str], qk: bool = False) -> tuple[str, str]:
+    """``(kind, label)`` of a set of variable classes from where they were created, the
+    layers that read them, and whether they are contracted against each other in a
+    product of two activations (``qk``: attention's scores)."""
     kinds = {k for k, _ in origins} - {"u"} or {k for k, _ in origins}
     nodes = sorted({nd for k, nd in origins if k in kinds})
     where = _names(nodes)
+    if qk and kinds != {"unused"}:
+        return "qk", f"Q/K dimensions of {where}"
     readers = _names(consumers - set(nodes)) if consumers - set(nodes) else "the outputs"
     if kinds == {"out"} and len(nodes) == 1:
         return (("per-filter", f"per-filter scaling of {nodes[0]}") if absorbed else
@@ -1374,6 +1401,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
                 f"torch.export ({type(err2).__name__}: "
                 f"{str(err2).splitlines()[0][:200]}); use method='dense'") from None
     analysis = _Analysis(gm, space)
+    analysis.module_names = {name for name, _ in model.named_modules()}
     analysis.seen = _seen_tokens(model, inputs)
     try:
         with torch.no_grad():
@@ -1464,18 +1492,21 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     readers: dict[int, set[str]] = {}
     for v, names in analysis.consumers.items():
         readers.setdefault(roots[v], set()).update(names)
+    products = [({roots[v] for v in a.tolist() if v >= 0}, {roots[v] for v in b.tolist() if v >= 0})
+                for a, b in analysis.contracted]
     keys = []
     for vec in basis_vecs:
         origins, absorbed, consumers = set(), False, set()
-        for i in vec:
-            root = used[i]
+        mine = {used[i] for i in vec}
+        for root in mine:
             absorbed |= root in absorbed_roots
             consumers |= readers.get(root, set())
             for v in members_of.get(root, [root]):
                 kind, node, _ = sys.origin[v]
                 if kind != "zero":
                     origins.add((kind, node))
-        keys.append(_family_of(origins, absorbed, consumers))
+        qk = any(mine & a and mine & b for a, b in products)
+        keys.append(_family_of(origins, absorbed, consumers, qk))
     order = sorted(set(keys), key=lambda k: (_FAMILY_ORDER.index(k[0]), k[1]))
     rank_of = {k: i for i, k in enumerate(order)}
 
