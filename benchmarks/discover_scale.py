@@ -8,6 +8,12 @@ Face models are built from their configs with random weights (no download; needs
 
     python benchmarks/discover_scale.py                      # all, printed
     python benchmarks/discover_scale.py --models gpt2 llama-100m
+    python benchmarks/discover_scale.py --models gpt2 llama-100m --layers 2
+
+At their real depths, GPT-2 small and the Llama do not fit in this machine's 24 GB:
+``Discovery.basis`` is a dense (candidates x symmetries) float64 matrix, and GPT-2 small has
+219,473 candidates and, by the derived count, 37,825 symmetries on these inputs (66 GB).
+``--layers`` measures them at full width and vocabulary with fewer layers.
     python benchmarks/discover_scale.py --output benchmarks/results/discover-scale.txt
 """
 
@@ -24,8 +30,9 @@ import time
 MODELS = ("resnet18", "gpt2", "llama-100m", "gpt2-block")
 
 
-def build(which: str):
-    """``(model, inputs)`` of one benchmark model."""
+def build(which: str, layers: int | None = None):
+    """``(model, inputs)`` of one benchmark model; ``layers`` overrides the Hugging Face
+    models' depth (12 for GPT-2, 8 for the Llama)."""
     import torch
     from torch import nn
 
@@ -48,12 +55,13 @@ def build(which: str):
             return self.model(tokens).logits
 
     if which == "gpt2":  # GPT-2 small: the transformers defaults
-        model = GPT2LMHeadModel(GPT2Config(use_cache=False))
+        model = GPT2LMHeadModel(GPT2Config(use_cache=False, n_layer=layers or 12))
         conv1d_to_linear(model)
         vocab = model.config.vocab_size
     else:
         model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+            vocab_size=32000, hidden_size=768, intermediate_size=2048,
+            num_hidden_layers=layers or 8,
             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
             use_cache=False))
         vocab = 32000
@@ -61,18 +69,19 @@ def build(which: str):
     return Logits(model).eval(), tokens
 
 
-def run_one(which: str, threads: int) -> dict:
+def run_one(which: str, threads: int, layers: int | None = None) -> dict:
     import torch
 
     from manifold_nets.symmetry import discover
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, x = build(which)
+    model, x = build(which, layers)
     start = time.perf_counter()
     found = discover(model, x, method="structural")
     seconds = time.perf_counter() - start
-    return {"model": which, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"model": which, "layers": layers,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "inputs": list(x.shape), "candidates": found.candidates, "rank": found.rank,
             "symmetries": found.dim, "families": len(found.families),
             "seconds": round(seconds, 1),
@@ -86,28 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="which models (default: all)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="depth of the Hugging Face models (default: their real one)")
     parser.add_argument("--output", default=None, help="also write the report here")
     parser.add_argument("--json", default=None, help="also write the records here (JSONL)")
     parser.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
     if args.one:
-        print(json.dumps(run_one(args.one, args.threads)))
+        print(json.dumps(run_one(args.one, args.threads, args.layers)))
         return 0
     lines = [f"discover(method='structural'): {platform.processor() or platform.machine()}, "
              f"{args.threads} torch thread(s), one process per model"]
     records = []
     for which in args.models:
+        depth = [] if args.layers is None or which in ("resnet18", "gpt2-block") else \
+            ["--layers", str(args.layers)]
         out = subprocess.run([sys.executable, __file__, "--one", which, "--threads",
-                              str(args.threads)], capture_output=True, text=True)
+                              str(args.threads), *depth], capture_output=True, text=True)
         if out.returncode != 0:
-            lines.append(f"{which}: failed ({out.stderr.strip().splitlines()[-1]})")
+            last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+            lines.append(f"{which}: failed ({last})")
             print(lines[-1], flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         records.append(r)
-        lines.append(f"{r['model']}: {r['parameters']:,} parameters, inputs {r['inputs']}, "
+        name = r["model"] + (f" ({r['layers']} layers)" if r.get("layers") else "")
+        lines.append(f"{name}: {r['parameters']:,} parameters, inputs {r['inputs']}, "
                      f"{r['candidates']:,} candidates (span {r['rank']:,}) -> "
                      f"{r['symmetries']:,} symmetries in {r['families']} families, "
                      f"{r['seconds']} s, peak RSS {r['peak_rss_gb']} GB, random element "

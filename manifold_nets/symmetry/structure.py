@@ -1313,25 +1313,41 @@ def _family_of(origins: set[tuple[str, str]], absorbed: bool,
     return "coupled", f"coupled scalings of {where}"
 
 
-def _gram_blocks(space: ScalingSpace, params: dict) -> list[tuple[int, int, torch.Tensor]]:
-    """Per site, its coordinate range and the Gram matrix of its candidate directions."""
-    blocks = []
+def _gram(space: ScalingSpace, params: dict, T):
+    """``T^T G T``, sparse: the Gram matrix of the solutions ``T`` (candidate coordinates
+    by solutions, sparse) in parameter space. ``G`` is never formed: per weight, with
+    ``Q = W ** 2``, it is ``[[diag(Q 1 + b ** 2), Q], [Q^T, diag(Q^T 1)]]`` (as
+    :meth:`~manifold_nets.symmetry.ScalingSpace.gram`), which for an embedding of 50,257
+    rows would be 51,025 squared, and the solutions that move only its rows (absent
+    tokens, tens of thousands) meet its dense block only through the few that move its
+    columns."""
+    import scipy.sparse as sp
+
+    n = T.shape[1]
+    K = sp.csr_matrix((n, n))
     for s in space.sites:
+        lo, hi = s.row_offset, s.col_offset + s.cols
+        Ts = T[lo:hi]
+        if Ts.nnz == 0:
+            continue
         w = block_diagonal(params[s.weight].detach().to(torch.float64), s.groups)
         b = params[s.bias].detach().to(torch.float64) if s.bias else None
-        lo, hi = s.row_offset, s.col_offset + s.cols
         if s.kind == "norm":
             d = w.square().reshape(-1) + (b.square().reshape(-1) if b is not None else 0)
-            blocks.append((lo, hi, torch.diag(d)))
+            K = K + Ts.T @ sp.diags(d.numpy()) @ Ts
             continue
         q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
-        g = torch.zeros(hi - lo, hi - lo, dtype=torch.float64)
-        g[:s.rows, :s.rows] = torch.diag(q.sum(1) + (b.square() if b is not None else 0))
-        g[s.rows:, s.rows:] = torch.diag(q.sum(0))
-        g[:s.rows, s.rows:] = q
-        g[s.rows:, :s.rows] = q.T
-        blocks.append((lo, hi, g))
-    return blocks
+        rd = q.sum(1) + (b.square() if b is not None else 0)
+        R, C = Ts[:s.rows], Ts[s.rows:]
+        K = K + R.T @ sp.diags(rd.numpy()) @ R + C.T @ sp.diags(q.sum(0).numpy()) @ C
+        cr, cc = np.unique(R.indices), np.unique(C.indices)
+        if len(cr) and len(cc):
+            cross = R[:, cr].T @ (q.numpy() @ C[:, cc].toarray())  # (|cr|, |cc|), dense
+            ii, jj = np.meshgrid(cr, cc, indexing="ij")
+            X = sp.csr_matrix((cross.reshape(-1), (ii.reshape(-1), jj.reshape(-1))),
+                              shape=(n, n))
+            K = K + X + X.T
+    return K.tocsr()
 
 
 def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
@@ -1470,19 +1486,8 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
 
     # Gram matrix of the solutions in parameter space, site by site
     params = dict(model.named_parameters())
-    rr, cc, vv = [], [], []
     candidate_rank = _candidate_rank(space, params)
-    for lo, hi, g in _gram_blocks(space, params):
-        Ts = T[lo:hi]
-        cols = np.unique(Ts.indices)
-        if len(cols) == 0:
-            continue
-        Td = torch.tensor(Ts[:, cols].toarray())
-        rr.append(np.repeat(cols, len(cols)))
-        cc.append(np.tile(cols, len(cols)))
-        vv.append((Td.T @ g @ Td).numpy().reshape(-1))
-    K = sp.csr_matrix((np.concatenate(vv) if vv else [], (np.concatenate(rr) if rr else [],
-                       np.concatenate(cc) if cc else [])), shape=(n, n))
+    K = _gram(space, params, T)
 
     # the family of every solution, from where its variables were created
     members_of: dict[int, list[int]] = {}
@@ -1613,6 +1618,9 @@ def _candidate_rank(space: ScalingSpace, params: dict) -> int:
             total += int((nz | (b != 0)).sum()) if b is not None else int(nz.sum())
             continue
         q = (w.flatten(2).abs().sum(-1) if w.dim() > 2 else w.abs()) > 0
+        if bool(q.all()):  # dense: one component, free unless a row has a bias
+            total += s.rows + s.cols - int(b is None or not bool((b != 0).any()))
+            continue
         rows, cols = q.nonzero(as_tuple=True)
         n = s.rows + s.cols
         adj = sp.coo_matrix((np.ones(len(rows)), (rows.numpy(), cols.numpy() + s.rows)),
