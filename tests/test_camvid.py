@@ -302,6 +302,30 @@ def test_b_sgd_trains_as_torchs_own_sgd_does(tmp_path):
         cv.CamVidConfig(optimizer="adam")
 
 
+def test_the_report_compares_the_updates_over_seeds_and_says_how_little_two_can_tell():
+    from manifold_nets.experiments.report import welch
+
+    def run(update, seed, iou, acc):
+        test = {"global_acc": acc, "class_avg_acc": acc, "mean_iou": iou,
+                "per_class_iou": [iou] * 11}
+        return {"config": {**cv.CamVidConfig(update=update, seed=seed).to_dict()},
+                "diverged": False, "test": test, "history": [], "wall_time_s": 60.0,
+                "torch_threads": 1}
+
+    summary = {"lr": 0.1, "selection": {}}
+    results = {"un": (summary, [run("un", 0, 0.33, 0.64), run("un", 1, 0.32, 0.65)]),
+               "bsgd": (summary, [run("bsgd", 0, 0.34, 0.67), run("bsgd", 1, 0.30, 0.62)])}
+    text = cv.report_tables(results)
+    w = welch([33.0, 32.0], [34.0, 30.0])
+    row = next(line for line in text.splitlines() if line.startswith("| UN - B-SGD | mean IoU"))
+    assert f"| {w['diff']:+.1f} | [{w['low']:+.1f}, {w['high']:+.1f}] | {w['p']:.2f} | " \
+           f"{(w['high'] - w['low']) / 2:.1f} | 2 + 2 |" in row
+    assert (w["high"] - w["low"]) / 2 > 10  # two seeds cannot tell 0.5 points apart
+    assert "2 comparisons" in text
+    one = {"un": results["un"], "bsgd": (summary, results["bsgd"][1][:1])}
+    assert "Do the updates differ" not in cv.report_tables(one)  # one seed: no test
+
+
 def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
     config, data = _tiny(tmp_path, epochs=5, val_every=2)
     whole, _ = cv.train(config, data, progress=False)

@@ -1505,6 +1505,37 @@ def _records(folder: Path) -> dict[str, tuple[dict, list[dict]]]:
     return found
 
 
+def _differences(results: dict[str, tuple[dict, list[dict]]]) -> list[str]:
+    """Markdown: every pair of updates compared by Welch's test on the seeds' test metrics,
+    with how large a difference the seeds could have shown."""
+    from .report import welch
+
+    ok = {u: [r["test"] for r in runs if not r["diverged"]] for u, (_, runs) in results.items()}
+    pairs = [(a, b) for a, b in itertools.combinations(results, 2)
+             if len(ok[a]) >= 2 and len(ok[b]) >= 2]
+    if not pairs:
+        return []
+    lines = ["", "## Do the updates differ? (Welch's test on the seeds' test metrics)", "",
+             "Difference of the means in points, its 95 % interval, the two-sided p-value, "
+             "and the interval's half-width: a difference smaller than that cannot be told "
+             "from the spread over seeds with this many of them. With two seeds an update's "
+             "spread rests on one degree of freedom, so a small p can come from two seeds "
+             f"that happened to agree; and {2 * len(pairs)} comparisons are made, so at the "
+             f"5 % level one of them looks significant by chance with odds of up to "
+             f"{100 * (1 - 0.95 ** (2 * len(pairs))):.0f} % (were they independent).", "",
+             "| pair | metric | difference | 95 % interval | p | half-width | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        for key, label in (("global_acc", "global acc."), ("mean_iou", "mean IoU")):
+            w = welch([100 * m[key] for m in ok[a]], [100 * m[key] for m in ok[b]])
+            name = (f"{_name(a, results[a][1][0]['config'])} - "
+                    f"{_name(b, results[b][1][0]['config'])}")
+            lines.append(f"| {name} | {label} | {w['diff']:+.1f} | [{w['low']:+.1f}, "
+                         f"{w['high']:+.1f}] | {w['p']:.2f} | {(w['high'] - w['low']) / 2:.1f} "
+                         f"| {w['n1']} + {w['n2']} |")
+    return lines
+
+
 def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
     """Markdown: test metrics over seeds beside the SegNet paper's, per-class IoU, and the
     rate selection."""
@@ -1565,6 +1596,7 @@ def report_tables(results: dict[str, tuple[dict, list[dict]]]) -> str:
                       else f"{100 * summary['selection'][lr]:.1f}") for lr in lrs]
             lines.append(f"| {_NAMES[update]} | {summary['select_epochs']} | "
                          + " | ".join(cells) + " |")
+    lines += _differences(results)
     lines += ["", "## Time per run", "",
               "| update | seed | epochs | wall time (min) | CPU time (min) | torch threads |",
               "|---|---|---|---|---|---|"]
