@@ -47,6 +47,7 @@ from .invariance import (
     summed_cross_entropy,
     update_invariance,
 )
+from .structure import Family
 
 __all__ = [
     "ScalingSpace",
@@ -66,6 +67,7 @@ __all__ = [
     "UpdateRule",
     "UPDATE_RULES",
     "Discovery",
+    "Family",
     "discover",
     "AuditRow",
     "audit",

@@ -353,6 +353,43 @@ class ScalingSpace:
         self._by_weight = {s.weight: s for s in sites}
         self._by_weight.update({alias: sites[k] for alias, k in aliases.items()})
 
+    def find(self, weight: str) -> _Site | None:
+        """The record of ``weight`` (any name of a tied weight), or ``None`` where it is no
+        rescalable weight of the model.
+
+        Parameters
+        ----------
+        weight : str
+            A parameter name.
+
+        Returns
+        -------
+        object or None
+            As :meth:`site`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> space = ScalingSpace(torch.nn.Sequential(torch.nn.Linear(3, 4)))
+        >>> space.find("0.weight").rows, space.find("0.bias")
+        (4, None)
+        """
+        return self._by_weight.get(weight)
+
+    @property
+    def names(self) -> list[str]:
+        """Every name a site answers to: each weight's, and the second names of tied ones.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> ScalingSpace(torch.nn.Sequential(torch.nn.Linear(3, 4))).names
+        ['0.weight']
+        """
+        return list(self._by_weight)
+
     def site(self, weight: str) -> _Site:
         """The record of one weight: its shape, its offsets in ``v``, its bias and batch norm.
 

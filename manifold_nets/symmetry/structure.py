@@ -326,7 +326,7 @@ class _Analysis(torch.fx.Interpreter):
         self.eps = 0.0  # the largest constant taken as a normalisation's eps
         self.node_label: dict[torch.fx.Node, str] = {}  # an ATen op -> its module
         self.site_params = {k for site in space.sites for k in (site.weight, site.bias) if k}
-        self.site_params |= {k for k in space._by_weight}
+        self.site_params |= set(space.names)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def label(self, n: torch.fx.Node) -> str:
@@ -383,7 +383,7 @@ class _Analysis(torch.fx.Interpreter):
                 self.pin(s)
         for s in syms:
             if isinstance(s, _Param):
-                site = self.space.site(s.name) if s.name in self.space._by_weight else None
+                site = self.space.find(s.name)
                 if site is not None:
                     idx = torch.arange(site.row_offset, site.col_offset + site.cols)
                     self.assign(idx, [{}] * len(idx))
@@ -553,7 +553,7 @@ class _Analysis(torch.fx.Interpreter):
 
     # -- ATen ops (torch.export) ----------------------------------------------------------
     def _site_of(self, p: _Param, kind: str = "matrix"):
-        site = self.space._by_weight.get(p.name)
+        site = self.space.find(p.name)
         if site is None or site.kind != kind:
             return None
         self.node_label[self.current] = site.module  # families name modules, not ops
