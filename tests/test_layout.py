@@ -104,6 +104,25 @@ def test_importing_the_library_loads_no_experiment():
     assert out == "True"  # the control: the forwarded names load the experiments on use
 
 
+def test_the_experiments_run_without_tqdm_and_say_how_to_get_the_bars():
+    """tqdm is in the experiments extra: without it a run is the same, drawing nothing,
+    and one line names the extra; with it the bars are tqdm's (the control)."""
+    code = ("import sys; sys.modules['tqdm'] = sys.modules['tqdm.auto'] = None; "
+            "from manifold_nets.experiments import engines, grid, loop; "
+            "from manifold_nets.experiments.progress import tqdm; "
+            "print(tqdm.__name__); "
+            "bar = tqdm(total=2); bar.update(); bar.set_postfix_str('x'); bar.close(); "
+            "tqdm(total=1).close(); tqdm.write('written')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["Silent", "written"]
+    assert out.stderr.count("manifold-nets[experiments]") == 1  # said once
+    code = "from manifold_nets.experiments.progress import tqdm; print(tqdm.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out.startswith("tqdm")
+
+
 def test_public_api_stays():
     from manifold_nets import (  # noqa: F401
         Arch1,

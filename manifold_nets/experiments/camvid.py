@@ -1109,12 +1109,11 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     >>> record["diverged"], len(record["history"]), sorted(record["val"])
     (False, 1, ['class_avg_acc', 'global_acc', 'mean_iou', 'per_class_iou'])
     """
-    from tqdm.auto import tqdm
-
     from ..optim import InvariantSGD
     from .checkpoint import load_checkpoint, save_checkpoint
     from .config import ExpDecay, StoppingRule
     from .loop import LoopState, ModuleRuns, Stream, fit_runs
+    from .progress import tqdm
 
     train_set, val_set = data["train"], data.get("val")
     if tuple(train_set.images.shape[-2:]) != config.size:

@@ -47,7 +47,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..declare import declare
 from ..nets import Arch1, Arch2
@@ -62,6 +61,7 @@ from .config import (
     subseed,
 )
 from .loop import FitResult, LoopState, ModuleRuns, Stream, fit_runs
+from .progress import tqdm
 from .stacked import StackedNet, error_rates
 
 __all__ = [

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import ARCHS, PROTOCOLS, UPDATES, TrainConfig, config_diff
 from .engines import group_key, train, train_group
 from .io import atomic_write
+from .progress import tqdm
 
 __all__ = [
     "DEPTHS",

@@ -50,10 +50,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..optim import InvariantSGD
 from .config import Divergence, StoppingRule
+from .progress import tqdm
 
 __all__ = ["FitResult", "LoopState", "ModuleRuns", "Stream", "fit_runs"]
 
