@@ -115,7 +115,7 @@ def test_the_experiments_run_without_tqdm_and_say_how_to_get_the_bars():
             "tqdm(total=1).close(); tqdm.write('written')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.split() == ["Silent", "written"]
+    assert out.stdout.split() == ["_Silent", "written"]
     assert out.stderr.count("manifold-nets[experiments]") == 1  # said once
     code = "from manifold_nets.experiments.progress import tqdm; print(tqdm.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,6 +1,8 @@
-"""Progress bars of the experiments: :class:`tqdm.auto.tqdm` where ``tqdm`` is installed
-(the ``experiments`` extra), else :class:`Silent`, which runs the same code without
-drawing anything and says once, on standard error, how to get the bars.
+"""Progress bars of the experiments: ``tqdm.auto.tqdm`` where ``tqdm`` is installed
+(the ``experiments`` extra), else a silent bar with the part of tqdm's interface the
+experiments use (``update``, ``set_postfix_str``, ``write``, ``close``, ``set_lock``, a
+context manager): it runs the same code without drawing anything, still prints what
+``write`` is given, and says once, on standard error, how to get the bars.
 
 Examples
 --------
@@ -13,10 +15,10 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["Silent", "tqdm"]
+__all__ = ["tqdm"]
 
 
-class Silent:
+class _Silent:
     """The part of tqdm's interface the experiments use, drawing nothing.
 
     ``write`` still prints (lines that a bar would have printed above itself), and the
@@ -25,21 +27,16 @@ class Silent:
     Parameters
     ----------
     *args, **kwargs
-        As :class:`tqdm.tqdm`; only ``disable`` and ``file`` are read.
+        As ``tqdm.tqdm``; only ``disable`` and ``file`` are read.
 
-    Examples
-    --------
-    >>> from manifold_nets.experiments.progress import Silent
-    >>> bar = Silent(total=3, disable=True)
-    >>> bar.update(); bar.set_postfix_str("x"); bar.close()
     """
 
     told = False
 
     def __init__(self, *args, disable: bool | None = False, file=None, **kwargs):
         self.disable = bool(disable)
-        if not self.disable and not Silent.told:
-            Silent.told = True
+        if not self.disable and not _Silent.told:
+            _Silent.told = True
             print("(no progress bars: install tqdm, or manifold-nets[experiments])",
                   file=file or sys.stderr)
 
@@ -52,7 +49,7 @@ class Silent:
     def close(self) -> None:
         """Nothing to close."""
 
-    def __enter__(self) -> Silent:
+    def __enter__(self) -> _Silent:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,4 +68,4 @@ class Silent:
 try:
     from tqdm.auto import tqdm
 except ImportError:  # the experiments extra is not installed
-    tqdm = Silent
+    tqdm = _Silent
