@@ -610,25 +610,55 @@ class ScalingSpace:
         """
         w0 = params[self.sites[0].weight]
         g = torch.zeros(self.dim, self.dim, dtype=w0.dtype, device=w0.device)
-        for s in self.sites:
-            w = params[s.weight]
-            if s.kind == "norm":
-                r = slice(s.row_offset, s.row_offset + s.rows)
-                d = w.square().reshape(-1)
-                if s.bias:
-                    d = d + params[s.bias].square().reshape(-1)
-                g[r, r] = torch.diag(d)
-                continue
-            w = block_diagonal(w, s.groups)
-            q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
-            rd = q.sum(1) + (params[s.bias].square() if s.bias else 0)
+        for s, rd, q, cd in self.gram_terms(params):
             r = slice(s.row_offset, s.row_offset + s.rows)
-            c = slice(s.col_offset, s.col_offset + s.cols)
             g[r, r] = torch.diag(rd)
-            g[c, c] = torch.diag(q.sum(0))
+            if q is None:
+                continue
+            c = slice(s.col_offset, s.col_offset + s.cols)
+            g[c, c] = torch.diag(cd)
             g[r, c] = q
             g[c, r] = q.T
         return g
+
+    def gram_terms(self, params: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+        r"""The blocks of :meth:`gram`, site by site, without forming it.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            The model's parameters by name.
+        dtype : torch.dtype, optional
+            Compute in this dtype (each weight converted as it is reached); default: the
+            parameters' own.
+
+        Yields
+        ------
+        tuple
+            ``(site, rd, q, cd)``: the row diagonal :math:`Q 1 + b^2`, the cross block
+            :math:`Q` and the column diagonal :math:`Q^T 1` of a weight; ``(site, d, None,
+            None)`` for a normalisation or a vector, :math:`d = \gamma^2 + \beta^2`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False))
+        >>> space = ScalingSpace(net)
+        >>> site, rd, q, cd = next(space.gram_terms(dict(net.named_parameters())))
+        >>> tuple(q.shape), torch.allclose(rd, net[0].weight.detach().square().sum(1))
+        ((4, 3), True)
+        """
+        for s in self.sites:
+            w = params[s.weight].detach().to(dtype or params[s.weight].dtype)
+            b = params[s.bias].detach().to(w.dtype) if s.bias else None
+            if s.kind == "norm":
+                d = w.square().reshape(-1)
+                yield s, (d + b.square().reshape(-1) if b is not None else d), None, None
+                continue
+            w = block_diagonal(w, s.groups)
+            q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
+            yield s, q.sum(1) + (b.square() if b is not None else 0), q, q.sum(0)
 
 
 class Rescaling:

@@ -1316,30 +1316,24 @@ def _family_of(origins: set[tuple[str, str]], absorbed: bool,
 def _gram(space: ScalingSpace, params: dict, T):
     """``T^T G T``, sparse: the Gram matrix of the solutions ``T`` (candidate coordinates
     by solutions, sparse) in parameter space. ``G`` is never formed: per weight, with
-    ``Q = W ** 2``, it is ``[[diag(Q 1 + b ** 2), Q], [Q^T, diag(Q^T 1)]]`` (as
-    :meth:`~manifold_nets.symmetry.ScalingSpace.gram`), which for an embedding of 50,257
-    rows would be 51,025 squared, and the solutions that move only its rows (absent
-    tokens, tens of thousands) meet its dense block only through the few that move its
-    columns."""
+    ``Q = W ** 2``, it is ``[[diag(Q 1 + b ** 2), Q], [Q^T, diag(Q^T 1)]]``
+    (:meth:`~manifold_nets.symmetry.ScalingSpace.gram_terms`), which for an embedding of
+    50,257 rows would be 51,025 squared, and the solutions that move only its rows
+    (absent tokens, tens of thousands) meet its dense block only through the few that
+    move its columns."""
     import scipy.sparse as sp
 
     n = T.shape[1]
     K = sp.csr_matrix((n, n))
-    for s in space.sites:
-        lo, hi = s.row_offset, s.col_offset + s.cols
-        Ts = T[lo:hi]
+    for s, rd, q, cd in space.gram_terms(params, torch.float64):
+        Ts = T[s.row_offset:s.col_offset + s.cols]
         if Ts.nnz == 0:
             continue
-        w = block_diagonal(params[s.weight].detach().to(torch.float64), s.groups)
-        b = params[s.bias].detach().to(torch.float64) if s.bias else None
-        if s.kind == "norm":
-            d = w.square().reshape(-1) + (b.square().reshape(-1) if b is not None else 0)
-            K = K + Ts.T @ sp.diags(d.numpy()) @ Ts
+        if q is None:
+            K = K + Ts.T @ sp.diags(rd.numpy()) @ Ts
             continue
-        q = w.square().flatten(2).sum(-1) if w.dim() > 2 else w.square()
-        rd = q.sum(1) + (b.square() if b is not None else 0)
         R, C = Ts[:s.rows], Ts[s.rows:]
-        K = K + R.T @ sp.diags(rd.numpy()) @ R + C.T @ sp.diags(q.sum(0).numpy()) @ C
+        K = K + R.T @ sp.diags(rd.numpy()) @ R + C.T @ sp.diags(cd.numpy()) @ C
         cr, cc = np.unique(R.indices), np.unique(C.indices)
         if len(cr) and len(cc):
             cross = R[:, cr].T @ (q.numpy() @ C[:, cc].toarray())  # (|cr|, |cc|), dense
