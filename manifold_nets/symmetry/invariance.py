@@ -417,8 +417,10 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
       (:math:`r` constant); every Euclidean parameter must be left alone. Momentum and
       Nesterov keep this (the buffer transforms like the gradient); RiemannianAdam too
       (its second moment is the per-filter norm :math:`\|w_i\|^2 \|\nabla_{w_i}\|^2`).
-    - A Euclidean parameter may be scaled where it is zero (a bias at its usual initial
-      value): the scaling changes nothing.
+    - Under UN, a Euclidean parameter may be scaled where it is zero (a bias at its usual
+      initial value): the scaled zero is still zero and the projection undoes the rows,
+      so the start from :math:`g.w` is the start from :math:`w`. Not under SM: there the
+      zero's gradient is scaled too, and its first Euclidean step differs.
     - A Euclidean bias may be scaled with its rows where a batch norm on batch statistics
       follows its layer: the normalisation absorbs its shift, so its gradient is zero and
       it never moves. Under UN also where the batch norm uses running statistics: only
@@ -475,23 +477,25 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
                  and (rule.update == "un" or m.training or not m.track_running_stats)}
     params = dict(model.named_parameters(remove_duplicate=False))
 
-    def scales_nonzero(name: str | None, r: torch.Tensor) -> bool:
-        """Does the generator scale entries of ``name`` that are not zero? (Scaling a
-        zero, a bias at its initial value, changes nothing.)"""
+    def scales(name: str | None, r: torch.Tensor) -> bool:
+        """Does the generator scale entries of the Euclidean ``name`` that matter? Under
+        UN only the nonzero ones do (see above)."""
         if name is None:
             return False
         moved = r.abs() > tol
+        if rule.update != "un":
+            return bool(moved.any())
         return bool(moved.any()) and bool(params[name].detach()[moved].ne(0).any())
 
     for xi in group.generators():
         for name, (r, c) in group.space.split(xi).items():
             site, manifold = group.space.site(name), dec[name]
             if site.kind == "norm":
-                if scales_nonzero(site.weight, r) or scales_nonzero(site.bias, r):
+                if scales(site.weight, r) or scales(site.bias, r):
                     return False  # normalisation parameters are Euclidean
                 continue
-            if site.batchnorm not in absorbing and scales_nonzero(site.bias, r):
-                return False  # biases are Euclidean: their nonzero rows must not move
+            if site.batchnorm not in absorbing and scales(site.bias, r):
+                return False  # biases are Euclidean: their rows must not be scaled
             moves = not (_constant(r, tol) and _constant(c, tol)
                          and abs(float(r[0] + c[0])) <= tol)
             if trivial_only or isinstance(manifold, geoopt.Euclidean):
