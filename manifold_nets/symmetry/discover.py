@@ -381,17 +381,18 @@ def _resolves(result: Discovery, model: nn.Module) -> None:
     """Fill every family's ``resolves``: is UN / SM equivariant under it? Parameters that
     never reach the outputs on the inputs (rows of absent tokens, unused positions) get no
     gradient and change nothing, whatever the update: every update resolves them."""
-    from .invariance import UPDATE_RULES, predict
+    from .invariance import UPDATE_RULES, declared_manifolds, predict
 
     rules = {r.name: r for r in UPDATE_RULES}
+    manifolds = {u: declared_manifolds(model, u) for u in ("un", "sm")}  # once, for all
     for fam in result.families:
         if fam.kind == "unused":
             fam.resolves = {"un": True, "sm": True}
             continue
         group = RescalingGroup(model, result.basis[:, fam.columns], fam.label,
                                space=result.space)
-        fam.resolves = {"un": predict(rules["UN"], group, model),
-                        "sm": predict(rules["SM"], group, model)}
+        fam.resolves = {u: predict(rules[u.upper()], group, model, manifolds=manifolds[u])
+                        for u in ("un", "sm")}
 
 
 @torch.no_grad()

@@ -401,12 +401,38 @@ UPDATE_RULES = (
 )
 
 
-def _constant(x: torch.Tensor, tol: float) -> bool:
-    return x.numel() == 0 or float(x.max() - x.min()) <= tol
+def declared_manifolds(model: nn.Module, update: str) -> dict:
+    """The manifold that :func:`~manifold_nets.declare.declare` gives every parameter of
+    ``model`` for ``update`` (read from a declared copy; ``model`` is left as it is).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    update : {"un", "sm", "bsgd"}
+        The update.
+
+    Returns
+    -------
+    dict
+        ``{parameter name: manifold}``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry.invariance import declared_manifolds
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(4, 2))
+    >>> sorted(type(m).__name__ for m in declared_manifolds(net, "un").values())
+    ['Euclidean', 'Euclidean', 'Euclidean', 'ObliqueManifold']
+    """
+    with warnings.catch_warnings():  # only the manifolds are read from this declaration
+        warnings.simplefilter("ignore", UserWarning)
+        return declare(copy.deepcopy(model), update)
 
 
-def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: float = 1e-6
-            ) -> bool:
+def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: float = 1e-6,
+            manifolds: dict | None = None) -> bool:
     r"""Does the theory say that ``rule`` is equivariant under ``group``?
 
     With each generator acting on a weight as :math:`(r_i + c_j) W_{ij}`:
@@ -444,11 +470,16 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
         The model (a copy is declared to read the manifold of every weight).
     tol : float
         Entries of a generator within ``tol`` of each other (or of zero) count as equal.
+    manifolds : dict, optional
+        ``{parameter name: manifold}``: :func:`declared_manifolds` of ``model`` and
+        ``rule.update`` (computed here when not given); pass it when predicting many
+        groups of one model, so that it is declared once.
 
     Returns
     -------
     bool
-        ``True`` when the update is predicted to be equivariant under every element.
+        ``True`` when the update is predicted to be equivariant under every element (every
+        condition is checked on all generators at once, weight by weight).
 
     Examples
     --------
@@ -462,9 +493,8 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     >>> predict(sm, arch1_paper_group(net), net), predict(sm, arch1_full_group(net), net)
     (True, False)
     """
-    with warnings.catch_warnings():  # only the manifolds are read from this declaration
-        warnings.simplefilter("ignore", UserWarning)
-        dec = declare(copy.deepcopy(model), rule.update)
+    if manifolds is None:
+        manifolds = declared_manifolds(model, rule.update)
     euclidean_mixed = rule.options.get("weight_decay", 0) > 0 or (
         rule.options.get("momentum", 0) > 0 and not rule.zero_buffer)
     trivial_only = rule.update == "bsgd" or (rule.update == "sm" and euclidean_mixed)
@@ -478,34 +508,40 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def scales(name: str | None, r: torch.Tensor) -> bool:
-        """Does the generator scale entries of the Euclidean ``name`` that matter? Under
-        UN only the nonzero ones do (see above)."""
+        """Does some generator scale entries of the Euclidean ``name`` that matter (``r``:
+        its rows' log-scales, one column per generator)? Under UN only nonzero ones do
+        (see above)."""
         if name is None:
             return False
-        moved = r.abs() > tol
+        moved = (r.abs() > tol).any(1)
         if rule.update != "un":
             return bool(moved.any())
-        return bool(moved.any()) and bool(params[name].detach()[moved].ne(0).any())
+        return bool(params[name].detach()[moved].ne(0).any())
 
-    for xi in group.generators():
-        for name, (r, c) in group.space.split(xi).items():
-            site, manifold = group.space.site(name), dec[name]
-            if site.kind == "norm":
-                if scales(site.weight, r) or scales(site.bias, r):
-                    return False  # normalisation parameters are Euclidean
-                continue
-            if site.batchnorm not in absorbing and scales(site.bias, r):
-                return False  # biases are Euclidean: their rows must not be scaled
-            moves = not (_constant(r, tol) and _constant(c, tol)
-                         and abs(float(r[0] + c[0])) <= tol)
-            if trivial_only or isinstance(manifold, geoopt.Euclidean):
-                if moves:
-                    return False
-            elif getattr(manifold, "side", "left") == "right":
-                if not _constant(r, tol):
-                    return False
-            elif not _constant(c, tol):
+    def constant(x: torch.Tensor) -> bool:  # in every generator (column)
+        return x.numel() == 0 or float((x.amax(0) - x.amin(0)).max()) <= tol
+
+    if group.dim == 0:
+        return True
+    # each condition must hold for every generator: checked on all columns at once
+    for name, (r, c) in group.space.split(group.basis).items():
+        site, manifold = group.space.site(name), manifolds[name]
+        if site.kind == "norm":
+            if scales(site.weight, r) or scales(site.bias, r):
+                return False  # normalisation parameters are Euclidean
+            continue
+        if site.batchnorm not in absorbing and scales(site.bias, r):
+            return False  # biases are Euclidean: their rows must not be scaled
+        moves = not (constant(r) and constant(c)
+                     and float((r[0] + c[0]).abs().max()) <= tol)
+        if trivial_only or isinstance(manifold, geoopt.Euclidean):
+            if moves:
                 return False
+        elif getattr(manifold, "side", "left") == "right":
+            if not constant(r):
+                return False
+        elif not constant(c):
+            return False
     return True
 
 
