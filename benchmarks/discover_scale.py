@@ -13,7 +13,8 @@ Face models are built from their configs with random weights (no download; needs
 At their real depths, GPT-2 small and the Llama do not fit in this machine's 24 GB:
 ``Discovery.basis`` is a dense (candidates x symmetries) float64 matrix, and GPT-2 small has
 219,473 candidates and, by the derived count, 37,825 symmetries on these inputs (66 GB).
-``--layers`` measures them at full width and vocabulary with fewer layers.
+``--layers`` measures them at full width and vocabulary with fewer layers (records in
+``benchmarks/results/discover-scale-*``).
     python benchmarks/discover_scale.py --output benchmarks/results/discover-scale.txt
 """
 

@@ -67,9 +67,9 @@ from .optim import (
     _filter_inner,
     _foreach_normalise_,
     _grad_problem,
-    _is_dtensor,
     _param_name,
     _reducer,
+    is_dtensor,
 )
 
 __all__ = ["InvariantAdam", "invariant_adam"]
@@ -107,7 +107,7 @@ def _per_filter_zeros(p: Tensor, ndim: int) -> Tensor:
     """Zeros with one entry per filter of ``p`` (its filter dims of size 1); for a sharded
     ``p``, sharded as ``p`` (FSDP2 shards dim 0, so each rank holds its filters')."""
     shape = p.shape[:p.dim() - ndim] + (1,) * ndim
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return p.new_zeros(shape)
     from torch.distributed.tensor import DTensor
 
@@ -395,7 +395,7 @@ def invariant_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=_value(lr),
                  weight_decay=weight_decay, eps=eps, maximize=maximize)
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kinds]
-    if any(_is_dtensor(p) for p in params):
+    if any(is_dtensor(p) for p in params):
         _impl("sharded")(*lists, **hyper)
         return
     if fused is not False:

@@ -489,14 +489,14 @@ def _analyse(model: nn.Module, inputs, args: tuple, before: torch.Tensor, ran: s
     random factors and the outputs on ``inputs`` compared (:func:`_scaling_changes`).
     """
     from .symmetry.groups import ScalingSpace
-    from .symmetry.structure import _inputs, _prepare, structural_symmetries
+    from .symmetry.structure import analysis_copy, as_inputs, structural_symmetries
 
     out: dict = {"filters": set(), "rows": set(), "cols": set(), "reached": ran,
                  "changes": {}, "how": "graph"}
     try:
-        net = _prepare(model, torch.float64, True)
+        net = analysis_copy(model, torch.float64, True)
         space = ScalingSpace(net)
-        found = structural_symmetries(net, _inputs(inputs, next(net.parameters()).device,
+        found = structural_symmetries(net, as_inputs(inputs, next(net.parameters()).device,
                                                    torch.float64), space)
     except Exception as err:  # noqa: BLE001 - any failure: measure instead, loudly
         why = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
@@ -962,9 +962,9 @@ def _check_declaration(module, state_dict, prefix, local_metadata, strict, missi
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
-    from .optim import _is_dtensor
+    from .optim import is_dtensor
 
-    return _is_dtensor(t)
+    return is_dtensor(t)
 
 
 def declaration_of(state_dict: Mapping) -> dict | None:

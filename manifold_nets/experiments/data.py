@@ -222,7 +222,15 @@ def _check_name(name: str) -> dict[str, str]:
     return DATASETS[name]
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where downloaded datasets are kept: ``$MANIFOLD_NETS_CACHE``, else
+    ``~/.cache/manifold-nets``.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (it may not exist yet).
+    """
     env = os.environ.get("MANIFOLD_NETS_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "manifold-nets"
 
@@ -257,7 +265,20 @@ def _local_mirror() -> Path | None:
     return None
 
 
-def _candidate_roots(data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+def data_roots(data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """The folders searched for a dataset, in order, each with where it comes from.
+
+    Parameters
+    ----------
+    data_dir : path or None
+        The user's folder: then the only one.
+
+    Returns
+    -------
+    list of (str, pathlib.Path)
+        Otherwise ``$MANIFOLD_NETS_DATA``, the local mirror (``$MANIFOLD_NETS_MIRROR``)
+        where set, then :func:`cache_root`.
+    """
     if data_dir is not None:
         return [("data_dir", Path(data_dir))]
     roots = []
@@ -266,7 +287,7 @@ def _candidate_roots(data_dir: str | os.PathLike | None) -> list[tuple[str, Path
     mirror = _local_mirror()
     if mirror is not None:
         roots.append(("MANIFOLD_NETS_MIRROR", mirror))
-    roots.append(("cache", _cache_root()))
+    roots.append(("cache", cache_root()))
     return roots
 
 
@@ -464,7 +485,7 @@ def find_dataset(
     True
     """
     _check_name(name)
-    roots = _candidate_roots(data_dir)
+    roots = data_roots(data_dir)
     for _, root in roots:
         folder = _dataset_folder(root, name)
         if _complete(folder):

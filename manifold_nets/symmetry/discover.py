@@ -12,7 +12,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .groups import Rescaling, RescalingGroup, ScalingSpace
-from .structure import _inputs, _prepare
+from .structure import analysis_copy, as_inputs
 
 __all__ = [
     "Discovery",
@@ -323,10 +323,10 @@ def discover(model: nn.Module, inputs: torch.Tensor, *, method: str = "auto",
     """
     if method not in ("auto", "structural", "dense"):
         raise ValueError(f"unknown method {method!r}; choose auto, structural or dense")
-    net = _prepare(model, dtype, train)
+    net = analysis_copy(model, dtype, train)
     space = ScalingSpace(net)
     device = next(net.parameters()).device
-    args = _inputs(inputs, device, dtype)
+    args = as_inputs(inputs, device, dtype)
     if method in ("auto", "structural") and train:
         from .structure import structural_symmetries
 

@@ -1243,10 +1243,35 @@ def _zero_out(result):
 # Solving.
 
 
-def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
-    """A copy to analyse: ``dtype``, batch norms on batch statistics (if ``train``),
-    everything else in eval mode: dropout off, also where a module reads its own
-    ``training`` (the attention dropout of Hugging Face models)."""
+def analysis_copy(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
+    """The copy of ``model`` that the symmetry analyses run (``discover`` and
+    ``declare(inputs=)``): in ``dtype``, without gradients, batch norms on batch statistics
+    if ``train``, everything else in eval mode: dropout off, also where a module reads its
+    own ``training`` (the attention dropout of Hugging Face models).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Left as it is.
+    dtype : torch.dtype
+        Of the copy (float64 for the analyses).
+    train : bool
+        Batch norms on batch statistics (their running statistics dropped).
+
+    Returns
+    -------
+    nn.Module
+        The copy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry.structure import analysis_copy
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5))
+    >>> copy = analysis_copy(net.train(), torch.float64, True)
+    >>> copy[0].weight.dtype, copy[1].training, net[1].training
+    (torch.float64, False, True)
+    """
     net = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     for mod in net.modules():  # torch's fused inference kernels have no forward AD
         if isinstance(mod, (nn.MultiheadAttention, nn.TransformerEncoderLayer,
@@ -1264,7 +1289,32 @@ def _prepare(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Module:
     return net
 
 
-def _inputs(inputs, device, dtype) -> tuple:
+def as_inputs(inputs, device, dtype) -> tuple:
+    """The positional inputs of a model as a tuple on ``device``: floating ones in
+    ``dtype``, token ids and masks as they are.
+
+    Parameters
+    ----------
+    inputs : torch.Tensor or tuple of torch.Tensor
+        One input or several.
+    device : torch.device or str
+        Where the model is.
+    dtype : torch.dtype
+        The model's floating dtype.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry.structure import as_inputs
+    >>> x, ids = as_inputs((torch.zeros(2), torch.zeros(2, dtype=torch.long)), "cpu",
+    ...                    torch.float64)
+    >>> x.dtype, ids.dtype
+    (torch.float64, torch.int64)
+    """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     # floating inputs in the computation dtype; token ids and masks stay as they are
     return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
@@ -1342,6 +1392,68 @@ def _gram(space: ScalingSpace, params: dict, T):
                               shape=(n, n))
             K = K + X + X.T
     return K.tocsr()
+
+
+def _orthonormalise(K, keys: list, rank_of: dict, tol: float):
+    """Gram-Schmidt of the solutions in the metric ``K`` (sparse), one family at a time in
+    family order, each family's new directions orthogonal to all earlier ones.
+
+    Everything stays sparse: the directions found so far are the columns of a sparse
+    matrix, and a family's solutions are orthogonalised against the directions they meet
+    through ``K`` only (every other one is ``K``-orthogonal to them already). A direction
+    that runs through the whole model (a residual stream's scale) meets every earlier one
+    but is one column; nothing of size (solutions)^2 is formed.
+
+    Returns ``(Q, family columns)``: ``Q`` (solutions x directions, sparse CSC) holds the
+    orthonormal directions, ``{family key: their columns}``.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    n = K.shape[0]
+    K = ((K + K.T) / 2).tocsc()
+    kmax = float(K.diagonal().max()) if n else 0.0  # directions below 1e-12 of it are 0
+    diag = K.diagonal()
+    by_family: dict[tuple, list[int]] = {}
+    for j in range(n):
+        by_family.setdefault(keys[j], []).append(j)
+    Q = sp.csc_matrix((n, 0))
+    fam_cols: dict[tuple, list[int]] = {}
+    for key in sorted(by_family, key=rank_of.get):
+        cols = np.asarray(by_family[key])
+        m = len(cols)
+        E = sp.csc_matrix((np.ones(m), (cols, np.arange(m))), shape=(n, m))
+        KE = K @ E
+        if Q.shape[1]:
+            met = np.unique((abs(Q).T @ abs(KE)).tocoo().row)  # directions it meets
+            Qm = Q[:, met]
+            X = E - Qm @ (Qm.T @ KE)
+            X = X - Qm @ (Qm.T @ (K @ X))  # once more
+            KX = K @ X
+        else:
+            X, KX = E, KE
+        gram = (X.T @ KX).toarray()
+        gram = (gram + gram.T) / 2
+        _, label = connected_components(sp.csr_matrix(np.abs(gram) > 0), directed=False)
+        pieces, k0 = [], Q.shape[1]
+        sizes = np.bincount(label)
+        alone = np.nonzero(sizes[label] == 1)[0]  # a solution that meets no other: scaled
+        w = np.diag(gram)[alone]
+        keep = alone[w > np.maximum(tol * diag[cols[alone]], 1e-12 * kmax)]
+        if len(keep):
+            pieces.append(X[:, keep] @ sp.diags(1 / np.sqrt(np.diag(gram)[keep])))
+        for g in np.nonzero(sizes > 1)[0]:
+            own = np.nonzero(label == g)[0]
+            w, V = np.linalg.eigh(gram[np.ix_(own, own)])
+            keep = w > max(tol * float(diag[cols[own]].max()), 1e-12 * kmax)
+            if keep.any():
+                pieces.append(X[:, own] @ sp.csc_matrix(V[:, keep] / np.sqrt(w[keep])))
+        if pieces:
+            new = sp.hstack(pieces).tocsc()
+            new.eliminate_zeros()
+            fam_cols[key] = list(range(k0, k0 + new.shape[1]))
+            Q = sp.hstack([Q, new]).tocsc()
+    return Q, fam_cols
 
 
 def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
@@ -1476,7 +1588,6 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
                         [j for j, vec in enumerate(basis_vecs) for _ in vec])),
                       shape=(nv, len(basis_vecs)))
     T = (M @ B).tocsr()  # candidate coordinates of every solution
-    n = len(basis_vecs)
 
     # Gram matrix of the solutions in parameter space, site by site
     params = dict(model.named_parameters())
@@ -1509,56 +1620,10 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     order = sorted(set(keys), key=lambda k: (_FAMILY_ORDER.index(k[0]), k[1]))
     rank_of = {k: i for i, k in enumerate(order)}
 
-    # Gram-Schmidt in the metric K, component by component, in family order
-    _, kcomp = connected_components(abs(K) + sp.identity(n), directed=False)
-    comps: dict[int, list[int]] = {}
-    for j in range(n):
-        comps.setdefault(int(kcomp[j]), []).append(j)
-    fam_cols: dict[tuple, list[int]] = {}
-    blocks = []
-    kmax = float(K.diagonal().max()) if n else 0.0  # directions below 1e-12 of it are 0
-    dim = 0
-    for members in comps.values():
-        members.sort(key=lambda j: (rank_of[keys[j]], j))
-        Kc = torch.tensor(K[members][:, members].toarray())
-        Kc = (Kc + Kc.T) / 2
-        m = len(members)
-        Q = torch.zeros(m, 0, dtype=torch.float64)
-        KQ = torch.zeros(m, 0, dtype=torch.float64)
-        fam_of = [keys[j] for j in members]
-        start = 0
-        while start < m:  # one family at a time: its new directions, then the next's
-            stop = start
-            while stop < m and fam_of[stop] == fam_of[start]:
-                stop += 1
-            idx = torch.arange(start, stop)
-            coef = KQ[idx].T  # (r, f)
-            X = -Q @ coef
-            X[idx, torch.arange(len(idx))] += 1.0
-            KX = Kc[:, idx] - KQ @ coef
-            c2 = KQ.T @ X  # one re-orthogonalisation
-            X, KX = X - Q @ c2, KX - KQ @ c2
-            gram = X.T @ KX
-            w, V = torch.linalg.eigh((gram + gram.T) / 2)
-            floor = max(tol * float(Kc.diagonal()[idx].max()), 1e-12 * kmax)
-            keep = w > floor
-            if bool(keep.any()):
-                scale = w[keep].rsqrt()
-                Q = torch.cat([Q, (X @ V[:, keep]) * scale], 1)
-                KQ = torch.cat([KQ, (KX @ V[:, keep]) * scale], 1)
-                k = int(keep.sum())
-                fam_cols.setdefault(fam_of[start], []).extend(range(dim, dim + k))
-                dim += k
-            start = stop
-        blocks.append((members, Q))
-    basis = torch.zeros(space.dim, dim, dtype=dtype)
-    Tc = T.tocsc()
-    start = 0
-    for members, Q in blocks:
-        if Q.shape[1]:
-            basis[:, start:start + Q.shape[1]] = torch.tensor(
-                Tc[:, members] @ Q.numpy()).to(dtype)
-        start += Q.shape[1]
+    # Gram-Schmidt in the metric K, family by family in family order
+    Q, fam_cols = _orthonormalise(K, keys, rank_of, tol)
+    dim = Q.shape[1]
+    basis = torch.tensor((T @ Q).toarray(), dtype=dtype)
     families = []
     for key in order:
         cols = fam_cols.get(key, [])
