@@ -1432,19 +1432,19 @@ def _orthonormalise(K, keys: list, rank_of: dict, tol: float):
             KX = K @ X
         else:
             X, KX = E, KE
-        gram = (X.T @ KX).toarray()
+        gram = (X.T @ KX).tocsr()  # (m, m), sparse: dense only group by group
         gram = (gram + gram.T) / 2
-        _, label = connected_components(sp.csr_matrix(np.abs(gram) > 0), directed=False)
+        _, label = connected_components(abs(gram), directed=False)
         pieces, k0 = [], Q.shape[1]
         sizes = np.bincount(label)
         alone = np.nonzero(sizes[label] == 1)[0]  # a solution that meets no other: scaled
-        w = np.diag(gram)[alone]
+        w = gram.diagonal()[alone]
         keep = alone[w > np.maximum(tol * diag[cols[alone]], 1e-12 * kmax)]
         if len(keep):
-            pieces.append(X[:, keep] @ sp.diags(1 / np.sqrt(np.diag(gram)[keep])))
+            pieces.append(X[:, keep] @ sp.diags(1 / np.sqrt(gram.diagonal()[keep])))
         for g in np.nonzero(sizes > 1)[0]:
             own = np.nonzero(label == g)[0]
-            w, V = np.linalg.eigh(gram[np.ix_(own, own)])
+            w, V = np.linalg.eigh(gram[own][:, own].toarray())
             keep = w > max(tol * float(diag[cols[own]].max()), 1e-12 * kmax)
             if keep.any():
                 pieces.append(X[:, own] @ sp.csc_matrix(V[:, keep] / np.sqrt(w[keep])))
