@@ -471,8 +471,8 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     tol : float
         Entries of a generator within ``tol`` of each other (or of zero) count as equal.
     manifolds : dict, optional
-        ``{parameter name: manifold}``: :func:`declared_manifolds` of ``model`` and
-        ``rule.update`` (computed here when not given); pass it when predicting many
+        ``{parameter name: manifold}``, as ``declared_manifolds(model, rule.update)`` of
+        this module gives it (computed here when not given); pass it when predicting many
         groups of one model, so that it is declared once.
 
     Returns
