@@ -1438,10 +1438,10 @@ def _orthonormalise(K, keys: list, rank_of: dict, tol: float):
         pieces, k0 = [], Q.shape[1]
         sizes = np.bincount(label)
         alone = np.nonzero(sizes[label] == 1)[0]  # a solution that meets no other: scaled
-        w = gram.diagonal()[alone]
-        keep = alone[w > np.maximum(tol * diag[cols[alone]], 1e-12 * kmax)]
+        gd = gram.diagonal()
+        keep = alone[gd[alone] > np.maximum(tol * diag[cols[alone]], 1e-12 * kmax)]
         if len(keep):
-            pieces.append(X[:, keep] @ sp.diags(1 / np.sqrt(gram.diagonal()[keep])))
+            pieces.append(X[:, keep] @ sp.diags(1 / np.sqrt(gd[keep])))
         for g in np.nonzero(sizes > 1)[0]:
             own = np.nonzero(label == g)[0]
             w, V = np.linalg.eigh(gram[own][:, own].toarray())
