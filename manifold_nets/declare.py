@@ -513,7 +513,9 @@ def _analyse(model: nn.Module, inputs, args: tuple, before: torch.Tensor, ran: s
                 if c <= rtol and c <= _CONTROL_RATIO * control}
         out["filters"], out["rows"] = kept, set(kept)
         return out
-    moved = found.basis.abs().sum(1) > 0
+    basis = found.basis.coalesce()
+    moved = torch.zeros(space.dim, dtype=torch.bool)
+    moved[basis.indices()[0][basis.values() != 0]] = True
     for site in space.sites:
         if site.kind != "matrix":
             continue

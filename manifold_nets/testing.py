@@ -155,15 +155,17 @@ def rescalings(model: nn.Module, inputs, update: str | None = None, *,
             f"{'is resolved by ' + update if update else 'matches'} (found: "
             f"{[str(f) for f in found.families] or 'none'})")
     columns = [c for f in chosen for c in f.columns]
-    basis = found.basis[:, columns]
-    basis = basis / basis.abs().amax(0).clamp_min(1e-300)
+    basis = found.basis.index_select(1, torch.tensor(columns, dtype=torch.long)).coalesce()
+    # every generator at the same weight: its largest log-scale 1
+    largest = torch.zeros(len(columns), dtype=torch.float64).scatter_reduce(
+        0, basis.indices()[1], basis.values().abs(), "amax").clamp_min(1e-300)
     label = ", ".join(f.label for f in chosen)
 
     def element(seed_and_size) -> Rescaling:
         seed, size = seed_and_size
-        t = torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed),
+        t = torch.randn(len(columns), generator=torch.Generator().manual_seed(seed),
                         dtype=torch.float64)
-        v = basis @ t
+        v = basis @ (t / largest)
         return Rescaling.from_log(found.space, v * (size / v.abs().max().clamp_min(1e-300)),
                                   label=label)
 

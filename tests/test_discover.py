@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from manifold_nets import InvariantSGD
@@ -16,7 +17,7 @@ from manifold_nets.experiments.zoo import pre_ln_transformer, residual_mlp, smal
 from manifold_nets.nets import Arch2
 from manifold_nets.symmetry import Rescaling, discover
 from manifold_nets.symmetry.discover import _verify
-from manifold_nets.symmetry.structure import analysis_copy
+from manifold_nets.symmetry.structure import _null_space, analysis_copy
 from manifold_nets.testing import assert_loss_invariant, assert_update_equivariant, rescalings
 
 
@@ -43,7 +44,8 @@ def _randomize_affine(model: nn.Module, seed: int = 0) -> nn.Module:
 def _outputs_change(model, found, x, columns=None, log_scale=0.5, seed=0):
     """Relative change of the outputs under a random element of (part of) the group."""
     net = analysis_copy(model, torch.float64, True)
-    basis = found.basis if columns is None else found.basis[:, columns]
+    basis = found.basis.to_dense()
+    basis = basis if columns is None else basis[:, columns]
     v = basis @ torch.randn(basis.shape[1], generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64)
     g = Rescaling.from_log(found.space, v * (log_scale / v.abs().max()))
@@ -183,7 +185,7 @@ def test_an_untraceable_model_falls_back_to_the_dense_method_loudly():
 def test_the_numerical_check_refuses_a_wrong_structure():
     model, x = residual_mlp(), torch.randn(50, 5)
     found = discover(model, x)
-    found.basis = torch.randn_like(found.basis)  # what a wrong rule would give
+    found.basis = torch.randn(found.basis.shape, dtype=torch.float64).to_sparse()  # a wrong rule
     with pytest.raises(ValueError, match="changes the outputs by"):
         _verify(analysis_copy(model, torch.float64, True), found, (x.double(),))
 
@@ -253,3 +255,49 @@ def test_a_resnet_with_more_than_four_stages_is_refused():
 
     with pytest.raises(ValueError, match="one to four stages, got 5"):
         ResNet((1,) * 5, (4, 4, 4, 4, 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(0, 25), n=st.integers(1, 35),
+       density=st.floats(0.03, 0.5))
+def test_the_sparse_null_space_is_the_null_space(seed, m, n, density):
+    """Elimination of defined variables, then SVD of the rest: the same space as a dense
+    SVD (dimension n - rank, A N = 0, independent columns), on relations with the small
+    coefficients the rules write."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    A = sp.random(m, n, density=density, random_state=rng, format="csr",
+                  data_rvs=lambda k: rng.choice([-2.0, -1.0, 1.0, 1.0, 0.5, 3.0], k))
+    N = _null_space(A).toarray()
+    dense = A.toarray()
+    rank = np.linalg.matrix_rank(dense) if dense.any() else 0
+    assert N.shape == (n, n - rank)
+    assert np.abs(dense @ N).max(initial=0.0) < 1e-9
+    assert np.linalg.matrix_rank(N) == n - rank
+
+
+def test_the_sparse_null_space_solves_a_chain_of_products_without_a_dense_block(
+        monkeypatch):
+    """w_k = w_{k-1} + x_k for a chain of 3,000 products (as a gated MLP or attention
+    writes them): every relation defines one variable, so nothing is left for the dense
+    SVD, and the 3,001 solutions come from the free variables with the rest filled in."""
+    import scipy.sparse as sp
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("a dense SVD was taken")
+
+    k = 3000  # variables: w_0 .. w_k (0 .. k), x_1 .. x_k (k+1 .. 2k)
+    rows = [i - 1 for i in range(1, k + 1) for _ in range(3)]
+    cols = [v for i in range(1, k + 1) for v in (i, i - 1, k + i)]
+    vals = [1.0, -1.0, -1.0] * k
+    A = sp.csr_matrix((vals, (rows, cols)), shape=(k, 2 * k + 1))
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    N = _null_space(A)
+    assert N.shape == (2 * k + 1, k + 1)
+    assert abs(A @ N).max() < 1e-12
+    # a cycle (x = y, y = z, z = x + y) is not a chain: its core needs the SVD
+    cycle = sp.csr_matrix([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    with pytest.raises(AssertionError, match="dense SVD"):
+        _null_space(cycle)

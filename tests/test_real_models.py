@@ -176,7 +176,7 @@ def _random_direction_changes_outputs(model, x, found) -> float:
     g = torch.Generator().manual_seed(5)
     v = torch.randn(found.space.dim, generator=g, dtype=torch.float64)
     if found.dim:
-        q, _ = torch.linalg.qr(found.basis)
+        q, _ = torch.linalg.qr(found.basis.to_dense())
         v = v - q @ (q.T @ v)
     element = Rescaling.from_log(found.space, 0.3 * v / v.abs().max())
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_every_familys_predicted_resolves_is_what_is_measured(name, model, x):
     found = discover(model, x)
     outcomes = set()
     for k, fam in enumerate(found.families):
-        v = found.basis[:, fam.columns] @ torch.randn(
+        v = found.basis.to_dense()[:, fam.columns] @ torch.randn(
             len(fam.columns), generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         g = Rescaling.from_log(found.space, v / v.abs().max(), label=fam.label)
         for update in ("un", "sm"):
@@ -503,7 +503,7 @@ def test_every_hugging_face_familys_predicted_resolves_is_what_is_measured(name,
     qk = {"qk"} if name.startswith("llama") or biases == "initial" else set()
     assert resolved == {"un": qk, "sm": {"qk"} if name.startswith("llama") else set()}
     for k, fam in enumerate(found.families):
-        v = found.basis[:, fam.columns] @ torch.randn(
+        v = found.basis.to_dense()[:, fam.columns] @ torch.randn(
             len(fam.columns), generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         g = Rescaling.from_log(found.space, v / v.abs().max(), label=fam.label)
         for update in ("un", "sm"):
@@ -524,7 +524,7 @@ def test_in_eval_mode_un_still_resolves_a_biased_filter_and_sm_does_not():
     fam = next(f for f in discover(net.eval(), x).families if f.kind == "per-filter")
     assert fam.resolves == {"un": True, "sm": False}
     found = discover(net, x)
-    v = found.basis[:, fam.columns] @ torch.randn(len(fam.columns), dtype=torch.float64)
+    v = found.basis.to_dense()[:, fam.columns] @ torch.randn(len(fam.columns), dtype=torch.float64)
     g = Rescaling.from_log(found.space, v / v.abs().max(), label=fam.label)
     assert _measured(net, g, x, "un") and not _measured(net, g, x, "sm")
 

@@ -41,7 +41,9 @@ class Discovery:
     basis : torch.Tensor
         ``(space.dim, dim)`` generators in
         :class:`~manifold_nets.symmetry.groups.ScalingSpace` coordinates, orthonormal as
-        parameter-space vectors
+        parameter-space vectors: a sparse COO tensor (float64), as a language model's
+        vocabulary makes it hundreds of thousands by tens of thousands (``.to_dense()``
+        on small models)
     singular_values : torch.Tensor
         dense method: relative singular values (largest 1) of the output Jacobian
         restricted to the candidate directions, ascending (empty for the structural method)
@@ -171,8 +173,9 @@ class Discovery:
                 labels = "; ".join(repr(f.label) for f in self.families) or "none"
                 raise ValueError(f"no family is labelled {family!r}; the labels are: {labels}")
             family = matches[0]
-        return RescalingGroup(model, self.basis[:, family.columns], family.label,
-                              space=self.space)
+        return RescalingGroup(model, self.basis.index_select(
+            1, torch.tensor(family.columns, dtype=torch.long)), family.label,
+            space=self.space)
 
     def to_dict(self) -> dict:
         """The result as plain data (without the basis).
@@ -389,8 +392,7 @@ def _resolves(result: Discovery, model: nn.Module) -> None:
         if fam.kind == "unused":
             fam.resolves = {"un": True, "sm": True}
             continue
-        group = RescalingGroup(model, result.basis[:, fam.columns], fam.label,
-                               space=result.space)
+        group = result.family_group(model, fam)
         fam.resolves = {u: predict(rules[u.upper()], group, model, manifolds=manifolds[u])
                         for u in ("un", "sm")}
 
@@ -476,6 +478,6 @@ def _dense(net, space, args, threshold, dtype, chunk) -> Discovery:
         gap = float(rel[dim]) / lo if lo > 0 else math.inf
     else:
         gap = math.nan
-    basis = (p @ z[:, :dim]).to(torch.float64).cpu()
+    basis = (p @ z[:, :dim]).to(torch.float64).cpu().to_sparse()
     return Discovery(dim, basis, rel.to(torch.float64).cpu(), threshold, gap, space.dim, r,
                      space, method="dense")

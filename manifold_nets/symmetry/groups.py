@@ -54,6 +54,7 @@ __all__ = [
     "rescale_weight",
     "block_diagonal",
     "scaling_tangent",
+    "basis_csr",
 ]
 
 
@@ -958,7 +959,9 @@ class RescalingGroup:
     model : nn.Module
         the model whose weights the group acts on
     basis : torch.Tensor
-        ``(space.dim, d)``: the generators, columns in :class:`ScalingSpace` coordinates
+        ``(space.dim, d)``: the generators, columns in :class:`ScalingSpace` coordinates;
+        dense, or a sparse COO tensor (as :func:`~manifold_nets.symmetry.discover`
+        gives, which on a language model's vocabulary would not fit densely)
     name : str
         a short name for tables
     labels : sequence of str, optional
@@ -971,7 +974,8 @@ class RescalingGroup:
     space : ScalingSpace
         The coordinates of the generators.
     basis : torch.Tensor
-        ``(space.dim, d)`` float64: the generators, one per column.
+        ``(space.dim, d)`` float64: the generators, one per column (dense or sparse COO,
+        as given).
     name : str
         The short name.
     labels : list of str
@@ -1004,7 +1008,7 @@ class RescalingGroup:
         basis = torch.as_tensor(basis, dtype=torch.float64)
         if basis.dim() != 2 or basis.shape[0] != self.space.dim:
             raise ValueError(f"basis must be ({self.space.dim}, d), got {tuple(basis.shape)}")
-        self.basis = basis
+        self.basis = basis.coalesce() if basis.is_sparse else basis
         self.name = name
         self.labels = list(labels) if labels is not None else [
             f"xi_{i}" for i in range(basis.shape[1])]
@@ -1100,7 +1104,44 @@ class RescalingGroup:
         >>> [tuple(xi.shape) for xi in group.generators()]
         [(17,), (17,), (17,)]
         """
-        return list(self.basis.T)
+        if not self.basis.is_sparse:
+            return list(self.basis.T)
+        (rows, cols), values = self.basis.indices(), self.basis.values()
+        out = [torch.zeros(self.space.dim, dtype=torch.float64) for _ in range(self.dim)]
+        for k, (i, v) in enumerate(zip(rows.tolist(), values.tolist())):
+            out[int(cols[k])][i] = v
+        return out
+
+
+def basis_csr(basis: torch.Tensor):
+    """A basis (dense or sparse COO, ``(candidates, d)``) as a :mod:`scipy.sparse` CSR
+    matrix, float64: rows are cheap to slice weight by weight.
+
+    Parameters
+    ----------
+    basis : torch.Tensor
+        The generators, one per column (:attr:`RescalingGroup.basis`).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        The same matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.symmetry.groups import basis_csr
+    >>> basis_csr(torch.eye(3)[:, :2].to_sparse()).toarray().tolist()
+    [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    """
+    import scipy.sparse as sp
+
+    if not basis.is_sparse:
+        return sp.csr_matrix(basis.detach().to(torch.float64).cpu().numpy())
+    basis = basis.detach().coalesce().cpu()
+    rows, cols = basis.indices().numpy()
+    return sp.csr_matrix((basis.values().to(torch.float64).numpy(), (rows, cols)),
+                         shape=tuple(basis.shape))
 
 
 # -- the paper's groups -----------------------------------------------------------------

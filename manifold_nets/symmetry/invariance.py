@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import geoopt
+import numpy as np
 import torch
 from torch import nn
 
 from ..declare import declare
-from .groups import Rescaling, RescalingGroup
+from .groups import Rescaling, RescalingGroup, basis_csr
 
 __all__ = [
     "TOLERANCES",
@@ -507,25 +508,30 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
                  and (rule.update == "un" or m.training or not m.track_running_stats)}
     params = dict(model.named_parameters(remove_duplicate=False))
 
-    def scales(name: str | None, r: torch.Tensor) -> bool:
+    def scales(name: str | None, r) -> bool:
         """Does some generator scale entries of the Euclidean ``name`` that matter (``r``:
-        its rows' log-scales, one column per generator)? Under UN only nonzero ones do
-        (see above)."""
+        its rows' log-scales, one column per generator, sparse)? Under UN only nonzero
+        ones do (see above)."""
         if name is None:
             return False
-        moved = (r.abs() > tol).any(1)
+        moved = np.asarray(abs(r).max(1).toarray()).reshape(-1) > tol
         if rule.update != "un":
             return bool(moved.any())
-        return bool(params[name].detach()[moved].ne(0).any())
+        return bool(params[name].detach()[torch.from_numpy(moved)].ne(0).any())
 
-    def constant(x: torch.Tensor) -> bool:  # in every generator (column)
-        return x.numel() == 0 or float((x.amax(0) - x.amin(0)).max()) <= tol
+    def constant(x) -> bool:  # in every generator (column)
+        return x.shape[0] == 0 or x.nnz == 0 or float(
+            (x.max(0) - x.min(0)).toarray().max()) <= tol
 
     if group.dim == 0:
         return True
-    # each condition must hold for every generator: checked on all columns at once
-    for name, (r, c) in group.space.split(group.basis).items():
-        site, manifold = group.space.site(name), manifolds[name]
+    # each condition must hold for every generator: checked on all columns at once,
+    # on the sparse rows of each weight (a vocabulary's rows would not fit densely)
+    basis = basis_csr(group.basis)
+    for site in group.space.sites:
+        r = basis[site.row_offset:site.row_offset + site.rows]
+        c = basis[site.col_offset:site.col_offset + site.cols]
+        manifold = manifolds[site.weight]
         if site.kind == "norm":
             if scales(site.weight, r) or scales(site.bias, r):
                 return False  # normalisation parameters are Euclidean
@@ -533,7 +539,7 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
         if site.batchnorm not in absorbing and scales(site.bias, r):
             return False  # biases are Euclidean: their rows must not be scaled
         moves = not (constant(r) and constant(c)
-                     and float((r[0] + c[0]).abs().max()) <= tol)
+                     and (c.shape[0] == 0 or float(abs(r[0] + c[0]).max()) <= tol))
         if trivial_only or isinstance(manifold, geoopt.Euclidean):
             if moves:
                 return False
