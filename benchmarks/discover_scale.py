@@ -10,11 +10,11 @@ Face models are built from their configs with random weights (no download; needs
     python benchmarks/discover_scale.py --models gpt2 llama-100m
     python benchmarks/discover_scale.py --models gpt2 llama-100m --layers 2
 
-At their real depths, GPT-2 small and the Llama do not fit in this machine's 24 GB:
-``Discovery.basis`` is a dense (candidates x symmetries) float64 matrix, and GPT-2 small has
-219,473 candidates and, by the derived count, 37,825 symmetries on these inputs (66 GB).
-``--layers`` measures them at full width and vocabulary with fewer layers (records in
-``benchmarks/results/discover-scale-*``).
+``--layers`` measures the Hugging Face models at full width and vocabulary with fewer
+layers. ``Discovery.basis`` is sparse, so GPT-2 small's 219,473 candidates by 37,825
+symmetries and the Llama's 187,136 by 64,003 fit (records in
+``benchmarks/results/discover-scale-*``)::
+
     python benchmarks/discover_scale.py --output benchmarks/results/discover-scale.txt
 """
 

@@ -477,9 +477,9 @@ class SegNetConfig:
     convs_per_block : int
         conv-BN-ReLU layers per encoder (and per decoder) block
     in_channels : int
-        image channels (1 for MNIST canvases)
+        image channels (3 for CamVid)
     num_classes : int
-        per-pixel classes :math:`K` (11: ten digits and background)
+        per-pixel classes :math:`K` (11 for CamVid)
     kernel_size : int
         odd square kernel of every conv but the classifier
     bn_eps, bn_momentum : float
@@ -693,7 +693,7 @@ class SegNet(nn.Module):
     Every conv but the classifier is followed by batch norm, so the loss is invariant
     under ``W -> A W`` for any positive diagonal ``A`` acting on the output filters of any
     such conv (the conv form of Arch2's eq. (3);
-    :mod:`manifold_nets.experiments.segmentation` checks it). Input height and width must
+    :func:`~manifold_nets.symmetry.discover` finds exactly these). Input height and width must
     be at least ``2 ** len(widths)``; a side that a pooling halves with a remainder is
     restored to its size by the unpooling (360 x 480 CamVid images go 45 -> 22 -> 45).
 

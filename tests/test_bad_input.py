@@ -310,14 +310,16 @@ CLI_BAD = [
     (["reproduce", "--runs", "0"], r"argument --runs: must be at least 1, got 0"),
     (["reproduce", "--updates", "adam"], r"argument --updates: invalid choice: 'adam'"),
     (["reproduce", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
-    (["segnet", "--update", "adam"], r"argument --update: invalid choice: 'adam'"),
-    (["segnet", "--epochs", "-1"], r"argument --epochs: must be at least 1, got -1"),
-    (["segnet", "--lr-grid", "fast"], r"argument --lr-grid: invalid number 'fast'"),
-    (["segnet", "--lr-grid", "0.1,0.03"], r"argument --lr-grid: invalid number '0.1,0.03'"),
+    (["camvid", "train", "--update", "adam"], r"argument --update: invalid choice: 'adam'"),
+    (["camvid", "train", "--epochs", "-1"], r"argument --epochs: must be at least 1, got -1"),
+    (["camvid", "train", "--lr-grid", "fast"], r"argument --lr-grid: invalid number 'fast'"),
+    (["camvid", "train", "--lr-grid", "0.1,0.03"],
+     r"argument --lr-grid: invalid number '0.1,0.03'"),
     (["train", "--lr-grid", "0"], r"argument --lr-grid: must be a finite number > 0"),
     (["check", "--arch", "2"],
      r"argument --arch: invalid choice: '2' \(choose from 'arch1', 'arch2'\)"),
-    (["segnet", "--no-such-option"], r"unrecognized arguments: --no-such-option"),
+    (["camvid", "train", "--out", "x", "--no-such-option"],
+     r"unrecognized arguments: --no-such-option"),
     (["bench", "--nets", "resnet"], r"argument --nets: invalid choice: 'resnet'"),
     (["bench", "--repeats", "0"], r"argument --repeats: must be at least 1, got 0"),
     (["bench", "--optimisers", "adam"], r"argument --optimisers: invalid choice: 'adam'"),
@@ -350,7 +352,7 @@ UNWRITABLE = [
     (["train"], "--save", "w.pt"),
     (["train"], "--checkpoint", "run.ckpt"),
     (["reproduce"], "--out", ""),
-    (["segnet"], "--out", "seg.json"),
+    (["camvid", "train"], "--out", ""),
     (["bench", "--nets", "mlp"], "--output", "bench.json"),
 ]
 
@@ -363,7 +365,7 @@ def test_unwritable_output_is_refused_before_any_work(argv, option, name, tmp_pa
     attempt to load data or train would fail with another message."""
     monkeypatch.setenv("MANIFOLD_NETS_MIRROR", f"http://127.0.0.1:{_closed_port()}")
     target = _not_a_folder(tmp_path) / name if name else _not_a_folder(tmp_path)
-    extra = ["--data-dir", str(tmp_path / "no-data")] if argv[0] != "segnet" else []
+    extra = ["--data-dir", str(tmp_path / "no-data")]
     assert main([*argv, *extra, option, str(target)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {option} {target}: Not a directory")

@@ -301,3 +301,39 @@ def test_the_sparse_null_space_solves_a_chain_of_products_without_a_dense_block(
     cycle = sp.csr_matrix([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
     with pytest.raises(AssertionError, match="dense SVD"):
         _null_space(cycle)
+
+
+def _kernel_models():
+    """Weights with and without biases, a zero row, a grouped conv with one dead group, a
+    normalisation with a dead channel, a tied weight."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        mlp[0].weight[2] = 0.0
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, bias=False), nn.BatchNorm2d(4),
+                         nn.Conv2d(4, 2, 1, bias=False))
+    with torch.no_grad():
+        conv[0].weight[2:] = 0.0
+        conv[1].weight[1] = 0.0
+        conv[1].bias[1] = 0.0
+    tied = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 5, bias=False))
+    tied[2].weight = tied[0].weight
+    return [mlp, conv, tied]
+
+
+@pytest.mark.parametrize("model", _kernel_models(), ids=["mlp", "grouped-conv", "tied"])
+def test_the_candidate_kernel_is_what_changes_no_parameter(model):
+    """Its columns move no parameter, and its size is the candidates' rank deficiency in
+    parameter space, measured on the dense map from log-scales to parameter tangents."""
+    from manifold_nets.symmetry import ScalingSpace
+    from manifold_nets.symmetry.structure import _candidate_kernel
+
+    space = ScalingSpace(model)
+    params = dict(model.named_parameters())
+    P = torch.stack([torch.cat([t.detach().reshape(-1) for t in space.tangent(e, params).values()])
+                     for e in torch.eye(space.dim, dtype=torch.float32)], 1).double()
+    Z = torch.tensor(_candidate_kernel(space, params).toarray())
+    assert Z.shape[1] > 0  # every model here has a bias-free weight
+    assert torch.linalg.matrix_rank(P) == space.dim - Z.shape[1]
+    assert float((P @ Z).abs().max()) < 1e-6
+    assert torch.linalg.matrix_rank(Z) == Z.shape[1]

@@ -274,6 +274,12 @@ def test_hugging_face_models_are_analysed_on_their_exported_graph(name):
     assert found.verified <= 1e-6  # the normalisations' eps (1e-12) against tiny activations
     assert found.dim == DERIVED[name](x), [str(f) for f in found.families]
     assert _random_direction_changes_outputs(model, x, found) > 1e-3  # the control
+    if name.startswith("llama"):  # every RMSNorm's weight against the layers reading it
+        norms = [n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"
+                 and not (name == "llama-tied" and n == "model.model.norm")]
+        labels = [f.label for f in found.families if f.kind == "units"]
+        assert norms and all(any(label.startswith(f"units between {n} and ")
+                                 for label in labels) for n in norms), labels
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ module             what
 ``report``         Table 2 beside the paper, Welch comparisons, trajectories
 ``checkpoint``     checkpoints that resume exactly and refuse what does not fit
 ``io``             the atomic writer and the checks before work
-``segmentation``   SegNet on MNIST canvases (the paper's Section 6)
+``metrics``        the SegNet paper's segmentation metrics
+``camvid``         SegNet-Basic on CamVid (the paper's Section 6)
 ``bench``          timings against ``torch.optim.SGD`` and geoopt
 ``demo``           the tour of ``make demo``
 ``cli``            the ``manifold-nets`` command line

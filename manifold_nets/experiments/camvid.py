@@ -36,7 +36,7 @@ SegNet's own test procedure does.
 
 **Metrics** (:func:`evaluate`): global accuracy, class-average accuracy, mean IoU and the
 per-class IoU, over every non-void test pixel at the evaluated resolution
-(:func:`~manifold_nets.experiments.segmentation.segmentation_metrics`).
+(:func:`~manifold_nets.experiments.metrics.segmentation_metrics`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from ..declare import UPDATES, declare
 from ..nets import SegNet, SegNetConfig
 from .data import DataError, cache_root, data_roots
-from .io import atomic_write, fsync_dir
+from .io import atomic_write, fsync_dir, unwritable
+from .metrics import confusion_matrix, segmentation_metrics
 
 __all__ = [
     "ARCHIVE_URL",
@@ -979,7 +980,7 @@ def evaluate(model: torch.nn.Module, data: CamVid, labels: torch.Tensor | None =
     dict
         ``global_acc``, ``class_avg_acc`` and ``mean_iou`` (fractions, over the classes
         present; see
-        :func:`~manifold_nets.experiments.segmentation.segmentation_metrics`) and
+        :func:`~manifold_nets.experiments.metrics.segmentation_metrics`) and
         ``per_class_iou``.
 
     Examples
@@ -999,7 +1000,6 @@ def evaluate(model: torch.nn.Module, data: CamVid, labels: torch.Tensor | None =
     >>> [None if v is None else round(v, 4) for v in m["per_class_iou"][:4]]
     [0.0, None, None, 0.7143]
     """
-    from .segmentation import confusion_matrix, segmentation_metrics
 
     pred, target = predict(model, data.images), data.labels
     if labels is not None:
@@ -1009,13 +1009,7 @@ def evaluate(model: torch.nn.Module, data: CamVid, labels: torch.Tensor | None =
                              mode="nearest")[:, 0].long()
         target = labels
     keep = target != VOID
-    conf = confusion_matrix(pred[keep], target[keep], len(CLASSES))
-    metrics = segmentation_metrics(conf)
-    c = conf.double()
-    tp, truth, predicted = c.diag(), c.sum(1), c.sum(0)
-    metrics["per_class_iou"] = [float(tp[k] / (truth[k] + predicted[k] - tp[k]))
-                                if truth[k] > 0 else None for k in range(len(CLASSES))]
-    return metrics
+    return segmentation_metrics(confusion_matrix(pred[keep], target[keep], len(CLASSES)))
 
 
 def build_model(config: CamVidConfig) -> SegNet:
@@ -1389,6 +1383,10 @@ def run_train_cli(args) -> int:
     except ValueError as err:
         args.parser.error(str(err))
     out = Path(args.out) / args.update
+    problem = unwritable(args.out, "--out", folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:

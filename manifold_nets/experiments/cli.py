@@ -315,18 +315,6 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
-def _run_segnet(args: argparse.Namespace) -> int:
-    from .segmentation import run_cli
-
-    return run_cli(args)
-
-
-def _run_segnet_report(args: argparse.Namespace) -> int:
-    from .segmentation import run_report_cli
-
-    return run_report_cli(args)
-
-
 def _add(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description, allow_abbrev=False)
     p.set_defaults(func=func, parser=p)
@@ -471,75 +459,13 @@ def _bench_parser(sub) -> None:
 
 
 def _update_and_rates(p: argparse.ArgumentParser, update: str, lr: float, what: str) -> None:
-    """``--update``, ``--lr`` and ``--lr-grid`` of the segmentation commands."""
+    """``--update``, ``--lr`` and ``--lr-grid`` of ``camvid train``."""
     p.add_argument("--update", choices=UPDATES, default=update,
                    help=f"update of Table 1 (default: {update})")
     p.add_argument("--lr", type=positive_float, default=lr,
                    help=f"base rate when --lr-grid is not given (default: {lr})")
     p.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
                    help=f"rates to select from on the validation {what}, space-separated")
-
-
-def _segnet_parsers(sub) -> None:
-    from ..nets import SegNetConfig
-    from .segmentation import CanvasConfig, SegConfig
-
-    d, n, c = SegConfig(), SegNetConfig(), CanvasConfig()
-    p = _add(sub, "segnet",
-             "SegNet on MNIST canvases (Section 6): train, evaluate, report the metrics",
-             "Train SegNet with one update of Table 1 on MNIST-digit canvases and report "
-             "global accuracy, class-average accuracy and mean IoU. With --lr-grid, the rate "
-             "is selected on the validation canvases (first seed) and the other --seeds are "
-             "trained with it.", _run_segnet)
-    _update_and_rates(p, d.update, d.lr, "canvases")
-    p.add_argument("--epochs", type=positive_int, default=d.epochs,
-                   help=f"(default: {d.epochs})")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help=f"canvases per step (default: {d.batch_size})")
-    p.add_argument("--decay", type=positive_float, default=d.decay,
-                   help=f"rate factor per epoch (default: {d.decay})")
-    p.add_argument("--momentum", type=float, default=d.momentum,
-                   help=f"heavy-ball momentum (default: {d.momentum})")
-    p.add_argument("--class-balance", action=argparse.BooleanOptionalAction,
-                   default=d.class_balance,
-                   help="median frequency balancing of the loss (default: on)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
-                   help="seeds of the weights and batch order, space-separated; the first "
-                        "selects the rate (default: 0)")
-    p.add_argument("--widths", type=positive_int, nargs="+", default=list(n.widths),
-                   help=f"filters per encoder block (default: {' '.join(map(str, n.widths))})")
-    p.add_argument("--convs-per-block", type=positive_int, default=n.convs_per_block,
-                   help=f"convolutions per encoder block (default: {n.convs_per_block})")
-    p.add_argument("--bn-eps", type=positive_float, default=n.bn_eps,
-                   help=f"batch-norm eps (default: {n.bn_eps})")
-    p.add_argument("--size", type=positive_int, default=c.size,
-                   help=f"canvas side (default: {c.size})")
-    p.add_argument("--digits", type=positive_int, default=c.digits_per_canvas,
-                   help=f"digits per canvas (default: {c.digits_per_canvas})")
-    p.add_argument("--max-overlap", type=float, default=c.max_overlap,
-                   help=f"shared fraction of ink boxes allowed (default: {c.max_overlap})")
-    p.add_argument("--train", type=positive_int, default=c.train,
-                   help=f"training canvases (default: {c.train})")
-    p.add_argument("--val", type=positive_int, default=c.val,
-                   help=f"validation canvases (default: {c.val})")
-    p.add_argument("--test", type=positive_int, default=c.test,
-                   help=f"test canvases (default: {c.test})")
-    p.add_argument("--data-seed", type=int, default=c.data_seed,
-                   help=f"seed of the canvases (default: {c.data_seed})")
-    p.add_argument("--out", default=None, metavar="PATH", help="write the JSON record here")
-    p.add_argument("--verbose", action="store_true", help="print every epoch")
-    _common(p)
-    p.set_defaults(record_argv=True)
-
-    r = _add(sub, "segnet-report", "markdown tables and a figure from `segnet --out` records",
-             "Test metrics (mean +- std over seeds) and the learning-rate selection as "
-             "Markdown tables, and a figure of predictions, from `segnet --out` records.",
-             _run_segnet_report)
-    r.add_argument("records", nargs="+", help="JSON records written by `segnet --out`")
-    r.add_argument("--figure", default=None, metavar="PATH",
-                   help="write the example figure (PNG) here")
-    r.add_argument("--figure-updates", nargs="+", choices=UPDATES, default=["un", "bsgd"],
-                   help="updates shown side by side in the figure (default: un bsgd)")
 
 
 def load_factory(target: str):
@@ -735,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_demo_parser, _check_parser, _train_parser, _reproduce_parser, _bench_parser,
-                _segnet_parsers, _camvid_parsers, _discover_parser):
+                _camvid_parsers, _discover_parser):
         add(sub)
     return parser
 

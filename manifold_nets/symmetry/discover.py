@@ -40,10 +40,11 @@ class Discovery:
         number of independent rescaling symmetries, counted in parameter space
     basis : torch.Tensor
         ``(space.dim, dim)`` generators in
-        :class:`~manifold_nets.symmetry.groups.ScalingSpace` coordinates, orthonormal as
+        :class:`~manifold_nets.symmetry.groups.ScalingSpace` coordinates, independent as
         parameter-space vectors: a sparse COO tensor (float64), as a language model's
         vocabulary makes it hundreds of thousands by tens of thousands (``.to_dense()``
-        on small models)
+        on small models). The structural method's columns are orthonormal in those
+        coordinates; the dense method's are orthonormal in parameter space
     singular_values : torch.Tensor
         dense method: relative singular values (largest 1) of the output Jacobian
         restricted to the candidate directions, ascending (empty for the structural method)

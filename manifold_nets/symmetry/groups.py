@@ -1107,20 +1107,19 @@ class RescalingGroup:
         if not self.basis.is_sparse:
             return list(self.basis.T)
         (rows, cols), values = self.basis.indices(), self.basis.values()
-        out = [torch.zeros(self.space.dim, dtype=torch.float64) for _ in range(self.dim)]
-        for k, (i, v) in enumerate(zip(rows.tolist(), values.tolist())):
-            out[int(cols[k])][i] = v
-        return out
+        out = torch.zeros(self.dim, self.space.dim, dtype=torch.float64)
+        out[cols, rows] = values
+        return list(out)
 
 
 def basis_csr(basis: torch.Tensor):
-    """A basis (dense or sparse COO, ``(candidates, d)``) as a :mod:`scipy.sparse` CSR
-    matrix, float64: rows are cheap to slice weight by weight.
+    """A basis (dense or sparse COO, ``(candidates, d)``) as a SciPy sparse CSR matrix,
+    float64: rows are cheap to slice weight by weight.
 
     Parameters
     ----------
     basis : torch.Tensor
-        The generators, one per column (:attr:`RescalingGroup.basis`).
+        The generators, one per column (the ``basis`` of a :class:`RescalingGroup`).
 
     Returns
     -------

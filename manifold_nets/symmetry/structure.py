@@ -41,10 +41,15 @@ constrains its operands and defines its result:
 Scales are tracked per element (with the two samples), so reshapes, permutes, slicing and
 concatenation are exact. Every relation is linear in the candidates' log-scales: the
 symmetries are the solutions, mapped to parameter space. Equalities are merged with a
-union-find; the few remaining relations (shifts, attention, products, patterns that differ
-between positions) are solved densely per connected component; the dimension in
-parameter space is the rank of the Gram matrix of the solutions, taken per connected
-component by Gram-Schmidt in the order of the families, which gives each family its size.
+union-find; the remaining relations (shifts, attention, products, patterns that differ
+between positions) are solved sparsely: a relation that defines one variable from others
+is eliminated, and what is left is solved densely per connected component. The solutions
+are orthonormalised in candidate coordinates by a sparse Gram-Schmidt in the order of the
+families (the residual stream's scale, which meets every layer, last); where a family
+completes a candidate direction that changes no parameter (a bias-free weight's rows up
+and columns down), one of its directions is dropped. Each family's size is what it adds
+to the rank in parameter space, and the basis is a sparse matrix: a Gram-Schmidt in the
+parameter-space metric would couple every row of a weight to every column and fill it.
 
 The analysis assumes generic weights (no weight column exactly zero) and generic inputs:
 a dead ReLU unit or a pooling pair whose winner never changes on some data is a symmetry
@@ -1354,7 +1359,9 @@ def _family_of(origins: set[tuple[str, str]], absorbed: bool,
         return "qk", f"Q/K dimensions of {nodes[0]}"
     if kinds == {"v"} and len(nodes) == 1:
         return "vo", f"V/O dimensions of {nodes[0]}"
-    if kinds == {"norm"} and len(nodes) == 1:
+    if kinds in ({"norm"}, {"vector", "mul"}) and len(nodes) == 1:
+        # a normalisation's weight against the layers that read it (an RMSNorm written as
+        # weight * x, as Hugging Face's, is a vector multiplied into an activation)
         return "units", f"units between {nodes[0]} and {readers}"
     if kinds <= {"emb", "emb-row"}:
         return "units", f"embedding dimensions of {where}"
@@ -1389,7 +1396,8 @@ def _null_space(A, tol: float = 1e-10):
     A = sp.csr_matrix(A)
     m, n = A.shape
     rows = [dict(zip(A.indices[A.indptr[i]:A.indptr[i + 1]].tolist(),
-                     A.data[A.indptr[i]:A.indptr[i + 1]].tolist())) for i in range(m)]
+                     A.data[A.indptr[i]:A.indptr[i + 1]].tolist(), strict=True))
+            for i in range(m)]
     rows = [{v: c for v, c in r.items() if c != 0} for r in rows]
     rows_of: list[set[int]] = [set() for _ in range(n)]
     for i, r in enumerate(rows):
@@ -1452,35 +1460,59 @@ def _null_space(A, tol: float = 1e-10):
     return sp.csc_matrix(N @ sp.diags(1.0 / np.where(norms > 0, norms, 1.0)))
 
 
-def _gram(space: ScalingSpace, params: dict, T):
-    """``T^T G T``, sparse: the Gram matrix of the solutions ``T`` (candidate coordinates
-    by solutions, sparse) in parameter space. ``G`` is never formed: per weight, with
-    ``Q = W ** 2``, it is ``[[diag(Q 1 + b ** 2), Q], [Q^T, diag(Q^T 1)]]``
-    (:meth:`~manifold_nets.symmetry.ScalingSpace.gram_terms`), which for an embedding of
-    50,257 rows would be 51,025 squared, and the solutions that move only its rows
-    (absent tokens, tens of thousands) meet its dense block only through the few that
-    move its columns."""
-    import scipy.sparse as sp
+def _drop_kernel(TQ, kernel, fam_cols: dict, order: list, tol: float = 1e-9):
+    r"""Remove, family by family, the directions that change no parameter.
 
-    n = T.shape[1]
-    K = sp.csr_matrix((n, n))
-    for s, rd, q, cd in space.gram_terms(params, torch.float64):
-        Ts = T[s.row_offset:s.col_offset + s.cols]
-        if Ts.nnz == 0:
+    ``TQ`` (candidates x directions) is orthonormal in candidate coordinates and ``kernel``
+    spans the candidate directions that change nothing (:func:`_candidate_kernel`). The
+    dimension in parameter space of the first families is their number of directions
+    less :math:`\dim(\mathrm{span} \cap \ker)`, the null space of
+    :math:`Z^\top Z - C^\top C` with :math:`C = (TQ)^\top Z` restricted to their
+    columns. Where a family raises it by ``d``, ``d`` of its columns go: those on which
+    the new kernel directions have the largest independent components (pivoted QR), so
+    that what is left meets the kernel in nothing. A family's size is what it adds to
+    the rank in parameter space, as a Gram-Schmidt in the parameter-space metric would
+    give, which would instead fill every family with the rows and columns it meets.
+
+    Returns ``(TQ, family columns)`` without the removed columns.
+    """
+    import scipy.linalg
+
+    k = kernel.shape[1]
+    if k == 0 or TQ.shape[1] == 0:
+        return TQ, fam_cols
+    C = np.asarray((TQ.T @ kernel).todense())  # (directions, k)
+    G = np.asarray((kernel.T @ kernel).todense())
+    acc = np.zeros((k, k))
+    found = np.zeros((k, 0))  # the kernel directions inside the span so far (orthonormal)
+    drop: list[int] = []
+    for key in order:
+        cols = fam_cols.get(key, [])
+        if not cols:
             continue
-        if q is None:
-            K = K + Ts.T @ sp.diags(rd.numpy()) @ Ts
+        Cf = C[cols]
+        acc += Cf.T @ Cf
+        w, V = np.linalg.eigh(G - acc)
+        inside = V[:, w < tol * max(1.0, float(np.abs(G).max()))]
+        new = inside - found @ (found.T @ inside)
+        if new.shape[1] == 0 or np.abs(new).max() < 1e-6:
             continue
-        R, C = Ts[:s.rows], Ts[s.rows:]
-        K = K + R.T @ sp.diags(rd.numpy()) @ R + C.T @ sp.diags(cd.numpy()) @ C
-        cr, cc = np.unique(R.indices), np.unique(C.indices)
-        if len(cr) and len(cc):
-            cross = R[:, cr].T @ (q.numpy() @ C[:, cc].toarray())  # (|cr|, |cc|), dense
-            ii, jj = np.meshgrid(cr, cc, indexing="ij")
-            X = sp.csr_matrix((cross.reshape(-1), (ii.reshape(-1), jj.reshape(-1))),
-                              shape=(n, n))
-            K = K + X + X.T
-    return K.tocsr()
+        U, sv, _ = np.linalg.svd(new, full_matrices=False)
+        U = U[:, sv > 1e-6]
+        if U.shape[1] == 0:
+            continue
+        # the new directions' coordinates on this family's columns, and a pivot for each
+        _, _, piv = scipy.linalg.qr((Cf @ U).T, pivoting=True, mode="economic")
+        drop += [cols[j] for j in piv[:U.shape[1]]]
+        found = np.hstack([found, U])
+    if not drop:
+        return TQ, fam_cols
+    keep = np.setdiff1d(np.arange(TQ.shape[1]), drop)
+    new_index = -np.ones(TQ.shape[1], int)
+    new_index[keep] = np.arange(len(keep))
+    fam_cols = {key: [int(new_index[c]) for c in cols if new_index[c] >= 0]
+                for key, cols in fam_cols.items()}
+    return TQ[:, keep].tocsc(), {key: c for key, c in fam_cols.items() if c}
 
 
 def _orthonormalise(K, keys: list, rank_of: dict, tol: float):
@@ -1654,7 +1686,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     B = _null_space(R)
     B.sort_indices()
     basis_vecs = [dict(zip(B.indices[B.indptr[j]:B.indptr[j + 1]].tolist(),
-                           B.data[B.indptr[j]:B.indptr[j + 1]].tolist()))
+                           B.data[B.indptr[j]:B.indptr[j + 1]].tolist(), strict=True))
                   for j in range(B.shape[1])]
 
     ks = [k for k, f in cand.items() for _ in f]
@@ -1663,10 +1695,12 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
                       shape=(space.dim, nv))
     T = (M @ B).tocsr()  # candidate coordinates of every solution
 
-    # Gram matrix of the solutions in parameter space, site by site
+    # the solutions' Gram matrix in candidate coordinates (sparse: solutions of different
+    # families share few coordinates), and the candidate directions that change nothing
     params = dict(model.named_parameters())
-    candidate_rank = _candidate_rank(space, params)
-    K = _gram(space, params, T)
+    kernel = _candidate_kernel(space, params)
+    candidate_rank = space.dim - kernel.shape[1]
+    K = (T.T @ T).tocsr()
 
     # the family of every solution, from where its variables were created
     members_of: dict[int, list[int]] = {}
@@ -1694,11 +1728,14 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     order = sorted(set(keys), key=lambda k: (_FAMILY_ORDER.index(k[0]), k[1]))
     rank_of = {k: i for i, k in enumerate(order)}
 
-    # Gram-Schmidt in the metric K, family by family in family order
+    # Gram-Schmidt in candidate coordinates, family by family in family order; then,
+    # where a family completes a direction that changes no parameter, one of its
+    # directions goes: what is left is independent in parameter space
     Q, fam_cols = _orthonormalise(K, keys, rank_of, tol)
-    dim = Q.shape[1]
     TQ = sp.csc_matrix(T @ Q)
+    TQ, fam_cols = _drop_kernel(TQ, kernel, fam_cols, order)
     TQ.eliminate_zeros()
+    dim = TQ.shape[1]
     coo = TQ.tocoo()
     basis = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, TQ.shape,
                                     dtype=dtype, check_invariants=True).coalesce()
@@ -1735,39 +1772,66 @@ def _trace(model: nn.Module, concrete: dict | None) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, graph, name)
 
 
-def _candidate_rank(space: ScalingSpace, params: dict) -> int:
-    """Dimension of the span of the candidate directions in parameter space.
+def _candidate_kernel(space: ScalingSpace, params: dict):
+    """The candidate directions that change no parameter: a sparse (candidates x k)
+    matrix whose columns, of unit norm and on disjoint coordinates, span the kernel of the
+    map from log-scales to parameter space; its rank is ``space.dim - k``.
 
-    Per weight matrix: rows + columns, less one for every connected component of the
-    bipartite graph of its nonzero entries (its rows against its columns) in which no row
-    has a nonzero bias (there, scaling the rows up and the columns down changes nothing).
-    Per normalisation: its channels whose (weight, bias) is not zero.
+    Per weight matrix: one column for every connected component of the bipartite graph of
+    its nonzero entries (its rows against its columns) in which no row has a nonzero bias
+    (scaling those rows up and those columns down changes nothing). Per normalisation:
+    its channels whose weight and bias are both zero.
     """
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
-    total = 0
+    ii: list[np.ndarray] = []
+    vv: list[np.ndarray] = []
+    jj: list[np.ndarray] = []
+    k = 0
+
+    def add(coords: np.ndarray, values: np.ndarray, label: np.ndarray | None = None):
+        nonlocal k
+        label = np.zeros(len(coords), int) if label is None else label
+        for c in np.unique(label):
+            sel = label == c
+            ii.append(coords[sel])
+            vv.append(values[sel] / np.sqrt(sel.sum()))
+            jj.append(np.full(int(sel.sum()), k))
+            k += 1
+
     for s in space.sites:
         w = block_diagonal(params[s.weight].detach(), s.groups)
         b = params[s.bias].detach().reshape(-1) if s.bias else None
         if s.kind == "norm":
-            nz = w.reshape(-1) != 0
-            total += int((nz | (b != 0)).sum()) if b is not None else int(nz.sum())
+            dead = (w.reshape(-1) == 0) & ((b == 0) if b is not None else True)
+            idx = dead.nonzero().reshape(-1).numpy()
+            if len(idx):
+                add(s.row_offset + idx, np.ones(len(idx)), np.arange(len(idx)))
             continue
+        n = s.rows + s.cols
+        coords = np.concatenate([s.row_offset + np.arange(s.rows),
+                                 s.col_offset + np.arange(s.cols)])
+        signs = np.concatenate([np.ones(s.rows), -np.ones(s.cols)])
         q = (w.flatten(2).abs().sum(-1) if w.dim() > 2 else w.abs()) > 0
         if bool(q.all()):  # dense: one component, free unless a row has a bias
-            total += s.rows + s.cols - int(b is None or not bool((b != 0).any()))
+            if b is None or not bool((b != 0).any()):
+                add(coords, signs)
             continue
         rows, cols = q.nonzero(as_tuple=True)
-        n = s.rows + s.cols
         adj = sp.coo_matrix((np.ones(len(rows)), (rows.numpy(), cols.numpy() + s.rows)),
                             shape=(n, n))
-        k, label = connected_components(adj, directed=False)
-        free = np.ones(k, bool)
+        _, label = connected_components(adj, directed=False)
+        free = np.ones(label.max() + 1, bool)
         if b is not None:
             free[np.unique(label[:s.rows][(b != 0).numpy()])] = False
-        total += n - int(free.sum())
-    return total
+        keep = free[label]
+        if keep.any():
+            add(coords[keep], signs[keep], label[keep])
+    if not k:
+        return sp.csc_matrix((space.dim, 0))
+    return sp.csc_matrix((np.concatenate(vv), (np.concatenate(ii), np.concatenate(jj))),
+                         shape=(space.dim, k))
 
 
 @torch.no_grad()
