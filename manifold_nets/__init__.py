@@ -17,10 +17,9 @@ measures rescaling symmetries, :mod:`manifold_nets.testing` turns them into prop
 and :mod:`manifold_nets.distributed` keeps the manifolds through FSDP2 sharding.
 
 The paper's experiments live apart, in :mod:`manifold_nets.experiments`, which imports the
-library and is never imported by it; ``import manifold_nets`` loads none of it. The
-experiment names that used to live here (``train``, ``load_dataset``, ``Dataset``,
-``TrainConfig``, ``BoldDriver``, ``ExpDecay``, ``StoppingRule``) are still reachable as
-attributes, and importing them loads the experiments on first use.
+library and is never imported by it; ``import manifold_nets`` loads none of it (import
+``train`` from :mod:`manifold_nets.experiments.engines`, the data from
+:mod:`manifold_nets.experiments.data`).
 
 Examples
 --------
@@ -35,7 +34,6 @@ Examples
 True
 """
 
-import importlib
 import warnings
 
 # geoopt 0.5 decorates its helpers with torch.jit.script, which torch deprecates since
@@ -67,21 +65,3 @@ __all__ = [
     "InvariantAdam",
     "__version__",
 ]
-
-#: Experiment names reachable from the top level, loaded on first use.
-_EXPERIMENTS = {
-    "Dataset": "data",
-    "load_dataset": "data",
-    "TrainConfig": "config",
-    "BoldDriver": "config",
-    "ExpDecay": "config",
-    "StoppingRule": "config",
-    "train": "engines",
-}
-
-
-def __getattr__(name: str):
-    if name in _EXPERIMENTS:
-        module = importlib.import_module(f".experiments.{_EXPERIMENTS[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

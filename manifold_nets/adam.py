@@ -71,6 +71,7 @@ from .optim import (
     _reducer,
     is_dtensor,
 )
+from .table1 import KERNEL_KINDS
 
 __all__ = ["InvariantAdam", "invariant_adam"]
 
@@ -546,7 +547,7 @@ def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         kind, v = kinds[i], exp_avg_sqs[i]
         key = (kind.name, kind.side if kind.name == "sm" else "left")
         per_entry = v.shape == p.shape
-        if (key not in kernel.KINDS or kernel.refusal(p, g, exp_avgs[i], lr, kind) is not None
+        if (key not in KERNEL_KINDS or kernel.refusal(p, g, exp_avgs[i], lr, kind) is not None
                 or not (v.stride() == p.stride() if per_entry else v.is_contiguous())):
             rest.append(i)
             continue
@@ -554,7 +555,7 @@ def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         t += 1
         step = float(t)
         module.fused_adam_step(p.detach(), g, exp_avgs[i], v,
-                               max_exp_avg_sqs[i] if amsgrad else v, kernel.KINDS[key],
+                               max_exp_avg_sqs[i] if amsgrad else v, KERNEL_KINDS[key],
                                kind.ndim, lr, beta1, beta2, eps, weight_decay, amsgrad,
                                maximize, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step))
     return rest

@@ -1,20 +1,14 @@
 r"""Put a model's weights on the paper's manifolds (Table 1), in place.
 
 :func:`declare` replaces parameters by :class:`geoopt.ManifoldParameter` so that
-:class:`geoopt.optim.RiemannianSGD` over ``model.parameters()`` performs the chosen update:
-
-=========  ======================================  =========================================
-update     filter weights (``Linear``/``ConvNd``)   classifier :math:`\theta`
-=========  ======================================  =========================================
-``bsgd``   Euclidean                               Euclidean
-``sm``     ``DiagScaledEuclidean("left")``         ``DiagScaledEuclidean("right")``
-``un``     ``ObliqueManifold``                     Euclidean (Table 1; so does the authors' code)
-=========  ======================================  =========================================
-
-Every other parameter (biases, batch-norm scale and shift) stays Euclidean, i.e. gets
-plain SGD. A ``ConvNd`` weight ``(out, in, *kernel)`` has ``out`` filters of ``ndim =
-weight.dim() - 1`` dims each; a convolutional classifier uses
-``DiagScaledEuclidean("right", ndim=weight.dim())`` (its columns are input channels).
+:class:`geoopt.optim.RiemannianSGD` over ``model.parameters()`` performs the chosen update
+with the manifolds of Table 1 (:mod:`manifold_nets.table1`): under SM the filters' left
+metric and the classifier's right one, under UN the filters on the oblique manifold and the
+classifier Euclidean (as in the authors' code). Every other parameter (biases, batch-norm
+scale and shift) stays Euclidean, i.e. gets plain SGD. A ``ConvNd`` weight ``(out, in,
+*kernel)`` has ``out`` filters of ``ndim = weight.dim() - 1`` dims each; a convolutional
+classifier uses ``DiagScaledEuclidean("right", ndim=weight.dim())`` (its columns are input
+channels).
 
 Examples
 --------
@@ -39,20 +33,11 @@ import torch.fx
 from torch import nn
 
 from .convert import refuse_conv1d
-from .manifolds import DiagScaledEuclidean, ObliqueManifold
+from .manifolds import ObliqueManifold
+from .table1 import UPDATES, manifold_for
 
-__all__ = ["declare", "Declaration", "UPDATES", "filter_modules", "default_classifier",
+__all__ = ["declare", "Declaration", "filter_modules", "default_classifier",
            "graph_classifier", "check_optimizer", "declaration_of"]
-
-#: The updates of Table 1 that :func:`declare` knows: B-SGD (plain SGD), SM (the scaled
-#: metric, eqs. (7)-(8)) and UN (unit-norm filters, eq. (9)).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.declare import UPDATES
-#: >>> UPDATES
-#: ('bsgd', 'sm', 'un')
-UPDATES = ("bsgd", "sm", "un")
 
 #: The model attribute that keeps the last :class:`Declaration` (read by
 #: :mod:`manifold_nets.distributed` once sharding has replaced the parameters).
@@ -427,21 +412,21 @@ def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how:
         if name == classifier:
             why = f"theta: {classifier_how}{tie}"
             if update == "sm":
-                plan[key] = (DiagScaledEuclidean("right", ndim=w.dim()), "classifier",
+                plan[key] = (manifold_for("sm", "classifier", w.dim()), "classifier",
                              why + "; SM's right metric (eq. (8))")
             else:
                 plan[key] = (None, "classifier", why + ("; Table 1: UN leaves theta "
                                                         "Euclidean" if update == "un" else ""))
         elif update == "sm":
             if symmetric is None or key in symmetric["rows"]:
-                plan[key] = (DiagScaledEuclidean("left", ndim=w.dim() - 1), "filters",
+                plan[key] = (manifold_for("sm", "filters", w.dim()), "filters",
                              f"SM's left metric on the rows (eq. (7)){tie}"
                              + (f"; {_measured(change, symmetric)}" if measured else ""))
             elif measured:
                 plan[key] = (None, "filters", f"{_measured(change, symmetric)}: "
                              f"Euclidean{tie}")
             elif key in symmetric["cols"]:
-                plan[key] = (DiagScaledEuclidean("right", ndim=w.dim()), "filters",
+                plan[key] = (manifold_for("sm", "classifier", w.dim()), "filters",
                              "symmetries scale its columns only: SM's right metric "
                              f"(eq. (8)){tie}")
             else:
@@ -449,11 +434,11 @@ def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how:
                              f"Euclidean{tie}")
         elif update == "un":
             if symmetric is None:
-                plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
+                plan[key] = (manifold_for("un", "filters", w.dim()), "filters",
                              f"Table 1 (no inputs: not checked that its per-filter scaling "
                              f"is a symmetry){tie}")
             elif key in symmetric["filters"]:
-                plan[key] = (ObliqueManifold(ndim=w.dim() - 1), "filters",
+                plan[key] = (manifold_for("un", "filters", w.dim()), "filters",
                              (_measured(change, symmetric) if measured else
                               "its per-filter scaling is a symmetry") +
                              f": UN changes nothing{tie}")

@@ -33,19 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KINDS", "available", "eligible", "load", "reason", "refusal"]
-
-#: The kernel's kinds, by :class:`~manifold_nets.optim.Kind` name and side. Euclidean
-#: parameters keep torch's SGD arithmetic (``InvariantSGD`` is ``torch.optim.SGD`` on them,
-#: bit for bit), which is already a few streaming passes, so the kernel's Euclidean branch
-#: (kind 0) is not used.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.fused import KINDS
-#: >>> KINDS[("oblique", "left")], KINDS[("sm", "left")], KINDS[("sm", "right")]
-#: (1, 2, 3)
-KINDS = {("oblique", "left"): 1, ("sm", "left"): 2, ("sm", "right"): 3}
+__all__ = ["available", "eligible", "load", "reason", "refusal"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused_step.cpp"
 #: Reassociation lets the compiler vectorise the per-filter sums (in another order than

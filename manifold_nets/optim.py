@@ -38,8 +38,10 @@ from .math import (
     oblique_projx_,
     scaled_egrad2rgrad,
 )
+from .table1 import KERNEL_KINDS
 
-__all__ = ["InvariantSGD", "Kind", "ManifoldOptimizer", "invariant_sgd", "kind_of", "kind_tag"]
+__all__ = ["InvariantSGD", "Kind", "ManifoldOptimizer", "invariant_sgd", "kind_of", "kind_tag",
+           "manifold_kind"]
 
 
 class Kind(NamedTuple):
@@ -156,6 +158,39 @@ def kind_of(param: Tensor) -> Kind:
             "optimiser."
         )
     manifold = getattr(param, "manifold", None)
+    try:
+        return manifold_kind(manifold)
+    except ValueError:
+        raise ValueError(f"InvariantSGD cannot update a parameter of shape "
+                         f"{tuple(param.shape)} on {manifold!r}: {_SUPPORTED}") from None
+
+
+def manifold_kind(manifold) -> Kind:
+    """The :class:`Kind` of a manifold (``None`` or :class:`geoopt.Euclidean`: Euclidean).
+
+    Parameters
+    ----------
+    manifold : geoopt.Manifold or None
+        An :class:`~manifold_nets.ObliqueManifold`, a
+        :class:`~manifold_nets.DiagScaledEuclidean`, Euclidean, or ``None``.
+
+    Returns
+    -------
+    Kind
+        How :class:`InvariantSGD` updates a parameter on it.
+
+    Raises
+    ------
+    ValueError
+        For any other manifold.
+
+    Examples
+    --------
+    >>> from manifold_nets import DiagScaledEuclidean
+    >>> from manifold_nets.optim import manifold_kind
+    >>> manifold_kind(DiagScaledEuclidean("right", ndim=2))
+    Kind(name='sm', dims=(-2,), ndim=2, side='right')
+    """
     if manifold is None or type(manifold) is geoopt.Euclidean:
         return EUCLIDEAN
     if isinstance(manifold, ObliqueManifold):
@@ -164,11 +199,11 @@ def kind_of(param: Tensor) -> Kind:
         dims = filter_dims(manifold.ndim) if manifold.side == "left" else column_dims(
             manifold.ndim)
         return Kind("sm", dims, manifold.ndim, manifold.side)
-    raise ValueError(
-        f"InvariantSGD cannot update a parameter of shape {tuple(param.shape)} on {manifold!r}: "
-        "it supports ObliqueManifold, DiagScaledEuclidean and Euclidean (plain) parameters. "
-        "Use geoopt.optim.RiemannianSGD for other manifolds."
-    )
+    raise ValueError(f"InvariantSGD cannot update {manifold!r}: {_SUPPORTED}")
+
+
+_SUPPORTED = ("it supports ObliqueManifold, DiagScaledEuclidean and Euclidean (plain) "
+              "parameters. Use geoopt.optim.RiemannianSGD for other manifolds.")
 
 
 def _check_lr(lr, values: bool = True) -> None:
@@ -1122,7 +1157,7 @@ def _fused_invariant_sgd(
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffer_list[i] if momentum != 0 else None
         key = (kinds[i].name, kinds[i].side if kinds[i].name == "sm" else "left")
-        if key not in kernel.KINDS or not kernel.eligible(p, g, buf, lr, kinds[i]):
+        if key not in KERNEL_KINDS or not kernel.eligible(p, g, buf, lr, kinds[i]):
             rest.append(i)
             continue
         init = momentum != 0 and buf is None
@@ -1130,7 +1165,7 @@ def _fused_invariant_sgd(
             buf = momentum_buffer_list[i] = torch.empty_like(  # laid out as p
                 p, memory_format=torch.preserve_format)
         module.fused_step(p.detach(), g, buf if buf is not None else p.detach(),
-                          kernel.KINDS[key], kinds[i].ndim, rate, momentum, dampening,
+                          KERNEL_KINDS[key], kinds[i].ndim, rate, momentum, dampening,
                           weight_decay, nesterov, maximize, init)
     return rest
 

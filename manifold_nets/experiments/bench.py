@@ -66,10 +66,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adam import InvariantAdam
-from ..declare import UPDATES, declare
+from ..declare import declare
 from ..manifolds import ObliqueManifold
 from ..nets import Arch2
 from ..optim import InvariantSGD
+from ..table1 import UPDATES
 from .io import atomic_write, unwritable
 
 __all__ = ["BenchConfig", "OPTIMISERS", "bench_model", "load_train_images", "run_bench", "run_cli"]

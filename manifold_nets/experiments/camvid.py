@@ -61,8 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..declare import UPDATES, declare
+from ..declare import declare
 from ..nets import SegNet, SegNetConfig
+from ..table1 import UPDATES
 from .data import DataError, cache_root, data_roots
 from .io import atomic_write, fsync_dir, unwritable
 from .metrics import confusion_matrix, segmentation_metrics

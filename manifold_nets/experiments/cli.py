@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..declare import UPDATES
+from ..table1 import UPDATES
 from .config import ARCHS, PROTOCOLS, STOPPING, BoldDriver, TrainConfig
 from .io import atomic_write, unwritable
 

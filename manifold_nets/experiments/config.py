@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..declare import UPDATES
+from ..table1 import UPDATES
 
 __all__ = [
     "ARCHS",

@@ -17,8 +17,8 @@ import sys
 import geoopt
 import torch
 
-from ..declare import UPDATES
 from ..manifolds import DiagScaledEuclidean, ObliqueManifold
+from ..table1 import UPDATES
 
 
 def one_step_report(seed: int = 0) -> list[str]:

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..declare import UPDATES
-from ..manifolds import DiagScaledEuclidean, ObliqueManifold
-from ..math import column_dims
+from .. import table1
 from ..nets import Arch1, Arch2
-from ..optim import EUCLIDEAN, Kind, invariant_sgd
+from ..optim import EUCLIDEAN, invariant_sgd, manifold_kind
+from ..table1 import UPDATES
 
 __all__ = ["StackedNet", "error_rates", "update_of"]
 
@@ -69,20 +68,13 @@ def update_of(model: torch.nn.Module) -> str:
     >>> [update_of(net) for net in nets]
     ['un', 'sm', 'bsgd']
     """
-    manifold = getattr(model.layers[0].linear.weight, "manifold", None)
-    if isinstance(manifold, ObliqueManifold):
-        return "un"
-    if isinstance(manifold, DiagScaledEuclidean):
-        return "sm"
-    return "bsgd"
+    return table1.update_of(getattr(model.layers[0].linear.weight, "manifold", None))
 
 
-#: The kinds of the filters and of theta under each update (the declaration of Table 1).
-_KINDS = {
-    "un": (Kind("oblique", (-1,), 1), EUCLIDEAN),
-    "sm": (Kind("sm", (-1,), 1, "left"), Kind("sm", column_dims(2), 2, "right")),
-    "bsgd": (EUCLIDEAN, EUCLIDEAN),
-}
+#: The kinds of the filters and of theta under each update (Table 1, for the 2-D weights
+#: of the paper's nets).
+_KINDS = {u: tuple(manifold_kind(table1.manifold_for(u, role, 2)) for role in table1.ROLES)
+          for u in table1.UPDATES}
 
 @dataclass
 class StackedNet:
