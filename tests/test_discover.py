@@ -337,3 +337,44 @@ def test_the_candidate_kernel_is_what_changes_no_parameter(model):
     assert torch.linalg.matrix_rank(P) == space.dim - Z.shape[1]
     assert float((P @ Z).abs().max()) < 1e-6
     assert torch.linalg.matrix_rank(Z) == Z.shape[1]
+
+
+def test_the_sparse_null_space_reads_a_repeated_entry_once_and_a_stored_zero_as_none():
+    import numpy as np
+    import scipy.sparse as sp
+
+    # x0 + x0 - x1 = 0 written as two entries, and a stored zero for x2 in a second row
+    A = sp.csr_matrix((np.array([1.0, 1.0, -1.0, 0.0, 1.0, -1.0]),
+                       (np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 2, 1, 3]))),
+                      shape=(2, 4))
+    N = _null_space(A).toarray()
+    dense = np.array([[2.0, -1.0, 0.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+    assert N.shape == (4, 2) and np.abs(dense @ N).max() < 1e-12
+    assert np.linalg.matrix_rank(N) == 2
+
+
+def test_a_family_drops_only_what_it_adds_to_the_kernel_intersection():
+    """A first direction within the tolerance of a kernel direction is dropped; a second
+    that moves the intersection by nothing keeps its column (it was dropped too when the
+    count came from the singular values of the remainder)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from manifold_nets.symmetry.structure import _drop_kernel
+
+    n, s, x = 5, 1e-5, 4e-5
+    Z = np.zeros((n, 2))
+    Z[0, 0] = Z[1, 1] = 1.0
+    w = np.sqrt(2e-9 - x * x)
+    y = np.sqrt(1 - x * x - w * w)
+    E = np.eye(n)
+    a = np.sqrt(1 - s * s) * E[0] + s * E[2]
+    b = x * (-s * E[0] + np.sqrt(1 - s * s) * E[2]) + y * E[1] + w * E[3]
+    TQ, fams = _drop_kernel(sp.csc_matrix(np.stack([a, b], 1)), sp.csc_matrix(Z),
+                            {0: [0], 1: [1]}, [0, 1])
+    assert TQ.shape[1] == 1 and fams == {1: [0]}
+    # the control: a direction far from the kernel is never dropped
+    c = (E[2] + E[3]) / np.sqrt(2)
+    TQ, fams = _drop_kernel(sp.csc_matrix(np.stack([a, c], 1)), sp.csc_matrix(Z),
+                            {0: [0], 1: [1]}, [0, 1])
+    assert fams == {1: [0]}

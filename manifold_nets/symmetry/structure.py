@@ -1393,7 +1393,9 @@ def _null_space(A, tol: float = 1e-10):
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
-    A = sp.csr_matrix(A)
+    A = sp.csr_matrix(A, copy=True)
+    A.sum_duplicates()  # a repeated entry is one coefficient; a stored zero is none
+    A.eliminate_zeros()
     m, n = A.shape
     rows = [dict(zip(A.indices[A.indptr[i]:A.indptr[i + 1]].tolist(),
                      A.data[A.indptr[i]:A.indptr[i + 1]].tolist(), strict=True))
@@ -1494,13 +1496,11 @@ def _drop_kernel(TQ, kernel, fam_cols: dict, order: list, tol: float = 1e-9):
         acc += Cf.T @ Cf
         w, V = np.linalg.eigh(G - acc)
         inside = V[:, w < tol * max(1.0, float(np.abs(G).max()))]
-        new = inside - found @ (found.T @ inside)
-        if new.shape[1] == 0 or np.abs(new).max() < 1e-6:
+        d = inside.shape[1] - found.shape[1]  # what this family adds to the intersection
+        if d <= 0:
             continue
-        U, sv, _ = np.linalg.svd(new, full_matrices=False)
-        U = U[:, sv > 1e-6]
-        if U.shape[1] == 0:
-            continue
+        # its directions: the part of the intersection not found before
+        U = np.linalg.svd(inside - found @ (found.T @ inside), full_matrices=False)[0][:, :d]
         # the new directions' coordinates on this family's columns, and a pivot for each
         _, _, piv = scipy.linalg.qr((Cf @ U).T, pivoting=True, mode="economic")
         drop += [cols[j] for j in piv[:U.shape[1]]]
