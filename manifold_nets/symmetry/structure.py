@@ -1400,7 +1400,6 @@ def _null_space(A, tol: float = 1e-10):
     rows = [dict(zip(A.indices[A.indptr[i]:A.indptr[i + 1]].tolist(),
                      A.data[A.indptr[i]:A.indptr[i + 1]].tolist(), strict=True))
             for i in range(m)]
-    rows = [{v: c for v, c in r.items() if c != 0} for r in rows]
     rows_of: list[set[int]] = [set() for _ in range(n)]
     for i, r in enumerate(rows):
         for v in r:
@@ -1503,7 +1502,7 @@ def _drop_kernel(TQ, kernel, fam_cols: dict, order: list, tol: float = 1e-9):
         U = np.linalg.svd(inside - found @ (found.T @ inside), full_matrices=False)[0][:, :d]
         # the new directions' coordinates on this family's columns, and a pivot for each
         _, _, piv = scipy.linalg.qr((Cf @ U).T, pivoting=True, mode="economic")
-        drop += [cols[j] for j in piv[:U.shape[1]]]
+        drop += [cols[j] for j in piv[:d]]
         found = np.hstack([found, U])
     if not drop:
         return TQ, fam_cols
@@ -1677,17 +1676,11 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     nv = len(used)
 
     # the solutions: the null space of the rows (free classes are its unit vectors)
-    if rows:
-        R = sp.csr_matrix(([c for r in rows for c in r.values()],
-                           ([i for i, r in enumerate(rows) for _ in r],
-                            [col_of[v] for r in rows for v in r])), shape=(len(rows), nv))
-    else:
-        R = sp.csr_matrix((0, nv))
+    R = sp.csr_matrix(([c for r in rows for c in r.values()],
+                       ([i for i, r in enumerate(rows) for _ in r],
+                        [col_of[v] for r in rows for v in r])), shape=(len(rows), nv))
     B = _null_space(R)
-    B.sort_indices()
-    basis_vecs = [dict(zip(B.indices[B.indptr[j]:B.indptr[j + 1]].tolist(),
-                           B.data[B.indptr[j]:B.indptr[j + 1]].tolist(), strict=True))
-                  for j in range(B.shape[1])]
+    supports = [B.indices[B.indptr[j]:B.indptr[j + 1]].tolist() for j in range(B.shape[1])]
 
     ks = [k for k, f in cand.items() for _ in f]
     M = sp.csr_matrix(([c for f in cand.values() for c in f.values()],
@@ -1713,9 +1706,9 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     products = [({roots[v] for v in a.tolist() if v >= 0}, {roots[v] for v in b.tolist() if v >= 0})
                 for a, b in analysis.contracted]
     keys = []
-    for vec in basis_vecs:
+    for support in supports:
         origins, absorbed, consumers = set(), False, set()
-        mine = {used[i] for i in vec}
+        mine = {used[i] for i in support}
         for root in mine:
             absorbed |= root in absorbed_roots
             consumers |= readers.get(root, set())
