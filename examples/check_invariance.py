@@ -4,7 +4,7 @@ Three steps, none of which needs the symmetry written by hand:
 
 1. :func:`manifold_nets.symmetry.discover` finds the rescaling symmetries of the model
    (here a small batch-normalised MLP of the user's, not one of the paper's networks);
-2. :func:`manifold_nets.symmetry.audit` draws a random element ``g`` of the discovered
+2. :func:`manifold_nets.audit.audit` draws a random element ``g`` of the discovered
    group and measures, for every update rule, the gap between ``k`` steps from ``g.w``
    and ``g`` applied to ``k`` steps from ``w``;
 3. each measured gap is compared with what the theory predicts
@@ -26,7 +26,8 @@ import argparse
 import torch
 from torch import nn
 
-from manifold_nets.symmetry import UPDATE_RULES, audit, discover, format_audit
+from manifold_nets.audit import UPDATE_RULES, audit, format_audit
+from manifold_nets.symmetry import discover
 
 
 def my_model(in_features: int, width: int, num_classes: int) -> nn.Sequential:

@@ -61,15 +61,15 @@ from .math import (
 from .optim import (
     Kind,
     ManifoldOptimizer,
-    _check_fused,
-    _check_lr,
-    _check_switches,
-    _filter_inner,
-    _foreach_normalise_,
-    _grad_problem,
-    _param_name,
-    _reducer,
+    check_fused,
+    check_lr,
+    check_switches,
+    foreach_filter_inner,
+    foreach_normalise_,
+    grad_problem,
     is_dtensor,
+    param_name,
+    shard_reducer,
 )
 from .table1 import KERNEL_KINDS
 
@@ -83,7 +83,7 @@ def _check_adam(lr, betas, eps, weight_decay, second_moment, where: str = "",
                 values: bool = True) -> None:
     """The rules of :class:`InvariantAdam`'s arguments (torch's Adam rules, and finite)."""
     try:
-        _check_lr(lr, values)
+        check_lr(lr, values)
         if isinstance(lr, Tensor) and lr.dim() > 0:
             raise ValueError(f"Invalid learning rate: a Tensor of shape {tuple(lr.shape)}; "
                              "InvariantAdam takes a float or a 0-dim Tensor.")
@@ -214,7 +214,7 @@ class InvariantAdam(ManifoldOptimizer):
                  maximize: bool = False, foreach: bool | None = None,
                  second_moment: str = "filter", fused: bool | None = None):
         _check_adam(lr, betas, eps, weight_decay, second_moment)
-        _check_switches("InvariantAdam", foreach, fused)
+        check_switches("InvariantAdam", foreach, fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         second_moment=second_moment, fused=fused)
@@ -232,12 +232,12 @@ class InvariantAdam(ManifoldOptimizer):
         for j, (p, kind) in enumerate(zip(group["params"], kinds, strict=True)):
             if p.grad is None:
                 continue
-            problem = _grad_problem(p, p.grad)
+            problem = grad_problem(p, p.grad)
             if problem is not None:
-                raise RuntimeError(f"InvariantAdam: {_param_name(group, index, j, p)}: "
+                raise RuntimeError(f"InvariantAdam: {param_name(group, index, j, p)}: "
                                    f"{problem}; the step changed nothing.")
             if group.get("fused") and kind.name != "euclidean":
-                _check_fused("InvariantAdam", group, index, j, p, None, kind)
+                check_fused("InvariantAdam", group, index, j, p, None, kind)
             rows.append((p, kind))
         return group, rows
 
@@ -473,7 +473,7 @@ def _multi_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             gs = torch._foreach_neg(gs)
         dims = kind.dims
         if kind.name == "oblique":
-            rs = torch._foreach_addcmul(gs, _filter_inner(xs, gs, dims), xs, value=-1)
+            rs = torch._foreach_addcmul(gs, foreach_filter_inner(xs, gs, dims), xs, value=-1)
             torch._foreach_lerp_(ms, rs, 1 - beta1)
             torch._foreach_mul_(vs, beta2)
             if per_entry:
@@ -500,11 +500,11 @@ def _multi_tensor_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_a
         rates = [-lr / (1 - beta1 ** s) for s in steps]
         if kind.name == "oblique":
             if per_entry:
-                ds = torch._foreach_addcmul(ds, _filter_inner(xs, ds, dims), xs, value=-1)
+                ds = torch._foreach_addcmul(ds, foreach_filter_inner(xs, ds, dims), xs, value=-1)
             torch._foreach_mul_(ds, rates)
             torch._foreach_add_(xs, ds)
-            _foreach_normalise_(xs, dims, dtype)
-            torch._foreach_addcmul_(ms, _filter_inner(xs, ms, dims), xs, value=-1)
+            foreach_normalise_(xs, dims, dtype)
+            torch._foreach_addcmul_(ms, foreach_filter_inner(xs, ms, dims), xs, value=-1)
         else:
             torch._foreach_mul_(ds, ss)
             torch._foreach_mul_(ds, rates)
@@ -522,7 +522,7 @@ def _sharded_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sq
     def local(t):
         return t.to_local() if isinstance(t, DTensor) else t
 
-    reducers = [_reducer(p, k) if isinstance(p, DTensor) else None
+    reducers = [shard_reducer(p, k) if isinstance(p, DTensor) else None
                 for p, k in zip(params, kinds, strict=True)]
     _single_tensor_invariant_adam(
         [local(p) for p in params], [local(g) for g in grads], [local(m) for m in exp_avgs],

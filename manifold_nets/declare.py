@@ -29,22 +29,20 @@ from collections.abc import Mapping
 
 import geoopt
 import torch
-import torch.fx
 from torch import nn
 
 from .convert import refuse_conv1d
 from .manifolds import ObliqueManifold
-from .table1 import UPDATES, manifold_for
+from .roles import FILTER_TYPES, find_classifier
+from .roles import plan as table1_plan
+from .table1 import check_update
 
-__all__ = ["declare", "Declaration", "filter_modules", "default_classifier",
-           "graph_classifier", "check_optimizer", "declaration_of"]
+__all__ = ["declare", "Declaration", "check_optimizer", "declaration_of"]
 
 #: The model attribute that keeps the last :class:`Declaration` (read by
 #: :mod:`manifold_nets.distributed` once sharding has replaced the parameters).
 DECLARATION_ATTR = "_manifold_nets_declaration"
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class Declaration(dict):
@@ -226,242 +224,6 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "model.parameters() after every change of the model's parameters.")
 
 
-def filter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs whose weight holds filters: ``Linear`` and ``ConvNd``.
-
-    Parameters
-    ----------
-    model : nn.Module
-        any model
-
-    Returns
-    -------
-    list of (str, nn.Module)
-        every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with its name,
-        in ``model.named_modules()`` order (transposed convolutions are not included)
-
-    Examples
-    --------
-    >>> from manifold_nets import Arch1
-    >>> from manifold_nets.declare import filter_modules
-    >>> [name for name, _ in filter_modules(Arch1(depth=2, width=4, in_features=3))]
-    ['layers.0.linear', 'layers.1.linear', 'classifier']
-    """
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
-
-
-def default_classifier(model: nn.Module) -> str | None:
-    """Name of the default classifier module: the last ``nn.Linear``, else the last ``ConvNd``.
-
-    Fully convolutional networks (segmentation) usually end in a 1x1 convolution that plays
-    the role of :math:`\\theta`.
-
-    Parameters
-    ----------
-    model : nn.Module
-        any model
-
-    Returns
-    -------
-    str or None
-        the module's name, or ``None`` when the model has neither
-
-    See Also
-    --------
-    graph_classifier : the classifier as the traced graph says, which :func:`declare` uses
-
-    Examples
-    --------
-    >>> from manifold_nets.declare import default_classifier
-    >>> from manifold_nets.nets import SegNet
-    >>> default_classifier(SegNet(widths=(4, 8)))
-    'classifier'
-    """
-    mods = filter_modules(model)
-    linears = [n for n, m in mods if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    return mods[-1][0] if mods else None
-
-
-_THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "transpose",
-            "permute", "dropout", "getitem", "softmax", "log_softmax"}
-
-
-def graph_classifier(model: nn.Module) -> tuple[str | None, str]:
-    """The classifier as the executed graph says: the ``Linear``/``ConvNd`` whose output is
-    the model's output (through reshapes, dropout and a final soft-max, which :math:`\theta`
-    feeds in the paper's networks). Returns ``(name, how)``, ``how``
-    saying where the answer came from; when :mod:`torch.fx` cannot trace the model, the
-    last registered ``Linear`` (else ``ConvNd``), and ``how`` says so.
-
-    Parameters
-    ----------
-    model : nn.Module
-        any model; it is traced with ``torch.fx.symbolic_trace``, not run
-
-    Returns
-    -------
-    name : str or None
-        the classifier module's name; ``None`` when some other operation (an activation,
-        a sum, ...) produces the model's output
-    how : str
-        where the answer came from, for :class:`Declaration`'s reasons
-
-    Examples
-    --------
-    >>> import torch
-    >>> from manifold_nets import Arch1
-    >>> from manifold_nets.declare import graph_classifier
-    >>> graph_classifier(Arch1(depth=1, width=4, in_features=3))
-    ('classifier', "the layer whose output is the model's output")
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1))
-    >>> graph_classifier(net)
-    ('0', "the layer whose output is the model's output")
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Sigmoid())
-    >>> graph_classifier(net)
-    (None, "no Linear/ConvNd produces the model's output")
-    """
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as err:  # fx raises many kinds on dynamic control flow
-        return default_classifier(model), (
-            f"the last registered Linear/ConvNd (the graph could not be traced: "
-            f"{type(err).__name__})")
-    modules = dict(gm.named_modules())
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    node = out.args[0]
-    while isinstance(node, (tuple, list)) and len(node) == 1:
-        node = node[0]
-    while isinstance(node, torch.fx.Node):
-        if node.op == "call_module":
-            mod = modules[node.target]
-            if isinstance(mod, (nn.Linear, *_CONV)):
-                return node.target, "the layer whose output is the model's output"
-            if not isinstance(mod, (nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd,
-                                    nn.Softmax, nn.LogSoftmax)):
-                break
-        elif node.op in ("call_method", "call_function"):
-            name = node.target if isinstance(node.target, str) else node.target.__name__
-            if name not in _THROUGH:
-                break
-        else:
-            break
-        node = node.args[0] if node.args else None
-    return None, "no Linear/ConvNd produces the model's output"
-
-
-def _resolve_classifier(model: nn.Module, classifier) -> str | None:
-    modules = dict(model.named_modules())
-    if classifier is None:
-        return None
-    if isinstance(classifier, nn.Module):
-        for name, mod in modules.items():
-            if mod is classifier:
-                classifier = name
-                break
-        else:
-            raise ValueError("`classifier` is a module that is not part of `model`")
-    if not isinstance(classifier, str):
-        raise TypeError(f"`classifier` must be a module name or module, got {classifier!r}")
-    name = classifier.removesuffix(".weight")
-    if name not in modules:
-        raise ValueError(
-            f"`classifier`: model has no module {classifier!r}; modules with weights: "
-            f"{[n for n, _ in filter_modules(model)]}"
-        )
-    weight = getattr(modules[name], "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"classifier {name!r} has no weight tensor")
-    if weight.dim() < 2:
-        raise ValueError(
-            f"classifier {name!r} has a {weight.dim()}-D weight of shape {tuple(weight.shape)}; "
-            "the classifier theta must be a 2-D matrix (num_classes x features) or a "
-            "convolution weight (out, in, *kernel). Name the last Linear/ConvNd instead."
-        )
-    return name
-
-
-def _plan(model: nn.Module, update: str, classifier: str | None, classifier_how: str,
-          explicit: Mapping, symmetric: dict | None, tied: dict[str, str]
-          ) -> dict[str, tuple]:
-    """name -> (manifold or None, role, reason) for the parameters the update acts on.
-
-    ``symmetric``: what the model's symmetries do to its weights (:func:`_analyse`), or
-    ``None`` when no inputs were given.
-    """
-    plan = {}
-    measured = symmetric is not None and symmetric["how"] != "graph"
-    for name, mod in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if isinstance(mod, _TRANSPOSED) and update != "bsgd" and key not in explicit:
-            raise ValueError(
-                f"{name!r} is a {type(mod).__name__}: its weight is (in, out, *kernel), so its "
-                "filters are not the leading dim. Pass its manifold explicitly with "
-                f"manifolds={{'{name}.weight': ...}} or leave it Euclidean."
-            )
-        if not isinstance(mod, (nn.Linear, *_CONV)):
-            continue
-        w = mod.weight
-        tie = f"; tied with {tied[key]}" if key in tied else ""
-        if symmetric is not None and name not in symmetric["reached"] and name != classifier:
-            plan[key] = (None, "filters", "the given inputs never run it, so nothing about "
-                         f"its symmetries is known: Euclidean{tie}")
-            continue
-        change = symmetric["changes"].get(key) if measured else None
-        if name == classifier:
-            why = f"theta: {classifier_how}{tie}"
-            if update == "sm":
-                plan[key] = (manifold_for("sm", "classifier", w.dim()), "classifier",
-                             why + "; SM's right metric (eq. (8))")
-            else:
-                plan[key] = (None, "classifier", why + ("; Table 1: UN leaves theta "
-                                                        "Euclidean" if update == "un" else ""))
-        elif update == "sm":
-            if symmetric is None or key in symmetric["rows"]:
-                plan[key] = (manifold_for("sm", "filters", w.dim()), "filters",
-                             f"SM's left metric on the rows (eq. (7)){tie}"
-                             + (f"; {_measured(change, symmetric)}" if measured else ""))
-            elif measured:
-                plan[key] = (None, "filters", f"{_measured(change, symmetric)}: "
-                             f"Euclidean{tie}")
-            elif key in symmetric["cols"]:
-                plan[key] = (manifold_for("sm", "classifier", w.dim()), "filters",
-                             "symmetries scale its columns only: SM's right metric "
-                             f"(eq. (8)){tie}")
-            else:
-                plan[key] = (None, "filters", "no rescaling symmetry acts on it: "
-                             f"Euclidean{tie}")
-        elif update == "un":
-            if symmetric is None:
-                plan[key] = (manifold_for("un", "filters", w.dim()), "filters",
-                             f"Table 1 (no inputs: not checked that its per-filter scaling "
-                             f"is a symmetry){tie}")
-            elif key in symmetric["filters"]:
-                plan[key] = (manifold_for("un", "filters", w.dim()), "filters",
-                             (_measured(change, symmetric) if measured else
-                              "its per-filter scaling is a symmetry") +
-                             f": UN changes nothing{tie}")
-            elif measured:
-                plan[key] = (None, "filters", f"{_measured(change, symmetric)}: UN would "
-                             f"change the function; force it with manifolds={{'{key}': "
-                             f"ObliqueManifold()}}{tie}")
-            else:
-                plan[key] = (None, "filters",
-                             "its per-filter scaling is not a symmetry (nothing normalises "
-                             "its outputs): UN would change the function; force it with "
-                             f"manifolds={{'{key}': ObliqueManifold()}}{tie}")
-        else:
-            plan[key] = (None, "filters", f"B-SGD{tie}")
-    return plan
-
-
-def _measured(change: tuple[float, float], symmetric: dict) -> str:
-    return (f"scaling its filters by random factors changed the outputs on the given "
-            f"inputs by {change[0]:.1e} (relative), moving them as far at random by "
-            f"{change[1]:.1e} (measured: {symmetric['how']})")
-
-
 def _analyse(model: nn.Module, inputs, args: tuple, before: torch.Tensor, ran: set[str],
              rtol: float) -> dict:
     """What the symmetries of ``model`` do to its ``Linear``/``ConvNd`` weights:
@@ -491,7 +253,7 @@ def _analyse(model: nn.Module, inputs, args: tuple, before: torch.Tensor, ran: s
                       "given inputs instead, and only the filters it keeps the outputs of "
                       "are declared", stacklevel=3)
         names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, *_CONV)) and n in ran]
+                 if isinstance(m, FILTER_TYPES) and n in ran]
         measured = _scaling_changes(model, args, before, names)
         out["changes"] = measured
         kept = {k for k, (c, control) in measured.items()
@@ -615,19 +377,6 @@ def _change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((after - before).norm() / before.norm().clamp_min(1e-300))
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
-    """Parameter names that share their tensor with another registered name."""
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first and first[id(p)] != name:
-            tied[name] = first[id(p)]
-            tied.setdefault(first[id(p)], name)
-        else:
-            first.setdefault(id(p), name)
-    return tied
-
-
 def _args(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
@@ -667,7 +416,7 @@ def _default_rtol(model: nn.Module) -> float:
 
 def _attached_norms(model: nn.Module) -> dict[str, str]:
     """``{weight name: batch-norm module name}`` for convs/linears followed by a batch
-    norm of their width (:class:`~manifold_nets.symmetry.ScalingSpace`'s rule)."""
+    norm of their width (:class:`~manifold_nets.symmetry.groups.ScalingSpace`'s rule)."""
     from .symmetry.groups import ScalingSpace
 
     try:
@@ -721,7 +470,7 @@ def declare(
     classifier : "auto", str, nn.Module or None
         the module (or ``"<module>.weight"``) holding :math:`\theta`. ``"auto"``
         (default): the ``Linear``/``ConvNd`` whose output is the model's output in the
-        traced graph (:func:`graph_classifier`). ``None``: no classifier.
+        traced graph (:func:`~manifold_nets.roles.graph_classifier`). ``None``: no classifier.
     manifolds : mapping, optional
         explicit ``{parameter name: manifold}``; overrides the choice of ``update`` for the
         names given (``None`` or ``geoopt.Euclidean()`` means Euclidean). With ``inputs``,
@@ -775,19 +524,14 @@ def declare(
     "theta: the layer whose output is the model's output; SM's right metric (eq. (8))"
     >>> opt = geoopt.optim.RiemannianSGD(net.parameters(), lr=1e-2)
     """
-    if update not in UPDATES:
-        raise ValueError(f"unknown update {update!r}; choose one of {', '.join(UPDATES)}")
-    if isinstance(classifier, str) and classifier == "auto":
-        classifier, how = graph_classifier(model)
-        if classifier is None and update in ("un", "sm") and inputs is None:
-            warnings.warn(
-                f"declare(..., {update!r}): no classifier found ({how}), so every Linear "
-                f"and ConvNd weight is treated as filters; pass classifier= to name the "
-                f"layer holding theta, or classifier=None to say there is none",
-                stacklevel=2)
-    else:
-        how = "given"
-        classifier = _resolve_classifier(model, classifier)
+    check_update(update)
+    classifier, how = find_classifier(model, classifier)
+    if classifier is None and how != "given" and update in ("un", "sm") and inputs is None:
+        warnings.warn(
+            f"declare(..., {update!r}): no classifier found ({how}), so every Linear "
+            f"and ConvNd weight is treated as filters; pass classifier= to name the "
+            f"layer holding theta, or classifier=None to say there is none",
+            stacklevel=2)
     explicit = dict(manifolds or {})
     if update != "bsgd":
         refuse_conv1d(model, f"declare(..., {update!r})",
@@ -797,19 +541,8 @@ def declare(
     before = _outputs(model, inputs, ran) if inputs is not None else None
     symmetric = _analyse(model, inputs, _args(inputs), before, ran, rtol) if (
         inputs is not None and update in ("un", "sm")) else None
-    tied = _tied(model)
-    plan = _plan(model, update, classifier, how, explicit, symmetric, tied)
+    plan = table1_plan(model, update, classifier, how, explicit, symmetric)
     params = dict(model.named_parameters())
-    for key in [k for k in plan if k not in params and k in tied]:  # a tied alias
-        manifold, role, why = plan.pop(key)
-        canonical = tied[key]
-        if canonical not in plan or role == "classifier":
-            plan[canonical] = (manifold, role, f"as {key}: {why}")
-    for name, manifold in explicit.items():
-        if name not in params:
-            raise ValueError(f"manifolds: model has no parameter {name!r}; parameters: "
-                             f"{list(params)}")
-        plan[name] = (manifold, "explicit", "given in manifolds=")
 
     # check every weight that gets a manifold first: nothing changes unless all fit
     targets = {}

@@ -41,7 +41,8 @@ from .math import (
 from .table1 import KERNEL_KINDS
 
 __all__ = ["InvariantSGD", "Kind", "ManifoldOptimizer", "invariant_sgd", "kind_of", "kind_tag",
-           "manifold_kind"]
+           "manifold_kind", "check_lr", "check_switches", "check_fused", "grad_problem",
+           "param_name", "foreach_filter_inner", "foreach_normalise_", "shard_reducer"]
 
 
 class Kind(NamedTuple):
@@ -206,10 +207,37 @@ _SUPPORTED = ("it supports ObliqueManifold, DiagScaledEuclidean and Euclidean (p
               "parameters. Use geoopt.optim.RiemannianSGD for other manifolds.")
 
 
-def _check_lr(lr, values: bool = True) -> None:
-    """A learning rate is a finite non-negative float, a 0-dim Tensor, or a 1-D Tensor of
-    one rate per run. ``values=False`` checks a Tensor's type and shape only (reading its
-    values would wait for the device)."""
+def check_lr(lr, values: bool = True) -> None:
+    """Raise unless ``lr`` is a learning rate :class:`InvariantSGD` and
+    :class:`~manifold_nets.adam.InvariantAdam` take.
+
+    A learning rate is a finite non-negative float, a 0-dim Tensor, or a 1-D Tensor of
+    one rate per run.
+
+    Parameters
+    ----------
+    lr : float or torch.Tensor
+        the rate
+    values : bool
+        ``False``: check a Tensor's type and shape only (reading its values would wait
+        for the device)
+
+    Raises
+    ------
+    TypeError
+        neither a real number nor a Tensor
+    ValueError
+        negative, NaN or infinite, or a Tensor of the wrong shape or dtype
+
+    Examples
+    --------
+    >>> from manifold_nets.optim import check_lr
+    >>> check_lr(0.1)
+    >>> check_lr(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid learning rate: nan
+    """
     if isinstance(lr, Tensor):
         if lr.dim() > 1 or not lr.is_floating_point():
             raise ValueError(
@@ -229,7 +257,7 @@ def _check_hyper(lr, momentum, dampening, weight_decay, nesterov, where: str = "
     """The rules of :class:`InvariantSGD`'s arguments, for the constructor and for every
     group at every step (a scheduler or a hand-edited group may have changed them)."""
     try:
-        _check_lr(lr, values)
+        check_lr(lr, values)
         for name, value in (("momentum value", momentum), ("dampening value", dampening),
                             ("weight_decay value", weight_decay)):
             if isinstance(value, Tensor):
@@ -247,9 +275,34 @@ def _check_hyper(lr, momentum, dampening, weight_decay, nesterov, where: str = "
         raise type(err)(f"{err}{where}") from None
 
 
-def _param_name(group: dict[str, Any], index: int, j: int, p: Tensor) -> str:
+def param_name(group: dict[str, Any], index: int, j: int, p: Tensor) -> str:
     """How an error names parameter ``j`` of group ``index``: by the name the optimiser
-    was given (``model.named_parameters()``), else by its place and shape."""
+    was given (``model.named_parameters()``), else by its place and shape.
+
+    Parameters
+    ----------
+    group : dict
+        the parameter group (its ``"param_names"``, where the optimiser was given names)
+    index, j : int
+        the group's index and the parameter's index in it
+    p : torch.Tensor
+        the parameter
+
+    Returns
+    -------
+    str
+        the name in backticks, or the place and shape
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import param_name
+    >>> p = torch.zeros(2, 3)
+    >>> param_name({"params": [p], "param_names": ["fc.weight"]}, 0, 0, p)
+    '`fc.weight`'
+    >>> param_name({"params": [p]}, 1, 0, p)
+    'parameter 0 of group 1 (shape (2, 3))'
+    """
     names = group.get("param_names")
     if names is not None and j < len(names):
         return f"`{names[j]}`"
@@ -451,7 +504,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
                 unrecorded += 1
             elif was != kind_tag(kind):
                 saved_kinds.add(was.split("(")[0])
-                wrong.append(f"{_param_name(self.param_groups[index], index, j, p)} was "
+                wrong.append(f"{param_name(self.param_groups[index], index, j, p)} was "
                              f"{was}, is {kind_tag(kind)}")
         if wrong:
             hint = ", ".join(repr({"oblique": "un", "sm": "sm"}[k])
@@ -617,7 +670,7 @@ class InvariantSGD(ManifoldOptimizer):
         fused: bool | None = None,
     ):
         _check_hyper(lr, momentum, dampening, weight_decay, nesterov)
-        _check_switches("InvariantSGD", foreach, fused)
+        check_switches("InvariantSGD", foreach, fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, fused=fused)
@@ -709,13 +762,13 @@ class InvariantSGD(ManifoldOptimizer):
             g = p.grad
             if g is None:
                 continue
-            problem = _grad_problem(p, g)
+            problem = grad_problem(p, g)
             if problem is not None:
-                raise RuntimeError(f"InvariantSGD: {_param_name(group, index, j, p)}: "
+                raise RuntimeError(f"InvariantSGD: {param_name(group, index, j, p)}: "
                                    f"{problem}; the step changed nothing.")
             buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
             if fused and kind.name != "euclidean":
-                _check_fused("InvariantSGD", group, index, j, p, buf, kind)
+                check_fused("InvariantSGD", group, index, j, p, buf, kind)
             params.append(p)
             grads.append(g)
             kinds.append(kind)
@@ -723,9 +776,33 @@ class InvariantSGD(ManifoldOptimizer):
                 bufs.append(buf)
         return group, params, grads, bufs, kinds
 
-def _check_switches(owner: str, foreach, fused) -> None:
-    """``foreach`` and ``fused`` are ``True``, ``False`` or ``None``; ``fused=True`` needs
-    the kernel."""
+def check_switches(owner: str, foreach, fused) -> None:
+    """Raise unless ``foreach`` and ``fused`` are ``True``, ``False`` or ``None``, and the
+    fused kernel is available where ``fused=True``.
+
+    Parameters
+    ----------
+    owner : str
+        the optimiser's name, for the message
+    foreach, fused : bool or None
+        the switches
+
+    Raises
+    ------
+    TypeError
+        a switch that is not ``True``, ``False`` or ``None``
+    RuntimeError
+        ``fused=True`` without the kernel
+
+    Examples
+    --------
+    >>> from manifold_nets.optim import check_switches
+    >>> check_switches("InvariantSGD", None, False)
+    >>> check_switches("InvariantSGD", "yes", None)
+    Traceback (most recent call last):
+    ...
+    TypeError: Invalid foreach: 'yes'; pass True, False or None.
+    """
     for name, value in (("foreach", foreach), ("fused", fused)):
         if value not in (None, True, False):
             raise TypeError(f"Invalid {name}: {value!r}; pass True, False or None.")
@@ -738,9 +815,42 @@ def _check_switches(owner: str, foreach, fused) -> None:
                                "or pass fused=None or False.")
 
 
-def _check_fused(owner: str, group: dict[str, Any], index: int, j: int, p: Tensor,
+def check_fused(owner: str, group: dict[str, Any], index: int, j: int, p: Tensor,
                  buf: Tensor | None, kind: Kind) -> None:
-    """With ``fused=True``: raise, naming the parameter, unless the kernel takes it."""
+    """With ``fused=True``: raise, naming the parameter, unless the kernel takes it.
+
+    Parameters
+    ----------
+    owner : str
+        the optimiser's name, for the message
+    group : dict
+        the parameter's group
+    index, j : int
+        the group's index and the parameter's index in it, for the message
+    p : torch.Tensor
+        the parameter, with its gradient
+    buf : torch.Tensor or None
+        its momentum buffer
+    kind : Kind
+        how it is updated
+
+    Raises
+    ------
+    ValueError
+        a sharded parameter, or one the kernel refuses (:func:`manifold_nets.fused.refusal`)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import Kind, check_fused
+    >>> p = torch.zeros(2, 3, dtype=torch.float16)
+    >>> p.grad = torch.zeros_like(p)
+    >>> check_fused("InvariantSGD", {"lr": 0.1, "params": [p]}, 0, 0, p, None,
+    ...             Kind("euclidean", (), 0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: InvariantSGD(fused=True): the fused kernel cannot take ...
+    """
     from . import fused as kernel
 
     why = ("sharded (DTensor) parameters take the sharded step" if is_dtensor(p)
@@ -748,12 +858,33 @@ def _check_fused(owner: str, group: dict[str, Any], index: int, j: int, p: Tenso
     if why is not None:
         raise ValueError(
             f"{owner}(fused=True): the fused kernel cannot take "
-            f"{_param_name(group, index, j, p)}: {why}; the step changed nothing. Fix: pass "
+            f"{param_name(group, index, j, p)}: {why}; the step changed nothing. Fix: pass "
             "fused=None to take the pure-torch step for such parameters.")
 
 
-def _grad_problem(p: Tensor, g: Tensor) -> str | None:
-    """Why ``g`` cannot be ``p``'s gradient in a step, or ``None``."""
+def grad_problem(p: Tensor, g: Tensor) -> str | None:
+    """Why ``g`` cannot be ``p``'s gradient in a step, or ``None``.
+
+    Parameters
+    ----------
+    p, g : torch.Tensor
+        the parameter and its gradient
+
+    Returns
+    -------
+    str or None
+        a sparse gradient, or one of another dtype, shape or device; ``None`` when it fits
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import grad_problem
+    >>> p = torch.zeros(2, 3)
+    >>> grad_problem(p, torch.zeros(2, 3)) is None
+    True
+    >>> grad_problem(p, torch.zeros(3, 2))
+    'its gradient has shape (3, 2), the parameter (2, 3)'
+    """
     if g.is_sparse:
         return "its gradient is sparse, which InvariantSGD does not support (use dense gradients)"
     if g.dtype != p.dtype:
@@ -944,8 +1075,29 @@ def _single_tensor_invariant_sgd(
                 buf.copy_(oblique_proju(param, buf, kind.ndim))
 
 
-def _filter_inner(xs: list[Tensor], ys: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
-    """Per-filter inner products of two tensor lists, with kept dims."""
+def foreach_filter_inner(xs: list[Tensor], ys: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
+    """Per-filter inner products of two lists of tensors, the reduced dims kept.
+
+    Parameters
+    ----------
+    xs, ys : list of torch.Tensor
+        tensors of equal shapes, pairwise
+    dims : tuple of int
+        the dims one filter spans (:func:`~manifold_nets.math.filter_dims`)
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``(x * y).sum(dims, keepdim=True)`` for each pair
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import foreach_filter_inner
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> foreach_filter_inner([x], [x], (1,))[0].flatten().tolist()
+    [5.0, 25.0]
+    """
     return [t.sum(dim=dims, keepdim=True) for t in torch._foreach_mul(xs, ys)]
 
 
@@ -953,7 +1105,27 @@ def _filter_norm(xs: list[Tensor], dims: tuple[int, ...]) -> list[Tensor]:
     return [torch.linalg.vector_norm(x, dim=dims, keepdim=True) for x in xs]
 
 
-def _foreach_normalise_(xs: list[Tensor], dims: tuple[int, ...], dtype: torch.dtype) -> None:
+def foreach_normalise_(xs: list[Tensor], dims: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Normalise every filter of every tensor of ``xs`` in place (eq. (9)'s retraction).
+
+    Parameters
+    ----------
+    xs : list of torch.Tensor
+        the tensors
+    dims : tuple of int
+        the dims one filter spans
+    dtype : torch.dtype
+        their dtype: the norms are clamped at its ``manifold_nets.math.EPS``
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.optim import foreach_normalise_
+    >>> x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    >>> foreach_normalise_([x], (1,), torch.float32)
+    >>> x.tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 1.0]]
+    """
     norms = _filter_norm(xs, dims)
     torch._foreach_clamp_min_(norms, EPS[dtype])
     torch._foreach_reciprocal_(norms)
@@ -992,7 +1164,7 @@ def _multi_tensor_invariant_sgd(
                 gs = torch._foreach_add(gs, ps, alpha=weight_decay)
             fresh = True
         if name == "oblique":
-            inners = _filter_inner(ps, gs, dims)
+            inners = foreach_filter_inner(ps, gs, dims)
             gs = torch._foreach_addcmul(gs, inners, ps, value=-1)
             fresh = True
         elif name == "sm":
@@ -1028,9 +1200,9 @@ def _multi_tensor_invariant_sgd(
         else:
             torch._foreach_add_(ps, gs, alpha=-lr)
         if name == "oblique":
-            _foreach_normalise_(ps, dims, dtype)
+            foreach_normalise_(ps, dims, dtype)
             if bufs:
-                torch._foreach_addcmul_(bufs, _filter_inner(ps, bufs, dims), ps, value=-1)
+                torch._foreach_addcmul_(bufs, foreach_filter_inner(ps, bufs, dims), ps, value=-1)
 
 
 def _dtensor_class() -> type | None:
@@ -1070,9 +1242,46 @@ def is_dtensor(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def _reducer(param: Tensor, kind: Kind):
+def shard_reducer(param: Tensor, kind: Kind):
     """For a sharded parameter, the function that sums a per-filter (or per-column) squared
-    norm across the ranks holding parts of it; ``None`` when every norm is local."""
+    norm across the ranks holding parts of it; ``None`` when every norm is local.
+
+    Parameters
+    ----------
+    param : torch.distributed.tensor.DTensor
+        the sharded parameter
+    kind : Kind
+        how it is updated
+
+    Returns
+    -------
+    callable or None
+        ``reduce(t)``: ``t`` all-reduced (summed) in place over the shard groups that
+        split the norm's dims
+
+    Raises
+    ------
+    NotImplementedError
+        a filter (UN, left SM) split across ranks: only the right SM metric's columns may
+
+    Examples
+    --------
+    FSDP2 shards dim 0, which keeps each filter on one rank (a one-rank mesh here):
+
+    >>> import socket, torch, torch.distributed as dist
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from torch.distributed.tensor import Shard, distribute_tensor
+    >>> from manifold_nets.optim import Kind, shard_reducer
+    >>> with socket.socket() as s:
+    ...     _ = s.bind(("127.0.0.1", 0))
+    ...     port = s.getsockname()[1]
+    >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+    ...                         world_size=1)
+    >>> p = distribute_tensor(torch.ones(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+    >>> shard_reducer(p, Kind("oblique", (-1,), 1)) is None
+    True
+    >>> dist.destroy_process_group()
+    """
     import torch.distributed as dist
 
     reduced = {d % param.dim() for d in kind.dims}
@@ -1117,7 +1326,7 @@ def _sharded_invariant_sgd(
 
     momentum = hyper["momentum"]
     bufs = [None if b is None else local(b) for b in momentum_buffer_list] if momentum else []
-    reducers = [_reducer(p, k) if isinstance(p, DTensor) else None
+    reducers = [shard_reducer(p, k) if isinstance(p, DTensor) else None
                 for p, k in zip(params, kinds, strict=True)]
     _single_tensor_invariant_sgd([local(p) for p in params], [local(g) for g in grads], bufs,
                                  kinds, reducers=reducers, **hyper)

@@ -21,7 +21,7 @@ import geoopt
 
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 
-__all__ = ["UPDATES", "ROLES", "KERNEL_KINDS", "manifold_for", "update_of"]
+__all__ = ["UPDATES", "ROLES", "KERNEL_KINDS", "check_update", "manifold_for", "update_of"]
 
 #: The updates of Table 1: B-SGD (plain SGD), SM (the scaled metric, eqs. (7)-(8)) and UN
 #: (unit-norm filters, eq. (9)).
@@ -128,3 +128,36 @@ def update_of(manifold: geoopt.Manifold | None) -> str:
     if isinstance(manifold, DiagScaledEuclidean):
         return "sm"
     return "bsgd"
+
+
+def check_update(update: str) -> str:
+    """``update`` if it is one of :data:`UPDATES`.
+
+    Parameters
+    ----------
+    update : str
+        the name of an update
+
+    Returns
+    -------
+    str
+        ``update``
+
+    Raises
+    ------
+    ValueError
+        an update that is not in Table 1, with the ones that are
+
+    Examples
+    --------
+    >>> from manifold_nets.table1 import check_update
+    >>> check_update("un")
+    'un'
+    >>> check_update("UN")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown update 'UN'; choose one of bsgd, sm, un
+    """
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose one of {', '.join(UPDATES)}")
+    return update

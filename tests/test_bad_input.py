@@ -27,7 +27,7 @@ from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.config import TrainConfig
 from manifold_nets.experiments.data import DataError, Dataset, load_dataset
 from manifold_nets.experiments.engines import build_model, train
-from manifold_nets.symmetry import Rescaling, ScalingSpace
+from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
 
 # UN on models without a normalisation after their filters, on purpose: these tests are
 # about the optimiser, not about the model's function (tests/test_declare.py is)

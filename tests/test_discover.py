@@ -325,7 +325,7 @@ def _kernel_models():
 def test_the_candidate_kernel_is_what_changes_no_parameter(model):
     """Its columns move no parameter, and its size is the candidates' rank deficiency in
     parameter space, measured on the dense map from log-scales to parameter tangents."""
-    from manifold_nets.symmetry import ScalingSpace
+    from manifold_nets.symmetry.groups import ScalingSpace
     from manifold_nets.symmetry.structure import _candidate_kernel
 
     space = ScalingSpace(model)

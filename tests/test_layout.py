@@ -56,7 +56,8 @@ def test_the_graph_sees_imports():
     """The checks below read the real imports (a control: an empty graph passes them)."""
     graph = _graph()
     assert "manifold_nets.math" in graph["manifold_nets.optim"]
-    assert "manifold_nets.declare" in graph["manifold_nets.symmetry.invariance"]
+    assert "manifold_nets.declare" in graph["manifold_nets.audit"]
+    assert "manifold_nets.symmetry.structure" in graph["manifold_nets.declare"]
     assert "manifold_nets.experiments.loop" in graph["manifold_nets.experiments.engines"]
     assert "manifold_nets.optim" in graph["manifold_nets.experiments.stacked"]
 
@@ -90,6 +91,77 @@ def test_no_import_cycles():
         if m not in state:
             cycle = visit(m)
             assert cycle is None, " -> ".join(cycle)
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph[todo.pop()] - seen:
+            seen.add(t)
+            todo.append(t)
+    return seen
+
+
+#: What declares, optimises or audits: the symmetry package never reaches any of it.
+ABOVE_SYMMETRY = {"manifold_nets.declare", "manifold_nets.optim", "manifold_nets.adam",
+                  "manifold_nets.audit", "manifold_nets.testing",
+                  "manifold_nets.distributed"}
+
+
+def test_the_symmetry_package_sits_below_declare():
+    graph = _graph()
+    symmetry = [m for m in graph if m.startswith("manifold_nets.symmetry")]
+    bad = {(m, t) for m in symmetry for t in _reach(graph, m) & ABOVE_SYMMETRY}
+    assert not bad, f"the symmetry package reaches above itself: {sorted(bad)}"
+    # the control: what sits above does reach both declare and the analysis
+    assert {"manifold_nets.declare", "manifold_nets.symmetry.structure"} <= _reach(
+        graph, "manifold_nets.audit")
+
+
+def _private_imports(name: str, source: str, modules: set[str], package: str | None = None
+                     ) -> set[str]:
+    """``module._name`` that ``name``'s source takes from another module of the package:
+    ``from module import _name``, or ``alias._name`` on a module it imported. ``package``:
+    what its relative imports start from (default: the package holding ``name``)."""
+    package = package or name.rpartition(".")[0]
+    found, aliases = set(), {}
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module is not None or (
+                isinstance(node, ast.ImportFrom) and node.level):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{base}.{a.name}"
+                elif base in modules and base != name and a.name.startswith("_") \
+                        and not a.name.startswith("__"):
+                    found.add(f"{base}.{a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in aliases and node.attr.startswith("_") \
+                and not node.attr.startswith("__") and aliases[node.value.id] != name:
+            found.add(f"{aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_takes_the_private_names_of_another():
+    modules = _modules()
+    names = set(modules)
+    bad = {m: _private_imports(m, p.read_text(), names,
+                               m if p.name == "__init__.py" else None)
+           for m, p in modules.items()}
+    bad = {m: sorted(v) for m, v in bad.items() if v}
+    assert not bad, f"private names taken across modules: {bad}"
+    # the control: both forms are seen
+    source = ("from .groups import _make\nfrom . import fused as kernel\n"
+              "kernel._load()\nfrom .groups import ScalingSpace\n")
+    assert _private_imports("manifold_nets.symmetry.audit", source, names | {
+        "manifold_nets.symmetry.fused"}) == {"manifold_nets.symmetry.groups._make",
+                                            "manifold_nets.symmetry.fused._load"}
 
 
 def test_importing_the_library_loads_no_experiment():

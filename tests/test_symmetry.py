@@ -12,24 +12,22 @@ from hypothesis import strategies as st
 from torch import nn
 
 from manifold_nets import Arch1, Arch2
+from manifold_nets.audit import UPDATE_RULES, audit_rows, format_audit
 from manifold_nets.experiments.cli import main
 from manifold_nets.nets import pair_max_pool
 from manifold_nets.symmetry import (
-    UPDATE_RULES,
     Rescaling,
     RescalingGroup,
-    ScalingSpace,
     arch1_full_group,
     arch1_paper_group,
     arch2_group,
-    audit_rows,
     discover,
-    format_audit,
     loss_invariance,
     orbit_orthogonality,
     predict,
     update_invariance,
 )
+from manifold_nets.symmetry.groups import ScalingSpace
 
 RULES = {r.name: r for r in UPDATE_RULES}
 #: relative gaps: (invariant below, broken above), as in the audit
@@ -193,14 +191,27 @@ def test_predict():
     net1 = Arch1(depth=2, width=4, in_features=3)
     net2 = Arch2(depth=2, width=4, in_features=3)
     paper, full, a2 = arch1_paper_group(net1), arch1_full_group(net1), arch2_group(net2)
-    assert predict(RULES["SM"], paper, net1) and predict(RULES["SM"], a2, net2)
-    assert not predict(RULES["SM"], full, net1)
-    assert predict(RULES["UN"], a2, net2) and not predict(RULES["UN"], paper, net1)
+    assert predict("sm", paper, net1) and predict("sm", a2, net2)
+    assert not predict("sm", full, net1)
+    assert predict("un", a2, net2) and not predict("un", paper, net1)
     for group, net in ((paper, net1), (full, net1), (a2, net2)):
-        assert not predict(RULES["B-SGD"], group, net)
-        assert not predict(RULES["SM+wd"], group, net)
-    assert predict(RULES["SM"], arch1_full_group(Arch1(depth=1, width=4, in_features=3)),
+        assert not predict("bsgd", group, net)
+        assert not predict("sm", group, net, options=dict(weight_decay=1e-2))
+    assert predict("sm", arch1_full_group(Arch1(depth=1, width=4, in_features=3)),
                    Arch1(depth=1, width=4, in_features=3))
+    # geoopt's momentum buffer starts at the Euclidean gradient: only a zero buffer keeps SM
+    momentum = dict(momentum=0.9)
+    assert not predict("sm", paper, net1, options=momentum)
+    assert predict("sm", paper, net1, options=momentum, zero_buffer=True)
+
+
+def test_a_rule_predicts_with_its_own_update_and_options():
+    net = Arch1(depth=2, width=4, in_features=3)
+    paper = arch1_paper_group(net)
+    for rule in UPDATE_RULES:
+        assert rule.predict(paper, net) == predict(
+            rule.update, paper, net, options=rule.options, zero_buffer=rule.zero_buffer)
+    assert RULES["SM"].predict(paper, net) and not RULES["SM+wd"].predict(paper, net)
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -281,7 +292,7 @@ def test_discover_conv_net_with_batchnorm():
     # SM is equivariant under the per-filter scalings of conv1, not under the whole group
     # (batch-norm parameters are Euclidean)
     filters = discover(net, x).family_group(net, "per-filter scaling of conv1")
-    assert predict(RULES["SM"], filters, net) and not predict(RULES["SM"], group, net)
+    assert predict("sm", filters, net) and not predict("sm", group, net)
     g = filters.sample(1.0, gen).calibrate(net, x)
     assert update_invariance(net, g, RULES["SM"].make, x, y)["gap"] < 1e-9
     assert update_invariance(net, g, RULES["B-SGD"].make, x, y)["gap"] > 1e-5

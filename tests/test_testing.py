@@ -54,7 +54,7 @@ def test_no_family_left_is_a_clear_error():
 
 
 def test_a_failing_loss_check_shows_the_gap():
-    from manifold_nets.symmetry import Rescaling, ScalingSpace
+    from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
 
     g = Rescaling(ScalingSpace(model), {"8.weight": (torch.full((3,), 2.0), None)},
                   label="head rows x2")

@@ -285,7 +285,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from ..symmetry import TOLERANCES, audit_rows, format_audit
+    from ..audit import audit_rows, format_audit
+    from ..symmetry.invariance import TOLERANCES
 
     torch.manual_seed(args.seed)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]

@@ -187,7 +187,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """``manifold-nets demo``.
 
     Prints :func:`one_step_report`, then the invariance audit
-    (``manifold_nets.symmetry.audit_rows``) of Arch1 and Arch2 with 2 layers of 16
+    (``manifold_nets.audit_rows``) of Arch1 and Arch2 with 2 layers of 16
     filters, then, unless ``args.skip_mnist``, :func:`mnist_comparison` on MNIST as a
     table (:func:`format_comparison`).
 
@@ -220,7 +220,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("One RiemannianSGD step with each manifold-nets geometry:")
     for line in one_step_report(args.seed):
         print("  " + line)
-    from ..symmetry import audit_rows, format_audit
+    from ..audit import audit_rows, format_audit
 
     torch.set_num_threads(args.threads)
     for arch in (1, 2):

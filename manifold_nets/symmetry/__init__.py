@@ -12,11 +12,15 @@ One module per concept:
   theory (:func:`~manifold_nets.symmetry.invariance.predict`);
 - :mod:`~manifold_nets.symmetry.discover`: the rescaling symmetries of any model, found
   numerically (:func:`~manifold_nets.symmetry.discover.discover`), with
-  :mod:`~manifold_nets.symmetry.structure` deriving them from the traced graph;
-- :mod:`~manifold_nets.symmetry.audit`: every update rule against every group, prediction
-  beside measurement (:func:`~manifold_nets.symmetry.audit.audit`).
+  :mod:`~manifold_nets.symmetry.structure` deriving them from the traced graph.
 
-Every public name is available from this package:
+The package sits below :func:`manifold_nets.declare`, which reads its analysis: it
+predicts from an update's name (:func:`~manifold_nets.symmetry.invariance.predict`) and
+measures with any optimiser factory, and never declares a model itself. The audit of
+update rules against groups, which declares, is :mod:`manifold_nets.audit`.
+
+The names most code needs are available from this package (the building blocks, such as
+:class:`~manifold_nets.symmetry.groups.ScalingSpace`, from their modules):
 
 >>> import torch
 >>> from manifold_nets.symmetry import discover
@@ -25,22 +29,17 @@ Every public name is available from this package:
 8
 """
 
-from .audit import AuditRow, audit, audit_rows, format_audit
 from .discover import Discovery, discover
 from .groups import (
     Rescaling,
     RescalingGroup,
-    ScalingSpace,
     arch1_full_group,
     arch1_paper_group,
+    arch1_untied_pair_group,
     arch2_group,
     rescale_weight,
-    scaling_tangent,
 )
 from .invariance import (
-    TOLERANCES,
-    UPDATE_RULES,
-    UpdateRule,
     loss_invariance,
     orbit_orthogonality,
     predict,
@@ -50,27 +49,19 @@ from .invariance import (
 from .structure import Family
 
 __all__ = [
-    "ScalingSpace",
     "Rescaling",
     "RescalingGroup",
     "arch1_paper_group",
     "arch1_full_group",
+    "arch1_untied_pair_group",
     "arch2_group",
     "rescale_weight",
-    "scaling_tangent",
-    "TOLERANCES",
     "summed_cross_entropy",
     "loss_invariance",
     "update_invariance",
     "orbit_orthogonality",
     "predict",
-    "UpdateRule",
-    "UPDATE_RULES",
     "Discovery",
     "Family",
     "discover",
-    "AuditRow",
-    "audit",
-    "audit_rows",
-    "format_audit",
 ]

@@ -11,7 +11,9 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..roles import table1_manifolds
 from .groups import Rescaling, RescalingGroup, ScalingSpace
+from .invariance import predict
 from .structure import analysis_copy, as_inputs
 
 __all__ = [
@@ -385,16 +387,13 @@ def _resolves(result: Discovery, model: nn.Module) -> None:
     """Fill every family's ``resolves``: is UN / SM equivariant under it? Parameters that
     never reach the outputs on the inputs (rows of absent tokens, unused positions) get no
     gradient and change nothing, whatever the update: every update resolves them."""
-    from .invariance import UPDATE_RULES, declared_manifolds, predict
-
-    rules = {r.name: r for r in UPDATE_RULES}
-    manifolds = {u: declared_manifolds(model, u) for u in ("un", "sm")}  # once, for all
+    manifolds = {u: table1_manifolds(model, u) for u in ("un", "sm")}  # once, for all
     for fam in result.families:
         if fam.kind == "unused":
             fam.resolves = {"un": True, "sm": True}
             continue
         group = result.family_group(model, fam)
-        fam.resolves = {u: predict(rules[u.upper()], group, model, manifolds=manifolds[u])
+        fam.resolves = {u: predict(u, group, model, manifolds=manifolds[u])
                         for u in ("un", "sm")}
 
 

@@ -28,7 +28,7 @@ Measurements (numbers, not pass/fail):
 :func:`~manifold_nets.symmetry.invariance.orbit_orthogonality`
 (:math:`\langle \nabla L, \xi(w)\rangle`).
 :func:`~manifold_nets.symmetry.invariance.predict` derives from a group's generators whether
-an update *should* be equivariant, and :func:`~manifold_nets.symmetry.audit.audit` compares
+an update *should* be equivariant, and :func:`~manifold_nets.audit.audit` compares
 the prediction with the measurement. :func:`~manifold_nets.symmetry.discover.discover` finds
 the rescaling symmetries of any model numerically.
 """
@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..convert import refuse_conv1d
+from ..roles import FILTER_TYPES
 
 __all__ = [
     "ScalingSpace",
@@ -50,6 +51,7 @@ __all__ = [
     "RescalingGroup",
     "arch1_paper_group",
     "arch1_full_group",
+    "arch1_untied_pair_group",
     "arch2_group",
     "rescale_weight",
     "block_diagonal",
@@ -58,7 +60,6 @@ __all__ = [
 ]
 
 
-_FILTER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -140,7 +141,7 @@ def scaling_tangent(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.
     :math:`t \mapsto (e^{t r}, e^{t c})`:
 
     >>> import torch
-    >>> from manifold_nets.symmetry import rescale_weight, scaling_tangent
+    >>> from manifold_nets.symmetry.groups import rescale_weight, scaling_tangent
     >>> w = torch.randn(3, 2, dtype=torch.float64)
     >>> r = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     >>> c = torch.tensor([-0.1, 0.4], dtype=torch.float64)
@@ -269,7 +270,7 @@ class ScalingSpace:
     Examples
     --------
     >>> import torch
-    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> from manifold_nets.symmetry.groups import ScalingSpace
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
     ...                           torch.nn.Linear(4, 2))
     >>> space = ScalingSpace(net)
@@ -287,7 +288,7 @@ class ScalingSpace:
             if isinstance(mod, _TRANSPOSED):
                 raise ValueError(f"{name!r} is a {type(mod).__name__}; transposed "
                                  "convolutions are not supported by ScalingSpace")
-            if isinstance(mod, _FILTER):
+            if isinstance(mod, FILTER_TYPES):
                 last = (name, mod)
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and last is not None:
                 lname, lmod = last
@@ -297,7 +298,7 @@ class ScalingSpace:
         aliases: dict[str, int] = {}  # a tied weight's second name -> the site's index
         for name, mod in model.named_modules():
             prefix = f"{name}." if name else ""
-            if isinstance(mod, _FILTER + (nn.Embedding,)):
+            if isinstance(mod, (*FILTER_TYPES, nn.Embedding)):
                 rows, cols = mod.weight.shape[:2]
                 groups = getattr(mod, "groups", 1)
                 cols *= groups
@@ -371,7 +372,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> space = ScalingSpace(torch.nn.Sequential(torch.nn.Linear(3, 4)))
         >>> space.find("0.weight").rows, space.find("0.bias")
         (4, None)
@@ -385,7 +386,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> ScalingSpace(torch.nn.Sequential(torch.nn.Linear(3, 4))).names
         ['0.weight']
         """
@@ -413,7 +414,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> s = ScalingSpace(net).site("2.weight")
@@ -444,7 +445,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> space = ScalingSpace(net)
@@ -478,7 +479,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> ScalingSpace(net).rows("0.weight").tolist()
@@ -512,7 +513,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> ScalingSpace(net).cols("2.weight").tolist()
@@ -548,7 +549,7 @@ class ScalingSpace:
         themselves:
 
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> space = ScalingSpace(net)
@@ -597,7 +598,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> space = ScalingSpace(net)
@@ -643,7 +644,7 @@ class ScalingSpace:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import ScalingSpace
+        >>> from manifold_nets.symmetry.groups import ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False))
         >>> space = ScalingSpace(net)
         >>> site, rd, q, cd = next(space.gram_terms(dict(net.named_parameters())))
@@ -709,7 +710,7 @@ class Rescaling:
     changes nothing:
 
     >>> import torch
-    >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+    >>> from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
     ...                           torch.nn.Linear(4, 2))
     >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 2.0), None),
@@ -770,7 +771,7 @@ class Rescaling:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
         ...                           torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 3.0), None)})
@@ -821,7 +822,7 @@ class Rescaling:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> space = ScalingSpace(net)
@@ -859,7 +860,7 @@ class Rescaling:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> w0 = net[0].weight.detach().clone()
@@ -912,7 +913,7 @@ class Rescaling:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import Rescaling, ScalingSpace
+        >>> from manifold_nets.symmetry.groups import Rescaling, ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> g = Rescaling(ScalingSpace(net), {"0.weight": (torch.full((4,), 2.0), None),
@@ -1020,7 +1021,7 @@ class RescalingGroup:
         Examples
         --------
         >>> import torch
-        >>> from manifold_nets.symmetry import RescalingGroup, ScalingSpace
+        >>> from manifold_nets.symmetry.groups import RescalingGroup, ScalingSpace
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
         ...                           torch.nn.Linear(4, 2))
         >>> RescalingGroup(net, torch.zeros(ScalingSpace(net).dim, 2), "two").dim
@@ -1305,6 +1306,46 @@ def arch1_full_group(model) -> RescalingGroup:
                          ("col", nxt[l], k, -1.0)])
             labels.append(f"A_{l + 1},{k + 1}")
     return _make(_Arch1Full, model, cols, "Arch1 full group", labels, depth, half)
+
+
+def arch1_untied_pair_group(model) -> RescalingGroup:
+    r"""A control that is *not* a symmetry of Arch1: the first row of every pooling pair
+    of :math:`W_L` scaled, the columns of :math:`\theta` compensating.
+
+    Max-pooling ties a pair's two rows: scaling one of them changes which one wins, so
+    the loss changes wherever some pair's winner does. Invariance checks that pass on
+    the paper's group must fail on this one.
+
+    Parameters
+    ----------
+    model : manifold_nets.Arch1
+        The network.
+
+    Returns
+    -------
+    RescalingGroup
+        One generator, labelled ``"even rows of W_L"``.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is not an Arch1/Arch2 network.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets import Arch1
+    >>> from manifold_nets.symmetry import arch1_untied_pair_group
+    >>> net = Arch1(depth=1, width=4, in_features=3, num_classes=2)
+    >>> g = arch1_untied_pair_group(net).from_coords([1.0])
+    >>> x = torch.randn(64, 3)
+    >>> torch.allclose(g.apply(net)(x), net(x), atol=1e-5)
+    False
+    """
+    names, theta, _ = _paper_net(model)
+    return _make(RescalingGroup, model, [[("row", names[-1], slice(0, None, 2), 1.0),
+                                          ("col", theta, slice(None), -1.0)]],
+                 "untied pairs (control)", ["even rows of W_L"], len(names), 0)
 
 
 def arch2_group(model) -> RescalingGroup:

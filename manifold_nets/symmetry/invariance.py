@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import geoopt
 import numpy as np
 import torch
 from torch import nn
 
-from ..declare import declare
+from ..roles import table1_manifolds
 from .groups import Rescaling, RescalingGroup, basis_csr
 
 __all__ = [
@@ -29,8 +27,6 @@ __all__ = [
     "update_invariance",
     "orbit_orthogonality",
     "predict",
-    "UpdateRule",
-    "UPDATE_RULES",
 ]
 
 
@@ -39,7 +35,7 @@ __all__ = [
 #: Examples
 #: --------
 #: >>> import torch
-#: >>> from manifold_nets.symmetry import TOLERANCES
+#: >>> from manifold_nets.symmetry.invariance import TOLERANCES
 #: >>> TOLERANCES[torch.float64]
 #: (1e-09, 1e-05)
 TOLERANCES = {torch.float64: (1e-9, 1e-5), torch.float32: (1e-4, 1e-2)}
@@ -192,7 +188,7 @@ def update_invariance(model: nn.Module, element: Rescaling,
         The group element :math:`g`.
     make_optimizer : callable
         ``make_optimizer(net)`` returns the optimiser of ``net`` (e.g.
-        :meth:`UpdateRule.make`).
+        :meth:`manifold_nets.audit.UpdateRule.make`, which declares ``net`` first).
     inputs : torch.Tensor
         The batch every step uses (full-batch steps, no randomness).
     targets : torch.Tensor
@@ -212,12 +208,15 @@ def update_invariance(model: nn.Module, element: Rescaling,
     >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
     >>> x = torch.randn(8, 3, dtype=torch.float64)
     >>> y = torch.randint(0, 2, (8,))
-    >>> from manifold_nets.symmetry import UPDATE_RULES
-    >>> rules = {r.name: r for r in UPDATE_RULES}
+    >>> import geoopt
+    >>> from manifold_nets import declare
+    >>> def sgd(update):  # declare a copy for the update, then plain geoopt SGD
+    ...     return lambda m: (declare(m, update),
+    ...                       geoopt.optim.RiemannianSGD(m.parameters(), lr=1e-2))[1]
     >>> g = arch1_paper_group(net).element(alpha=[3.0], beta_s=[0.5, 2.0])
-    >>> update_invariance(net, g, rules["SM"].make, x, y, steps=2)["gap"] < 1e-12
+    >>> update_invariance(net, g, sgd("sm"), x, y, steps=2)["gap"] < 1e-12
     True
-    >>> update_invariance(net, g, rules["B-SGD"].make, x, y, steps=2)["gap"] > 1e-3
+    >>> update_invariance(net, g, sgd("bsgd"), x, y, steps=2)["gap"] > 1e-3
     True
     """
     a = copy.deepcopy(model)
@@ -294,147 +293,10 @@ def orbit_orthogonality(model: nn.Module, group: RescalingGroup, inputs: torch.T
 
 
 # -- predictions from theory -----------------------------------------------------------------
-@dataclass(frozen=True)
-class UpdateRule:
-    r"""An update rule for the audit: a Table 1 declaration and a geoopt optimiser.
-
-    ``make(model)`` declares the model and returns the optimiser.
-
-    ``zero_buffer``: start the momentum buffers at zero. geoopt 0.5's ``RiemannianSGD``
-    initialises its buffer with the *Euclidean* gradient and then adds the Riemannian one,
-    so its first momentum step is :math:`\mu \nabla L + \tilde\nabla L`; a zero buffer
-    gives the textbook :math:`\tilde\nabla L`.
-
-    Parameters
-    ----------
-    name, update, optimizer, lr, options, zero_buffer
-        The fields of the same names (see Attributes).
-
-    Attributes
-    ----------
-    name : str
-        The rule's name in the audit's tables, e.g. ``"SM+momentum0"``.
-    update : str
-        The declaration of :func:`manifold_nets.declare`: ``"bsgd"``, ``"sm"`` or ``"un"``.
-    optimizer : str
-        ``"sgd"`` (:class:`geoopt.optim.RiemannianSGD`) or ``"adam"``
-        (:class:`geoopt.optim.RiemannianAdam`).
-    lr : float
-        The learning rate.
-    options : dict
-        Further keyword arguments of the optimiser (``momentum``, ``nesterov``,
-        ``weight_decay``, ...).
-    zero_buffer : bool
-        Start the momentum buffers at zero.
-
-    Examples
-    --------
-    >>> from manifold_nets.symmetry import UpdateRule
-    >>> rule = UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True)
-    >>> rule.optimizer, rule.lr
-    ('sgd', 0.01)
-    """
-
-    name: str
-    update: str
-    optimizer: str = "sgd"  # "sgd" (RiemannianSGD) or "adam" (RiemannianAdam)
-    lr: float = 1e-2
-    options: dict = field(default_factory=dict)
-    zero_buffer: bool = False
-
-    def make(self, model: nn.Module) -> torch.optim.Optimizer:
-        """Declare ``model`` for ``update`` and build its optimiser.
-
-        Parameters
-        ----------
-        model : torch.nn.Module
-            The model; its parameters are declared in place (a UN declaration projects
-            the filters onto the oblique manifold; the warning about the changed start is
-            silenced, since the audit measures exactly that).
-
-        Returns
-        -------
-        torch.optim.Optimizer
-            A :class:`geoopt.optim.RiemannianSGD` or :class:`geoopt.optim.RiemannianAdam` over
-            ``model.parameters()``.
-
-        Examples
-        --------
-        >>> import torch
-        >>> from manifold_nets.symmetry import UpdateRule
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
-        ...                           torch.nn.Linear(4, 2))
-        >>> opt = UpdateRule("SM", "sm").make(net)
-        >>> type(opt).__name__, type(net[0].weight).__name__
-        ('RiemannianSGD', 'ManifoldParameter')
-        """
-        with warnings.catch_warnings():  # a changed start is what the audit measures
-            warnings.simplefilter("ignore", UserWarning)
-            declare(model, self.update)
-        cls = geoopt.optim.RiemannianAdam if self.optimizer == "adam" else \
-            geoopt.optim.RiemannianSGD
-        opt = cls(model.parameters(), lr=self.lr, **self.options)
-        if self.zero_buffer:
-            for p in model.parameters():
-                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return opt
-
-
-#: The update rules the audit runs.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.symmetry import UPDATE_RULES
-#: >>> [rule.name for rule in UPDATE_RULES][:3]
-#: ['B-SGD', 'SM', 'UN']
-UPDATE_RULES = (
-    UpdateRule("B-SGD", "bsgd"),
-    UpdateRule("SM", "sm"),
-    UpdateRule("UN", "un"),
-    UpdateRule("SM+momentum(geoopt)", "sm", options=dict(momentum=0.9)),
-    UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True),
-    UpdateRule("SM+nesterov0", "sm", options=dict(momentum=0.9, nesterov=True),
-               zero_buffer=True),
-    UpdateRule("SM+wd", "sm", options=dict(weight_decay=1e-2)),
-    UpdateRule("UN+nesterov", "un", options=dict(momentum=0.9, nesterov=True)),
-    UpdateRule("B-Adam", "bsgd", "adam", lr=1e-3),
-    UpdateRule("SM+Adam", "sm", "adam", lr=1e-3),
-)
-
-
-def declared_manifolds(model: nn.Module, update: str) -> dict:
-    """The manifold that :func:`~manifold_nets.declare.declare` gives every parameter of
-    ``model`` for ``update`` (read from a declared copy; ``model`` is left as it is).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model.
-    update : {"un", "sm", "bsgd"}
-        The update.
-
-    Returns
-    -------
-    dict
-        ``{parameter name: manifold}``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from manifold_nets.symmetry.invariance import declared_manifolds
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
-    ...                           torch.nn.Linear(4, 2))
-    >>> sorted(type(m).__name__ for m in declared_manifolds(net, "un").values())
-    ['Euclidean', 'Euclidean', 'Euclidean', 'ObliqueManifold']
-    """
-    with warnings.catch_warnings():  # only the manifolds are read from this declaration
-        warnings.simplefilter("ignore", UserWarning)
-        return declare(copy.deepcopy(model), update)
-
-
-def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: float = 1e-6,
-            manifolds: dict | None = None) -> bool:
-    r"""Does the theory say that ``rule`` is equivariant under ``group``?
+def predict(update: str, group: RescalingGroup, model: nn.Module, tol: float = 1e-6,
+            manifolds: dict | None = None, *, options: dict | None = None,
+            zero_buffer: bool = False) -> bool:
+    r"""Does the theory say that ``update`` is equivariant under ``group``?
 
     With each generator acting on a weight as :math:`(r_i + c_j) W_{ij}`:
 
@@ -459,12 +321,12 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
       same trajectory.
     - **B-SGD**, **B-Adam** and any weight decay: only the trivial group. So is SM with
       geoopt's momentum buffer (its first step adds :math:`\mu \nabla L`, see
-      :class:`UpdateRule`), unless ``zero_buffer``.
+      :class:`manifold_nets.audit.UpdateRule`), unless ``zero_buffer``.
 
     Parameters
     ----------
-    rule : UpdateRule
-        The update.
+    update : {"bsgd", "sm", "un"}
+        The update of Table 1, as :func:`~manifold_nets.declare.declare` declares it.
     group : RescalingGroup
         The group; each generator is read weight by weight.
     model : torch.nn.Module
@@ -472,9 +334,14 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     tol : float
         Entries of a generator within ``tol`` of each other (or of zero) count as equal.
     manifolds : dict, optional
-        ``{parameter name: manifold}``, as ``declared_manifolds(model, rule.update)`` of
-        this module gives it (computed here when not given); pass it when predicting many
-        groups of one model, so that it is declared once.
+        ``{parameter name: manifold}``, as :func:`~manifold_nets.roles.table1_manifolds`
+        gives it (computed here when not given); pass it when predicting many groups of
+        one model, so that it is planned once.
+    options : dict, optional
+        The optimiser's options that matter: ``momentum`` and ``weight_decay``
+        (geoopt's ``RiemannianSGD`` and ``RiemannianAdam``).
+    zero_buffer : bool
+        The momentum buffers start at zero (not at geoopt's Euclidean gradient).
 
     Returns
     -------
@@ -487,25 +354,26 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
     Table 1: SM resolves the paper's group of Arch1 but not the full group:
 
     >>> from manifold_nets import Arch1
-    >>> from manifold_nets.symmetry import (UPDATE_RULES, arch1_full_group,
-    ...                                     arch1_paper_group, predict)
+    >>> from manifold_nets.symmetry import arch1_full_group, arch1_paper_group, predict
     >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
-    >>> sm = next(r for r in UPDATE_RULES if r.name == "SM")
-    >>> predict(sm, arch1_paper_group(net), net), predict(sm, arch1_full_group(net), net)
+    >>> predict("sm", arch1_paper_group(net), net), predict("sm", arch1_full_group(net), net)
     (True, False)
+    >>> predict("sm", arch1_paper_group(net), net, options=dict(weight_decay=1e-2))
+    False
     """
+    options = options or {}
     if manifolds is None:
-        manifolds = declared_manifolds(model, rule.update)
-    euclidean_mixed = rule.options.get("weight_decay", 0) > 0 or (
-        rule.options.get("momentum", 0) > 0 and not rule.zero_buffer)
-    trivial_only = rule.update == "bsgd" or (rule.update == "sm" and euclidean_mixed)
+        manifolds = table1_manifolds(model, update)
+    euclidean_mixed = options.get("weight_decay", 0) > 0 or (
+        options.get("momentum", 0) > 0 and not zero_buffer)
+    trivial_only = update == "bsgd" or (update == "sm" and euclidean_mixed)
     # a batch norm on batch statistics absorbs the shift of the bias before it: that
     # bias's gradient is zero, it never moves, and scaling it breaks nothing. On running
     # statistics, only the bias less the running mean counts, and UN's projection (which
     # moves the running mean with the filter) makes that the same from w and from g.w
     absorbing = {name for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and (rule.update == "un" or m.training or not m.track_running_stats)}
+                 and (update == "un" or m.training or not m.track_running_stats)}
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def scales(name: str | None, r) -> bool:
@@ -515,7 +383,7 @@ def predict(rule: UpdateRule, group: RescalingGroup, model: nn.Module, tol: floa
         if name is None:
             return False
         moved = np.asarray(abs(r).max(1).toarray()).reshape(-1) > tol
-        if rule.update != "un":
+        if update != "un":
             return bool(moved.any())
         return bool(params[name].detach()[torch.from_numpy(moved)].ne(0).any())
 

@@ -6,7 +6,7 @@ days of JVPs. This module derives the same count from the structure of the compu
 traced with :mod:`torch.fx` and run once on two inputs (for the shapes).
 
 **The model of a symmetry.** A candidate direction (the log-scales of
-:class:`~manifold_nets.symmetry.ScalingSpace`) changes every value :math:`h` of the
+:class:`~manifold_nets.symmetry.groups.ScalingSpace`) changes every value :math:`h` of the
 computation, to first order, into :math:`(1 + s) \odot h + \delta`: a *scale*
 :math:`s` per element and a *shift* :math:`\delta` that does not depend on the input
 sample. It is a symmetry when every output has :math:`s = 0, \delta = 0`. Each operation
@@ -169,7 +169,7 @@ class StructuralResult:
     Examples
     --------
     >>> import torch
-    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> from manifold_nets.symmetry.groups import ScalingSpace
     >>> from manifold_nets.symmetry.structure import structural_symmetries
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 3))
@@ -1612,7 +1612,7 @@ def structural_symmetries(model: nn.Module, inputs, space: ScalingSpace, *,
     model and checks the result; called directly:
 
     >>> import torch
-    >>> from manifold_nets.symmetry import ScalingSpace
+    >>> from manifold_nets.symmetry.groups import ScalingSpace
     >>> from manifold_nets.symmetry.structure import structural_symmetries
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 3))

@@ -1,6 +1,10 @@
 r"""The invariance audit: every update rule against every group, prediction beside
 measurement (:func:`audit`, :func:`audit_rows`, :func:`format_audit`).
 
+An update rule (:class:`UpdateRule`) is a declaration of Table 1 and a geoopt optimiser,
+so this module sits above :mod:`manifold_nets.declare`; the symmetry package below it
+measures and predicts from an update's name and options alone.
+
 The prediction is :func:`~manifold_nets.symmetry.invariance.predict`; the measurements are
 :func:`~manifold_nets.symmetry.invariance.loss_invariance`,
 :func:`~manifold_nets.symmetry.invariance.orbit_orthogonality` and
@@ -10,39 +14,178 @@ The prediction is :func:`~manifold_nets.symmetry.invariance.predict`; the measur
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import geoopt
 import torch
 from torch import nn
 
-from .discover import discover
-from .groups import (
+from .declare import declare
+from .symmetry import (
     Rescaling,
     RescalingGroup,
-    ScalingSpace,
-    _make,
-    _paper_net,
     arch1_full_group,
     arch1_paper_group,
+    arch1_untied_pair_group,
     arch2_group,
-)
-from .invariance import (
-    TOLERANCES,
-    UPDATE_RULES,
-    UpdateRule,
+    discover,
     loss_invariance,
     orbit_orthogonality,
     predict,
     update_invariance,
 )
+from .symmetry.groups import ScalingSpace
+from .symmetry.invariance import TOLERANCES
 
 __all__ = [
+    "UpdateRule",
+    "UPDATE_RULES",
     "AuditRow",
     "audit",
     "audit_rows",
     "format_audit",
 ]
+
+
+# -- the update rules --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateRule:
+    r"""An update rule for the audit: a Table 1 declaration and a geoopt optimiser.
+
+    ``make(model)`` declares the model and returns the optimiser.
+
+    ``zero_buffer``: start the momentum buffers at zero. geoopt 0.5's ``RiemannianSGD``
+    initialises its buffer with the *Euclidean* gradient and then adds the Riemannian one,
+    so its first momentum step is :math:`\mu \nabla L + \tilde\nabla L`; a zero buffer
+    gives the textbook :math:`\tilde\nabla L`.
+
+    Parameters
+    ----------
+    name, update, optimizer, lr, options, zero_buffer
+        The fields of the same names (see Attributes).
+
+    Attributes
+    ----------
+    name : str
+        The rule's name in the audit's tables, e.g. ``"SM+momentum0"``.
+    update : str
+        The declaration of :func:`manifold_nets.declare`: ``"bsgd"``, ``"sm"`` or ``"un"``.
+    optimizer : str
+        ``"sgd"`` (:class:`geoopt.optim.RiemannianSGD`) or ``"adam"``
+        (:class:`geoopt.optim.RiemannianAdam`).
+    lr : float
+        The learning rate.
+    options : dict
+        Further keyword arguments of the optimiser (``momentum``, ``nesterov``,
+        ``weight_decay``, ...).
+    zero_buffer : bool
+        Start the momentum buffers at zero.
+
+    Examples
+    --------
+    >>> from manifold_nets.audit import UpdateRule
+    >>> rule = UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True)
+    >>> rule.optimizer, rule.lr
+    ('sgd', 0.01)
+    """
+
+    name: str
+    update: str
+    optimizer: str = "sgd"  # "sgd" (RiemannianSGD) or "adam" (RiemannianAdam)
+    lr: float = 1e-2
+    options: dict = field(default_factory=dict)
+    zero_buffer: bool = False
+
+    def make(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Declare ``model`` for ``update`` and build its optimiser.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model; its parameters are declared in place (a UN declaration projects
+            the filters onto the oblique manifold; the warning about the changed start is
+            silenced, since the audit measures exactly that).
+
+        Returns
+        -------
+        torch.optim.Optimizer
+            A :class:`geoopt.optim.RiemannianSGD` or :class:`geoopt.optim.RiemannianAdam` over
+            ``model.parameters()``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from manifold_nets.audit import UpdateRule
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> opt = UpdateRule("SM", "sm").make(net)
+        >>> type(opt).__name__, type(net[0].weight).__name__
+        ('RiemannianSGD', 'ManifoldParameter')
+        """
+        with warnings.catch_warnings():  # a changed start is what the audit measures
+            warnings.simplefilter("ignore", UserWarning)
+            declare(model, self.update)
+        cls = geoopt.optim.RiemannianAdam if self.optimizer == "adam" else \
+            geoopt.optim.RiemannianSGD
+        opt = cls(model.parameters(), lr=self.lr, **self.options)
+        if self.zero_buffer:
+            for p in model.parameters():
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+
+    def predict(self, group: RescalingGroup, model: nn.Module, **kwargs) -> bool:
+        """:func:`~manifold_nets.symmetry.invariance.predict` for this rule's update and
+        options.
+
+        Parameters
+        ----------
+        group : RescalingGroup
+            The group.
+        model : torch.nn.Module
+            The model (not modified).
+        **kwargs
+            ``tol`` and ``manifolds`` of :func:`~manifold_nets.symmetry.invariance.predict`.
+
+        Returns
+        -------
+        bool
+            Whether the theory says this rule is equivariant under ``group``.
+
+        Examples
+        --------
+        >>> from manifold_nets import Arch1
+        >>> from manifold_nets.audit import UPDATE_RULES
+        >>> from manifold_nets.symmetry import arch1_paper_group
+        >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2)
+        >>> {r.name: r.predict(arch1_paper_group(net), net) for r in UPDATE_RULES[:3]}
+        {'B-SGD': False, 'SM': True, 'UN': False}
+        """
+        return predict(self.update, group, model, options=self.options,
+                       zero_buffer=self.zero_buffer, **kwargs)
+
+
+#: The update rules the audit runs.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.audit import UPDATE_RULES
+#: >>> [rule.name for rule in UPDATE_RULES][:3]
+#: ['B-SGD', 'SM', 'UN']
+UPDATE_RULES = (
+    UpdateRule("B-SGD", "bsgd"),
+    UpdateRule("SM", "sm"),
+    UpdateRule("UN", "un"),
+    UpdateRule("SM+momentum(geoopt)", "sm", options=dict(momentum=0.9)),
+    UpdateRule("SM+momentum0", "sm", options=dict(momentum=0.9), zero_buffer=True),
+    UpdateRule("SM+nesterov0", "sm", options=dict(momentum=0.9, nesterov=True),
+               zero_buffer=True),
+    UpdateRule("SM+wd", "sm", options=dict(weight_decay=1e-2)),
+    UpdateRule("UN+nesterov", "un", options=dict(momentum=0.9, nesterov=True)),
+    UpdateRule("B-Adam", "bsgd", "adam", lr=1e-3),
+    UpdateRule("SM+Adam", "sm", "adam", lr=1e-3),
+)
 
 
 # -- the audit ---------------------------------------------------------------------------------
@@ -83,7 +226,7 @@ class AuditRow:
 
     Examples
     --------
-    >>> from manifold_nets.symmetry import AuditRow
+    >>> from manifold_nets.audit import AuditRow
     >>> row = AuditRow("Arch1 L=2", "Arch1 paper group", "update SM", 1e-16, True,
     ...                "invariant", True)
     >>> row.ok, row.detail
@@ -139,7 +282,7 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         The groups to measure.
     rules : sequence of UpdateRule
         The update rules (default: all of
-        :data:`~manifold_nets.symmetry.invariance.UPDATE_RULES`).
+        :data:`UPDATE_RULES`).
     controls : sequence of (str, Rescaling, bool)
         Extra loss checks: a label, an element and whether the loss should be invariant.
     steps : int
@@ -161,7 +304,8 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     --------
     >>> import torch
     >>> from manifold_nets import Arch1
-    >>> from manifold_nets.symmetry import UPDATE_RULES, arch1_paper_group, audit
+    >>> from manifold_nets.audit import UPDATE_RULES, audit
+    >>> from manifold_nets.symmetry import arch1_paper_group
     >>> _ = torch.manual_seed(0)
     >>> net = Arch1(depth=2, width=4, in_features=3, num_classes=2).double()
     >>> x = torch.randn(16, 3, dtype=torch.float64)
@@ -186,7 +330,7 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         for rule in rules:
             ui = update_invariance(model, g, rule.make, inputs, targets, steps)
             rows.append(_row(arch, group.name, f"update {rule.name}", ui["gap"],
-                             predict(rule, group, model), dtype,
+                             rule.predict(group, model), dtype,
                              f"params {ui['param_gap']:.1e} outputs {ui['output_gap']:.1e} "
                              f"(start {ui['start_output_gap']:.1e})"))
     for label, element, expected in controls:
@@ -194,15 +338,6 @@ def audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         rows.append(_row(arch, label, "loss+outputs", max(li["loss_gap"], li["output_gap"]),
                          expected, dtype, f"loss {li['loss']:.4g} -> {li['loss_g']:.4g}"))
     return rows
-
-
-def _untied_pair_group(model) -> RescalingGroup:
-    """Not a symmetry of Arch1: the first row of every pooling pair of W_L scaled, the
-    columns of theta compensating (one pair whose winner changes suffices to break it)."""
-    names, theta, _ = _paper_net(model)
-    return _make(RescalingGroup, model, [[("row", names[-1], slice(0, None, 2), 1.0),
-                                          ("col", theta, slice(None), -1.0)]],
-                 "untied pairs (control)", ["even rows of W_L"], len(names), 0)
 
 
 def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: int = 784,
@@ -246,7 +381,7 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
         the candidate count)
     rules : sequence of UpdateRule
         the update rules (default: all of
-        :data:`~manifold_nets.symmetry.invariance.UPDATE_RULES`)
+        :data:`UPDATE_RULES`)
 
     Returns
     -------
@@ -269,13 +404,13 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     --------
     A tiny Arch1 against two rules; every expectation holds:
 
-    >>> from manifold_nets.symmetry import UPDATE_RULES, audit_rows, format_audit
+    >>> from manifold_nets.audit import UPDATE_RULES, audit_rows, format_audit
     >>> rules = [r for r in UPDATE_RULES if r.name in ("B-SGD", "SM")]
     >>> rows = audit_rows(1, 2, width=4, in_features=8, num_classes=3, batch=64, rules=rules)
     >>> print(format_audit(rows).splitlines()[-1])
     15/15 expectations hold (1 rows reported without a prediction)
     """
-    from ..nets import Arch1, Arch2
+    from .nets import Arch1, Arch2
 
     gen = torch.Generator().manual_seed(seed)
     if arch == 1:
@@ -304,11 +439,11 @@ def audit_rows(arch: int = 1, depth: int = 2, *, width: int = 64, in_features: i
     rows = audit(net, x, y, groups, rules, steps=steps, log_scale=log_scale, seed=seed,
                  arch=label)
     # controls: loss and orbit must break
-    names, theta, _ = _paper_net(net)
+    names, theta = [n for n, _ in net.named_filters()], "classifier.weight"
     space = ScalingSpace(net)
     controls = []
     if arch == 1:
-        untied = _untied_pair_group(net)
+        untied = arch1_untied_pair_group(net)
         controls.append((untied.name, untied.from_coords([1.0]), False))
         orth = orbit_orthogonality(net, untied, x, y)
         rows.append(_row(label, untied.name, "<grad L, xi(w)>", float(orth.max()), False,
@@ -372,7 +507,7 @@ def format_audit(rows: Sequence[AuditRow]) -> str:
 
     Examples
     --------
-    >>> from manifold_nets.symmetry import AuditRow, format_audit
+    >>> from manifold_nets.audit import AuditRow, format_audit
     >>> rows = [AuditRow("Arch1 L=2", "paper", "update SM", 1e-16, True, "invariant", True),
     ...         AuditRow("Arch1 L=2", "paper", "update B-SGD", 0.5, False, "broken", True)]
     >>> print(format_audit(rows))
