@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 from manifold_nets.experiments import camvid as cv
+from manifold_nets.experiments.camvid import data as cv_data
+from manifold_nets.experiments.camvid import training as cv_training
 from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.data import DataError
 from manifold_nets.nets import segnet_basic
@@ -32,7 +34,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("MANIFOLD_NETS_CACHE", str(tmp_path / "cache"))
     for var in ("MANIFOLD_NETS_DATA", "MANIFOLD_NETS_MIRROR", "MANIFOLD_NETS_CAMVID"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(cv, "ARCHIVE_URL", "http://127.0.0.1:9/nothing-here")
+    monkeypatch.setattr(cv_data, "ARCHIVE_URL", "http://127.0.0.1:9/nothing-here")
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -88,7 +90,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_shipped_checksum_list_is_pinned():
-    table = cv._read_sums()
+    table = cv_data._read_sums()
     assert len(table) == 2 * sum(cv.SPLITS.values())
     for split, n in cv.SPLITS.items():
         assert sum(k.startswith(f"{split}/") for k in table) == n
@@ -364,7 +366,7 @@ def test_evaluation_at_another_resolution_upsamples_the_predictions():
 def test_flips_mirror_image_and_labels_together():
     x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
     y = torch.arange(2 * 2 * 4).view(2, 2, 4)
-    fx, fy = cv._Flips(torch.Generator().manual_seed(1))(x, y)
+    fx, fy = cv_training._Flips(torch.Generator().manual_seed(1))(x, y)
     flipped = [bool(torch.equal(fy[i], y[i].flip(-1))) for i in range(2)]
     for i in range(2):
         assert torch.equal(fx[i], (x[i].flip(-1) if flipped[i] else x[i]).float())
@@ -388,8 +390,8 @@ def test_void_is_ignored_in_loss_and_metrics():
 def test_cli_train_evaluate_report(tmp_path, capsys, monkeypatch):
     folder, sums = make_fake(tmp_path / "data", sizes={"train": 4, "val": 2, "test": 2},
                              shape=(32, 32))
-    shipped = cv._read_sums
-    monkeypatch.setattr(cv, "_read_sums", lambda s=None: shipped(s or sums))
+    shipped = cv_data._read_sums
+    monkeypatch.setattr(cv_data, "_read_sums", lambda s=None: shipped(s or sums))
     out = tmp_path / "out"
     argv = ["camvid", "train", "--update", "un", "--lr-grid", "0.1", "0.01",
             "--select-epochs", "1", "--epochs", "1", "--seeds", "0", "1", "--height", "32",

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Files the package reads at run time, by their path inside the package.
-SHIPPED = ("csrc/fused_step.cpp", "experiments/camvid.sha256", "py.typed")
+SHIPPED = ("csrc/fused_step.cpp", "experiments/camvid/camvid.sha256", "py.typed")
 
 #: Run in the fresh environment: the import is quiet, the kernel builds from the installed
 #: source and takes a UN step with momentum, and the shipped files are the checkout's.

@@ -295,3 +295,40 @@ def test_demo_mnist_comparison(small_mnist):
     assert all(0 <= r["test_error"][0] <= 1 for r in rows)
     lines = format_comparison(rows)
     assert lines[0].startswith("| update |") and lines[-1].startswith("| UN |")
+
+
+def test_one_rate_selection_rule_for_table2_and_camvid():
+    from manifold_nets.experiments import engines
+    from manifold_nets.experiments.camvid import protocol
+    from manifold_nets.experiments.config import best_rate
+
+    nan = float("nan")
+    errors = {0.1: nan, 0.01: 0.5, 0.001: 0.5}
+    assert best_rate(errors) == 0.001  # a diverged (NaN) rate is never chosen; ties: smaller
+    # the control: a plain min over (error, rate) keys takes the NaN that comes first
+    assert min(errors, key=lambda r: (errors[r], r)) == 0.1
+    assert best_rate({0.1: 0.3, 0.01: 0.4}, lower_is_better=False) == 0.01  # mean IoU
+    with pytest.raises(ValueError, match="every candidate rate diverged: 0.1, 0.01"):
+        best_rate({0.1: None, 0.01: nan})
+    with pytest.raises(ValueError, match="no candidate rates"):
+        best_rate({})
+    assert engines.best_rate is best_rate and protocol.best_rate is best_rate
+
+
+def test_the_loop_refuses_rates_the_optimisers_refuse():
+    from manifold_nets.experiments.config import ExpDecay, StoppingRule
+    from manifold_nets.experiments.loop import ModuleRuns, Stream, fit_runs
+
+    x, y = torch.rand(8, 3), torch.randint(0, 2, (8,))
+
+    def run(lr):
+        model = torch.nn.Linear(3, 2)
+        return fit_runs(ModuleRuns(model), x, y, lr=[lr], schedules=[ExpDecay(1.0)],
+                        stopping=[StoppingRule(1, 1, enabled=False)],
+                        streams=[Stream(torch.arange(8), torch.Generator().manual_seed(0))],
+                        stream_of_run=[0], batch_size=4)
+
+    for bad in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(ValueError, match="fit_runs: run 0: Invalid learning rate"):
+            run(bad)
+    assert len(run(0.1)[0].history) == 1  # the control

@@ -146,53 +146,90 @@ _CONFIG_HELP = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """Add one option per :class:`~.config.TrainConfig` field (defaults: ``None`` = the
-    config's own)."""
-    group = parser.add_argument_group("run configuration (defaults: the paper's protocol)")
-    defaults = TrainConfig()
-    choices = {"arch": ARCHS, "update": UPDATES, "protocol": PROTOCOLS, "stopping": STOPPING,
-               "dataset": ("mnist", "fashion-mnist")}
-    for f in dataclasses.fields(TrainConfig):
+#: The help of every :class:`~manifold_nets.experiments.camvid.training.CamVidConfig` field.
+_CAMVID_HELP = {
+    "update": "update of Table 1: bsgd, sm or un",
+    "lr": "base rate when --lr-grid is not given",
+    "epochs": "epochs of each full run",
+    "batch_size": "images per step",
+    "momentum": "heavy-ball momentum",
+    "weight_decay": "weight decay",
+    "height": "image height (CamVid is 360)",
+    "width": "image width (CamVid is 480)",
+    "filters": "filters per conv (SegNet-Basic has 64)",
+    "class_weights": "loss weights per class: published, computed or none",
+    "flip": "random horizontal flips",
+    "val_every": "validate after every N-th epoch and the last (each validation costs "
+                 "about half an epoch)",
+    "optimizer": "InvariantSGD (invariant), or torch.optim.SGD on the same net (torch-sgd, "
+                 "with --update bsgd: the control of the training pipeline)",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (), *,
+                         config: type = TrainConfig, helps: dict | None = None,
+                         choices: dict | None = None, types: dict | None = None,
+                         title: str = "run configuration (defaults: the paper's protocol)"
+                         ) -> None:
+    """Add one option per field of the dataclass ``config`` (defaults: ``None`` = the
+    config's own, shown in the help); :func:`config_from_args` reads them back.
+
+    A field ``name`` becomes ``--name`` (underscores as dashes): a bool an on/off pair, a
+    tuple a list, an int a positive int (``seed`` any int), a field defaulting to
+    ``None`` a float; ``choices`` and ``types`` override by name. For
+    :class:`~manifold_nets.experiments.config.TrainConfig`, also
+    ``--textbook-bold-driver``.
+    """
+    group = parser.add_argument_group(title)
+    defaults = config()
+    helps = _CONFIG_HELP if helps is None else helps
+    choices = ({"arch": ARCHS, "update": UPDATES, "protocol": PROTOCOLS, "stopping": STOPPING,
+                "dataset": ("mnist", "fashion-mnist")} if choices is None else choices)
+    types = types or {}
+    for f in dataclasses.fields(config):
         if f.name in exclude:
             continue
         default = getattr(defaults, f.name)
         kw: dict = {"default": None, "dest": f.name}
         if f.name in choices:
             kw["choices"] = choices[f.name]
-        if f.name == "lr_grid":
+        if f.name in types:
+            kw["type"] = types[f.name]
+        elif isinstance(default, tuple):
             kw.update(type=positive_float, nargs="+", metavar="LR")
-        elif f.name == "bold_undo":
+        elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name in ("lr", "collapse_error"):
+        elif default is None or isinstance(default, float):
             kw["type"] = float
-        elif isinstance(default, int) and not isinstance(default, bool):
+        elif isinstance(default, int):
             kw["type"] = positive_int if f.name != "seed" else int
         else:
             kw["type"] = type(default)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        shown = "selected" if f.name == "lr" else shown
-        kw["help"] = f"{_CONFIG_HELP[f.name]} (default: {shown})"
+        shown = "selected" if config is TrainConfig and f.name == "lr" else shown
+        kw["help"] = f"{helps[f.name]} (default: {shown})"
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
-    group.add_argument(
-        "--textbook-bold-driver", action="store_true",
-        help="bold driver x1.05 / x0.5 with undo (instead of the released code's x1.1 / x0.5)",
-    )
+    if config is TrainConfig:
+        group.add_argument(
+            "--textbook-bold-driver", action="store_true",
+            help="bold driver x1.05 / x0.5 with undo (instead of the released code's x1.1 / "
+                 "x0.5)")
 
 
-def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
-    """A :class:`~.config.TrainConfig` from parsed options (unset ones keep their
-    defaults)."""
+def config_from_args(args: argparse.Namespace, config: type = TrainConfig, **fixed):
+    """A ``config`` (a :class:`~manifold_nets.experiments.config.TrainConfig` by default)
+    from the options of :func:`add_config_arguments` (unset ones keep their defaults) and
+    ``fixed``."""
     values = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config):
         value = getattr(args, f.name, None)
         if value is not None:
-            values[f.name] = tuple(value) if f.name == "lr_grid" else value
+            values[f.name] = tuple(value) if isinstance(value, list) else value
     if getattr(args, "textbook_bold_driver", False):
         tb = BoldDriver.textbook()
         values.update(bold_increase=tb.increase, bold_decrease=tb.decrease, bold_undo=tb.undo)
     values.update(fixed)
-    return TrainConfig(**values)
+    return config(**values)
 
 
 # --------------------------------------------------------------------------------------
@@ -459,16 +496,6 @@ def _bench_parser(sub) -> None:
     _common(p)
 
 
-def _update_and_rates(p: argparse.ArgumentParser, update: str, lr: float, what: str) -> None:
-    """``--update``, ``--lr`` and ``--lr-grid`` of ``camvid train``."""
-    p.add_argument("--update", choices=UPDATES, default=update,
-                   help=f"update of Table 1 (default: {update})")
-    p.add_argument("--lr", type=positive_float, default=lr,
-                   help=f"base rate when --lr-grid is not given (default: {lr})")
-    p.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
-                   help=f"rates to select from on the validation {what}, space-separated")
-
-
 def load_factory(target: str):
     """The model of ``module:name`` (a factory or class called without arguments, or a
     module instance); raises ValueError with the reason."""
@@ -543,20 +570,94 @@ def _discover_parser(sub) -> None:
     _common(p, data=False)
 
 
-def _run_camvid(args: argparse.Namespace) -> int:
-    from . import camvid
+def _run_camvid_train(args: argparse.Namespace) -> int:
+    from .camvid import CamVidConfig, train_update
+    from .data import DataError
 
-    return getattr(camvid, f"run_{args.camvid_command}_cli")(args)
+    torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels
+    try:
+        config = config_from_args(args, CamVidConfig, seed=args.seeds[0])
+        for lr in args.lr_grid or ():
+            dataclasses.replace(config, lr=lr)
+    except ValueError as err:
+        args.parser.error(str(err))
+    problem = unwritable(args.out, "--out", folder=True)
+    if problem:
+        return _error(problem)
+    command = ("manifold-nets camvid train " + " ".join(sys.argv[3:])
+               if args.record_argv else None)
+    try:
+        train_update(config, args.out, lr_grid=args.lr_grid, seeds=args.seeds,
+                     select_epochs=args.select_epochs, data_dir=args.data_dir,
+                     device=args.device, command=command,
+                     log=lambda line: print(line, flush=True))
+    except (DataError, ValueError) as err:
+        return _error(str(err))
+    return 0
+
+
+def _per_class(m: dict) -> str:
+    from .camvid import CLASSES
+
+    return ", ".join(f"{c} {'-' if v is None else f'{100 * v:.1f}'}"
+                     for c, v in zip(CLASSES, m["per_class_iou"], strict=True))
+
+
+def _run_camvid_evaluate(args: argparse.Namespace) -> int:
+    from .camvid import FULL_SIZE, evaluate, format_metrics, load_camvid, load_weights
+    from .data import DataError
+
+    torch.set_num_threads(args.threads)
+    try:
+        model, config, stored = load_weights(args.weights)
+        model.to(args.device)
+        test = load_camvid(args.split, config.size, args.data_dir)
+    except (ValueError, DataError) as err:
+        return _error(str(err))
+    m = evaluate(model, test)
+    print(f"{args.weights}: SegNet-Basic ({config.filters} filters), update {config.update}, "
+          f"seed {config.seed}, at {config.height}x{config.width}")
+    print(f"{args.split} ({len(test)} images): {format_metrics(m)}")
+    print("per-class IoU: " + _per_class(m))
+    if config.size != FULL_SIZE:
+        full = load_camvid(args.split, None, args.data_dir).labels
+        f = evaluate(model, test, labels=full)
+        print(f"{args.split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} (predictions upsampled "
+              f"by nearest neighbour): {format_metrics(f)}")
+        print("per-class IoU: " + _per_class(f))
+    if stored is not None and args.split == "test":
+        same = all(abs(m[k] - stored[k]) < 1e-6 for k in ("global_acc", "class_avg_acc",
+                                                         "mean_iou"))
+        print("matches the metrics stored with the weights" if same else
+              f"differs from the metrics stored with the weights: {format_metrics(stored)}")
+    return 0
+
+
+def _run_camvid_report(args: argparse.Namespace) -> int:
+    from .camvid import build_report
+
+    torch.set_num_threads(args.threads)
+    try:
+        text, notes = build_report(args.folder, data_dir=args.data_dir, figure=args.figure,
+                                   curves=args.curves)
+    except ValueError as err:
+        return _error(str(err))
+    print(text)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return 0
 
 
 def _camvid_parsers(sub) -> None:
-    from .camvid import CamVidConfig
+    from .camvid import OPTIMIZERS, CamVidConfig
 
     d = CamVidConfig()
     p = _add(sub, "camvid", "SegNet-Basic on CamVid (Section 6): train, evaluate, report",
              "SegNet-Basic trained with an update of Table 1 on the real CamVid road scenes "
              "(the SegNet authors' 367/101/233 split), evaluated on the test images.",
-             _run_camvid)
+             None)
     csub = p.add_subparsers(dest="camvid_command", metavar="SUBCOMMAND",
                             help="train, evaluate or report")
     csub.required = True
@@ -567,37 +668,20 @@ def _camvid_parsers(sub) -> None:
              "test", "Train SegNet-Basic with one update. With --lr-grid, each rate trains "
              "--select-epochs epochs (first seed) and the best validation mean IoU picks the "
              "rate of the full runs. Every run checkpoints after each epoch; rerunning the "
-             "same command continues a killed run and skips finished ones.", _run_camvid)
-    _update_and_rates(t, d.update, d.lr, "images")
+             "same command continues a killed run and skips finished ones.",
+             _run_camvid_train)
+    add_config_arguments(t, exclude=("seed",), config=CamVidConfig, helps=_CAMVID_HELP,
+                         choices={"update": UPDATES, "optimizer": OPTIMIZERS,
+                                  "class_weights": ("published", "computed", "none")},
+                         types={"lr": positive_float},
+                         title="run configuration (defaults: SegNet-Basic's solver at half "
+                               "the resolution)")
+    t.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
+                   help="rates to select from on the validation images, space-separated")
     t.add_argument("--select-epochs", type=positive_int, default=2,
                    help="epochs of each selection run (default: 2)")
-    t.add_argument("--epochs", type=positive_int, default=d.epochs,
-                   help=f"epochs of each full run (default: {d.epochs})")
-    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help=f"images per step (default: {d.batch_size})")
-    t.add_argument("--momentum", type=float, default=d.momentum,
-                   help=f"heavy-ball momentum (default: {d.momentum})")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"(default: {d.weight_decay})")
-    t.add_argument("--height", type=positive_int, default=d.height,
-                   help=f"image height (default: {d.height}; CamVid is 360)")
-    t.add_argument("--width", type=positive_int, default=d.width,
-                   help=f"image width (default: {d.width}; CamVid is 480)")
-    t.add_argument("--filters", type=positive_int, default=d.filters,
-                   help=f"filters per conv (default: {d.filters}; SegNet-Basic has 64)")
-    t.add_argument("--class-weights", choices=("published", "computed", "none"),
-                   default=d.class_weights,
-                   help=f"loss weights per class (default: {d.class_weights})")
-    t.add_argument("--optimizer", choices=("invariant", "torch-sgd"), default=d.optimizer,
-                   help="InvariantSGD (default), or torch.optim.SGD on the same net "
-                        "(with --update bsgd: the control of the training pipeline)")
-    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
-                   help="random horizontal flips (default: on)")
     t.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
                    help="seeds, space-separated; the first selects the rate (default: 0)")
-    t.add_argument("--val-every", type=positive_int, default=d.val_every, metavar="N",
-                   help="validate after every N-th epoch and the last (each validation "
-                        f"costs about half an epoch; default: {d.val_every})")
     t.add_argument("--out", required=True, metavar="DIR",
                    help="folder of the records, weights and checkpoints (one sub-folder "
                         "per update)")
@@ -609,7 +693,8 @@ def _camvid_parsers(sub) -> None:
 
     e = _add(csub, "evaluate", "metrics of saved weights on the CamVid test images",
              "Global accuracy, class-average accuracy, mean IoU and per-class IoU of a "
-             "weights file written by `camvid train`, at its resolution.", _run_camvid)
+             "weights file written by `camvid train`, at its resolution.",
+             _run_camvid_evaluate)
     e.add_argument("--weights", required=True, metavar="PATH",
                    help="a .pt file written by `camvid train`")
     e.add_argument("--split", choices=("test", "val", "train"), default="test",
@@ -622,7 +707,7 @@ def _camvid_parsers(sub) -> None:
     r = _add(csub, "report", "tables and figures from `camvid train` folders",
              "Test metrics (mean and spread over seeds) beside the SegNet paper's, the "
              "per-class IoU, the rate selection, training curves and a figure of "
-             "predictions in CamVid's colours.", _run_camvid)
+             "predictions in CamVid's colours.", _run_camvid_report)
     r.add_argument("folder", help="the --out folder of `camvid train`")
     r.add_argument("--figure", default=None, metavar="PATH",
                    help="write the predictions figure (PNG) here")

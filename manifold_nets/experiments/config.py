@@ -33,6 +33,7 @@ __all__ = [
     "ExpDecay",
     "StoppingRule",
     "TrainConfig",
+    "best_rate",
     "bold_driver",
     "config_diff",
     "exp_decay",
@@ -759,6 +760,52 @@ def stopping_rule(config: TrainConfig) -> StoppingRule:
 
 # --------------------------------------------------------------------------------------
 # The random split.
+
+
+def best_rate(scores: Mapping[float, float | None], *, lower_is_better: bool = True
+              ) -> float:
+    """The rate selection's rule, for Table 2 and CamVid alike: the candidate rate with the
+    best score; ties go to the smaller rate.
+
+    Parameters
+    ----------
+    scores : mapping
+        ``{rate: score}``; ``None`` or NaN marks a rate whose run diverged, which is never
+        selected
+    lower_is_better : bool
+        ``True`` for an error (Table 2), ``False`` for a mean IoU (CamVid)
+
+    Returns
+    -------
+    float
+        the selected rate
+
+    Raises
+    ------
+    ValueError
+        no candidates, or every candidate diverged
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.config import best_rate
+    >>> best_rate({0.1: 0.05, 0.01: 0.03, 0.001: 0.03})  # errors: the tie goes to 0.001
+    0.001
+    >>> best_rate({0.1: None, 0.01: 0.41}, lower_is_better=False)  # mean IoU; 0.1 diverged
+    0.01
+    >>> best_rate({0.1: float("nan")})
+    Traceback (most recent call last):
+    ...
+    ValueError: every candidate rate diverged: 0.1
+    """
+    if not scores:
+        raise ValueError("no candidate rates to select from")
+    ok = {float(r): float(v) for r, v in scores.items()
+          if v is not None and not math.isnan(v)}
+    if not ok:
+        raise ValueError("every candidate rate diverged: "
+                         + ", ".join(f"{float(r):g}" for r in scores))
+    sign = 1.0 if lower_is_better else -1.0
+    return min(ok, key=lambda r: (sign * ok[r], r))
 
 
 def split_indices(config: TrainConfig, n_available: int) -> dict[str, torch.Tensor]:

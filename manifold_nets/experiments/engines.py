@@ -54,6 +54,7 @@ from .config import (
     Divergence,
     StoppingRule,
     TrainConfig,
+    best_rate,
     config_diff,
     make_schedule,
     split_indices,
@@ -403,16 +404,11 @@ def select_lr(
             generator=_order_generator(config.seed), stream=splits["select_train"],
             progress=progress)
         errors[lr] = error_rate(model, xv, yv)
-    return _best(errors), errors
+    return best_rate(errors), errors
 
 
 def _selection_stopping(config: TrainConfig) -> StoppingRule:
     return StoppingRule(config.select_epochs, config.select_epochs, enabled=False)
-
-
-def _best(errors: dict[float, float]) -> float:
-    """The rate with the lowest error; ties go to the smaller rate."""
-    return min(errors, key=lambda r: (errors[r], r))
 
 
 def train(
@@ -880,7 +876,7 @@ def select_lr_stacked(
     for k in range(len(configs)):
         errs = {r: results[k * L + j].final.get("select_val_error", math.nan)
                 for j, r in enumerate(grid)}
-        out.append((_best(errs), errs))
+        out.append((best_rate(errs), errs))
     return out
 
 

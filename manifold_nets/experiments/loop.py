@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..optim import InvariantSGD
+from ..optim import InvariantSGD, check_lr
 from .config import Divergence, StoppingRule
 from .progress import tqdm
 
@@ -341,6 +341,11 @@ def fit_runs(
                       ("divergence", divergence), ("stream_of_run", stream_of_run)):
         if len(seq) != R:
             raise ValueError(f"fit_runs: {name} has {len(seq)} entries for {R} runs")
+    for r, v in enumerate(lr):  # the optimisers' own rule: the loop sets their rates
+        try:
+            check_lr(v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"fit_runs: run {r}: {err}") from None
     if start is None:
         state = LoopState(0, list(range(R)), [float(v) for v in lr], [None] * R,
                           [FitResult() for _ in range(R)])
