@@ -17,6 +17,7 @@ from PIL import Image
 
 from manifold_nets.experiments import camvid as cv
 from manifold_nets.experiments.camvid import data as cv_data
+from manifold_nets.experiments.camvid import report as cv_report
 from manifold_nets.experiments.camvid import training as cv_training
 from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.data import DataError
@@ -302,7 +303,7 @@ def test_the_report_compares_the_updates_over_seeds_and_says_how_little_two_can_
     summary = {"lr": 0.1, "selection": {}}
     results = {"un": (summary, [run("un", 0, 0.33, 0.64), run("un", 1, 0.32, 0.65)]),
                "bsgd": (summary, [run("bsgd", 0, 0.34, 0.67), run("bsgd", 1, 0.30, 0.62)])}
-    text = cv.report_tables(results)
+    text = cv_report.report_tables(results)
     w = welch([33.0, 32.0], [34.0, 30.0])
     row = next(line for line in text.splitlines() if line.startswith("| UN - B-SGD | mean IoU"))
     assert f"| {w['diff']:+.1f} | [{w['low']:+.1f}, {w['high']:+.1f}] | {w['p']:.2f} | " \
@@ -310,7 +311,7 @@ def test_the_report_compares_the_updates_over_seeds_and_says_how_little_two_can_
     assert (w["high"] - w["low"]) / 2 > 10  # two seeds cannot tell 0.5 points apart
     assert "2 comparisons" in text
     one = {"un": results["un"], "bsgd": (summary, results["bsgd"][1][:1])}
-    assert "Do the updates differ" not in cv.report_tables(one)  # one seed: no test
+    assert "Do the updates differ" not in cv_report.report_tables(one)  # one seed: no test
 
 
 def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):

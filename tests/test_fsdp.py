@@ -79,14 +79,14 @@ def _worker(rank: int) -> dict:
         if update == "sm":  # control: without the column norms summed across ranks
             from manifold_nets import optim
 
-            reducer, optim._reducer = optim._reducer, lambda p, k: None
+            reducer, optim.shard_reducer = optim.shard_reducer, lambda p, k: None
             try:
                 model = _model(update)
                 mnd.fully_shard(model)
                 _train(model, _optimizer(model), x[:, shard], y[:, shard])
                 out[update, "local-norms"] = {k: v.numpy() for k, v in _full(model).items()}
             finally:
-                optim._reducer = reducer
+                optim.shard_reducer = reducer
         # torch's own fully_shard drops the manifolds: InvariantSGD refuses the model
         plain = _model(update)
         torch_fully_shard(plain)

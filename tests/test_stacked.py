@@ -272,7 +272,7 @@ TIMING = ("select_time_s", "wall_time_s", "group_wall_time_s")
 def test_killed_group_resumes_from_its_last_epoch(tmp_path, monkeypatch, kill_at):
     """A group killed after its k-th checkpoint resumes from it: the same records as an
     uninterrupted group, bit for bit (float32), and no epoch is trained twice."""
-    from manifold_nets.experiments import engines
+    from manifold_nets.experiments.checkpoint import GroupCheckpoint
 
     data = synthetic(n_train=1000, dtype=torch.float32)
     tiny = {**TINY, "select_epochs": 2, "max_epochs": 3}
@@ -282,7 +282,7 @@ def test_killed_group_resumes_from_its_last_epoch(tmp_path, monkeypatch, kill_at
                                                ("bold-driver", "bsgd"))]
     reference = train_group(configs, data)
     saves, epochs = [0], [0]
-    saver, step = engines._GroupCheckpoint.saver, StackedNet.step
+    saver, step = GroupCheckpoint.saver, StackedNet.step
 
     def killing_saver(self, *args, **kw):
         save = saver(self, *args, **kw)
@@ -294,7 +294,7 @@ def test_killed_group_resumes_from_its_last_epoch(tmp_path, monkeypatch, kill_at
                 raise KeyboardInterrupt
         return kill
 
-    monkeypatch.setattr(engines._GroupCheckpoint, "saver", killing_saver)
+    monkeypatch.setattr(GroupCheckpoint, "saver", killing_saver)
     path = tmp_path / "group.pt"
     with pytest.raises(KeyboardInterrupt):
         train_group(configs, data, checkpoint=path)

@@ -28,12 +28,16 @@ the new one, never a torn file. It holds
 
 On CPU, resuming a run of :func:`~manifold_nets.experiments.engines.fit` from a checkpoint gives
 bit-identical iterates compared with the uninterrupted run (``tests/test_checkpoint.py``).
+
+:class:`GroupCheckpoint` is the same policy for a group of runs on the stacked engine: one
+file after every epoch of the selection and of the training.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import geoopt
@@ -41,13 +45,16 @@ import torch
 
 from ..manifolds import UNIT_NORM_TOL, ObliqueManifold
 from ..manifolds import check_unit_norm as check_unit_norm_of
-from .config import config_diff
+from .config import TrainConfig, config_diff
 from .io import atomic_write
+from .loop import LoopState, Stream
+from .stacked import StackedNet
 
 __all__ = [
     "FORMAT",
     "UNIT_NORM_TOL",
     "CheckpointError",
+    "GroupCheckpoint",
     "check_config",
     "check_unit_norm",
     "describe",
@@ -536,3 +543,167 @@ def load_checkpoint(
         "extra": payload.get("extra") or {},
         "epoch": len(history),
     }
+
+
+class GroupCheckpoint:
+    """The checkpoint policy of a group of runs on the stacked engine
+    (:func:`~manifold_nets.experiments.engines.train_group`): after every epoch, the phase
+    (``"select"`` or ``"train"``), the loop's state, the stacked tensors of the runs in
+    flight, the streams' generators and torch's RNG, written atomically to one file.
+
+    Reading refuses a file of another group of runs, and a UN run whose filters are off
+    the unit sphere (:class:`CheckpointError`).
+
+    Parameters
+    ----------
+    path : path or None
+        The file; ``None``: no checkpoint (every method is then a no-op).
+    configs : sequence of TrainConfig
+        The group's runs, in the order the group trains them.
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.checkpoint import GroupCheckpoint
+    >>> from manifold_nets.experiments.config import TrainConfig
+    >>> ck = GroupCheckpoint(None, [TrainConfig()])
+    >>> ck.phase("select") is None, ck.saver("select", []) is None
+    (True, True)
+    """
+
+    def __init__(self, path: str | os.PathLike | None, configs: Sequence[TrainConfig]):
+        self.path = None if path is None else Path(path)
+        self.configs = [c.to_dict() for c in configs]
+        self.payload: dict | None = None
+        if self.path is not None and self.path.exists():
+            self.payload = self._read()
+        self._started = time.perf_counter()
+        self._prior = (self.payload or {}).get("elapsed", 0.0)
+
+    def elapsed(self) -> float:
+        """Seconds spent on the group, in this process and in those that saved before.
+
+        Returns
+        -------
+        float
+            The seconds.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.checkpoint import GroupCheckpoint
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> GroupCheckpoint(None, [TrainConfig()]).elapsed() >= 0
+        True
+        """
+        return self._prior + time.perf_counter() - self._started
+
+    def _read(self) -> dict:
+        payload = read_checkpoint(self.path)
+        stored = payload.get("configs")
+        if stored != self.configs:
+            diffs = [d for a, b in zip(stored or [], self.configs, strict=False)
+                     for d in config_diff(a, b, ("checkpoint", "now"))]
+            raise CheckpointError(
+                f"checkpoint {self.path} holds another group of runs "
+                f"({'; '.join(diffs) or 'other runs'}). Fix: delete it to start the "
+                "group over.")
+        net = payload.get("net")
+        if net is not None:
+            stack = StackedNet.from_state_dict(net)
+            for r, update in enumerate(stack.updates):
+                if update == "un":
+                    for i, W in enumerate(stack.W):
+                        check_unit_norm(W[r].detach(), 1, f"W[{i}] of stacked run {r}",
+                                        self.path)
+        return payload
+
+    def phase(self, name: str) -> dict | None:
+        """The saved state of phase ``name``, if the file holds that phase.
+
+        Parameters
+        ----------
+        name : {"select", "train"}
+            The phase.
+
+        Returns
+        -------
+        dict or None
+            The payload, or ``None``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.checkpoint import GroupCheckpoint
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> GroupCheckpoint(None, [TrainConfig()]).phase("train") is None
+        True
+        """
+        if self.payload is None or self.payload["phase"] != name:
+            return None
+        return self.payload
+
+    def resume(self, state: dict, streams: Sequence[Stream]
+               ) -> tuple[StackedNet, LoopState]:
+        """Put the streams' generators and torch's RNG back to the saved moment.
+
+        Parameters
+        ----------
+        state : dict
+            What :meth:`phase` returned.
+        streams : sequence of Stream
+            The phase's data streams, in the saved order.
+
+        Returns
+        -------
+        (StackedNet, LoopState)
+            The runs in flight and the loop's state, to pass to ``fit_runs(start=...)``.
+
+        Examples
+        --------
+        :func:`~manifold_nets.experiments.engines.train_group` resumes a killed group
+        this way; ``tests/test_stacked.py`` checks that the records are bit-identical.
+
+        >>> from manifold_nets.experiments.checkpoint import GroupCheckpoint
+        >>> callable(GroupCheckpoint.resume)
+        True
+        """
+        for s, g in zip(streams, state["generators"], strict=True):
+            s.generator.set_state(g)
+        torch.set_rng_state(state["torch_rng"])
+        return (StackedNet.from_state_dict(state["net"]),
+                LoopState.from_dict(state["loop"]))
+
+    def saver(self, phase: str, streams: Sequence[Stream], **extra):
+        """The ``on_epoch`` callback of ``fit_runs`` that saves the group after each epoch.
+
+        Parameters
+        ----------
+        phase : {"select", "train"}
+            The phase being trained.
+        streams : sequence of Stream
+            Its data streams (their generators are saved).
+        **extra
+            Saved beside the state (e.g. the selected rates).
+
+        Returns
+        -------
+        callable or None
+            ``save(net, state)``; ``None`` without a path.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.checkpoint import GroupCheckpoint
+        >>> from manifold_nets.experiments.config import TrainConfig
+        >>> GroupCheckpoint(None, [TrainConfig()]).saver("train", []) is None
+        True
+        """
+        if self.path is None:
+            return None
+
+        def save(net: StackedNet, state: LoopState) -> None:
+            payload = {"format": FORMAT, "phase": phase, "configs": self.configs,
+                       "loop": state.to_dict(), "net": net.state_dict(),
+                       "generators": [s.generator.get_state() for s in streams],
+                       "torch_rng": torch.get_rng_state(), "elapsed": self.elapsed(),
+                       **extra}
+            atomic_write(self.path, lambda fh: torch.save(payload, fh))
+
+        return save

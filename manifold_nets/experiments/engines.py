@@ -50,12 +50,12 @@ import torch
 
 from ..declare import declare
 from ..nets import Arch1, Arch2
+from .checkpoint import GroupCheckpoint
 from .config import (
     Divergence,
     StoppingRule,
     TrainConfig,
     best_rate,
-    config_diff,
     make_schedule,
     split_indices,
     stopping_rule,
@@ -721,80 +721,9 @@ def _streams(configs, splits, part: str) -> tuple[list[Stream], list[int]]:
     return streams, [seeds.index(c.seed) for c in configs]
 
 
-class _GroupCheckpoint:
-    """The checkpoint of a group trained by :func:`train_group`: after every epoch, the
-    phase (selection or training), the loop's state, the stacked tensors of the runs in
-    flight, the streams' generators and torch's RNG, written atomically."""
-
-    def __init__(self, path: str | os.PathLike | None, configs: Sequence[TrainConfig]):
-        self.path = None if path is None else Path(path)
-        self.configs = [c.to_dict() for c in configs]
-        self.payload: dict | None = None
-        if self.path is not None and self.path.exists():
-            self.payload = self._read()
-        self._started = time.perf_counter()
-        self._prior = (self.payload or {}).get("elapsed", 0.0)
-
-    def elapsed(self) -> float:
-        """Seconds spent on the group, in this process and in those that saved before."""
-        return self._prior + time.perf_counter() - self._started
-
-    def _read(self) -> dict:
-        from .checkpoint import CheckpointError, check_unit_norm, read_checkpoint
-
-        payload = read_checkpoint(self.path)
-        stored = payload.get("configs")
-        if stored != self.configs:
-            diffs = [d for a, b in zip(stored or [], self.configs, strict=False)
-                     for d in config_diff(a, b, ("checkpoint", "now"))]
-            raise CheckpointError(
-                f"checkpoint {self.path} holds another group of runs "
-                f"({'; '.join(diffs) or 'other runs'}). Fix: delete it to start the "
-                "group over.")
-        net = payload.get("net")
-        if net is not None:
-            stack = StackedNet.from_state_dict(net)
-            for r, update in enumerate(stack.updates):
-                if update == "un":
-                    for i, W in enumerate(stack.W):
-                        check_unit_norm(W[r].detach(), 1, f"W[{i}] of stacked run {r}",
-                                        self.path)
-        return payload
-
-    def phase(self, name: str) -> dict | None:
-        """The saved state of phase ``name`` (``"select"`` or ``"train"``), if any."""
-        if self.payload is None or self.payload["phase"] != name:
-            return None
-        return self.payload
-
-    def resume(self, state: dict, streams: Sequence[Stream]
-               ) -> tuple[StackedNet, LoopState]:
-        for s, g in zip(streams, state["generators"], strict=True):
-            s.generator.set_state(g)
-        torch.set_rng_state(state["torch_rng"])
-        return (StackedNet.from_state_dict(state["net"]),
-                LoopState.from_dict(state["loop"]))
-
-    def saver(self, phase: str, streams: Sequence[Stream], **extra):
-        if self.path is None:
-            return None
-        from .checkpoint import FORMAT
-        from .io import atomic_write
-
-        def save(net: StackedNet, state: LoopState) -> None:
-            payload = {"format": FORMAT, "phase": phase, "configs": self.configs,
-                       "loop": state.to_dict(), "net": net.state_dict(),
-                       "generators": [s.generator.get_state() for s in streams],
-                       "torch_rng": torch.get_rng_state(), "elapsed": self.elapsed(),
-                       **extra}
-            atomic_write(self.path, lambda fh: torch.save(payload, fh))
-
-        return save
-
-
 def select_lr_stacked(
     configs: Sequence[TrainConfig], data, splits: dict[int, dict] | None = None, *,
-    checkpoint: _GroupCheckpoint | None = None,
+    checkpoint: GroupCheckpoint | None = None,
 ) -> list[tuple[float, dict[float, float]]]:
     """:func:`select_lr` for every run of a group, all candidate rates of all runs in one
     stack (``len(configs) x len(lr_grid)`` networks).
@@ -809,7 +738,8 @@ def select_lr_stacked(
         ``{seed: split_indices}``, the :func:`~.config.split_indices` of every seed
         (computed if not given).
     checkpoint : optional
-        The group's checkpoint (internal to :func:`train_group`); ``None``: none.
+        The group's :class:`~.checkpoint.GroupCheckpoint` (as :func:`train_group` passes
+        it); ``None``: none.
 
     Returns
     -------
@@ -846,7 +776,7 @@ def select_lr_stacked(
     """
     _check_group(configs)
     splits = splits or _splits(configs, data)
-    checkpoint = checkpoint or _GroupCheckpoint(None, configs)
+    checkpoint = checkpoint or GroupCheckpoint(None, configs)
     grid = configs[0].lr_grid
     L = len(grid)
     runs = [c for c in configs for _ in grid]
@@ -951,7 +881,7 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
     splits = _splits(configs, data)
     order = sorted(range(len(configs)), key=lambda k: (configs[k].update, configs[k].seed))
     ordered = [configs[k] for k in order]
-    ck = _GroupCheckpoint(checkpoint, ordered)
+    ck = GroupCheckpoint(checkpoint, ordered)
     saved = ck.phase("train")
     if saved is not None:
         lrs, select_time = saved["lrs"], saved["select_time"]

@@ -19,83 +19,12 @@ One module per concern, each name also available from this package:
 (11, (180, 240))
 """
 
-from .data import (
-    ARCHIVE_URL,
-    CLASSES,
-    COLORS,
-    FULL_SIZE,
-    PUBLISHED_WEIGHTS,
-    SEGNET_BASIC,
-    SEGNET_PAPER,
-    SHA256SUMS_SHA256,
-    SPLITS,
-    VOID,
-    CamVid,
-    class_weights,
-    download_camvid,
-    find_camvid,
-    load_camvid,
-    median_frequency_weights,
-    verify_camvid,
-)
-from .protocol import format_metrics, selection_scores, train_update
-from .report import (
-    build_report,
-    colorize,
-    plot_curves,
-    plot_predictions,
-    report_tables,
-    weights_table,
-)
-from .training import (
-    OPTIMIZERS,
-    CamVidConfig,
-    bn_statistics,
-    build_model,
-    evaluate,
-    pixel_errors,
-    predict,
-    seg_loss,
-    train,
-)
-from .weights import load_weights, save_weights
+from . import data, protocol, report, training, weights
+from .data import *  # noqa: F403
+from .protocol import *  # noqa: F403
+from .report import *  # noqa: F403
+from .training import *  # noqa: F403
+from .weights import *  # noqa: F403
 
-__all__ = [
-    "ARCHIVE_URL",
-    "CLASSES",
-    "COLORS",
-    "FULL_SIZE",
-    "PUBLISHED_WEIGHTS",
-    "SEGNET_BASIC",
-    "SEGNET_PAPER",
-    "SHA256SUMS_SHA256",
-    "SPLITS",
-    "VOID",
-    "CamVid",
-    "class_weights",
-    "download_camvid",
-    "find_camvid",
-    "load_camvid",
-    "median_frequency_weights",
-    "verify_camvid",
-    "build_report",
-    "colorize",
-    "plot_curves",
-    "plot_predictions",
-    "report_tables",
-    "weights_table",
-    "OPTIMIZERS",
-    "CamVidConfig",
-    "bn_statistics",
-    "build_model",
-    "evaluate",
-    "pixel_errors",
-    "predict",
-    "seg_loss",
-    "train",
-    "format_metrics",
-    "selection_scores",
-    "train_update",
-    "load_weights",
-    "save_weights",
-]
+__all__ = [*data.__all__, *training.__all__, *weights.__all__, *protocol.__all__,
+           *report.__all__]
