@@ -10,9 +10,13 @@ update      filters (a weight's rows, :math:`W_l`)      classifier (:math:`\thet
 
 :func:`~manifold_nets.declare` puts a model's weights on these manifolds,
 :func:`manifold_for` builds them for a weight's number of dims, :func:`update_of` reads
-the update back from a manifold, and :data:`KERNEL_KINDS` numbers the manifolds for the
-fused CPU kernel (:mod:`manifold_nets.fused`), keyed by :class:`~manifold_nets.optim.Kind`
-name and side. Every other module reads the table from here.
+the update back from a manifold, :func:`check_update` refuses any other name and
+:data:`NAMES` gives the paper's names for tables, and :data:`KERNEL_KINDS` numbers the
+manifolds for the fused CPU kernel (:mod:`manifold_nets.fused`), keyed by
+:class:`~manifold_nets.optim.Kind` name and side. Every other module reads the table from
+here: an update is one of the names of :data:`UPDATES` from the command line to the
+kernel, checked where it enters (:func:`check_update`, the configurations, the CLI's
+choices).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import geoopt
 
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 
-__all__ = ["UPDATES", "ROLES", "KERNEL_KINDS", "check_update", "manifold_for", "update_of"]
+__all__ = ["UPDATES", "NAMES", "ROLES", "KERNEL_KINDS", "check_update", "manifold_for",
+           "update_of"]
 
 #: The updates of Table 1: B-SGD (plain SGD), SM (the scaled metric, eqs. (7)-(8)) and UN
 #: (unit-norm filters, eq. (9)).
@@ -32,6 +37,15 @@ __all__ = ["UPDATES", "ROLES", "KERNEL_KINDS", "check_update", "manifold_for", "
 #: >>> UPDATES
 #: ('bsgd', 'sm', 'un')
 UPDATES = ("bsgd", "sm", "un")
+
+#: How tables and figures name each update: the paper's names.
+#:
+#: Examples
+#: --------
+#: >>> from manifold_nets.table1 import NAMES, UPDATES
+#: >>> [NAMES[u] for u in UPDATES]
+#: ['B-SGD', 'SM', 'UN']
+NAMES = {"bsgd": "B-SGD", "sm": "SM", "un": "UN"}
 
 #: The roles a weight plays in Table 1: a bank of filters (its rows), or the classifier.
 #:
@@ -88,8 +102,7 @@ def manifold_for(update: str, role: str, weight_dim: int) -> geoopt.Manifold | N
     >>> print(manifold_for("sm", "classifier", 2))
     DiagScaledEuclidean(side='right', ndim=2) manifold
     """
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    check_update(update)
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if weight_dim < 2:

@@ -18,7 +18,7 @@ import geoopt
 import torch
 
 from ..manifolds import DiagScaledEuclidean, ObliqueManifold
-from ..table1 import UPDATES
+from ..table1 import NAMES, UPDATES
 
 
 def one_step_report(seed: int = 0) -> list[str]:
@@ -168,7 +168,7 @@ def format_comparison(rows: list[dict]) -> list[str]:
     >>> print(format_comparison(rows)[-1])
     | UN | 0.0300 +- 0.0141 | 0.0300 +- 0.0000 | 0.0300 +- 0.0014 | 11.0 |
     """
-    names = {"bsgd": "B-SGD", "sm": "SM", "un": "UN"}
+    names = NAMES
 
     def ms(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..table1 import NAMES
 from .config import ARCHS, PROTOCOLS, UPDATES
 from .io import atomic_write
 
@@ -63,8 +64,8 @@ for (_d, _p), _row in _PAPER_ROWS.items():
     for _k, (_a, _u) in enumerate((a, u) for a in ARCHS for u in UPDATES):
         PAPER_TABLE2[(_d, _p, _a, _u)] = (_vals[2 * _k], _vals[2 * _k + 1])
 
-_NAMES = {"arch1": "Arch1", "arch2": "Arch2", "bsgd": "B-SGD", "sm": "SM", "un": "UN",
-          "exp-decay": "exp. decay", "bold-driver": "bold driver"}
+_NAMES = {"arch1": "Arch1", "arch2": "Arch2", **NAMES, "exp-decay": "exp. decay",
+          "bold-driver": "bold driver"}
 
 
 

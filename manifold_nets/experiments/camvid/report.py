@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...table1 import NAMES
 from ..data import DataError
 from ..io import atomic_write
 from .data import (
@@ -61,7 +62,7 @@ def colorize(labels: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(COLORS, dtype=np.uint8)[np.asarray(labels)]
 
 
-_NAMES = {"un": "UN", "sm": "SM", "bsgd": "B-SGD"}
+_NAMES = NAMES
 
 
 def _name(update: str, config: dict) -> str:

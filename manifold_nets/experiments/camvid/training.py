@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ...declare import declare
 from ...nets import SegNet, SegNetConfig
-from ...table1 import UPDATES
+from ...table1 import check_update
 from ..metrics import confusion_matrix, segmentation_metrics
 from .data import CLASSES, VOID, CamVid, class_weights
 
@@ -135,8 +135,7 @@ class CamVidConfig:
     optimizer: str = "invariant"
 
     def __post_init__(self):
-        if self.update not in UPDATES:
-            raise ValueError(f"unknown update {self.update!r}; choose one of {UPDATES}")
+        check_update(self.update)
         if not self.lr > 0:
             raise ValueError(f"Invalid learning rate: {self.lr}")
         for name in ("epochs", "batch_size", "height", "width", "filters", "val_every"):
