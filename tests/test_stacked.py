@@ -36,12 +36,7 @@ def float64():
 
 def synthetic(n_train=1500, n_test=300, seed=0, dtype=None) -> Dataset:
     """MNIST-shaped data with labels from a random linear teacher (every class present)."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = dtype or torch.get_default_dtype()
-    teacher = torch.randn(784, 10, generator=g, dtype=dtype)
-    x = torch.rand(n_train + n_test, 784, generator=g, dtype=dtype)
-    y = ((x - 0.5) @ teacher).argmax(1)
-    return Dataset("mnist", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    return Dataset.synthetic(n_train, n_test, seed, dtype)
 
 
 def models(arch, depth, runs, width=8, in_features=784, seed=0):

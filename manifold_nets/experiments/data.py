@@ -187,6 +187,40 @@ class Dataset:
     y_test: torch.Tensor
     source: str = ""
 
+    @classmethod
+    def synthetic(cls, n_train: int = 60, n_test: int = 10, seed: int = 0,
+                  dtype: torch.dtype | None = None) -> Dataset:
+        """MNIST-shaped random data: uniform pixels, labels from a random linear teacher
+        (so that a network can learn them), for examples and smoke tests.
+
+        Parameters
+        ----------
+        n_train, n_test : int
+            Training and test images.
+        seed : int
+            Seeds the teacher and the pixels.
+        dtype : torch.dtype, optional
+            The images' dtype (default: torch's default dtype).
+
+        Returns
+        -------
+        Dataset
+            Named ``"mnist"``, with 784 features and 10 classes, ``source`` ``"synthetic"``.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.data import Dataset
+        >>> data = Dataset.synthetic(60, 10)
+        >>> tuple(data.x_train.shape), tuple(data.y_test.shape), data.source
+        ((60, 784), (10,), 'synthetic')
+        """
+        g = torch.Generator().manual_seed(seed)
+        dtype = dtype or torch.get_default_dtype()
+        teacher = torch.randn(784, 10, generator=g, dtype=dtype)
+        x = torch.rand(n_train + n_test, 784, generator=g, dtype=dtype)
+        y = ((x - 0.5) @ teacher).argmax(1)
+        return cls("mnist", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "synthetic")
+
     @property
     def num_classes(self) -> int:
         """The number of classes: 10 for both data sets.

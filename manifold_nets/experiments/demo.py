@@ -113,10 +113,7 @@ def mnist_comparison(
 
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.demo import mnist_comparison
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> rows = mnist_comparison(data, seeds=(0,), epochs=1, train_size=40, val_size=10)
     >>> [(r["update"], len(r["test_error"])) for r in rows]
     [('bsgd', 1), ('sm', 1), ('un', 1)]

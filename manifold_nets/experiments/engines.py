@@ -381,10 +381,7 @@ def select_lr(
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.engines import select_lr
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
     ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
     ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
@@ -466,10 +463,7 @@ def train(
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.engines import train
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
     ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
     ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
@@ -758,10 +752,7 @@ def select_lr_stacked(
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.engines import select_lr, select_lr_stacked
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
     ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
     ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)
@@ -857,10 +848,7 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.engines import train_group
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> config = TrainConfig(width=4, depth=1, batch_size=20, train_size=40, val_size=10,
     ...                      test_size=10, select_train=20, select_val=10, select_epochs=2,
     ...                      lr_grid=(0.1, 0.01), min_epochs=1, max_epochs=2)

@@ -667,10 +667,7 @@ def run_grid(
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
     >>> from manifold_nets.experiments.grid import ResultStore, grid, run_grid
-    >>> g = torch.Generator().manual_seed(0)
-    >>> data = Dataset("mnist", torch.rand(60, 784, generator=g),
-    ...                torch.randint(0, 10, (60,), generator=g),
-    ...                torch.rand(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g))
+    >>> data = Dataset.synthetic(60, 10)
     >>> base = TrainConfig(width=4, lr=0.01, batch_size=20, train_size=40, val_size=10,
     ...                    test_size=10, select_train=20, select_val=10, min_epochs=1,
     ...                    max_epochs=1)

@@ -217,42 +217,17 @@ def verify_camvid(folder: str | os.PathLike, sums: str | os.PathLike | None = No
 
     Examples
     --------
-    >>> from manifold_nets.experiments.camvid import verify_camvid
-    >>> verify_camvid("/nonexistent")
-    Traceback (most recent call last):
-    ...
-    manifold_nets.experiments.data.DataError: /nonexistent is not a CamVid folder: ...
+    A folder that is not CamVid is refused before any file is hashed (the checks of every
+    PNG are exercised in ``tests/test_camvid.py``):
 
-    A tiny folder in CamVid's layout, with its own checksum list; one altered file is named:
-
-    >>> import hashlib
     >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from PIL import Image
-    >>> root = Path(tempfile.mkdtemp())
-    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
-    >>> for split in ("train", "val", "test"):
-    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
-    ...         (folder / sub).mkdir(parents=True)
-    ...         for i in range(2):
-    ...             path = folder / sub / f"img{i}.png"
-    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
-    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    ...             lines.append(f"{digest}  {sub}/img{i}.png")
-    >>> sums = root / "sums.txt"
-    >>> with open(sums, "w") as fh:
-    ...     for line in lines:
-    ...         print(line, file=fh)
-    >>> verify_camvid(folder, sums) == folder
-    True
-    >>> _ = (folder / "test" / "img1.png").write_bytes(b"not a png")
+    >>> from manifold_nets.experiments.camvid import verify_camvid
     >>> from manifold_nets.experiments.data import DataError
     >>> try:
-    ...     verify_camvid(folder, sums)
+    ...     verify_camvid(tempfile.mkdtemp())
     ... except DataError as err:
     ...     print(str(err).split(": ", 1)[1].split(". Fix")[0])
-    12 files expected, 1 with another sha256 (e.g. test/img1.png)
+    it has no train/ and trainannot/ folders
     """
     folder = Path(folder)
     table = _read_sums(sums)
@@ -320,30 +295,14 @@ def find_camvid(data_dir: str | os.PathLike | None = None, *, download: bool = T
 
     Examples
     --------
-    ``data_dir`` may be the ``CamVid`` folder or a folder holding it:
-
-    >>> import hashlib
     >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from PIL import Image
-    >>> root = Path(tempfile.mkdtemp())
-    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
-    >>> for split in ("train", "val", "test"):
-    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
-    ...         (folder / sub).mkdir(parents=True)
-    ...         for i in range(2):
-    ...             path = folder / sub / f"img{i}.png"
-    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
-    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    ...             lines.append(f"{digest}  {sub}/img{i}.png")
-    >>> sums = root / "sums.txt"
-    >>> with open(sums, "w") as fh:
-    ...     for line in lines:
-    ...         print(line, file=fh)
     >>> from manifold_nets.experiments.camvid import find_camvid
-    >>> find_camvid(root, sums=sums) == folder
-    True
+    >>> from manifold_nets.experiments.data import DataError
+    >>> try:
+    ...     find_camvid(tempfile.mkdtemp(), download=False)
+    ... except DataError as err:
+    ...     print(str(err).split(" (")[0].split(" ", 1)[1])
+    holds no CamVid folder
     """
     found = _candidates(data_dir)
     if found:
@@ -557,38 +516,15 @@ def load_camvid(split: str, size: tuple[int, int] | None = None,
 
     Examples
     --------
-    On the real data (not run in the docs build, which has no CamVid folder):
+    With CamVid at hand, ``load_camvid("train", (180, 240))`` gives the 367 training
+    scenes at half the resolution (``tests/test_camvid.py`` loads the local mirror and
+    small fake folders). A split that CamVid does not have is refused:
 
     >>> from manifold_nets.experiments.camvid import load_camvid
-    >>> test = load_camvid("test", (180, 240))            # doctest: +SKIP
-    >>> test.images.shape, test.labels.shape              # doctest: +SKIP
-    (torch.Size([233, 3, 180, 240]), torch.Size([233, 180, 240]))
-
-    On a tiny folder in CamVid's layout, of 16 x 24 images, halved:
-
-    >>> import hashlib
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from PIL import Image
-    >>> root = Path(tempfile.mkdtemp())
-    >>> folder, lines, rng = root / "CamVid", [], np.random.default_rng(0)
-    >>> for split in ("train", "val", "test"):
-    ...     for sub, shape, top in ((split, (16, 24, 3), 256), (split + "annot", (16, 24), 12)):
-    ...         (folder / sub).mkdir(parents=True)
-    ...         for i in range(2):
-    ...             path = folder / sub / f"img{i}.png"
-    ...             Image.fromarray(rng.integers(0, top, shape, dtype=np.uint8)).save(path)
-    ...             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    ...             lines.append(f"{digest}  {sub}/img{i}.png")
-    >>> sums = root / "sums.txt"
-    >>> with open(sums, "w") as fh:
-    ...     for line in lines:
-    ...         print(line, file=fh)
-    >>> from manifold_nets.experiments.camvid import find_camvid
-    >>> train = load_camvid("train", (8, 12), folder=find_camvid(folder, sums=sums))
-    >>> tuple(train.images.shape), tuple(train.labels.shape), train.names
-    ((2, 3, 8, 12), (2, 8, 12), ['img0.png', 'img1.png'])
+    >>> load_camvid("dev", folder=".")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown split 'dev'; choose one of ['test', 'train', 'val']
     """
     try:
         from PIL import Image
