@@ -22,7 +22,7 @@ Results store
     run id is one file, so there are never duplicates. Records made with another
     configuration are refused, not mixed.
 
-The report is :mod:`~.report`.
+The report is :mod:`~manifold_nets.experiments.report`.
 """
 
 from __future__ import annotations
