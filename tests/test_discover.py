@@ -378,3 +378,21 @@ def test_a_family_drops_only_what_it_adds_to_the_kernel_intersection():
     TQ, fams = _drop_kernel(sp.csc_matrix(np.stack([a, c], 1)), sp.csc_matrix(Z),
                             {0: [0], 1: [1]}, [0, 1])
     assert fams == {1: [0]}
+
+
+def test_discover_predicts_without_declaring_so_a_dead_filter_does_not_stop_it():
+    """``resolves`` reads Table 1's manifolds without declaring the model: a zero filter,
+    which ``declare(..., "un")`` refuses, no longer makes discover fail."""
+    from torch import nn
+
+    from manifold_nets import declare
+    from manifold_nets.symmetry import discover
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight[1] = 0
+    found = discover(net, torch.randn(64, 3))
+    assert found.families and all(set(f.resolves) == {"un", "sm"} for f in found.families)
+    with pytest.raises(ValueError, match="filter 1 has zero norm"):  # the control
+        declare(net, "un")
