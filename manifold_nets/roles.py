@@ -370,8 +370,8 @@ def plan(model: nn.Module, update: str, classifier: str | None, how: str = "give
     Raises
     ------
     ValueError
-        a transposed convolution under ``"sm"`` or ``"un"`` without an explicit manifold,
-        or an unknown name in ``manifolds``
+        an update not in Table 1, a transposed convolution under ``"sm"`` or ``"un"``
+        without an explicit manifold, or an unknown name in ``manifolds``
 
     Examples
     --------
@@ -381,6 +381,7 @@ def plan(model: nn.Module, update: str, classifier: str | None, how: str = "give
     >>> {name: role for name, (_, role, _) in rows.items()}
     {'layers.0.linear.weight': 'filters', 'classifier.weight': 'classifier'}
     """
+    check_update(update)
     explicit = dict(manifolds or {})
     tied = _tied(model)
     rows = _weights(model, update, classifier, how, explicit, symmetric, tied)
@@ -421,7 +422,9 @@ def table1_manifolds(model: nn.Module, update: str, classifier="auto") -> dict:
     ------
     ValueError
         an unknown update, or what :func:`plan` and
-        :func:`~manifold_nets.convert.refuse_conv1d` refuse
+        :func:`~manifold_nets.convert.refuse_conv1d` refuse. The weights' values are not
+        checked: a zero filter, which ``declare(..., "un")`` refuses, gets its Table 1
+        manifold here.
 
     Examples
     --------

@@ -203,6 +203,9 @@ def test_predict():
     momentum = dict(momentum=0.9)
     assert not predict("sm", paper, net1, options=momentum)
     assert predict("sm", paper, net1, options=momentum, zero_buffer=True)
+    # an update outside Table 1 is refused, also where the manifolds are given
+    with pytest.raises(ValueError, match="unknown update 'UN'"):
+        predict("UN", paper, net1, manifolds={})
 
 
 def test_a_rule_predicts_with_its_own_update_and_options():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..roles import table1_manifolds
+from ..table1 import check_update
 from .groups import Rescaling, RescalingGroup, basis_csr
 
 __all__ = [
@@ -361,6 +362,7 @@ def predict(update: str, group: RescalingGroup, model: nn.Module, tol: float = 1
     >>> predict("sm", arch1_paper_group(net), net, options=dict(weight_decay=1e-2))
     False
     """
+    check_update(update)
     options = options or {}
     if manifolds is None:
         manifolds = table1_manifolds(model, update)
