@@ -579,8 +579,6 @@ def _run_camvid_train(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels
     try:
         config = config_from_args(args, CamVidConfig, seed=args.seeds[0])
-        for lr in args.lr_grid or ():
-            dataclasses.replace(config, lr=lr)
     except ValueError as err:
         args.parser.error(str(err))
     problem = unwritable(args.out, "--out", folder=True)
@@ -606,14 +604,22 @@ def _per_class(m: dict) -> str:
 
 
 def _run_camvid_evaluate(args: argparse.Namespace) -> int:
-    from .camvid import FULL_SIZE, evaluate, format_metrics, load_camvid, load_weights
+    from .camvid import (
+        FULL_SIZE,
+        evaluate,
+        find_camvid,
+        format_metrics,
+        load_camvid,
+        load_weights,
+    )
     from .data import DataError
 
     torch.set_num_threads(args.threads)
     try:
         model, config, stored = load_weights(args.weights)
         model.to(args.device)
-        test = load_camvid(args.split, config.size, args.data_dir)
+        folder = find_camvid(args.data_dir)  # verified once, read twice below
+        test = load_camvid(args.split, config.size, folder=folder)
     except (ValueError, DataError) as err:
         return _error(str(err))
     m = evaluate(model, test)
@@ -622,7 +628,7 @@ def _run_camvid_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.split} ({len(test)} images): {format_metrics(m)}")
     print("per-class IoU: " + _per_class(m))
     if config.size != FULL_SIZE:
-        full = load_camvid(args.split, None, args.data_dir).labels
+        full = load_camvid(args.split, None, folder=folder).labels
         f = evaluate(model, test, labels=full)
         print(f"{args.split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} (predictions upsampled "
               f"by nearest neighbour): {format_metrics(f)}")
