@@ -31,6 +31,12 @@ Two engines run the same loop (:func:`~.loop.fit_runs`):
   ``runs x len(lr_grid)`` networks at once. A group can checkpoint after every epoch and
   resume from it.
 
+Each protocol step is written once for both engines: what it trains on, its schedule,
+stopping rule and divergence check, and where its errors are measured (the selection's
+candidate rates, the training), and one rule picks the rate
+(:func:`~.config.best_rate`). The engines differ only in how they run a step, one network
+after the other or all at once, and in how they checkpoint it.
+
 Everything is seeded from ``TrainConfig.seed``: the split, the selection subsets, the
 initial weights and the batch order. On CPU the same seed gives the same numbers; in
 float64 the two engines give the same records to rounding.
@@ -45,6 +51,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -188,6 +195,139 @@ def _record(config: TrainConfig, lr: float, selection: dict, result: FitResult,
         "wall_time_s": round(wall, 3),
         "torch": torch.__version__,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The protocol's steps, written once for both engines.
+
+
+class _Step(NamedTuple):
+    """One protocol step of one run: what :func:`~.loop.fit_runs` needs besides its rate."""
+
+    name: str  # "select" or "train" (the stacked engine's checkpoint phase)
+    stream: str  # the part of the run's split it trains on
+    schedule: object
+    stopping: StoppingRule
+    divergence: Divergence | None
+    measured: tuple[str, ...]  # where its errors are measured: parts of the split, "test"
+    every_epoch: bool  # measured after every epoch; else once, when the run stops
+
+
+def _selection(config: TrainConfig) -> _Step:
+    """Step 2, one candidate rate: ``select_epochs`` epochs on the ``select_train`` images
+    without early stopping or divergence check, then the error on ``select_val``."""
+    stopping = StoppingRule(config.select_epochs, config.select_epochs, enabled=False)
+    return _Step("select", "select_train", make_schedule(config), stopping, None,
+                 ("select_val",), every_epoch=False)
+
+
+def _training(config: TrainConfig) -> _Step:
+    """Step 3: the ``train`` images with the stopping rule and the divergence check, and
+    the validation and test errors after every epoch."""
+    return _Step("train", "train", make_schedule(config), stopping_rule(config),
+                 Divergence(config.collapse_error, config.collapse_epoch), ("val", "test"),
+                 every_epoch=True)
+
+
+def _images(part: str, config: TrainConfig, data, split: dict) -> tuple:
+    if part == "test":
+        return data.x_test[: config.test_size], data.y_test[: config.test_size]
+    return data.x_train[split[part]], data.y_train[split[part]]
+
+
+def _measurer(runs: Sequence[TrainConfig], parts: Sequence[str], data, splits: dict,
+              errors: Callable) -> Callable:
+    """``measure(engine, ids)``: the errors of the runs ``ids`` (held by ``engine``) on
+    ``parts``, ``{"<part>_error": [one per id]}``, as ``evaluate`` of
+    :func:`~.loop.fit_runs` returns them; ``errors(engine, x, y)`` is one engine's count,
+    one error per run it holds."""
+
+    def measure(engine, ids: list[int]) -> dict[str, list[float]]:
+        out = {f"{p}_error": [math.nan] * len(ids) for p in parts}
+        for seed, pos in _by_seed(runs, ids).items():
+            sub = engine.select(pos) if len(pos) < len(ids) else engine
+            for p in parts:
+                x, y = _images(p, runs[ids[pos[0]]], data, splits[seed])
+                for k, e in zip(pos, errors(sub, x, y), strict=True):
+                    out[f"{p}_error"][k] = e
+        return out
+
+    return measure
+
+
+def _model_errors(model, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    return [error_rate(model, x, y)]
+
+
+def _fit_one(step: _Step, run: TrainConfig, lr: float, data, splits: dict, **kw) -> tuple:
+    """A step of one run on the sequential engine: its model and :class:`~.loop.FitResult`."""
+    model = build_model(run, _init_generator(run))
+    measure = _measurer([run], step.measured, data, splits, _model_errors)
+
+    def once() -> dict[str, float]:
+        return {k: v[0] for k, v in measure(model, [0]).items()}
+
+    result = fit(model, data.x_train, data.y_train, lr=lr, schedule=step.schedule,
+                 stopping=step.stopping, divergence=step.divergence,
+                 batch_size=run.batch_size, generator=_order_generator(run.seed),
+                 stream=splits[run.seed][step.stream],
+                 evaluate=once if step.every_epoch else None, **kw)
+    if not step.every_epoch:
+        result.final = once()
+    return model, result
+
+
+def _fit_each(step_of: Callable, runs: Sequence[TrainConfig], rates: Sequence[float], data,
+              splits: dict, **kw) -> list[tuple]:
+    """The step ``step_of`` of ``runs`` on the sequential engine, one run after the other;
+    ``kw`` goes to :func:`fit` (a checkpoint only for one run)."""
+    if kw.get("checkpoint") is not None and len(runs) != 1:
+        raise ValueError("a sequential checkpoint holds one run")
+    return [_fit_one(step_of(run), run, lr, data, splits, **kw)
+            for run, lr in zip(runs, rates, strict=True)]
+
+
+def _fit_stack(step_of: Callable, runs: Sequence[TrainConfig], rates: Sequence[float], data,
+               splits: dict, checkpoint: GroupCheckpoint, **extra) -> list[FitResult]:
+    """The step ``step_of`` of ``runs`` as one stack, resumed from ``checkpoint``'s phase
+    of that step if it holds one and saved to it after every epoch (with ``extra``)."""
+    steps = [step_of(run) for run in runs]
+    first = steps[0]
+    streams, stream_of_run = _streams(runs, splits, first.stream)
+    measure = _measurer(runs, first.measured, data, splits, error_rates)
+
+    def finish(engine, ids: list[int]) -> list[dict]:
+        errors = measure(engine, ids)
+        return [{k: v[i] for k, v in errors.items()} for i in range(len(ids))]
+
+    saved = checkpoint.phase(first.name)
+    net, start = (checkpoint.resume(saved, streams) if saved is not None and "loop" in saved
+                  else (_stack(runs), None))
+    return fit_stacked(
+        net, data.x_train, data.y_train, lr=rates,
+        schedules=[s.schedule for s in steps], stopping=[s.stopping for s in steps],
+        divergence=[s.divergence for s in steps], batch_size=runs[0].batch_size,
+        streams=streams, stream_of_run=stream_of_run,
+        evaluate=measure if first.every_epoch else None,
+        finish=None if first.every_epoch else finish,
+        start=start, on_epoch=checkpoint.saver(first.name, streams, **extra),
+    )
+
+
+def _select(configs: Sequence[TrainConfig], run_step: Callable
+            ) -> list[tuple[float, dict[float, float]]]:
+    """Step 2 for every run of ``configs``: every rate of the grid trained from the run's
+    initial weights, and the rate of :func:`~.config.best_rate`. ``run_step(step_of, runs,
+    rates)`` is the engine: :func:`_fit_each` or :func:`_fit_stack`, returning the results."""
+    grid = configs[0].lr_grid
+    results = run_step(_selection, [c for c in configs for _ in grid],
+                       [r for _ in configs for r in grid])
+    out = []
+    for k in range(len(configs)):
+        errors = {r: results[k * len(grid) + j].final.get("select_val_error", math.nan)
+                  for j, r in enumerate(grid)}
+        out.append((best_rate(errors), errors))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -392,20 +532,10 @@ def select_lr(
     True
     """
     splits = splits or split_indices(config, data.x_train.shape[0])
-    xv, yv = data.x_train[splits["select_val"]], data.y_train[splits["select_val"]]
-    errors: dict[float, float] = {}
-    for lr in config.lr_grid:
-        model = build_model(config, _init_generator(config))
-        fit(model, data.x_train, data.y_train, lr=lr, schedule=make_schedule(config),
-            stopping=_selection_stopping(config), batch_size=config.batch_size,
-            generator=_order_generator(config.seed), stream=splits["select_train"],
-            progress=progress)
-        errors[lr] = error_rate(model, xv, yv)
-    return best_rate(errors), errors
-
-
-def _selection_stopping(config: TrainConfig) -> StoppingRule:
-    return StoppingRule(config.select_epochs, config.select_epochs, enabled=False)
+    splits = {config.seed: splits}
+    return _select([config], lambda step_of, runs, rates: [
+        result for _, result in _fit_each(step_of, runs, rates, data, splits, progress=progress)
+    ])[0]
 
 
 def train(
@@ -503,21 +633,11 @@ def train(
             lr, selection = config.lr, {}
         select_time = time.perf_counter() - start
 
-        xv, yv = data.x_train[splits["val"]], data.y_train[splits["val"]]
-        xt, yt = data.x_test[: config.test_size], data.y_test[: config.test_size]
-        model = build_model(config, _init_generator(config))
-
-        def evaluate() -> dict[str, float]:
-            return {"val_error": error_rate(model, xv, yv), "test_error": error_rate(model, xt, yt)}
-
-        result = fit(
-            model, data.x_train, data.y_train, lr=lr, schedule=make_schedule(config),
-            stopping=stopping_rule(config),
-            divergence=Divergence(config.collapse_error, config.collapse_epoch),
-            batch_size=config.batch_size, generator=_order_generator(config.seed),
-            stream=splits["train"], evaluate=evaluate, progress=bar, checkpoint=checkpoint,
+        model, result = _fit_each(
+            _training, [config], [lr], data, {config.seed: splits}, progress=bar,
+            checkpoint=checkpoint,
             checkpoint_info={"config": config.to_dict(), "lr": lr, "selection": selection},
-        )
+        )[0]
     record = _record(config, lr, selection, result, select_time, time.perf_counter() - start)
     if save_path is not None and not result.diverged:
         state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -768,37 +888,8 @@ def select_lr_stacked(
     _check_group(configs)
     splits = splits or _splits(configs, data)
     checkpoint = checkpoint or GroupCheckpoint(None, configs)
-    grid = configs[0].lr_grid
-    L = len(grid)
-    runs = [c for c in configs for _ in grid]
-
-    def finish(done: StackedNet, ids: list[int]) -> list[dict]:
-        out = [{} for _ in ids]
-        for seed, pos in _by_seed(runs, ids).items():
-            idx = splits[seed]["select_val"]
-            errs = error_rates(done.select(pos), data.x_train[idx], data.y_train[idx])
-            for k, e in zip(pos, errs, strict=True):
-                out[k] = {"select_val_error": e}
-        return out
-
-    streams, stream_of_run = _streams(runs, splits, "select_train")
-    saved = checkpoint.phase("select")
-    net, start = (checkpoint.resume(saved, streams) if saved is not None
-                  else (_stack(configs, repeat=L), None))
-    results = fit_stacked(
-        net, data.x_train, data.y_train,
-        lr=[r for _ in configs for r in grid],
-        schedules=[make_schedule(c) for c in runs],
-        stopping=[_selection_stopping(c) for c in runs],
-        batch_size=configs[0].batch_size, streams=streams, stream_of_run=stream_of_run,
-        finish=finish, start=start, on_epoch=checkpoint.saver("select", streams),
-    )
-    out = []
-    for k in range(len(configs)):
-        errs = {r: results[k * L + j].final.get("select_val_error", math.nan)
-                for j, r in enumerate(grid)}
-        out.append((best_rate(errs), errs))
-    return out
+    return _select(configs, lambda step_of, runs, rates: _fit_stack(
+        step_of, runs, rates, data, splits, checkpoint))
 
 
 def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
@@ -865,7 +956,6 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
         from .data import load_dataset
 
         data = load_dataset(configs[0].dataset, data_dir)
-    c0 = configs[0]
     splits = _splits(configs, data)
     order = sorted(range(len(configs)), key=lambda k: (configs[k].update, configs[k].seed))
     ordered = [configs[k] for k in order]
@@ -884,33 +974,9 @@ def train_group(configs: Sequence[TrainConfig], data=None, *, data_dir=None,
             for k, (best, errs) in zip(need, chosen, strict=True):
                 lrs[k], selection[k] = best, errs
         select_time = ck.elapsed()
-    xt, yt = data.x_test[: c0.test_size], data.y_test[: c0.test_size]
-
-    def evaluate(net: StackedNet, ids: list[int]) -> dict[str, list[float]]:
-        out = {"val_error": [math.nan] * len(ids), "test_error": [math.nan] * len(ids)}
-        for seed, pos in _by_seed(ordered, ids).items():
-            sub = net.select(pos) if len(pos) < net.runs else net
-            idx = splits[seed]["val"]
-            val = error_rates(sub, data.x_train[idx], data.y_train[idx])
-            test = error_rates(sub, xt, yt)
-            for k, v, t in zip(pos, val, test, strict=True):
-                out["val_error"][k], out["test_error"][k] = v, t
-        return out
-
-    streams, stream_of_run = _streams(ordered, splits, "train")
-    save = ck.saver("train", streams, lrs=lrs, select_time=select_time,
-                    selection=[{repr(k): v for k, v in s.items()} for s in selection])
-    net, loop_start = (ck.resume(saved, streams) if saved is not None and "loop" in saved
-                       else (_stack(ordered), None))
-    results = fit_stacked(
-        net, data.x_train, data.y_train,
-        lr=lrs,
-        schedules=[make_schedule(c) for c in ordered],
-        stopping=[stopping_rule(c) for c in ordered],
-        divergence=[Divergence(c.collapse_error, c.collapse_epoch) for c in ordered],
-        batch_size=c0.batch_size, streams=streams, stream_of_run=stream_of_run,
-        evaluate=evaluate, start=loop_start, on_epoch=save,
-    )
+    results = _fit_stack(_training, ordered, lrs, data, splits, ck, lrs=lrs,
+                         select_time=select_time,
+                         selection=[{repr(k): v for k, v in s.items()} for s in selection])
     wall = ck.elapsed()
     n = len(configs)
     records: list[dict] = [{}] * n
