@@ -406,6 +406,12 @@ def test_cli_train_evaluate_report(tmp_path, capsys, monkeypatch):
     # a rerun finds every run done
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done earlier") == 4
+    # the same --out with another configuration is refused, naming the field
+    other = [("2" if a == "1" and argv[i - 1] == "--epochs" else a) for i, a in enumerate(argv)]
+    assert main(other) == 1
+    err = capsys.readouterr().err
+    assert "seed0.json was made with another configuration (epochs: stored 1, now 2)" in err
+    assert "another --out" in err
     assert main(["camvid", "evaluate", "--weights", str(out / "un" / "seed1.pt"),
                  "--data-dir", str(folder)]) == 0
     printed = capsys.readouterr().out

@@ -27,8 +27,9 @@ import torch
 
 from manifold_nets.experiments.config import TrainConfig
 from manifold_nets.experiments.data import load_dataset
-from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+from manifold_nets.experiments.grid import grid, run_grid
 from manifold_nets.experiments.report import write_report
+from manifold_nets.experiments.store import ResultStore
 
 from .conftest import SHARED
 

@@ -18,7 +18,7 @@ import torch
 from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.config import TrainConfig
 from manifold_nets.experiments.data import load_dataset
-from manifold_nets.experiments.grid import ConfigMismatch, ResultStore, grid, run_grid, shard
+from manifold_nets.experiments.grid import grid, run_grid, shard
 from manifold_nets.experiments.report import (
     PAPER_TABLE2,
     cell_summaries,
@@ -27,6 +27,7 @@ from manifold_nets.experiments.report import (
     welch,
     write_report,
 )
+from manifold_nets.experiments.store import ConfigMismatch, ResultStore
 
 from .conftest import SHARED, needs_mnist
 
@@ -174,6 +175,27 @@ def test_store_ignores_temporary_and_torn_files(tmp_path):
     assert store.read("c") is None and store.read("a") == {"x": 1}
 
 
+def test_store_finished_reuses_refuses_and_reports(tmp_path):
+    """A record of the same configuration is reused (the control), one of another
+    configuration is refused naming every differing field, a damaged one is said and
+    rerun; the flat, indented layout of the CamVid protocol reads the same."""
+    store = ResultStore(tmp_path)
+    assert store.finished("r1", {"lr": 0.1}) is None
+    store.write("r1", {"config": {"lr": 0.1, "seed": 0}, "test_error": 0.5})
+    assert store.finished("r1", {"lr": 0.1, "seed": 0})["test_error"] == 0.5
+    with pytest.raises(ConfigMismatch, match=r"lr: stored 0\.1, now 0\.01; seed: stored 0, "
+                                             r"now 1.*another --out"):
+        store.finished("r1", {"lr": 0.01, "seed": 1})
+    store.path("r2").write_text('{"config": ')
+    with pytest.warns(UserWarning, match="r2.json does not hold JSON"):
+        assert store.finished("r2", {"lr": 0.1}) is None
+    flat = ResultStore(tmp_path / "sgd", runs=".", indent=1)
+    path = flat.write("seed0", {"config": {"lr": 0.1}})
+    assert path == tmp_path / "sgd" / "seed0.json"
+    assert path.read_text() == '{\n "config": {\n  "lr": 0.1\n }\n}\n'
+    assert flat.finished("seed0", {"lr": 0.1}) == {"config": {"lr": 0.1}}
+
+
 @needs_mnist
 def test_rerun_skips_finished_runs_and_refuses_other_configs(mnist, tmp_path):
     store = ResultStore(tmp_path)
@@ -181,8 +203,9 @@ def test_rerun_skips_finished_runs_and_refuses_other_configs(mnist, tmp_path):
     base = TrainConfig(**TINY)
     assert run_grid(specs, base, store, data=mnist)["ran"] == 2
     first = store.read(specs[0].run_id("mnist"))
-    store.path(specs[1].run_id("mnist")).write_text("{")  # torn by a crash: rerun it
-    summary = run_grid(specs, base, store, data=mnist)
+    store.path(specs[1].run_id("mnist")).write_text("{")  # damaged: said, and rerun
+    with pytest.warns(UserWarning, match="does not hold JSON"):
+        summary = run_grid(specs, base, store, data=mnist)
     assert (summary["ran"], summary["skipped"]) == (1, 1)
     assert store.read(specs[0].run_id("mnist")) == first
     with pytest.raises(ConfigMismatch, match="max_epochs: stored 3, now 4.*another --out"):

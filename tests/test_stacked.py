@@ -12,9 +12,10 @@ from manifold_nets.experiments.cli import main
 from manifold_nets.experiments.config import BoldDriver, ExpDecay, StoppingRule, TrainConfig
 from manifold_nets.experiments.data import Dataset
 from manifold_nets.experiments.engines import error_rate, fit, fit_stacked, train, train_group
-from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+from manifold_nets.experiments.grid import grid, run_grid
 from manifold_nets.experiments.report import write_report
 from manifold_nets.experiments.stacked import StackedNet, error_rates
+from manifold_nets.experiments.store import ResultStore
 
 from .conftest import SHARED
 

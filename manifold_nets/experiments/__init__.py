@@ -12,7 +12,8 @@ module             what
 ``loop``           the one epoch loop for ``R`` runs, and the one-module engine
 ``stacked``        ``StackedNet``: ``R`` paper nets as one stacked model (the other engine)
 ``engines``        the protocol on both engines: ``train``, ``train_group``, selection
-``grid``           the Table 2 grid: run specs, the results store, workers
+``grid``           the Table 2 grid: run specs, shards, workers
+``store``          the resumable results store, one record per finished run
 ``report``         Table 2 beside the paper, Welch comparisons, trajectories
 ``checkpoint``     checkpoints that resume exactly and refuse what does not fit
 ``io``             the atomic writer and the checks before work

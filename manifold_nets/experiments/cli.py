@@ -289,8 +289,9 @@ def _shard_arg(value: str) -> tuple[int, int]:
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .grid import ConfigMismatch, ResultStore, grid, run_grid, shard
+    from .grid import grid, run_grid, shard
     from .report import write_report
+    from .store import ConfigMismatch, ResultStore
 
     torch.set_num_threads(args.threads)
     try:

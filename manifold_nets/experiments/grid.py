@@ -13,7 +13,7 @@ Engines (:func:`run_grid`)
 
 Results store
     ``<out>/runs/<run id>.json``, one JSON record per finished run, written atomically
-    (:func:`~.io.atomic_write`). A killed grid loses at most the work in flight, and
+    (:class:`~.store.ResultStore`). A killed grid loses at most the work in flight, and
     rerunning the same command skips the finished runs. A stacked group in flight
     checkpoints after every epoch into ``<out>/inflight/`` and resumes from its last
     finished epoch; a sequential run in flight restarts (``manifold-nets train
@@ -27,28 +27,22 @@ The report is :mod:`~manifold_nets.experiments.report`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import ARCHS, PROTOCOLS, UPDATES, TrainConfig, config_diff
+from .config import ARCHS, PROTOCOLS, UPDATES, TrainConfig
 from .engines import group_key, train, train_group
-from .io import atomic_write
 from .progress import tqdm
+from .store import ResultStore
 
 __all__ = [
     "DEPTHS",
     "ENGINES",
-    "ConfigMismatch",
-    "ResultStore",
     "RunSpec",
     "grid",
     "run_grid",
@@ -268,220 +262,6 @@ def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
 
 
 # --------------------------------------------------------------------------------------
-# The store.
-
-
-class ResultStore:
-    """One JSON file per finished run in ``<root>/runs/``, written atomically.
-
-    Parameters
-    ----------
-    root : path
-        The store's folder (the grid's ``--out``); created on the first write.
-
-    Attributes
-    ----------
-    root : pathlib.Path
-        The store's folder.
-    runs : pathlib.Path
-        ``<root>/runs``: one ``<run id>.json`` per finished run.
-    inflight : pathlib.Path
-        ``<root>/inflight``: the checkpoints of stacked groups in flight.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> from manifold_nets.experiments.grid import ResultStore
-    >>> store = ResultStore(tempfile.mkdtemp())
-    >>> _ = store.write("mnist-arch1-d2-exp-decay-un-r000", {"test_error": 0.02})
-    >>> store.read("mnist-arch1-d2-exp-decay-un-r000")
-    {'test_error': 0.02}
-    >>> store.read("mnist-arch1-d2-exp-decay-sm-r000") is None
-    True
-    """
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.runs = self.root / "runs"
-        self.inflight = self.root / "inflight"
-
-    def path(self, run_id: str) -> Path:
-        """The file of ``run_id``'s record (whether it exists or not).
-
-        Parameters
-        ----------
-        run_id : str
-            A run id (:meth:`RunSpec.run_id`).
-
-        Returns
-        -------
-        pathlib.Path
-            ``<root>/runs/<run_id>.json``.
-
-        Examples
-        --------
-        >>> from manifold_nets.experiments.grid import ResultStore
-        >>> ResultStore("out").path("mnist-arch1-d2-exp-decay-un-r000").as_posix()
-        'out/runs/mnist-arch1-d2-exp-decay-un-r000.json'
-        """
-        return self.runs / f"{run_id}.json"
-
-    def write(self, run_id: str, record: dict) -> Path:
-        """Write ``run_id``'s record as one line of JSON, atomically
-        (:func:`~manifold_nets.experiments.io.atomic_write`).
-
-        Parameters
-        ----------
-        run_id : str
-            A run id (:meth:`RunSpec.run_id`).
-        record : dict
-            A JSON-ready record (e.g. what
-            :func:`~manifold_nets.experiments.engines.train` returns).
-
-        Returns
-        -------
-        pathlib.Path
-            The record's file.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from manifold_nets.experiments.grid import ResultStore
-        >>> store = ResultStore(tempfile.mkdtemp())
-        >>> store.write("r1", {"test_error": 0.5}).read_text()
-        '{"test_error":0.5}\\n'
-        """
-        self.runs.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(record, indent=None, separators=(",", ":")) + "\n"
-        return atomic_write(self.path(run_id), text)
-
-    def read(self, run_id: str) -> dict | None:
-        """The record of ``run_id``, or ``None`` if it is missing or unreadable.
-
-        Parameters
-        ----------
-        run_id : str
-            A run id (:meth:`RunSpec.run_id`).
-
-        Returns
-        -------
-        dict or None
-            The record; ``None`` if there is no file or it does not hold JSON (then the
-            run counts as not finished and runs again).
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from manifold_nets.experiments.grid import ResultStore
-        >>> store = ResultStore(tempfile.mkdtemp())
-        >>> _ = store.write("r1", {"test_error": 0.5})
-        >>> store.read("r1"), store.read("r2")
-        ({'test_error': 0.5}, None)
-        """
-        try:
-            return json.loads(self.path(run_id).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def records(self) -> list[dict]:
-        """Every readable record in the store, sorted by run id.
-
-        Files that do not hold JSON and hidden files (an atomic write in flight) are
-        left out.
-
-        Returns
-        -------
-        list of dict
-            The records, in the order of their run ids; empty if the store has none.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from manifold_nets.experiments.grid import ResultStore
-        >>> store = ResultStore(tempfile.mkdtemp())
-        >>> store.records()
-        []
-        >>> _ = store.write("r2", {"run": 2})
-        >>> _ = store.write("r1", {"run": 1})
-        >>> store.records()
-        [{'run': 1}, {'run': 2}]
-        """
-        if not self.runs.is_dir():
-            return []
-        out = []
-        for p in sorted(self.runs.glob("*.json")):
-            if p.name.startswith("."):
-                continue
-            try:
-                out.append(json.loads(p.read_text()))
-            except ValueError:
-                continue
-        return out
-
-    def group_checkpoint(self, run_ids: Sequence[str]) -> Path:
-        """The checkpoint file of a stacked group of these runs (in ``inflight/``).
-
-        Creates ``inflight/`` if needed. The name depends on the set of run ids only, so
-        a rerun of the same group finds the checkpoint whatever the order of its runs.
-
-        Parameters
-        ----------
-        run_ids : sequence of str
-            The run ids of the group.
-
-        Returns
-        -------
-        pathlib.Path
-            ``<root>/inflight/group-<16 hex digits>.pt``.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from manifold_nets.experiments.grid import ResultStore
-        >>> store = ResultStore(tempfile.mkdtemp())
-        >>> path = store.group_checkpoint(["r1", "r2"])
-        >>> path.parent.name, path.suffix, path == store.group_checkpoint(["r2", "r1"])
-        ('inflight', '.pt', True)
-        """
-        self.inflight.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256("\n".join(sorted(run_ids)).encode()).hexdigest()[:16]
-        return self.inflight / f"group-{key}.pt"
-
-
-class ConfigMismatch(ValueError):
-    """The store holds a record of a run made with another configuration.
-
-    A subclass of :class:`ValueError`; :func:`run_grid` raises it before it trains
-    anything, and the message names the record, every differing field, and the fix.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> from manifold_nets.experiments.config import TrainConfig
-    >>> from manifold_nets.experiments.grid import ConfigMismatch, ResultStore, grid, run_grid
-    >>> spec = grid(archs=("arch1",), depths=(2,), protocols=("exp-decay",),
-    ...             updates=("un",), runs=1)[0]
-    >>> store = ResultStore(tempfile.mkdtemp())
-    >>> _ = store.write(spec.run_id("mnist"),
-    ...                 {"config": spec.config(TrainConfig(lr=0.1)).to_dict()})
-    >>> try:
-    ...     run_grid([spec], TrainConfig(lr=0.01), store)
-    ... except ConfigMismatch as err:
-    ...     print("lr: stored 0.1, now 0.01" in str(err))
-    True
-    """
-
-
-def _check_same_config(run_id: str, stored: dict, expected: dict, store: ResultStore) -> None:
-    diffs = config_diff(stored, expected)
-    if diffs:
-        raise ConfigMismatch(
-            f"{store.path(run_id)} was made with another configuration ({'; '.join(diffs)}). "
-            f"Fix: use another --out, or delete {store.runs} to start over."
-        )
-
-
-# --------------------------------------------------------------------------------------
 # Running.
 
 _WORKER_DATA = None
@@ -542,9 +322,7 @@ def _pending_runs(specs: Sequence[RunSpec], base: TrainConfig, store: ResultStor
     for spec in specs:
         config = spec.config(base, seed)
         run_id = spec.run_id(base.dataset)
-        stored = store.read(run_id)
-        if stored is not None:
-            _check_same_config(run_id, stored.get("config", {}), config.to_dict(), store)
+        if store.finished(run_id, config.to_dict()) is not None:
             done += 1
         else:
             pending.append((config, run_id))

@@ -1,7 +1,7 @@
 r"""The Table 2 report: cell statistics, Welch comparisons of the paper's findings, the
 table beside the paper's values, and the trajectories figure.
 
-:func:`write_report` reads every record of a :class:`~.grid.ResultStore` and writes
+:func:`write_report` reads every record of a :class:`~.store.ResultStore` and writes
 ``table2.md`` (Table 2 beside the paper's values, diverged runs counted, every cell over
 all runs and over the runs that did not diverge, Welch comparisons with 95% intervals for
 the paper's findings), ``table2.csv`` (one row per cell) and ``trajectories.png`` (mean
@@ -611,7 +611,7 @@ def write_report(store, out: str | os.PathLike, dataset: str) -> dict[str, Path]
     Parameters
     ----------
     store : ResultStore
-        The results store (:class:`~manifold_nets.experiments.grid.ResultStore`); its
+        The results store (:class:`~manifold_nets.experiments.store.ResultStore`); its
         records of ``dataset`` are reported.
     out : path
         The folder to write into (created if needed).
@@ -637,7 +637,7 @@ def write_report(store, out: str | os.PathLike, dataset: str) -> dict[str, Path]
     >>> records = [record(u, e, s, depth=2) for s, (u, e) in enumerate(
     ...     [("bsgd", 0.030), ("bsgd", 0.032), ("un", 0.020), ("un", 0.021)])]
     >>> import pathlib, tempfile
-    >>> from manifold_nets.experiments.grid import ResultStore
+    >>> from manifold_nets.experiments.store import ResultStore
     >>> from manifold_nets.experiments.report import write_report
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> store = ResultStore(root / "grid")

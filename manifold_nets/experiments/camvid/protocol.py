@@ -20,6 +20,7 @@ import torch
 
 from ..config import best_rate
 from ..io import atomic_write
+from ..store import ResultStore
 from .data import FULL_SIZE, CamVid, find_camvid, load_camvid
 from .training import CamVidConfig, evaluate, train
 from .weights import save_weights
@@ -60,13 +61,11 @@ def _run(config: CamVidConfig, data: dict[str, CamVid], out: Path, name: str, *,
          weights: bool = False, device: str = "cpu",
          log: Callable[[str], None] = print) -> dict:
     """One run, resumable: its record is ``out/name.json`` once done (then reused)."""
-    done = out / f"{name}.json"
-    if done.exists():
-        record = json.loads(done.read_text())
-        if record["config"] == config.to_dict():
-            log(f"{name}: done earlier ({done})")
-            return record
-        raise ValueError(f"{done} holds a run of another configuration; use another --out")
+    store = ResultStore(out, runs=".", indent=1)
+    record = store.finished(name, config.to_dict())
+    if record is not None:
+        log(f"{name}: done earlier ({store.path(name)})")
+        return record
     ckpt = out / f"{name}.ckpt"
     record, model = train(config, data, checkpoint=ckpt, device=device,
                           log=lambda s: log(f"  {name}: {s}"))
@@ -76,7 +75,7 @@ def _run(config: CamVidConfig, data: dict[str, CamVid], out: Path, name: str, *,
             record["test_full"] = evaluate(model, test, labels=full_labels)
     if weights and not record["diverged"]:
         save_weights(out / f"{name}.pt", model, config, record.get("test"))
-    atomic_write(done, json.dumps(record, indent=1) + "\n")
+    store.write(name, record)
     ckpt.unlink(missing_ok=True)
     return record
 
