@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,9 +65,43 @@ numpydoc_xref_param_type = False
 # An Attributes section renders as a table; attributes that references point at carry
 # their own ``#:`` doc comment instead.
 numpydoc_attributes_as_param_list = False
-# Every documented public callable has its parameters, its returns and an example.
+# Every documented public callable has its parameters, its returns and an example. A
+# value (a module's constant, a NamedTuple's or a dataclass's field) is said in its doc
+# comment and shown in the example of what makes or reads it: no check asks it for one.
+
+
+def _values() -> set[str]:
+    """The qualified names of the package's documented values: public module constants
+    and the fields of its NamedTuples and dataclasses."""
+    import dataclasses
+    import inspect
+    import pkgutil
+
+    names = set()
+    for info in pkgutil.walk_packages(manifold_nets.__path__, "manifold_nets."):
+        module = importlib.import_module(info.name)
+        for attr in getattr(module, "__all__", ()):
+            value = getattr(module, attr)
+            if inspect.isclass(value):
+                if value.__module__ != module.__name__:
+                    continue
+                fields = list(getattr(value, "_fields", ()))  # a NamedTuple
+                if dataclasses.is_dataclass(value):
+                    fields += [f.name for f in dataclasses.fields(value)]
+                try:  # instance attributes with a doc comment in a written __init__
+                    source = inspect.getsource(vars(value)["__init__"])
+                except (KeyError, OSError, TypeError):
+                    source = ""
+                fields += re.findall(r"#:.*\n\s*self\.(\w+)\s*[:=]", source)
+                names.update(f"{module.__name__}.{attr}.{f}" for f in fields)
+            elif not (callable(value) or inspect.ismodule(value)):
+                names.add(f"{module.__name__}.{attr}")
+    return names
+
+
 numpydoc_validation_checks = {"PR01", "PR02", "RT01", "EX01"}
-numpydoc_validation_exclude = {r"\.__init__$", r"\._[a-z]"}
+numpydoc_validation_exclude = {r"\.__init__$", r"\._[a-z]"} | {
+    rf"^{re.escape(name)}$" for name in _values()}
 
 # -- doctest ----------------------------------------------------------------------------
 doctest_global_setup = """

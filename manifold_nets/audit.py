@@ -167,12 +167,6 @@ class UpdateRule:
 
 
 #: The update rules the audit runs.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.audit import UPDATE_RULES
-#: >>> [rule.name for rule in UPDATE_RULES][:3]
-#: ['B-SGD', 'SM', 'UN']
 UPDATE_RULES = (
     UpdateRule("B-SGD", "bsgd"),
     UpdateRule("SM", "sm"),

@@ -83,44 +83,14 @@ class Declaration(dict):
         self.update = update
         #: Parameter name -> role: ``"filters"``, ``"classifier"``, ``"explicit"`` (given
         #: in ``manifolds=``) or ``"other"`` (biases, batch-norm scale and shift, ...).
-        #:
-        #: Examples
-        #: --------
-        #: >>> from manifold_nets import Arch1, declare
-        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
-        #: >>> dec.roles
-        #: {'layers.0.linear.weight': 'filters', 'classifier.weight': 'classifier'}
         self.roles: dict[str, str] = {}
         #: Parameter name -> why it got its manifold (the last column of ``str(dec)``).
-        #:
-        #: Examples
-        #: --------
-        #: >>> from manifold_nets import Arch1, declare
-        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
-        #: >>> dec.reasons["layers.0.linear.weight"]
-        #: "SM's left metric on the rows (eq. (7))"
         self.reasons: dict[str, str] = {}
         #: Parameter name -> its shape.
-        #:
-        #: Examples
-        #: --------
-        #: >>> from manifold_nets import Arch1, declare
-        #: >>> dec = declare(Arch1(depth=1, width=4, in_features=3, num_classes=2), "sm")
-        #: >>> dec.shapes
-        #: {'layers.0.linear.weight': (4, 3), 'classifier.weight': (2, 2)}
         self.shapes: dict[str, tuple[int, ...]] = {}
         #: With ``inputs``: the relative change of the model's outputs on them that
         #: declaring caused, :math:`\|f_{after} - f_{before}\| / \|f_{before}\|`; ``None``
         #: without inputs.
-        #:
-        #: Examples
-        #: --------
-        #: >>> import torch
-        #: >>> from manifold_nets import Arch2, declare
-        #: >>> net = Arch2(depth=1, width=4, in_features=3, num_classes=2)
-        #: >>> dec = declare(net, "un", inputs=torch.randn(16, 3))
-        #: >>> dec.function_change < 1e-4  # batch norm makes the filter scaling a symmetry
-        #: True
         self.function_change: float | None = None
 
     def __str__(self) -> str:

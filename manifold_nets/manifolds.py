@@ -104,13 +104,6 @@ def _raise_on_degenerate(size: torch.Tensor, ndim: int, what: str, cls: str) -> 
 #: How far from 1 a filter norm of an oblique-manifold parameter may be, per dtype, for it
 #: to count as on the manifold when state is loaded (:func:`check_unit_norm`,
 #: :func:`manifold_nets.distributed.check_on_manifold`). Other dtypes use ``1e-4``.
-#:
-#: Examples
-#: --------
-#: >>> import torch
-#: >>> from manifold_nets.manifolds import UNIT_NORM_TOL
-#: >>> UNIT_NORM_TOL[torch.float32], UNIT_NORM_TOL[torch.float64]
-#: (0.0001, 1e-10)
 UNIT_NORM_TOL = {
     torch.float16: 1e-2,
     torch.bfloat16: 5e-2,

@@ -75,37 +75,13 @@ class Kind(NamedTuple):
     """
 
     #: The update: ``"euclidean"``, ``"oblique"`` (UN) or ``"sm"``.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.optim import Kind
-    #: >>> Kind("sm", (-1,)).name
-    #: 'sm'
     name: str
     #: The dims that one norm (of a filter, or of a column of :math:`\theta`) reduces over.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.optim import Kind
-    #: >>> Kind("sm", (-2,), ndim=2, side="right").dims
-    #: (-2,)
     dims: tuple[int, ...] = ()
     #: The manifold's ``ndim``: trailing dims owned by one point.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.optim import Kind
-    #: >>> Kind("oblique", (-3, -2, -1), ndim=3).ndim
-    #: 3
     ndim: int = 1
     #: The SM metric's side, ``"left"`` (filters) or ``"right"`` (columns of
     #: :math:`\theta`); ``"left"`` for the other kinds.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.optim import Kind
-    #: >>> Kind("euclidean").side
-    #: 'left'
     side: str = "left"
 
 

@@ -37,12 +37,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: The modules whose weight holds filters, one per row: ``Linear`` and ``ConvNd``
 #: (transposed convolutions hold theirs in the second dim and are not included).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.roles import FILTER_TYPES
-#: >>> [t.__name__ for t in FILTER_TYPES]
-#: ['Linear', 'Conv1d', 'Conv2d', 'Conv3d']
 FILTER_TYPES = (nn.Linear, *_CONV)
 
 

@@ -30,42 +30,18 @@ __all__ = ["UPDATES", "NAMES", "ROLES", "KERNEL_KINDS", "check_update", "manifol
 
 #: The updates of Table 1: B-SGD (plain SGD), SM (the scaled metric, eqs. (7)-(8)) and UN
 #: (unit-norm filters, eq. (9)).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.table1 import UPDATES
-#: >>> UPDATES
-#: ('bsgd', 'sm', 'un')
 UPDATES = ("bsgd", "sm", "un")
 
 #: How tables and figures name each update: the paper's names.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.table1 import NAMES, UPDATES
-#: >>> [NAMES[u] for u in UPDATES]
-#: ['B-SGD', 'SM', 'UN']
 NAMES = {"bsgd": "B-SGD", "sm": "SM", "un": "UN"}
 
 #: The roles a weight plays in Table 1: a bank of filters (its rows), or the classifier.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.table1 import ROLES
-#: >>> ROLES
-#: ('filters', 'classifier')
 ROLES = ("filters", "classifier")
 
 #: The fused kernel's numbers for the manifolds it steps, by
 #: :class:`~manifold_nets.optim.Kind` name and side. Euclidean parameters keep torch's
 #: SGD arithmetic (``InvariantSGD`` is ``torch.optim.SGD`` on them, bit for bit), so the
 #: kernel's Euclidean branch (kind 0) is not used.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.table1 import KERNEL_KINDS
-#: >>> sorted(KERNEL_KINDS.items())
-#: [(('oblique', 'left'), 1), (('sm', 'left'), 2), (('sm', 'right'), 3)]
 KERNEL_KINDS = {("oblique", "left"): 1, ("sm", "left"): 2, ("sm", "right"): 3}
 
 

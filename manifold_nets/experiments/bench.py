@@ -84,16 +84,6 @@ def _sgd(params, lr, foreach):
 
 #: name -> (update given to :func:`manifold_nets.declare` or "sphere", optimiser
 #: factory(params, lr)): the optimisers of the table above.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.bench import OPTIMISERS, bench_model
-#: >>> list(OPTIMISERS)[:4]
-#: ['sgd', 'sgd-foreach', 'geoopt-euclid', 'geoopt-sphere']
-#: >>> update, factory = OPTIMISERS["ours-un"]
-#: >>> opt = factory(bench_model("mlp", update).parameters(), 1e-4)
-#: >>> update, type(opt).__name__
-#: ('un', 'InvariantSGD')
 OPTIMISERS: dict[str, tuple[str, Callable]] = {
     "sgd": ("bsgd", lambda ps, lr: _sgd(ps, lr, False)),
     "sgd-foreach": ("bsgd", lambda ps, lr: _sgd(ps, lr, True)),

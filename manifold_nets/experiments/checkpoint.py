@@ -65,12 +65,6 @@ __all__ = [
 
 #: The marker and version stored in every checkpoint; :func:`read_checkpoint` refuses a
 #: file without the marker, or with another version.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.checkpoint import FORMAT
-#: >>> FORMAT
-#: ('manifold-nets-checkpoint', 2)
 FORMAT = ("manifold-nets-checkpoint", 2)
 
 class CheckpointError(ValueError):

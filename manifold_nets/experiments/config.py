@@ -44,28 +44,10 @@ __all__ = [
 ]
 
 #: The networks of Section 4: ``TrainConfig.arch``.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.config import ARCHS
-#: >>> ARCHS
-#: ('arch1', 'arch2')
 ARCHS = ("arch1", "arch2")
 #: The learning-rate protocols: ``TrainConfig.protocol``.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.config import PROTOCOLS
-#: >>> PROTOCOLS
-#: ('exp-decay', 'bold-driver')
 PROTOCOLS = ("exp-decay", "bold-driver")
 #: Where the stopping criteria apply: ``TrainConfig.stopping``.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.config import STOPPING
-#: >>> STOPPING
-#: ('all', 'bold-driver', 'none')
 STOPPING = ("all", "bold-driver", "none")
 
 # --------------------------------------------------------------------------------------
@@ -170,20 +152,8 @@ class Decision(NamedTuple):
     """
 
     #: The next epoch's rate.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.experiments.config import Decision
-    #: >>> Decision(0.05, False).lr
-    #: 0.05
     lr: float
     #: Whether to restore the weights from before the epoch.
-    #:
-    #: Examples
-    #: --------
-    #: >>> from manifold_nets.experiments.config import Decision
-    #: >>> Decision(0.05, True).undo
-    #: True
     undo: bool
 
 

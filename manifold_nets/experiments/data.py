@@ -55,12 +55,6 @@ __all__ = [
 
 #: The four IDX files of a data set, in the order train images, train labels, test images,
 #: test labels.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.data import FILES
-#: >>> FILES[0], len(FILES)
-#: ('train-images-idx3-ubyte', 4)
 FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -69,12 +63,6 @@ FILES = (
 )
 
 #: sha256 of the *decompressed* IDX files.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.data import DATASETS, FILES
-#: >>> sorted(DATASETS), sorted(DATASETS["mnist"]) == sorted(FILES)
-#: (['fashion-mnist', 'mnist'], True)
 DATASETS: dict[str, dict[str, str]] = {
     "mnist": {
         "train-images-idx3-ubyte": (
@@ -107,12 +95,6 @@ DATASETS: dict[str, dict[str, str]] = {
 }
 
 #: Public mirrors, tried in order; each is a base URL under which ``<file>.gz`` lives.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.data import DEFAULT_MIRRORS
-#: >>> {name: len(bases) for name, bases in DEFAULT_MIRRORS.items()}
-#: {'mnist': 3, 'fashion-mnist': 2}
 DEFAULT_MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",

@@ -50,21 +50,9 @@ __all__ = [
 ]
 
 #: The depths of Table 2 (hidden layers of Arch1 and Arch2).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.grid import DEPTHS
-#: >>> DEPTHS
-#: (2, 4)
 DEPTHS = (2, 4)
 
 #: The engines :func:`run_grid` can run the grid on.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.grid import ENGINES
-#: >>> ENGINES
-#: ('sequential', 'stacked')
 ENGINES = ("sequential", "stacked")
 
 

@@ -40,14 +40,6 @@ __all__ = [
 #:
 #: The MNIST test errors of the paper's 24 cells (2 depths x 2 protocols x 2 architectures
 #: x 3 updates), mean and standard deviation over its runs.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.report import PAPER_TABLE2
-#: >>> len(PAPER_TABLE2)
-#: 24
-#: >>> PAPER_TABLE2[(4, "bold-driver", "arch2", "un")]
-#: (0.0179, 0.0025)
 PAPER_TABLE2: dict[tuple[int, str, str, str], tuple[float, float]] = {}
 _PAPER_ROWS = {
     (2, "exp-decay"): "0.0263 0.0079 0.0283 0.0062 0.0220 0.0057 0.0216 0.0038 0.0228 0.0051 "

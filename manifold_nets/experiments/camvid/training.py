@@ -53,12 +53,6 @@ __all__ = [
 
 #: The optimisers a CamVid run can take: :class:`~manifold_nets.InvariantSGD`, or
 #: :class:`torch.optim.SGD` as the control of the training pipeline (``update="bsgd"``).
-#:
-#: Examples
-#: --------
-#: >>> from manifold_nets.experiments.camvid.training import OPTIMIZERS
-#: >>> OPTIMIZERS
-#: ('invariant', 'torch-sgd')
 OPTIMIZERS = ("invariant", "torch-sgd")
 
 
