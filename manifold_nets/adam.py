@@ -545,7 +545,7 @@ def _fused_invariant_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
     rest = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         kind, v = kinds[i], exp_avg_sqs[i]
-        key = (kind.name, kind.side if kind.name == "sm" else "left")
+        key = (kind.name, kind.side)
         per_entry = v.shape == p.shape
         if (key not in KERNEL_KINDS or kernel.refusal(p, g, exp_avgs[i], lr, kind) is not None
                 or not (v.stride() == p.stride() if per_entry else v.is_contiguous())):

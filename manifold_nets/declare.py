@@ -33,6 +33,7 @@ from torch import nn
 
 from .convert import refuse_conv1d
 from .manifolds import ObliqueManifold
+from .optim import is_dtensor
 from .roles import FILTER_TYPES, find_classifier
 from .roles import plan as table1_plan
 from .table1 import check_update
@@ -641,7 +642,7 @@ def _check_declaration(module, state_dict, prefix, local_metadata, strict, missi
         manifold = getattr(p, "manifold", None)
         value = state_dict.get(prefix + n)
         if (isinstance(manifold, ObliqueManifold) and isinstance(value, torch.Tensor)
-                and value.shape == p.shape and not _is_sharded(value)):
+                and value.shape == p.shape and not is_dtensor(value)):
             ok, why = manifold.check_point_on_manifold(value.to(p.dtype), explain=True)
             if not ok:
                 raise RuntimeError(
@@ -649,12 +650,6 @@ def _check_declaration(module, state_dict, prefix, local_metadata, strict, missi
                     "so the state dict was not written by a model declared 'un', and this "
                     "model is. Fix: load into an undeclared model and declare it afterwards "
                     "(declare projects the filters and keeps what the model computes).")
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    from .optim import is_dtensor
-
-    return is_dtensor(t)
 
 
 def declaration_of(state_dict: Mapping) -> dict | None:

@@ -45,14 +45,9 @@ import torch
 from torch import nn
 
 from .declare import DECLARATION_ATTR
+from .optim import is_dtensor
 
 __all__ = ["check_on_manifold", "fully_shard", "lost_manifolds", "reattach_manifolds"]
-
-
-def is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
 
 
 def _manifold_of(p: torch.Tensor):

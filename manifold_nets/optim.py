@@ -1341,7 +1341,7 @@ def _fused_invariant_sgd(
     rest = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffer_list[i] if momentum != 0 else None
-        key = (kinds[i].name, kinds[i].side if kinds[i].name == "sm" else "left")
+        key = (kinds[i].name, kinds[i].side)
         if key not in KERNEL_KINDS or not kernel.eligible(p, g, buf, lr, kinds[i]):
             rest.append(i)
             continue

@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - hypothesis comes with the dev and test
 from .declare import declare
 from .manifolds import DiagScaledEuclidean, ObliqueManifold
 from .symmetry import Rescaling, discover
+from .symmetry.structure import as_inputs
 
 __all__ = [
     "assert_loss_invariant",
@@ -56,14 +57,6 @@ __all__ = [
     "tangent_vectors",
     "tolerance",
 ]
-
-
-def _args(inputs) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def _double(inputs) -> tuple:
-    return tuple(a.double() if a.is_floating_point() else a for a in _args(inputs))
 
 
 def tolerance(model: nn.Module) -> float:
@@ -228,7 +221,7 @@ def assert_loss_invariant(model: nn.Module, g: Rescaling, inputs, loss_fn: Calla
     """
     rtol = tolerance(model) if rtol is None else rtol
     net = copy.deepcopy(model).double()
-    args = _double(inputs)
+    args = as_inputs(inputs, dtype=torch.float64)
     a = _loss(net, args, loss_fn)
     b = _loss(g.apply(net), args, loss_fn)
     gap = abs(a - b) / max(abs(a), 1e-300)
@@ -308,7 +301,7 @@ def assert_update_equivariant(model: nn.Module, g: Rescaling, inputs, loss_fn: C
 
     rtol = tolerance(model) if rtol is None else rtol
     make = optimizer or (lambda params: InvariantSGD(params, lr=1e-2))
-    args = _double(inputs)
+    args = as_inputs(inputs, dtype=torch.float64)
     nets = [copy.deepcopy(model).double()]
     nets.append(g.apply(nets[0]))
     opts = []

@@ -17,8 +17,10 @@ module             what
 ``report``         Table 2 beside the paper, Welch comparisons, trajectories
 ``checkpoint``     checkpoints that resume exactly and refuse what does not fit
 ``io``             the atomic writer and the checks before work
+``progress``       progress bars: tqdm where installed, else silent ones
 ``metrics``        the SegNet paper's segmentation metrics
 ``camvid``         SegNet-Basic on CamVid (the paper's Section 6)
+``zoo``            reference models: ResNet-18, a pre-LN transformer, a residual MLP
 ``bench``          timings against ``torch.optim.SGD`` and geoopt
 ``demo``           the tour of ``make demo``
 ``cli``            the ``manifold-nets`` command line

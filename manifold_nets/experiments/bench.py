@@ -70,7 +70,7 @@ from ..declare import declare
 from ..manifolds import ObliqueManifold
 from ..nets import Arch2
 from ..optim import InvariantSGD
-from ..table1 import UPDATES
+from ..table1 import UPDATES, manifold_for
 from .io import atomic_write, unwritable
 
 __all__ = ["BenchConfig", "OPTIMISERS", "bench_model", "load_train_images", "run_bench", "run_cli"]
@@ -559,24 +559,17 @@ def bench_grid(x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig, log=print) ->
 
 def _step_params(shapes, update: str, seed: int = 0, device: str = "cpu",
                  channels_last: bool = False) -> list[torch.Tensor]:
-    """Parameters of the given shapes, declared for ``update`` (filters: every dim after the
-    first), with fixed random gradients; 4-D ones in ``channels_last`` if asked."""
-    from ..manifolds import DiagScaledEuclidean
-
+    """Parameters of the given shapes, declared as Table 1's filters for ``update`` (every
+    dim after the first), with fixed random gradients; 4-D ones in ``channels_last`` if
+    asked."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
         fmt = (torch.channels_last if channels_last and len(shape) == 4
                else torch.contiguous_format)
         w = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
-        nd = len(shape) - 1
-        if update == "un":
-            m = ObliqueManifold(nd)
-            p = geoopt.ManifoldParameter(m.projx(w), manifold=m)
-        elif update == "sm":
-            p = geoopt.ManifoldParameter(w, manifold=DiagScaledEuclidean(ndim=nd))
-        else:
-            p = nn.Parameter(w)
+        m = manifold_for(update, "filters", len(shape))
+        p = nn.Parameter(w) if m is None else geoopt.ManifoldParameter(m.projx(w), manifold=m)
         p.grad = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
         out.append(p)
     return out

@@ -47,7 +47,7 @@ from ..manifolds import UNIT_NORM_TOL, ObliqueManifold
 from ..manifolds import check_unit_norm as check_unit_norm_of
 from .config import TrainConfig, config_diff
 from .io import atomic_write
-from .loop import LoopState, Stream
+from .loop import FitResult, LoopState, Stream
 from .stacked import StackedNet
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "UNIT_NORM_TOL",
     "CheckpointError",
     "GroupCheckpoint",
+    "RunCheckpoint",
     "check_config",
     "check_unit_norm",
     "describe",
@@ -537,6 +538,119 @@ def load_checkpoint(
         "extra": payload.get("extra") or {},
         "epoch": len(history),
     }
+
+
+class RunCheckpoint:
+    """The checkpoint policy of one run on the sequential engine
+    (:func:`~manifold_nets.experiments.engines.fit`): after every epoch, the model, the
+    optimiser, the schedule's state (the next rate, the reference cost, the base rate),
+    the history, the permutations' generator and torch's RNG, written atomically to one
+    file (:func:`save_checkpoint`).
+
+    Reading refuses a file that does not fit the model, the configuration or the base
+    rate (:class:`CheckpointError`).
+
+    Parameters
+    ----------
+    path : path or None
+        The file; ``None``: no checkpoint (every method is then a no-op).
+    model : torch.nn.Module
+        The run's model.
+    optimizer : torch.optim.Optimizer
+        Its optimiser.
+    generator : torch.Generator
+        The source of the run's permutations.
+    lr : float
+        The run's base rate.
+    config : mapping, optional
+        The configuration the file must match.
+    extra : dict, optional
+        Saved as the checkpoint's ``extra``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from manifold_nets.experiments.checkpoint import RunCheckpoint
+    >>> net = torch.nn.Linear(3, 2)
+    >>> ck = RunCheckpoint(None, model=net, optimizer=torch.optim.SGD(net.parameters()),
+    ...                    generator=torch.Generator(), lr=0.1)
+    >>> ck.resume() is None
+    True
+    """
+
+    def __init__(self, path: str | os.PathLike | None, *, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, generator: torch.Generator, lr: float,
+                 config=None, extra: dict | None = None):
+        self.path = None if path is None else Path(path)
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.lr, self.config, self.extra = lr, config, extra or {}
+
+    def resume(self) -> LoopState | None:
+        """Put the model, the optimiser, the generator and torch's RNG back to the saved
+        epoch, if the file exists.
+
+        Returns
+        -------
+        LoopState or None
+            The loop's state to pass to ``fit_runs(start=...)``; ``None`` without a file.
+
+        Raises
+        ------
+        CheckpointError
+            If the file does not fit (see the class).
+
+        Examples
+        --------
+        ``tests/test_checkpoint.py`` checks that a resumed run is bit-identical to one
+        that was never stopped.
+
+        >>> from manifold_nets.experiments.checkpoint import RunCheckpoint
+        >>> callable(RunCheckpoint.resume)
+        True
+        """
+        if self.path is None or not self.path.exists():
+            return None
+        state = load_checkpoint(self.path, model=self.model, optimizer=self.optimizer,
+                                generator=self.generator, config=self.config)
+        sched = state["schedule_state"]
+        if sched.get("base_lr") != self.lr:
+            raise CheckpointError(f"checkpoint {self.path} was made with base rate "
+                                  f"{sched.get('base_lr')!r}, now {self.lr!r}")
+        result = FitResult(history=list(state["history"]))
+        return LoopState(len(result.history), [0], [sched["lr"]], [sched["reference"]],
+                         [result])
+
+    def save(self, state: LoopState) -> None:
+        """Write the run after an epoch (or before the first).
+
+        Parameters
+        ----------
+        state : LoopState
+            The loop's state of the one run.
+
+        Examples
+        --------
+        >>> import os
+        >>> import tempfile
+        >>> import torch
+        >>> from manifold_nets.experiments.checkpoint import RunCheckpoint
+        >>> from manifold_nets.experiments.loop import FitResult, LoopState
+        >>> net = torch.nn.Linear(3, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+        >>> ck = RunCheckpoint(path, model=net, optimizer=torch.optim.SGD(net.parameters()),
+        ...                    generator=torch.Generator(), lr=0.1)
+        >>> ck.save(LoopState(0, [0], [0.1], [None], [FitResult()]))
+        >>> ck.resume().lr
+        [0.1]
+        """
+        if self.path is None:
+            return
+        save_checkpoint(self.path, model=self.model, optimizer=self.optimizer,
+                        generator=self.generator,
+                        schedule_state={"lr": state.lr[0], "reference": state.reference[0],
+                                        "base_lr": self.lr},
+                        history=state.results[0].history, config=self.config,
+                        extra=self.extra)
 
 
 class GroupCheckpoint:

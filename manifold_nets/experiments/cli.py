@@ -597,48 +597,20 @@ def _run_camvid_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _per_class(m: dict) -> str:
-    from .camvid import CLASSES
-
-    return ", ".join(f"{c} {'-' if v is None else f'{100 * v:.1f}'}"
-                     for c, v in zip(CLASSES, m["per_class_iou"], strict=True))
-
-
 def _run_camvid_evaluate(args: argparse.Namespace) -> int:
-    from .camvid import (
-        FULL_SIZE,
-        evaluate,
-        find_camvid,
-        format_metrics,
-        load_camvid,
-        load_weights,
-    )
+    from .camvid import evaluate_weights
     from .data import DataError
 
     torch.set_num_threads(args.threads)
     try:
-        model, config, stored = load_weights(args.weights)
-        model.to(args.device)
-        folder = find_camvid(args.data_dir)  # verified once, read twice below
-        test = load_camvid(args.split, config.size, folder=folder)
+        scores = evaluate_weights(args.weights, args.split, data_dir=args.data_dir,
+                                  device=args.device)
     except (ValueError, DataError) as err:
         return _error(str(err))
-    m = evaluate(model, test)
+    config = scores.config
     print(f"{args.weights}: SegNet-Basic ({config.filters} filters), update {config.update}, "
           f"seed {config.seed}, at {config.height}x{config.width}")
-    print(f"{args.split} ({len(test)} images): {format_metrics(m)}")
-    print("per-class IoU: " + _per_class(m))
-    if config.size != FULL_SIZE:
-        full = load_camvid(args.split, None, folder=folder).labels
-        f = evaluate(model, test, labels=full)
-        print(f"{args.split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} (predictions upsampled "
-              f"by nearest neighbour): {format_metrics(f)}")
-        print("per-class IoU: " + _per_class(f))
-    if stored is not None and args.split == "test":
-        same = all(abs(m[k] - stored[k]) < 1e-6 for k in ("global_acc", "class_avg_acc",
-                                                         "mean_iou"))
-        print("matches the metrics stored with the weights" if same else
-              f"differs from the metrics stored with the weights: {format_metrics(stored)}")
+    print("\n".join(scores.lines(args.split)))
     return 0
 
 
@@ -658,7 +630,7 @@ def _run_camvid_report(args: argparse.Namespace) -> int:
 
 
 def _camvid_parsers(sub) -> None:
-    from .camvid import OPTIMIZERS, CamVidConfig
+    from .camvid import CLASS_WEIGHTS, OPTIMIZERS, CamVidConfig
 
     d = CamVidConfig()
     p = _add(sub, "camvid", "SegNet-Basic on CamVid (Section 6): train, evaluate, report",
@@ -679,7 +651,7 @@ def _camvid_parsers(sub) -> None:
              _run_camvid_train)
     add_config_arguments(t, exclude=("seed",), config=CamVidConfig, helps=_CAMVID_HELP,
                          choices={"update": UPDATES, "optimizer": OPTIMIZERS,
-                                  "class_weights": ("published", "computed", "none")},
+                                  "class_weights": CLASS_WEIGHTS},
                          types={"lr": positive_float},
                          title="run configuration (defaults: SegNet-Basic's solver at half "
                                "the resolution)")
@@ -700,7 +672,7 @@ def _camvid_parsers(sub) -> None:
 
     e = _add(csub, "evaluate", "metrics of saved weights on the CamVid test images",
              "Global accuracy, class-average accuracy, mean IoU and per-class IoU of a "
-             "weights file written by `camvid train`, at its resolution.",
+             "weights file written by `camvid train`, at its resolution and at CamVid's 360x480.",
              _run_camvid_evaluate)
     e.add_argument("--weights", required=True, metavar="PATH",
                    help="a .pt file written by `camvid train`")

@@ -431,30 +431,18 @@ def fit(
     >>> again.history == result.history
     True
     """
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .checkpoint import RunCheckpoint
 
     engine = ModuleRuns(model)
     generator = generator if generator is not None else torch.default_generator
     stream = torch.arange(x.shape[0]) if stream is None else stream
     info = dict(checkpoint_info or {})
-    ck_config = info.pop("config", None)
-    start = None
-
-    def save(state: LoopState) -> None:
-        save_checkpoint(checkpoint, model=model, optimizer=engine.optimizer,
-                        generator=generator,
-                        schedule_state={"lr": state.lr[0], "reference": state.reference[0],
-                                        "base_lr": lr},
-                        history=state.results[0].history, config=ck_config, extra=info)
-
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, model=model, optimizer=engine.optimizer,
-                                generator=generator, config=ck_config)
-        sched = state["schedule_state"]
-        if sched.get("base_lr") != lr:
-            raise CheckpointError(f"checkpoint {checkpoint} was made with base rate "
-                                  f"{sched.get('base_lr')!r}, now {lr!r}")
-        result = FitResult(history=list(state["history"]))
+    ck = RunCheckpoint(checkpoint, model=model, optimizer=engine.optimizer,
+                       generator=generator, lr=lr, config=info.pop("config", None),
+                       extra=info)
+    start = ck.resume()
+    if start is not None:
+        result = start.results[0]
         train_errors = [h["train_error"] for h in result.history]
         val_errors = [h["val_error"] for h in result.history if "val_error" in h]
         reason = stopping.reason(train_errors, val_errors) if result.history else None
@@ -463,14 +451,12 @@ def fit(
                 progress.update(len(result.history))
             result.stop_reason = reason
             return result
-        start = LoopState(len(result.history), [0], [sched["lr"]], [sched["reference"]],
-                          [result])
-    elif checkpoint is not None:
-        save(LoopState(0, [0], [lr], [None], [FitResult()]))
+    else:
+        ck.save(LoopState(0, [0], [lr], [None], [FitResult()]))
 
     def on_epoch(_, state: LoopState) -> None:
         if not state.results[0].diverged:
-            save(state)
+            ck.save(state)
 
     return fit_runs(
         engine, x, y, lr=[lr], schedules=[schedule], stopping=[stopping],

@@ -1294,7 +1294,7 @@ def analysis_copy(model: nn.Module, dtype: torch.dtype, train: bool) -> nn.Modul
     return net
 
 
-def as_inputs(inputs, device, dtype) -> tuple:
+def as_inputs(inputs, device=None, dtype=None) -> tuple:
     """The positional inputs of a model as a tuple on ``device``: floating ones in
     ``dtype``, token ids and masks as they are.
 
@@ -1302,10 +1302,10 @@ def as_inputs(inputs, device, dtype) -> tuple:
     ----------
     inputs : torch.Tensor or tuple of torch.Tensor
         One input or several.
-    device : torch.device or str
-        Where the model is.
-    dtype : torch.dtype
-        The model's floating dtype.
+    device : torch.device or str, optional
+        Where the model is (default: each input stays where it is).
+    dtype : torch.dtype, optional
+        The model's floating dtype (default: each input keeps its own).
 
     Returns
     -------
@@ -1322,8 +1322,8 @@ def as_inputs(inputs, device, dtype) -> tuple:
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     # floating inputs in the computation dtype; token ids and masks stay as they are
-    return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
-                 for a in args)
+    return tuple(a.to(device=device, dtype=dtype) if a.is_floating_point()
+                 else a.to(device=device) for a in args)
 
 
 # the order of the Gram-Schmidt: a family keeps its own directions where none comes

@@ -47,6 +47,7 @@ from ..io import fsync_dir
 __all__ = [
     "ARCHIVE_URL",
     "CLASSES",
+    "CLASS_WEIGHTS",
     "COLORS",
     "FULL_SIZE",
     "PUBLISHED_WEIGHTS",
@@ -77,6 +78,9 @@ SPLITS = {"train": 367, "val": 101, "test": 233}
 COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
           (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
           (0, 128, 192), (0, 0, 0))
+#: The class weights :func:`class_weights` knows: SegNet-Basic's published ones, the
+#: median frequency balancing of the training labels, or none.
+CLASS_WEIGHTS = ("published", "computed", "none")
 #: The median-frequency class weights of SegNet-Basic's reference training set-up
 #: (``segnet_basic_train.prototxt``), classes 0 .. 10.
 PUBLISHED_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418,
@@ -571,4 +575,4 @@ def class_weights(kind: str, train: CamVid | None = None) -> torch.Tensor | None
         return median_frequency_weights(train.labels)
     if kind == "none":
         return None
-    raise ValueError(f"unknown class weights {kind!r}; choose published, computed or none")
+    raise ValueError(f"unknown class weights {kind!r}; choose one of {', '.join(CLASS_WEIGHTS)}")

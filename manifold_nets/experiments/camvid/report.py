@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,11 +30,11 @@ from .data import (
     load_camvid,
     median_frequency_weights,
 )
-from .protocol import selection_scores
-from .training import evaluate, predict
+from .protocol import format_metrics, selection_scores
+from .training import CamVidConfig, evaluate, predict
 from .weights import load_weights
 
-__all__ = ["build_report", "colorize"]
+__all__ = ["WeightsScores", "build_report", "colorize", "evaluate_weights"]
 
 
 def colorize(labels: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -300,6 +301,144 @@ def _score_at_full_size(folder: Path, results: dict, data: Path) -> None:
                 full = load_camvid("test", None, folder=data).labels
             test = load_camvid("test", config.size, folder=data)
             r["test_full"] = evaluate(model, test, labels=full)
+
+
+class WeightsScores(NamedTuple):
+    """What :func:`evaluate_weights` measured of a weights file, and its lines of text.
+
+    Parameters
+    ----------
+    config : CamVidConfig
+        The configuration the weights were trained with.
+    images : int
+        The number of images of the split evaluated.
+    metrics : dict
+        :func:`~manifold_nets.experiments.camvid.training.evaluate` at the trained
+        resolution.
+    full : dict or None
+        The same at CamVid's 360 x 480 (predictions upsampled by nearest neighbour);
+        ``None`` where the model was trained at it.
+    stored : dict or None
+        The test metrics stored in the file, if any.
+    matches : bool or None
+        Whether ``metrics`` equal ``stored`` to 1e-6 (``None``: nothing to compare, or not
+        the test split).
+
+    Examples
+    --------
+    >>> from manifold_nets.experiments.camvid import CamVidConfig, WeightsScores
+    >>> m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3}
+    >>> WeightsScores(CamVidConfig(), 233, m, None, None, None).images
+    233
+    """
+
+    #: The configuration the weights were trained with.
+    config: CamVidConfig
+    #: The number of images evaluated.
+    images: int
+    #: The metrics at the trained resolution.
+    metrics: dict
+    #: The metrics at 360 x 480, or ``None``.
+    full: dict | None
+    #: The test metrics stored with the weights, or ``None``.
+    stored: dict | None
+    #: ``metrics`` against ``stored`` (``None``: not compared).
+    matches: bool | None
+
+    def lines(self, split: str = "test") -> list[str]:
+        """The scores as ``manifold-nets camvid evaluate`` prints them.
+
+        Parameters
+        ----------
+        split : str
+            The split's name, for the text.
+
+        Returns
+        -------
+        list of str
+            One line of summary metrics and one of per-class IoU per resolution, then
+            the comparison with the stored metrics.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig, WeightsScores
+        >>> m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3,
+        ...      "per_class_iou": [0.5] * 10 + [None]}
+        >>> print("\\n".join(WeightsScores(CamVidConfig(), 233, m, None, m, True).lines()))
+        ... # doctest: +ELLIPSIS
+        test (233 images): global 70.0  class-avg 50.0  mIoU 30.0
+        per-class IoU: Sky 50.0, Building 50.0, ..., Bicyclist -
+        matches the metrics stored with the weights
+        """
+        out = []
+        for m, where in ((self.metrics, f"{split} ({self.images} images)"),
+                         (self.full, f"{split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} "
+                          "(predictions upsampled by nearest neighbour)")):
+            if m is not None:
+                out.append(f"{where}: {format_metrics(m)}")
+                out.append("per-class IoU: " + ", ".join(
+                    f"{c} {'-' if v is None else f'{100 * v:.1f}'}"
+                    for c, v in zip(CLASSES, m["per_class_iou"], strict=True)))
+        if self.matches is not None:
+            out.append("matches the metrics stored with the weights" if self.matches else
+                       "differs from the metrics stored with the weights: "
+                       f"{format_metrics(self.stored)}")
+        return out
+
+
+def evaluate_weights(path: str | os.PathLike, split: str = "test", *, data_dir=None,
+                     device: str = "cpu") -> WeightsScores:
+    """Score a weights file of ``camvid train`` on a split, at its resolution and at
+    CamVid's 360 x 480, and compare with the test metrics stored in it.
+
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`~manifold_nets.experiments.camvid.weights.save_weights`.
+    split : {"train", "val", "test"}
+        The split scored.
+    data_dir : path, optional
+        The CamVid folder (:func:`~manifold_nets.experiments.camvid.data.find_camvid`);
+        it is verified once.
+    device : str
+        Where the model runs.
+
+    Returns
+    -------
+    WeightsScores
+        The scores; :meth:`WeightsScores.lines` gives them as text.
+
+    Raises
+    ------
+    ValueError
+        If the weights file cannot be read.
+    ~manifold_nets.experiments.data.DataError
+        If CamVid cannot be found or does not verify.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> from manifold_nets.experiments.camvid import evaluate_weights
+    >>> try:
+    ...     evaluate_weights(os.path.join(tempfile.mkdtemp(), "missing.pt"))
+    ... except ValueError as err:
+    ...     print(str(err).endswith("does not exist"))
+    True
+    """
+    model, config, stored = load_weights(path)
+    model.to(device)
+    folder = find_camvid(data_dir)  # verified once, read at both resolutions
+    data = load_camvid(split, config.size, folder=folder)
+    metrics = evaluate(model, data)
+    full = None
+    if config.size != FULL_SIZE:
+        full = evaluate(model, data, labels=load_camvid(split, None, folder=folder).labels)
+    matches = None
+    if stored is not None and split == "test":
+        matches = all(abs(metrics[k] - stored[k]) < 1e-6
+                      for k in ("global_acc", "class_avg_acc", "mean_iou"))
+    return WeightsScores(config, len(data), metrics, full, stored, matches)
 
 
 def build_report(folder: str | os.PathLike, *, data_dir=None, figure=None, curves=None

@@ -37,7 +37,7 @@ from ...declare import declare
 from ...nets import SegNet, SegNetConfig
 from ...table1 import check_update
 from ..metrics import confusion_matrix, segmentation_metrics
-from .data import CLASSES, VOID, CamVid, class_weights
+from .data import CLASS_WEIGHTS, CLASSES, VOID, CamVid, class_weights
 
 __all__ = [
     "OPTIMIZERS",
@@ -138,8 +138,9 @@ class CamVidConfig:
         if self.height < 16 or self.width < 16:
             raise ValueError(f"SegNet-Basic pools 4 times: height and width must be >= 16, "
                              f"got {self.height} x {self.width}")
-        if self.class_weights not in ("published", "computed", "none"):
-            raise ValueError(f"unknown class_weights {self.class_weights!r}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class_weights {self.class_weights!r}; choose one of "
+                             f"{', '.join(CLASS_WEIGHTS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")
