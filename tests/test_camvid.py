@@ -271,6 +271,46 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
                  progress=False)
 
 
+def test_a_checkpoint_in_the_earlier_camvid_form_resumes_bit_for_bit(tmp_path):
+    """CamVid's checkpoints carried the loop's whole state in ``extra["loop"]`` before its
+    runs took the shared RunCheckpoint policy; such a file still resumes, to the same
+    run. Control: the same file without the loop's state and without the schedule's is
+    refused rather than restarted."""
+    from manifold_nets.experiments.checkpoint import CheckpointError
+    from manifold_nets.experiments.loop import FitResult, LoopState
+
+    config, data = _tiny(tmp_path)
+    whole, _ = cv.train(config, data, progress=False)
+    ckpt = tmp_path / "run.ckpt"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(line):
+        if line.startswith("epoch 2 "):
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    payload = torch.load(ckpt, weights_only=False)
+    sched = payload.pop("schedule_state")
+    assert set(sched) == {"lr", "reference", "base_lr"}
+    loop = LoopState(2, [0], [sched["lr"]], [sched["reference"]],
+                     [FitResult(history=payload["history"])])
+    torch.save({**payload, "schedule_state": None,
+                "extra": {**payload["extra"], "loop": loop.to_dict()}}, ckpt)
+    resumed, _ = cv.train(config, data, checkpoint=ckpt, progress=False)
+    assert resumed["history"] == whole["history"]
+
+    ckpt.unlink()
+    with pytest.raises(Killed):
+        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    payload = torch.load(ckpt, weights_only=False)
+    torch.save({**payload, "schedule_state": None}, ckpt)
+    with pytest.raises(CheckpointError, match="holds no schedule state"):
+        cv.train(config, data, checkpoint=ckpt, progress=False)
+
+
 def test_b_sgd_trains_as_torchs_own_sgd_does(tmp_path):
     """The pipeline control: the same net, data and seed under torch.optim.SGD follow
     InvariantSGD's B-SGD step for step; UN, which is not Euclidean, does not."""

@@ -47,8 +47,6 @@ These are measurements, not tests: nothing here asserts a time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
@@ -71,9 +69,8 @@ from ..manifolds import ObliqueManifold
 from ..nets import Arch2
 from ..optim import InvariantSGD
 from ..table1 import UPDATES, manifold_for
-from .io import atomic_write, unwritable
 
-__all__ = ["BenchConfig", "OPTIMISERS", "bench_model", "load_train_images", "run_bench", "run_cli"]
+__all__ = ["NETS", "BenchConfig", "OPTIMISERS", "bench_model", "load_train_images", "run_bench"]
 
 
 # -- optimisers ------------------------------------------------------------------------------
@@ -82,6 +79,9 @@ def _sgd(params, lr, foreach):
     return torch.optim.SGD(params, lr=lr, foreach=foreach)
 
 
+#: What ``manifold-nets bench`` times: the Arch2 MLP, the small conv net, the Table 2
+#: grid's engines and the optimiser step alone.
+NETS = ("mlp", "conv", "grid", "steps")
 #: name -> (update given to :func:`manifold_nets.declare` or "sphere", optimiser
 #: factory(params, lr)): the optimisers of the table above.
 OPTIMISERS: dict[str, tuple[str, Callable]] = {
@@ -366,7 +366,7 @@ weight_sets, step_threads, step_rounds, device, step_family, extra
     ('mlp', 'conv', 'grid', 'steps')
     """
 
-    nets: tuple[str, ...] = ("mlp", "conv", "grid", "steps")
+    nets: tuple[str, ...] = NETS
     optimisers: tuple[str, ...] = tuple(OPTIMISERS)
     repeats: int = 5
     blocks: int = 10
@@ -776,55 +776,3 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(f"peak RSS of the process: {m['max_rss_mib']:.0f} MiB")
     return "\n".join(lines)
-
-
-# -- command line ---------------------------------------------------------------------------
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``manifold-nets bench``.
-
-    Checks that ``--output`` can be written, runs :func:`run_bench` with the options, and
-    prints the results as tables (or as JSON with ``--json``), also writing the JSON to
-    ``--output``.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The options of ``manifold-nets bench``
-        (:func:`manifold_nets.experiments.cli.build_parser`).
-
-    Returns
-    -------
-    int
-        The exit status: 0, or 1 when ``--output`` cannot be written (the message goes to
-        stderr).
-
-    Examples
-    --------
-    A benchmark runs for minutes; an unwritable ``--output`` is refused before any
-    work:
-
-    >>> from manifold_nets.experiments.bench import run_cli
-    >>> from manifold_nets.experiments.cli import build_parser
-    >>> args = build_parser().parse_args(["bench", "--output", "/proc/no-such/out.json"])
-    >>> run_cli(args)
-    1
-    """
-    if args.output:
-        problem = unwritable(args.output, "--output")
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 1
-    cfg = BenchConfig(nets=tuple(args.nets), optimisers=tuple(args.optimisers),
-                      repeats=args.repeats, blocks=args.blocks, mlp_images=args.mlp_images,
-                      conv_images=args.conv_images, grid_images=args.grid_images,
-                      threads=args.threads, data_dir=args.data_dir,
-                      weight_sets=tuple(args.weight_sets),
-                      step_threads=tuple(args.step_threads), step_rounds=args.step_rounds,
-                      device=args.device, step_family=args.step_family)
-    log = (lambda *a, **k: None) if args.json else print
-    result = run_bench(cfg, log=log)
-    if args.output:
-        atomic_write(args.output, json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0

@@ -541,11 +541,11 @@ def load_checkpoint(
 
 
 class RunCheckpoint:
-    """The checkpoint policy of one run on the sequential engine
-    (:func:`~manifold_nets.experiments.engines.fit`): after every epoch, the model, the
-    optimiser, the schedule's state (the next rate, the reference cost, the base rate),
-    the history, the permutations' generator and torch's RNG, written atomically to one
-    file (:func:`save_checkpoint`).
+    """The checkpoint policy of one run (:func:`~manifold_nets.experiments.engines.fit`
+    for Table 2, :func:`~manifold_nets.experiments.camvid.training.train` for CamVid):
+    after every epoch, the model, the optimiser, the schedule's state (the next rate, the
+    reference cost, the base rate), the history, the permutations' generator, torch's RNG
+    and the caller's ``extra``, written atomically to one file (:func:`save_checkpoint`).
 
     Reading refuses a file that does not fit the model, the configuration or the base
     rate (:class:`CheckpointError`).
@@ -565,7 +565,8 @@ class RunCheckpoint:
     config : mapping, optional
         The configuration the file must match.
     extra : dict, optional
-        Saved as the checkpoint's ``extra``.
+        Saved as the checkpoint's ``extra`` (with what :meth:`save` adds); after
+        :meth:`resume`, the saved one is ``saved_extra``.
 
     Examples
     --------
@@ -584,6 +585,8 @@ class RunCheckpoint:
         self.path = None if path is None else Path(path)
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.lr, self.config, self.extra = lr, config, extra or {}
+        #: The ``extra`` of the file :meth:`resume` read (``{}`` before, or without one).
+        self.saved_extra: dict = {}
 
     def resume(self) -> LoopState | None:
         """Put the model, the optimiser, the generator and torch's RNG back to the saved
@@ -612,7 +615,14 @@ class RunCheckpoint:
             return None
         state = load_checkpoint(self.path, model=self.model, optimizer=self.optimizer,
                                 generator=self.generator, config=self.config)
+        self.saved_extra = state["extra"]
+        if "loop" in self.saved_extra:  # CamVid's form before its runs took this policy
+            return LoopState.from_dict(self.saved_extra["loop"])
         sched = state["schedule_state"]
+        if not sched:
+            raise CheckpointError(f"checkpoint {self.path} holds no schedule state, so it "
+                                  "was not written for one run. Fix: delete it to start the "
+                                  "run over.")
         if sched.get("base_lr") != self.lr:
             raise CheckpointError(f"checkpoint {self.path} was made with base rate "
                                   f"{sched.get('base_lr')!r}, now {self.lr!r}")
@@ -620,13 +630,15 @@ class RunCheckpoint:
         return LoopState(len(result.history), [0], [sched["lr"]], [sched["reference"]],
                          [result])
 
-    def save(self, state: LoopState) -> None:
+    def save(self, state: LoopState, **extra) -> None:
         """Write the run after an epoch (or before the first).
 
         Parameters
         ----------
         state : LoopState
             The loop's state of the one run.
+        **extra
+            Saved in the checkpoint's ``extra`` beside the constructor's.
 
         Examples
         --------
@@ -650,7 +662,7 @@ class RunCheckpoint:
                         schedule_state={"lr": state.lr[0], "reference": state.reference[0],
                                         "base_lr": self.lr},
                         history=state.results[0].history, config=self.config,
-                        extra=self.extra)
+                        extra={**self.extra, **extra})
 
 
 class GroupCheckpoint:

@@ -166,17 +166,46 @@ _CAMVID_HELP = {
 }
 
 
+#: The help of every :class:`~manifold_nets.experiments.bench.BenchConfig` option.
+_BENCH_HELP = {
+    "nets": "what to time: the Arch2 MLP, the small conv net, the Table 2 grid's stacked "
+            "against sequential engine, and the optimiser step alone on --weight-sets",
+    "optimisers": "optimisers of the mlp and conv timings (sgd is the 1.00 reference)",
+    "repeats": "interleaved rounds",
+    "blocks": "blocks per epoch, interleaved across optimisers",
+    "mlp_images": "images per MLP epoch",
+    "conv_images": "images per conv epoch",
+    "batch": "images per mini-batch",
+    "lr": "learning rate of the timed epochs",
+    "step_calls": "optimiser steps per timing of the step alone",
+    "step_lr": "learning rate of those steps (small: the weights barely move)",
+    "grid_images": "images per grid epoch",
+    "grid_arch": "network of the grid timing",
+    "grid_depth": "hidden layers of the grid timing",
+    "grid_seeds": "seeds of the grid timing (x 3 updates x 2 protocols)",
+    "seed": "seeds the models and the batch orders",
+    "weight_sets": "weight sets of the step timing",
+    "step_threads": "torch threads of the step timing",
+    "step_rounds": "interleaved rounds of the step timing",
+    "device": "device of the step timing",
+    "step_family": "optimisers of the step timing: SGD's (against torch.optim.SGD) or "
+                   "Adam's (against torch.optim.AdamW)",
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (), *,
                          config: type = TrainConfig, helps: dict | None = None,
                          choices: dict | None = None, types: dict | None = None,
+                         metavars: dict | None = None,
                          title: str = "run configuration (defaults: the paper's protocol)"
                          ) -> None:
     """Add one option per field of the dataclass ``config`` (defaults: ``None`` = the
     config's own, shown in the help); :func:`config_from_args` reads them back.
 
     A field ``name`` becomes ``--name`` (underscores as dashes): a bool an on/off pair, a
-    tuple a list, an int a positive int (``seed`` any int), a field defaulting to
-    ``None`` a float; ``choices`` and ``types`` override by name. For
+    tuple a list (of positive floats), an int a positive int (``seed`` any int), a field
+    defaulting to ``None`` a float; ``choices``, ``types`` (of a list: of its items) and
+    ``metavars`` override by name. For
     :class:`~manifold_nets.experiments.config.TrainConfig`, also
     ``--textbook-bold-driver``.
     """
@@ -193,10 +222,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         kw: dict = {"default": None, "dest": f.name}
         if f.name in choices:
             kw["choices"] = choices[f.name]
-        if f.name in types:
+        if isinstance(default, tuple):  # a list of values; rates unless ``types`` says
+            kw.update(type=types.get(f.name, positive_float), nargs="+")
+            if f.name not in choices:
+                kw["metavar"] = "LR" if kw["type"] is positive_float else "N"
+        elif f.name in types:
             kw["type"] = types[f.name]
-        elif isinstance(default, tuple):
-            kw.update(type=positive_float, nargs="+", metavar="LR")
         elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif default is None or isinstance(default, float):
@@ -205,6 +236,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             kw["type"] = positive_int if f.name != "seed" else int
         else:
             kw["type"] = type(default)
+        if f.name in (metavars or {}):
+            kw["metavar"] = metavars[f.name]
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         shown = "selected" if config is TrainConfig and f.name == "lr" else shown
         kw["help"] = f"{helps[f.name]} (default: {shown})"
@@ -349,9 +382,19 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_cli
+    from .bench import BenchConfig, format_table, run_bench
 
-    return run_cli(args)
+    if args.output:
+        problem = unwritable(args.output, "--output")
+        if problem:
+            return _error(problem)
+    config = config_from_args(args, BenchConfig, threads=args.threads,
+                              data_dir=args.data_dir)
+    result = run_bench(config, log=(lambda *a, **k: None) if args.json else print)
+    if args.output:
+        atomic_write(args.output, json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
 
 
 def _add(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:
@@ -455,7 +498,7 @@ def _reproduce_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    from .bench import OPTIMISERS, WEIGHT_SETS
+    from .bench import NETS, OPTIMISERS, WEIGHT_SETS, BenchConfig
 
     p = _add(sub, "bench", "time UN/SM training against torch.optim.SGD and geoopt",
              "Epoch and optimiser-step timings of InvariantSGD, geoopt's RiemannianSGD and "
@@ -465,35 +508,16 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--output", default=None, metavar="PATH",
                    help="also write the JSON results to this file")
-    p.add_argument("--nets", nargs="+", default=["mlp", "conv", "grid", "steps"],
-                   choices=["mlp", "conv", "grid", "steps"],
-                   help="what to time: the Arch2 MLP, the small conv net, the Table 2 grid's "
-                        "stacked against sequential engine, and the optimiser step alone "
-                        "on the weight sets of --weight-sets (default: all four)")
-    p.add_argument("--weight-sets", nargs="+", default=list(WEIGHT_SETS), choices=WEIGHT_SETS,
-                   help="weight sets of the step benchmark (default: all)")
-    p.add_argument("--step-threads", nargs="+", type=positive_int, default=[1, 2],
-                   help="torch threads of the step benchmark (default: 1 2)")
-    p.add_argument("--step-rounds", type=positive_int, default=7,
-                   help="interleaved rounds of the step benchmark (default: 7)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device of the step benchmark (default: cpu)")
-    p.add_argument("--step-family", choices=("sgd", "adam"), default="sgd",
-                   help="optimisers of the step benchmark: SGD's (against torch.optim.SGD) "
-                        "or Adam's (against torch.optim.AdamW) (default: sgd)")
-    p.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS), choices=OPTIMISERS,
-                   metavar="NAME",
-                   help=f"subset of {', '.join(OPTIMISERS)} (sgd is the 1.00 reference)")
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="interleaved rounds (default: 5)")
-    p.add_argument("--blocks", type=positive_int, default=10,
-                   help="blocks per epoch, interleaved across optimisers (default: 10)")
-    p.add_argument("--mlp-images", type=positive_int, default=50_000,
-                   help="images per MLP epoch (default: 50000)")
-    p.add_argument("--conv-images", type=positive_int, default=5_000,
-                   help="images per conv epoch (default: 5000)")
-    p.add_argument("--grid-images", type=positive_int, default=10_000,
-                   help="images per grid epoch (default: 10000)")
+    add_config_arguments(
+        p, exclude=("threads", "data_dir", "extra"), config=BenchConfig, helps=_BENCH_HELP,
+        choices={"nets": NETS, "optimisers": OPTIMISERS, "weight_sets": tuple(WEIGHT_SETS),
+                 "grid_arch": ARCHS, "device": ("cpu", "cuda"),
+                 "step_family": ("sgd", "adam")},
+        types={"nets": str, "optimisers": str, "weight_sets": str,
+               "step_threads": positive_int, "lr": positive_float,
+               "step_lr": positive_float},
+        metavars={"optimisers": "NAME"},
+        title="what to time (defaults: every benchmark at its committed size)")
     _common(p)
 
 
@@ -630,9 +654,11 @@ def _run_camvid_report(args: argparse.Namespace) -> int:
 
 
 def _camvid_parsers(sub) -> None:
-    from .camvid import CLASS_WEIGHTS, OPTIMIZERS, CamVidConfig
+    import inspect
 
-    d = CamVidConfig()
+    from .camvid import CLASS_WEIGHTS, OPTIMIZERS, CamVidConfig, train_update
+
+    protocol = {k: v.default for k, v in inspect.signature(train_update).parameters.items()}
     p = _add(sub, "camvid", "SegNet-Basic on CamVid (Section 6): train, evaluate, report",
              "SegNet-Basic trained with an update of Table 1 on the real CamVid road scenes "
              "(the SegNet authors' 367/101/233 split), evaluated on the test images.",
@@ -657,10 +683,11 @@ def _camvid_parsers(sub) -> None:
                                "the resolution)")
     t.add_argument("--lr-grid", type=positive_float, nargs="+", default=None, metavar="LR",
                    help="rates to select from on the validation images, space-separated")
-    t.add_argument("--select-epochs", type=positive_int, default=2,
-                   help="epochs of each selection run (default: 2)")
-    t.add_argument("--seeds", type=int, nargs="+", default=[d.seed], metavar="SEED",
-                   help="seeds, space-separated; the first selects the rate (default: 0)")
+    t.add_argument("--select-epochs", type=positive_int, default=protocol["select_epochs"],
+                   help="epochs of each selection run (default: %(default)s)")
+    t.add_argument("--seeds", type=int, nargs="+", default=list(protocol["seeds"]),
+                   metavar="SEED", help="seeds, space-separated; the first selects the rate "
+                   f"(default: {' '.join(map(str, protocol['seeds']))})")
     t.add_argument("--out", required=True, metavar="DIR",
                    help="folder of the records, weights and checkpoints (one sub-folder "
                         "per update)")

@@ -432,7 +432,8 @@ def run_grid(
     >>> import tempfile
     >>> from manifold_nets.experiments.config import TrainConfig
     >>> from manifold_nets.experiments.data import Dataset
-    >>> from manifold_nets.experiments.grid import ResultStore, grid, run_grid
+    >>> from manifold_nets.experiments.grid import grid, run_grid
+    >>> from manifold_nets.experiments.store import ResultStore
     >>> data = Dataset.synthetic(60, 10)
     >>> base = TrainConfig(width=4, lr=0.01, batch_size=20, train_size=40, val_size=10,
     ...                    test_size=10, select_train=20, select_val=10, min_epochs=1,

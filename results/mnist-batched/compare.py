@@ -18,8 +18,8 @@ from __future__ import annotations
 import statistics
 import sys
 
-from manifold_nets.experiments.grid import ResultStore
 from manifold_nets.experiments.report import t_quantile, welch
+from manifold_nets.experiments.store import ResultStore
 
 
 def main(batched: str = "results/mnist-batched", sequential: str = "results/mnist",

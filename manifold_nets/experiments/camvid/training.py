@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -511,7 +510,7 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     (False, 1, ['class_avg_acc', 'global_acc', 'mean_iou', 'per_class_iou'])
     """
     from ...optim import InvariantSGD
-    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import RunCheckpoint
     from ..config import ExpDecay, StoppingRule
     from ..loop import LoopState, ModuleRuns, Stream, fit_runs
     from ..progress import tqdm
@@ -533,16 +532,15 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     engine = ModuleRuns(model, loss=lambda z, t: seg_loss(z, t, weight), optimizer=optimizer,
                         errors=pixel_errors, augment=_Flips(flips, device))
     order = torch.Generator().manual_seed(config.seed + 1)
-    state = None
+    ck = RunCheckpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
+                       lr=config.lr, config=config)
+    state = ck.resume()
     spent = {"wall": 0.0, "cpu": 0.0, "from_epoch": 1}  # by earlier processes of this run
-    if checkpoint is not None and Path(checkpoint).exists():
-        saved = load_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
-                                config=config)
-        state = LoopState.from_dict(saved["extra"]["loop"])
-        spent = saved["extra"].get("time") or {"wall": 0.0, "cpu": 0.0,
+    if state is not None:
+        spent = ck.saved_extra.get("time") or {"wall": 0.0, "cpu": 0.0,
                                                "from_epoch": state.epoch + 1}
         if flips is not None:
-            flips.set_state(saved["extra"]["flips"])
+            flips.set_state(ck.saved_extra["flips"])
         if log is not None:
             log(f"resumed from {checkpoint} after epoch {state.epoch}")
 
@@ -557,12 +555,9 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         return {f"val_{k}": [v] for k, v in m.items() if k != "per_class_iou"}
 
     def on_epoch(_, st: LoopState) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
-                            history=st.results[0].history, config=config,
-                            extra={"loop": st.to_dict(),
-                                   "flips": flips.get_state() if flips is not None else None,
-                                   "time": _spent(spent, start, cpu_start)})
+        if not st.results[0].diverged:
+            ck.save(st, flips=flips.get_state() if flips is not None else None,
+                    time=_spent(spent, start, cpu_start))
         if log is not None:
             row = st.results[0].history[-1]
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from manifold_nets.experiments.grid import ResultStore
+from manifold_nets.experiments.store import ResultStore
 
 #: Fields that say when, how fast or by which code path a run was made, not what it gave.
 IGNORED = {"select_time_s", "wall_time_s", "group_wall_time_s", "group_runs", "engine",
