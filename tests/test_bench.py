@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from manifold_nets import fused
 from manifold_nets.experiments.bench import OPTIMISERS, BenchConfig, format_table, run_bench
 from manifold_nets.experiments.cli import main
@@ -56,6 +58,34 @@ def test_bench_cli_writes_json(tmp_path, capfd):
     captured = capfd.readouterr()
     assert "ours-un" in captured.out
     assert "USDT" not in captured.err  # the profiler's start/stop lines are silenced
+
+
+def test_bench_options_are_the_fields_of_bench_config(capsys):
+    """Every ``bench`` option is a BenchConfig field, of the field's type, with its
+    default; no option: the default configuration."""
+    import dataclasses
+
+    from manifold_nets.experiments.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["bench"])
+    assert config_from_args(args, BenchConfig, threads=1, data_dir=None) == BenchConfig()
+    args = parser.parse_args(["bench", "--nets", "steps", "grid", "--step-threads", "1", "4",
+                              "--optimisers", "sgd", "ours-un", "--grid-seeds", "2",
+                              "--step-lr", "1e-6", "--threads", "2"])
+    cfg = config_from_args(args, BenchConfig, threads=args.threads, data_dir=None)
+    assert (cfg.nets, cfg.step_threads, cfg.optimisers, cfg.grid_seeds, cfg.step_lr,
+            cfg.threads) == (("steps", "grid"), (1, 4), ("sgd", "ours-un"), 2, 1e-6, 2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--step-threads", "two"])
+    assert "argument --step-threads: invalid integer 'two'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--help"])
+    shown = capsys.readouterr().out
+    assert "--optimisers NAME [NAME ...]" in shown
+    options = {f.name for f in dataclasses.fields(BenchConfig)} - {"extra", "threads",
+                                                                   "data_dir"}
+    assert all("--" + name.replace("_", "-") in shown for name in options)
 
 
 def test_step_benchmark_at_given_sizes(monkeypatch):

@@ -258,6 +258,9 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
     resumed, model2 = cv.train(config, data, checkpoint=ckpt, log=seen.append, progress=False)
     assert seen[0].startswith("resumed from") and sum(s.startswith("epoch") for s in seen) == 1
     assert resumed["history"] == whole["history"]
+    # killed after its last epoch, before its caller wrote the record: no epoch more
+    again, _ = cv.train(config, data, checkpoint=ckpt, progress=False)
+    assert again["history"] == whole["history"]
     # the time of the whole run: the killed process's epochs are counted too
     assert resumed["time_from_epoch"] == 1 and whole["time_from_epoch"] == 1
     assert resumed["cpu_time_s"] > before["cpu"] > 0
@@ -373,6 +376,21 @@ def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
     assert resumed["history"] == whole["history"]
     with pytest.raises(ValueError, match="val_every must be >= 1"):
         cv.CamVidConfig(val_every=0)
+
+
+def test_weights_scores_say_whether_they_match_the_stored_metrics():
+    m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3,
+         "per_class_iou": [0.5] * 10 + [None]}
+    stored = {**m, "mean_iou": 0.31}
+    lines = cv.WeightsScores(cv.CamVidConfig(), 233, m, m, stored, False).lines()
+    assert lines[0] == "test (233 images): global 70.0  class-avg 50.0  mIoU 30.0"
+    assert lines[2].startswith("test at CamVid's 360x480")
+    assert lines[-1] == ("differs from the metrics stored with the weights: global 70.0  "
+                         "class-avg 50.0  mIoU 31.0")
+    same = cv.WeightsScores(cv.CamVidConfig(), 233, m, None, m, True).lines()
+    assert len(same) == 3 and same[-1] == "matches the metrics stored with the weights"
+    assert cv.WeightsScores(cv.CamVidConfig(), 233, m, None, None, None).lines("val")[
+        0].startswith("val (233 images)")
 
 
 def test_evaluation_at_another_resolution_upsamples_the_predictions():

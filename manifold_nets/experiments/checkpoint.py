@@ -543,12 +543,15 @@ def load_checkpoint(
 class RunCheckpoint:
     """The checkpoint policy of one run (:func:`~manifold_nets.experiments.engines.fit`
     for Table 2, :func:`~manifold_nets.experiments.camvid.training.train` for CamVid):
-    after every epoch, the model, the optimiser, the schedule's state (the next rate, the
-    reference cost, the base rate), the history, the permutations' generator, torch's RNG
-    and the caller's ``extra``, written atomically to one file (:func:`save_checkpoint`).
+    after every epoch that did not diverge, the model, the optimiser, the schedule's state
+    (the next rate, the reference cost, the base rate), the history, the permutations'
+    generator, torch's RNG and the caller's ``extra``, written atomically to one file
+    (:func:`save_checkpoint`). A diverged epoch is not saved: a resumed run trains it
+    again from the epoch before, to the same result.
 
     Reading refuses a file that does not fit the model, the configuration or the base
-    rate (:class:`CheckpointError`).
+    rate (:class:`CheckpointError`; CamVid's checkpoints of before this policy carry no
+    base rate, their configuration does).
 
     Parameters
     ----------
@@ -588,9 +591,16 @@ class RunCheckpoint:
         #: The ``extra`` of the file :meth:`resume` read (``{}`` before, or without one).
         self.saved_extra: dict = {}
 
-    def resume(self) -> LoopState | None:
+    def resume(self, stopping=None) -> LoopState | None:
         """Put the model, the optimiser, the generator and torch's RNG back to the saved
         epoch, if the file exists.
+
+        Parameters
+        ----------
+        stopping : StoppingRule, optional
+            The run's stopping rule: a run that had already stopped by it (killed before
+            its caller was done with it) comes back stopped, with no run active and its
+            ``stop_reason`` set, so the loop trains no further epoch.
 
         Returns
         -------
@@ -627,8 +637,12 @@ class RunCheckpoint:
             raise CheckpointError(f"checkpoint {self.path} was made with base rate "
                                   f"{sched.get('base_lr')!r}, now {self.lr!r}")
         result = FitResult(history=list(state["history"]))
-        return LoopState(len(result.history), [0], [sched["lr"]], [sched["reference"]],
-                         [result])
+        if stopping is not None and result.history:
+            result.stop_reason = stopping.reason(
+                [h["train_error"] for h in result.history],
+                [h["val_error"] for h in result.history if "val_error" in h]) or ""
+        return LoopState(len(result.history), [] if result.stop_reason else [0],
+                         [sched["lr"]], [sched["reference"]], [result])
 
     def save(self, state: LoopState, **extra) -> None:
         """Write the run after an epoch (or before the first).

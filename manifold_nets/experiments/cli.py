@@ -176,7 +176,7 @@ _BENCH_HELP = {
     "mlp_images": "images per MLP epoch",
     "conv_images": "images per conv epoch",
     "batch": "images per mini-batch",
-    "lr": "learning rate of the timed epochs",
+    "lr": "learning rate of the timed epochs and of the grid timing's runs",
     "step_calls": "optimiser steps per timing of the step alone",
     "step_lr": "learning rate of those steps (small: the weights barely move)",
     "grid_images": "images per grid epoch",
@@ -203,9 +203,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
     config's own, shown in the help); :func:`config_from_args` reads them back.
 
     A field ``name`` becomes ``--name`` (underscores as dashes): a bool an on/off pair, a
-    tuple a list (of positive floats), an int a positive int (``seed`` any int), a field
-    defaulting to ``None`` a float; ``choices``, ``types`` (of a list: of its items) and
-    ``metavars`` override by name. For
+    tuple a list (of positive floats or ints, or of its default's items' type), an int a
+    positive int (``seed`` any int), a field defaulting to ``None`` a float;
+    ``choices``, ``types`` (of a list: of its items) and ``metavars`` override by name. For
     :class:`~manifold_nets.experiments.config.TrainConfig`, also
     ``--textbook-bold-driver``.
     """
@@ -222,8 +222,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         kw: dict = {"default": None, "dest": f.name}
         if f.name in choices:
             kw["choices"] = choices[f.name]
-        if isinstance(default, tuple):  # a list of values; rates unless ``types`` says
-            kw.update(type=types.get(f.name, positive_float), nargs="+")
+        if isinstance(default, tuple):  # a list of values, of the default's items' type
+            item = default[0] if default else 0.0
+            kw.update(nargs="+", type=types.get(f.name, positive_float if isinstance(
+                item, float) else positive_int if isinstance(item, int) else type(item)))
             if f.name not in choices:
                 kw["metavar"] = "LR" if kw["type"] is positive_float else "N"
         elif f.name in types:
@@ -513,9 +515,7 @@ def _bench_parser(sub) -> None:
         choices={"nets": NETS, "optimisers": OPTIMISERS, "weight_sets": tuple(WEIGHT_SETS),
                  "grid_arch": ARCHS, "device": ("cpu", "cuda"),
                  "step_family": ("sgd", "adam")},
-        types={"nets": str, "optimisers": str, "weight_sets": str,
-               "step_threads": positive_int, "lr": positive_float,
-               "step_lr": positive_float},
+        types={"lr": positive_float, "step_lr": positive_float},
         metavars={"optimisers": "NAME"},
         title="what to time (defaults: every benchmark at its committed size)")
     _common(p)

@@ -440,17 +440,12 @@ def fit(
     ck = RunCheckpoint(checkpoint, model=model, optimizer=engine.optimizer,
                        generator=generator, lr=lr, config=info.pop("config", None),
                        extra=info)
-    start = ck.resume()
+    start = ck.resume(stopping)
     if start is not None:
-        result = start.results[0]
-        train_errors = [h["train_error"] for h in result.history]
-        val_errors = [h["val_error"] for h in result.history if "val_error" in h]
-        reason = stopping.reason(train_errors, val_errors) if result.history else None
-        if reason is not None:
+        if not start.active:  # it had stopped before the process was
             if progress is not None:
-                progress.update(len(result.history))
-            result.stop_reason = reason
-            return result
+                progress.update(start.epoch)
+            return start.results[0]
     else:
         ck.save(LoopState(0, [0], [lr], [None], [FitResult()]))
 

@@ -465,8 +465,10 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     data : dict
         ``{"train": CamVid, "val": CamVid}`` at ``config.size`` (``"val"`` optional).
     checkpoint : path, optional
-        Saved after every epoch; if it exists, the run continues from it (refused, naming
-        the difference, if it was made with another configuration).
+        Saved after every epoch that did not diverge
+        (:class:`~manifold_nets.experiments.checkpoint.RunCheckpoint`); if it exists, the
+        run continues from it (refused, naming the difference, if it was made with
+        another configuration).
     evaluate_val : bool
         The validation metrics after every epoch (``val_*`` in the history).
     log : callable, optional
@@ -534,7 +536,8 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
     order = torch.Generator().manual_seed(config.seed + 1)
     ck = RunCheckpoint(checkpoint, model=model, optimizer=optimizer, generator=order,
                        lr=config.lr, config=config)
-    state = ck.resume()
+    stopping = StoppingRule(config.epochs, config.epochs, enabled=False)
+    state = ck.resume(stopping)
     spent = {"wall": 0.0, "cpu": 0.0, "from_epoch": 1}  # by earlier processes of this run
     if state is not None:
         spent = ck.saved_extra.get("time") or {"wall": 0.0, "cpu": 0.0,
@@ -569,7 +572,7 @@ def train(config: CamVidConfig, data: dict[str, CamVid], *,
         result = fit_runs(
             engine, train_set.images, train_set.labels, lr=[config.lr],
             schedules=[ExpDecay(1.0)],
-            stopping=[StoppingRule(config.epochs, config.epochs, enabled=False)],
+            stopping=[stopping],
             streams=[Stream(torch.arange(len(train_set)), order)], stream_of_run=[0],
             batch_size=config.batch_size,
             evaluate=validate if evaluate_val and val_set is not None else None,
