@@ -66,13 +66,15 @@ numpydoc_xref_param_type = False
 # their own ``#:`` doc comment instead.
 numpydoc_attributes_as_param_list = False
 # Every documented public callable has its parameters, its returns and an example. A
-# value (a module's constant, a NamedTuple's or a dataclass's field) is said in its doc
-# comment and shown in the example of what makes or reads it: no check asks it for one.
+# value (a module's constant, a NamedTuple's or a dataclass's field, an instance
+# attribute) is said in its doc comment and shown in the example of what makes or reads
+# it: no check asks it for one.
 
 
 def _values() -> set[str]:
-    """The qualified names of the package's documented values: public module constants
-    and the fields of its NamedTuples and dataclasses."""
+    """The qualified names of the package's documented values: public module constants,
+    the fields of its NamedTuples and dataclasses, and the instance attributes its classes
+    document with a ``#:`` comment in ``__init__``."""
     import dataclasses
     import inspect
     import pkgutil

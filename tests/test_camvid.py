@@ -238,21 +238,27 @@ def _tiny(tmp_path, **kw) -> tuple[cv.CamVidConfig, dict]:
     return config, data
 
 
+def _train_killed_after(epoch: int, config, data, ckpt) -> None:
+    """Train with a checkpoint and stop the process just after ``epoch`` is saved."""
+
+    class Killed(Exception):
+        pass
+
+    def kill(line):
+        if line.startswith(f"epoch {epoch} "):
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.train(config, data, checkpoint=ckpt, log=kill, progress=False)
+
+
 @pytest.mark.parametrize("update", ["un", "sm", "bsgd"])
 def test_a_killed_run_resumes_bit_for_bit(tmp_path, update):
     config, data = _tiny(tmp_path, update=update)
     whole, model = cv.train(config, data, progress=False)
     ckpt = tmp_path / "run.ckpt"
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_epoch_2(line):
-        if line.startswith("epoch 2 "):
-            raise Killed
-
-    with pytest.raises(Killed):
-        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    _train_killed_after(2, config, data, ckpt)
     before = torch.load(ckpt, weights_only=False)["extra"]["time"]  # what epochs 1-2 cost
     seen = []
     resumed, model2 = cv.train(config, data, checkpoint=ckpt, log=seen.append, progress=False)
@@ -286,15 +292,7 @@ def test_a_checkpoint_in_the_earlier_camvid_form_resumes_bit_for_bit(tmp_path):
     whole, _ = cv.train(config, data, progress=False)
     ckpt = tmp_path / "run.ckpt"
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_epoch_2(line):
-        if line.startswith("epoch 2 "):
-            raise Killed
-
-    with pytest.raises(Killed):
-        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    _train_killed_after(2, config, data, ckpt)
     payload = torch.load(ckpt, weights_only=False)
     sched = payload.pop("schedule_state")
     assert set(sched) == {"lr", "reference", "base_lr"}
@@ -306,8 +304,7 @@ def test_a_checkpoint_in_the_earlier_camvid_form_resumes_bit_for_bit(tmp_path):
     assert resumed["history"] == whole["history"]
 
     ckpt.unlink()
-    with pytest.raises(Killed):
-        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_2, progress=False)
+    _train_killed_after(2, config, data, ckpt)
     payload = torch.load(ckpt, weights_only=False)
     torch.save({**payload, "schedule_state": None}, ckpt)
     with pytest.raises(CheckpointError, match="holds no schedule state"):
@@ -363,15 +360,7 @@ def test_validation_every_n_epochs_and_the_last_also_after_a_resume(tmp_path):
     assert [h["epoch"] for h in whole["history"] if "val_mean_iou" in h] == [2, 4, 5]
     ckpt = tmp_path / "run.ckpt"
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_epoch_3(line):
-        if line.startswith("epoch 3 "):
-            raise Killed
-
-    with pytest.raises(Killed):
-        cv.train(config, data, checkpoint=ckpt, log=kill_after_epoch_3, progress=False)
+    _train_killed_after(3, config, data, ckpt)
     resumed, _ = cv.train(config, data, checkpoint=ckpt, progress=False)
     assert resumed["history"] == whole["history"]
     with pytest.raises(ValueError, match="val_every must be >= 1"):
@@ -382,14 +371,14 @@ def test_weights_scores_say_whether_they_match_the_stored_metrics():
     m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3,
          "per_class_iou": [0.5] * 10 + [None]}
     stored = {**m, "mean_iou": 0.31}
-    lines = cv.WeightsScores(cv.CamVidConfig(), 233, m, m, stored, False).lines()
+    lines = cv.WeightsScores(cv.CamVidConfig(), "test", 233, m, m, stored).lines()
     assert lines[0] == "test (233 images): global 70.0  class-avg 50.0  mIoU 30.0"
     assert lines[2].startswith("test at CamVid's 360x480")
     assert lines[-1] == ("differs from the metrics stored with the weights: global 70.0  "
                          "class-avg 50.0  mIoU 31.0")
-    same = cv.WeightsScores(cv.CamVidConfig(), 233, m, None, m, True).lines()
+    same = cv.WeightsScores(cv.CamVidConfig(), "test", 233, m, None, m).lines()
     assert len(same) == 3 and same[-1] == "matches the metrics stored with the weights"
-    assert cv.WeightsScores(cv.CamVidConfig(), 233, m, None, None, None).lines("val")[
+    assert cv.WeightsScores(cv.CamVidConfig(), "val", 233, m, None, m).lines()[
         0].startswith("val (233 images)")
 
 

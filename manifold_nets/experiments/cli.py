@@ -634,7 +634,7 @@ def _run_camvid_evaluate(args: argparse.Namespace) -> int:
     config = scores.config
     print(f"{args.weights}: SegNet-Basic ({config.filters} filters), update {config.update}, "
           f"seed {config.seed}, at {config.height}x{config.width}")
-    print("\n".join(scores.lines(args.split)))
+    print("\n".join(scores.lines()))
     return 0
 
 

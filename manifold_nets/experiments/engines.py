@@ -437,17 +437,16 @@ def fit(
     generator = generator if generator is not None else torch.default_generator
     stream = torch.arange(x.shape[0]) if stream is None else stream
     info = dict(checkpoint_info or {})
+    config = info.pop("config", None)
     ck = RunCheckpoint(checkpoint, model=model, optimizer=engine.optimizer,
-                       generator=generator, lr=lr, config=info.pop("config", None),
-                       extra=info)
+                       generator=generator, lr=lr, config=config, extra=info)
     start = ck.resume(stopping)
-    if start is not None:
-        if not start.active:  # it had stopped before the process was
-            if progress is not None:
-                progress.update(start.epoch)
-            return start.results[0]
-    else:
+    if start is None:
         ck.save(LoopState(0, [0], [lr], [None], [FitResult()]))
+    elif not start.active:  # it had stopped before the process was
+        if progress is not None:
+            progress.update(start.epoch)
+        return start.results[0]
 
     def on_epoch(_, state: LoopState) -> None:
         if not state.results[0].diverged:

@@ -310,8 +310,10 @@ class WeightsScores(NamedTuple):
     ----------
     config : CamVidConfig
         The configuration the weights were trained with.
+    split : str
+        The split evaluated.
     images : int
-        The number of images of the split evaluated.
+        Its number of images.
     metrics : dict
         :func:`~manifold_nets.experiments.camvid.training.evaluate` at the trained
         resolution.
@@ -320,20 +322,19 @@ class WeightsScores(NamedTuple):
         ``None`` where the model was trained at it.
     stored : dict or None
         The test metrics stored in the file, if any.
-    matches : bool or None
-        Whether ``metrics`` equal ``stored`` to 1e-6 (``None``: nothing to compare, or not
-        the test split).
 
     Examples
     --------
     >>> from manifold_nets.experiments.camvid import CamVidConfig, WeightsScores
     >>> m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3}
-    >>> WeightsScores(CamVidConfig(), 233, m, None, None, None).images
+    >>> WeightsScores(CamVidConfig(), "test", 233, m, None, None).images
     233
     """
 
     #: The configuration the weights were trained with.
     config: CamVidConfig
+    #: The split evaluated.
+    split: str
     #: The number of images evaluated.
     images: int
     #: The metrics at the trained resolution.
@@ -342,16 +343,31 @@ class WeightsScores(NamedTuple):
     full: dict | None
     #: The test metrics stored with the weights, or ``None``.
     stored: dict | None
-    #: ``metrics`` against ``stored`` (``None``: not compared).
-    matches: bool | None
 
-    def lines(self, split: str = "test") -> list[str]:
+    @property
+    def matches(self) -> bool | None:
+        """Whether the test metrics equal those stored with the weights, to 1e-6
+        (``None``: none stored, or another split).
+
+        Returns
+        -------
+        bool or None
+            The answer.
+
+        Examples
+        --------
+        >>> from manifold_nets.experiments.camvid import CamVidConfig, WeightsScores
+        >>> m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3}
+        >>> WeightsScores(CamVidConfig(), "test", 233, m, None, m).matches
+        True
+        """
+        if self.stored is None or self.split != "test":
+            return None
+        return all(abs(self.metrics[k] - self.stored[k]) < 1e-6
+                   for k in ("global_acc", "class_avg_acc", "mean_iou"))
+
+    def lines(self) -> list[str]:
         """The scores as ``manifold-nets camvid evaluate`` prints them.
-
-        Parameters
-        ----------
-        split : str
-            The split's name, for the text.
 
         Returns
         -------
@@ -364,15 +380,15 @@ class WeightsScores(NamedTuple):
         >>> from manifold_nets.experiments.camvid import CamVidConfig, WeightsScores
         >>> m = {"global_acc": 0.7, "class_avg_acc": 0.5, "mean_iou": 0.3,
         ...      "per_class_iou": [0.5] * 10 + [None]}
-        >>> print("\\n".join(WeightsScores(CamVidConfig(), 233, m, None, m, True).lines()))
+        >>> print("\\n".join(WeightsScores(CamVidConfig(), "test", 233, m, None, m).lines()))
         ... # doctest: +ELLIPSIS
         test (233 images): global 70.0  class-avg 50.0  mIoU 30.0
         per-class IoU: Sky 50.0, Building 50.0, ..., Bicyclist -
         matches the metrics stored with the weights
         """
         out = []
-        for m, where in ((self.metrics, f"{split} ({self.images} images)"),
-                         (self.full, f"{split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} "
+        for m, where in ((self.metrics, f"{self.split} ({self.images} images)"),
+                         (self.full, f"{self.split} at CamVid's {FULL_SIZE[0]}x{FULL_SIZE[1]} "
                           "(predictions upsampled by nearest neighbour)")):
             if m is not None:
                 out.append(f"{where}: {format_metrics(m)}")
@@ -434,11 +450,7 @@ def evaluate_weights(path: str | os.PathLike, split: str = "test", *, data_dir=N
     full = None
     if config.size != FULL_SIZE:
         full = evaluate(model, data, labels=load_camvid(split, None, folder=folder).labels)
-    matches = None
-    if stored is not None and split == "test":
-        matches = all(abs(metrics[k] - stored[k]) < 1e-6
-                      for k in ("global_acc", "class_avg_acc", "mean_iou"))
-    return WeightsScores(config, len(data), metrics, full, stored, matches)
+    return WeightsScores(config, split, len(data), metrics, full, stored)
 
 
 def build_report(folder: str | os.PathLike, *, data_dir=None, figure=None, curves=None
